@@ -1,0 +1,309 @@
+"""Configuration: frozen dataclasses, YAML files with `base:` inheritance, dotted overrides.
+
+Everything a run does is decided here, and every error a config can contain is raised here,
+before anything is compiled: unknown keys, wrong types, impossible shapes and meshes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as query heads (MHA); fewer: grouped-query
+    d_ff: int | None = None  # None: 4 * d_model
+    context: int = 128  # longest sequence the model is built for (RoPE table)
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    tie_embeddings: bool = True
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay fp32
+    remat: Literal["none", "full", "dots"] = "none"
+    scan_layers: bool = True  # False unrolls the layer loop: faster steps, compile grows with depth
+    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens, never all logits
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    replica: int = 1  # outermost, slow links: carries only gradient sums
+    data: int = -1  # -1: all devices the other axes leave
+    model: int = 1
+    fsdp: bool = False  # shard the `embed` axis of parameters over `data`
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    final_lr_ratio: float = 0.1  # decay floor, as a fraction of lr
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # global, in sequences
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many parts
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # synthetic | default | comma-separated files/globs
+    vocab_size: int | None = None  # tokenizer vocab; None: the model's
+    seq_len: int | None = None  # None: the model's context
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len or self.model.context
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the data can contain (the model's table may be padded beyond it)."""
+        return self.data.vocab_size or self.model.vocab_size
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def find(name: str | Path) -> Path:
+    """A config path, or the name of a preset in configs/ (`tiny` or `tiny.yaml`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and preset.is_file():
+        return preset
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(name)!r} not found: give a YAML file or one of {presets}")
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping; a `base:` key names a file (or preset) it extends."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = path.parent / f"{base}.yaml"
+    return merge(read_yaml(base_path if base_path.is_file() else find(base)), raw)
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["model.d_model=256", "train.steps=10"]` -> nested dict; values are parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text) if text else ""
+    return tree
+
+
+def load(name: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    raw = read_yaml(find(name)) if name is not None else {}
+    return from_dict(merge(raw, parse_overrides(list(overrides))))
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    check(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """A copy with some keys changed, e.g. replace(cfg, train={"steps": 5}); re-checked."""
+    return from_dict(merge(to_dict(cfg), sections))
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; valid keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key, kind = prefix + name, hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, key + ".")
+        else:
+            values[name] = _coerce(value, kind, key)
+    return cls(**values)
+
+
+def _coerce(value, kind, key: str):
+    """`value` as type `kind`, or a ConfigError naming `key`."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(args)}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and not isinstance(value, bool):
+        try:  # YAML reads `1e-3` as a string
+            out = float(value)
+            if math.isfinite(out):
+                return out
+        except (TypeError, ValueError):
+            pass
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {kind.__name__}")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _require(ok: bool, key: str, value, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not valid: {valid}")
+
+
+def check(cfg: Config) -> None:
+    """Checks that need no devices: shapes and settings that can never work."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "context"):
+        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
+    _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
+             f"must be divisible by model.n_heads={m.n_heads}")
+    _require(m.head_dim % 2 == 0, "model.d_model", m.d_model,
+             f"d_model / n_heads = {m.head_dim} must be even for rotary embeddings")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+             f"must divide model.n_heads={m.n_heads}")
+    _require(m.loss_chunk >= 0, "model.loss_chunk", m.loss_chunk, "0 (off) or a positive chunk")
+    _require(cfg.seq_len <= m.context, "data.seq_len", cfg.seq_len,
+             f"must not exceed model.context={m.context}")
+    _require(cfg.seq_len > 0, "data.seq_len", cfg.seq_len, "must be positive")
+    _require(cfg.vocab_size <= m.vocab_size, "data.vocab_size", cfg.vocab_size,
+             f"must not exceed model.vocab_size={m.vocab_size} (the embedding table)")
+    for key in ("steps", "batch_size", "micro_batches", "log_every"):
+        _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be positive")
+    _require(t.batch_size % t.micro_batches == 0, "train.micro_batches", t.micro_batches,
+             f"must divide train.batch_size={t.batch_size}")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio", o.final_lr_ratio, "must be in [0, 1]")
+    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 disables)")
+    mesh = cfg.mesh
+    for key in ("replica", "data", "model"):
+        size = getattr(mesh, key)
+        _require(size == -1 or size > 0, f"mesh.{key}", size, "must be positive or -1 (fill)")
+    _require([mesh.replica, mesh.data, mesh.model].count(-1) <= 1, "mesh", mesh,
+             "at most one of replica, data, model may be -1")
+
+
+def mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
+    """The (replica, data, model) sizes for `n_devices`, with -1 filled in, checked against
+    the device count and the model's shapes."""
+    mesh, m, t = cfg.mesh, cfg.model, cfg.train
+    sizes = {"replica": mesh.replica, "data": mesh.data, "model": mesh.model}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for axis, size in sizes.items():
+        if size == -1:
+            _require(n_devices % fixed == 0, f"mesh.{axis}", -1,
+                     f"the other axes use {fixed} devices, which does not divide the "
+                     f"{n_devices} available")
+            sizes[axis] = n_devices // fixed
+    total = math.prod(sizes.values())
+    _require(total == n_devices, "mesh", sizes,
+             f"replica*data*model = {total} but there are {n_devices} devices; "
+             f"set one axis to -1 to fill, or use --cpu-devices {total} on a CPU")
+    model = sizes["model"]
+    for key in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+        _require(getattr(m, key) % model == 0, f"model.{key}", getattr(m, key),
+                 f"must be divisible by mesh.model={model}")
+    batch_shards = sizes["replica"] * sizes["data"]
+    micro = t.batch_size // t.micro_batches
+    _require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
+             f"batch_size / micro_batches = {micro} must be divisible by "
+             f"replica*data = {batch_shards}")
+    if mesh.fsdp:
+        _require(m.d_model % sizes["data"] == 0, "model.d_model", m.d_model,
+                 f"with mesh.fsdp, must be divisible by mesh.data={sizes['data']}")
+    return sizes

@@ -1,0 +1,198 @@
+"""Decoder-only Transformer, written in einsums over logically named axes.
+
+Einsum letters, used by every einsum in the project:
+    b batch        t query position    s key position    d model width (embed)
+    h query heads  g key/value heads   r query heads per kv head (h = g*r)
+    k head dim     f MLP hidden        v vocabulary      l layers
+
+Every parameter carries its logical axes in the `axes` metadata of its `nnx.Param`;
+`lm.sharding.RULES` turns them into mesh placements. Layers are stored stacked (a leading
+`layers` axis) and applied with `lax.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.sharding import constrain
+
+F32 = jnp.float32
+BTD = ("batch", "length", "embed")
+BTHK = ("batch", "length", "heads", "kv")
+BTGK = ("batch", "length", "kv_heads", "kv")
+BTF = ("batch", "length", "mlp")
+BTV = ("batch", "length", "vocab")
+
+
+def _normal(rngs: nnx.Rngs, shape, axes, std) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, F32), axes=axes)
+
+
+def _ones(shape, axes) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, F32), axes=axes)
+
+
+def block_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Per-layer parameter shapes and logical axes (without the leading `layers` axis)."""
+    d, h, g, k, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    shapes = {
+        "attn_norm": ((d,), ("embed",)),
+        "wq": ((d, h, k), ("embed", "heads", "kv")),
+        "wk": ((d, g, k), ("embed", "kv_heads", "kv")),
+        "wv": ((d, g, k), ("embed", "kv_heads", "kv")),
+        "wo": ((h, k, d), ("heads", "kv", "embed")),
+        "mlp_norm": ((d,), ("embed",)),
+        "w_up": ((d, f), ("embed", "mlp")),
+        "w_down": ((f, d), ("mlp", "embed")),
+    }
+    if cfg.mlp == "swiglu":
+        shapes["w_gate"] = ((d, f), ("embed", "mlp"))
+    return shapes
+
+
+class Blocks(nnx.Module):
+    """All Transformer layers, parameters stacked along a leading `layers` axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.names = tuple(block_shapes(cfg))
+        # GPT-2 init: residual-branch outputs scaled down by depth so the stream stays O(1).
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        for name, (shape, axes) in block_shapes(cfg).items():
+            shape, axes = (cfg.n_layers, *shape), ("layers", *axes)
+            if name.endswith("norm"):
+                param = _ones(shape, axes)
+            else:
+                std = out_std if name in ("wo", "w_down") else cfg.init_std
+                param = _normal(rngs, shape, axes, std)
+            setattr(self, name, param)
+
+    def __call__(self, x_btd, cfg: ModelConfig, positions_t):
+        layers = {name: getattr(self, name)[...] for name in self.names}
+        sin, cos = rope_table(positions_t, cfg.head_dim, cfg.rope_theta)
+
+        def layer(x_btd, p):
+            return block(p, x_btd, cfg, sin, cos), None
+
+        if cfg.remat != "none":
+            policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+            layer = jax.checkpoint(layer, policy=policy[cfg.remat])
+        unroll = 1 if cfg.scan_layers else cfg.n_layers
+        x_btd, _ = jax.lax.scan(layer, x_btd, layers, unroll=unroll)
+        return x_btd
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _normal(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.blocks = Blocks(cfg, rngs)
+        self.final_norm = _ones((cfg.d_model,), ("embed",))
+        if not cfg.tie_embeddings:
+            self.unembed = _normal(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                   cfg.init_std)
+
+    def hidden(self, tokens_bt):
+        """Final-normed hidden states [b, t, d] in the compute dtype."""
+        cfg = self.cfg
+        x_btd = self.embed[...].astype(cfg.dtype)[tokens_bt]
+        x_btd = constrain(x_btd, BTD)
+        x_btd = self.blocks(x_btd, cfg, jnp.arange(tokens_bt.shape[1]))
+        return rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
+
+    def head_dv(self):
+        """The output projection as [d, v] (the transposed embedding when tied)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
+
+    def __call__(self, tokens_bt):
+        """Logits [b, t, v] in fp32."""
+        x_btd = self.hidden(tokens_bt)
+        logits = jnp.einsum("btd,dv->btv", x_btd, self.head_dv().astype(x_btd.dtype))
+        return constrain(logits.astype(F32), BTV)
+
+    def loss(self, tokens_bt, targets_bt):
+        """Mean next-token cross-entropy."""
+        return cross_entropy(self.hidden(tokens_bt), self.head_dv(), targets_bt, self.cfg.loss_chunk)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def rms_norm(x, scale, eps):
+    x32 = x.astype(F32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale).astype(x.dtype)
+
+
+def rope_table(positions_t, head_dim: int, theta: float):
+    """sin, cos of shape [t, k/2] for rotary embeddings."""
+    freqs = theta ** (-jnp.arange(0, head_dim, 2, dtype=F32) / head_dim)
+    angles_tk = positions_t.astype(F32)[:, None] * freqs[None, :]
+    return jnp.sin(angles_tk), jnp.cos(angles_tk)
+
+
+def rope(x_btnk, sin_tk, cos_tk):
+    """Rotate the two halves of each head's vector by position-dependent angles."""
+    x1, x2 = jnp.split(x_btnk.astype(F32), 2, axis=-1)
+    sin, cos = sin_tk[:, None, :], cos_tk[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_btnk.dtype)
+
+
+def attention(p, x_btd, cfg: ModelConfig, sin, cos):
+    b, t, _ = x_btd.shape
+    g, r, k = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    q_bthk = constrain(jnp.einsum("btd,dhk->bthk", x_btd, p["wq"]), BTHK)
+    k_bsgk = constrain(jnp.einsum("btd,dgk->btgk", x_btd, p["wk"]), BTGK)
+    v_bsgk = constrain(jnp.einsum("btd,dgk->btgk", x_btd, p["wv"]), BTGK)
+    q_bthk, k_bsgk = rope(q_bthk, sin, cos), rope(k_bsgk, sin, cos)
+    q_btgrk = q_bthk.reshape(b, t, g, r, k) * jnp.asarray(k ** -0.5, x_btd.dtype)
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk).astype(F32)
+    causal_ts = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(causal_ts, scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x_btd.dtype)
+    o_btgrk = jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
+    o_bthk = constrain(o_btgrk.reshape(b, t, g * r, k), BTHK)
+    return jnp.einsum("bthk,hkd->btd", o_bthk, p["wo"])
+
+
+def mlp(p, x_btd, cfg: ModelConfig):
+    up_btf = jnp.einsum("btd,df->btf", x_btd, p["w_up"])
+    if cfg.mlp == "swiglu":
+        h_btf = jax.nn.silu(jnp.einsum("btd,df->btf", x_btd, p["w_gate"])) * up_btf
+    else:
+        h_btf = jax.nn.gelu(up_btf)
+    h_btf = constrain(h_btf, BTF)
+    return jnp.einsum("btf,fd->btd", h_btf, p["w_down"])
+
+
+def block(p, x_btd, cfg: ModelConfig, sin, cos):
+    p = jax.tree.map(lambda w: w.astype(cfg.dtype), p)
+    x_btd = x_btd + attention(p, rms_norm(x_btd, p["attn_norm"], cfg.norm_eps), cfg, sin, cos)
+    x_btd = x_btd + mlp(p, rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps), cfg)
+    return constrain(x_btd, BTD)
+
+
+def cross_entropy(x_btd, head_dv, targets_bt, chunk: int = 0):
+    """Mean cross-entropy of logits x @ head against targets, with a fp32 log-sum-exp.
+
+    With `chunk` > 0 the tokens are processed `chunk` at a time under remat, so neither the
+    forward nor the backward pass holds more than one chunk's logits."""
+    head_dv = head_dv.astype(x_btd.dtype)
+
+    def token_losses(x_nd, y_n):
+        logits_nv = jnp.einsum("nd,dv->nv", x_nd, head_dv).astype(F32)
+        picked = jnp.take_along_axis(logits_nv, y_n[:, None], axis=-1)[:, 0]
+        return jax.nn.logsumexp(logits_nv, axis=-1) - picked
+
+    x_nd = x_btd.reshape(-1, x_btd.shape[-1])
+    y_n = targets_bt.reshape(-1)
+    n = y_n.shape[0]
+    if chunk <= 0 or chunk >= n:
+        return token_losses(x_nd, y_n).mean()
+    pad = -n % chunk
+    x_cnd = jnp.pad(x_nd, ((0, pad), (0, 0))).reshape(-1, chunk, x_nd.shape[-1])
+    y_cn = jnp.pad(y_n, (0, pad)).reshape(-1, chunk)
+    losses = jax.lax.map(lambda xy: jax.checkpoint(token_losses)(*xy), (x_cnd, y_cn))
+    return losses.reshape(-1)[:n].mean()

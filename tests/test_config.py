@@ -1,0 +1,91 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lm import config
+from lm.config import ConfigError
+
+from conftest import small
+
+
+def test_presets_load_and_tiny_is_complete():
+    for path in sorted(config.CONFIG_DIR.glob("*.yaml")):
+        config.load(path)
+    tiny = config.load("tiny")
+    assert tiny.train.run_dir and tiny.train.steps > 0
+
+
+def test_overrides_apply_with_types():
+    cfg = config.load("tiny", ["train.steps=7", "optim.lr=1e-3", "mesh.fsdp=true",
+                               "model.d_model=128", "model.n_heads=8", "train.seed=3"])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.mesh.fsdp, cfg.model.d_model) == (7, 1e-3, True, 128)
+    assert cfg.model.head_dim == 16 and cfg.model.d_ff == 4 * 128
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: tiny\ntrain:\n  steps: 3\n")
+    cfg = config.load(tmp_path / "child.yaml")
+    assert cfg.train.steps == 3 and cfg.model == config.load("tiny").model
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load("tiny", ["model.n_kv_heads=2"])
+    config.dump(cfg, tmp_path / "c.yaml")
+    assert config.load(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.widht=3"], "model.widht"),
+    (["trian.steps=3"], "trian"),
+    (["train.steps=ten"], "train.steps"),
+    (["train.steps=1.5"], "train.steps"),
+    (["mesh.fsdp=3"], "mesh.fsdp"),
+    (["model.mlp=relu"], "model.mlp"),
+    (["model.d_model=100", "model.n_heads=3"], "model.d_model"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["train.micro_batches=3"], "train.micro_batches"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps"),
+    (["data.seq_len=4096"], "data.seq_len"),
+    (["mesh.data=-1", "mesh.model=-1"], "mesh"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        small(*overrides)
+
+
+@pytest.mark.parametrize("overrides, key, n_devices", [
+    (["mesh.data=4", "mesh.model=1"], "mesh", 8),  # 4 devices used of 8
+    (["mesh.data=1", "mesh.model=8"], "model.n_heads", 8),  # 4 heads over 8
+    (["mesh.data=8", "mesh.model=1", "train.batch_size=4"], "train.batch_size", 8),
+    (["mesh.data=8", "mesh.model=1", "train.micro_batches=2"], "train.batch_size", 8),
+    (["mesh.data=-1", "mesh.model=3"], "mesh.data", 8),
+    (["mesh.data=8", "mesh.fsdp=true", "model.d_model=36", "model.n_heads=2"], "model.d_model", 8),
+])
+def test_mesh_errors_name_the_key(overrides, key, n_devices):
+    cfg = small(*overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.mesh_shape(cfg, n_devices)
+
+
+def test_mesh_fill():
+    cfg = small("mesh.replica=2", "mesh.data=-1", "mesh.model=2")
+    assert config.mesh_shape(cfg, 8) == {"replica": 2, "data": 2, "model": 2}
+
+
+def test_info_gpt3_175b_counts_without_allocating():
+    out = subprocess.run([sys.executable, "-m", "lm.cli", "info", "gpt3-175b", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert abs(info["params_total"] / 175e9 - 1) < 0.01
+    assert info["params_non_embedding"] < info["params_total"]
+    specs = {p["name"]: p["spec"] for p in info["params"]}
+    assert specs["blocks.w_up"] == "P(None, 'data', 'model')"  # fsdp on in the preset
+
+
+def test_cli_reports_config_errors():
+    out = subprocess.run([sys.executable, "-m", "lm.cli", "info", "tiny", "model.n_heads=5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "model.d_model" in out.stderr and "Traceback" not in out.stderr

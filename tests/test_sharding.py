@@ -1,0 +1,59 @@
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lm import sharding, train
+
+from conftest import small
+
+
+def test_rule_table():
+    plain, fsdp = sharding.rules(False), sharding.rules(True)
+    assert sharding.spec(("embed", "heads", "kv"), plain) == P(None, "model", None)
+    assert sharding.spec(("embed", "mlp"), fsdp) == P("data", "model")
+    # activations keep `embed` whole under FSDP: `data` is taken by the batch
+    assert sharding.spec(("batch", "length", "embed"), fsdp) == P(("replica", "data"), None, None)
+    assert sharding.spec(("layers", "vocab", "embed"), plain) == P(None, "model", None)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_parameters_are_sharded_by_the_rules(fsdp):
+    cfg = small("model.d_model=64", "model.n_heads=8", "mesh.data=2", "mesh.model=4",
+                f"mesh.fsdp={str(fsdp).lower()}")
+    program = train.compile_program(cfg)
+    state = program.init()
+    params = state["params"]
+    embed = "data" if fsdp else None
+    expected = {
+        "wq": P(None, embed, "model", None),
+        "wk": P(None, embed, "model", None),
+        "wo": P(None, "model", None, embed),
+        "w_up": P(None, embed, "model"),
+        "w_down": P(None, "model", embed),
+    }
+    for name, spec in expected.items():
+        array = params["blocks"][name][...]
+        assert array.sharding.spec == spec, name
+        # each device really holds only its shard
+        shard = array.addressable_shards[0].data.shape
+        assert shard != array.shape and len(array.addressable_shards) == 8
+    assert params["embed"][...].sharding.spec == P("model", embed)
+    # Adam moments mirror the parameters' layout
+    mu = state["opt"][1][0].mu if cfg.optim.clip_norm else state["opt"][0].mu
+    assert mu["blocks"]["w_up"][...].sharding.spec == expected["w_up"]
+
+
+def test_replica_axis_only_splits_the_batch():
+    cfg = small("mesh.replica=2", "mesh.data=2", "mesh.model=2")
+    program = train.compile_program(cfg)
+    assert program.batch_sharding.spec == P(("replica", "data"), None)
+    for leaf in jax.tree.leaves(program.shardings):
+        assert "replica" not in str(leaf.spec)
+
+
+def test_collectives_appear_only_when_sharded():
+    sharded = train.compile_program(small("mesh.data=4", "mesh.model=2"))
+    single = train.compile_program(small(), jax.devices()[:1])
+    counts = sharding.collectives(sharded.step.as_text())
+    assert counts.get("all-reduce", 0) + counts.get("reduce-scatter", 0) > 0
+    assert sharding.collectives(single.step.as_text()) == {}
