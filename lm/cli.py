@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _use_cpu_devices(n: int | None) -> None:
@@ -69,6 +70,98 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from lm import config, data
+
+    cfg = config.load(args.config, args.overrides)
+    dataset = data.prepare(cfg)
+    m = dataset.manifest
+    print(f"dataset   {dataset.dir}")
+    print(f"source    {m['source']}: {m['files']} files used, {len(m['skipped'])} skipped")
+    print(f"tokenizer {m['settings']['tokenizer']}, {m['vocab_size']} pieces, "
+          f"{m['dtype']} token files, prepared in {m['prepare_seconds']:.1f} s")
+    for split, s in m["splits"].items():
+        print(f"{split:<9} {s['documents']:>9,} documents {s['bytes']:>15,} bytes "
+              f"{s['tokens']:>15,} tokens {s['bytes_per_token']:>7.3f} bytes/token")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lm import evaluate
+
+    rows = evaluate.evaluate_run(args.run_dir, args.overrides, step=args.step, every=args.all)
+    if not rows:
+        print(f"every checkpoint of {args.run_dir} is evaluated already (see eval.jsonl)")
+        return 0
+    print(f"{'step':>8} {'tokens':>12} {'loss':>8} {'± sem':>8} {'ppl':>9} {'bpb':>7}")
+    for r in rows:
+        bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "-"
+        print(f"{r['step']:>8} {r['tokens']:>12,} {r['loss']:>8.4f} {r['loss_sem'] or 0:>8.4f} "
+              f"{r['ppl']:>9.2f} {bpb:>7}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from lm import checkpoint, data, evaluate, state
+
+    cfg = evaluate.load_run_config(args.run_dir, args.overrides)
+    tokenizer = data.tokenizer(cfg)
+    lay = state.layout(cfg)
+    mngr = checkpoint.manager(args.run_dir, read_only=True)
+    restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, ("params",))
+    if restored is None:
+        raise checkpoint.CheckpointError(f"no checkpoints in {checkpoint.directory(args.run_dir)}")
+    tokens = evaluate.generate(lay, restored[0]["params"], tokenizer.encode(args.prompt),
+                               args.max_tokens, args.temperature, args.top_k, args.seed)
+    print(tokenizer.decode(tokens))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from lm import sweep
+
+    if args.plan:
+        sweep.print_plan(args.spec, args.cpu_devices)
+    elif args.status:
+        sweep.print_status(args.spec)
+    else:
+        sweep.run(args.spec, workers=args.workers, cpu_devices=args.cpu_devices)
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from lm import scaling, sweep
+    from lm.config import ConfigError
+
+    try:
+        points, designated = sweep.load_points(args.source)
+        holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
+        result = scaling.fit(points, args.law, holdout=holdout or None, bootstrap=args.bootstrap,
+                             drop_early=args.drop_early, seed=args.seed)
+    except ValueError as e:  # bad CSV or store, too few sizes, ...
+        raise ConfigError(str(e)) from None
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(scaling.format_fit(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from lm import scaling
+
+    if (args.flops is None) == (args.params is None or args.tokens is None):
+        raise SystemExit("error: give --params N --tokens D, or --flops C")
+    from lm.config import ConfigError
+
+    try:
+        fit = json.loads(Path(args.fit).read_text())
+        pred = scaling.predict(fit, params=args.params, tokens=args.tokens, flops=args.flops)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{args.fit}: {e}") from None
+    print(scaling.format_prediction(pred))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -79,18 +172,69 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lm", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
 
-    def command(name, func, help, config=True):
+    def command(name, func, help, first="config"):
         p = sub.add_parser(name, parents=[common], help=help, description=help)
-        if config:
+        if first == "action":
+            p.add_argument("action", choices=["prepare"])
+        if first == "run_dir":
+            p.add_argument("run_dir", help="a run directory (the train.run_dir of a run)")
+        else:
             p.add_argument("config", help="YAML file or preset name in configs/ (e.g. tiny)")
-            p.add_argument("overrides", nargs="*", metavar="key=value",
-                           help="dotted overrides, e.g. train.steps=100 mesh.model=2")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. train.steps=100 mesh.model=2")
         p.set_defaults(func=func)
         return p
 
-    command("train", cmd_train, "train a model into train.run_dir")
+    command("train", cmd_train, "train a model into train.run_dir (resumes if it has checkpoints)")
     command("info", cmd_info, "parameter counts and per-parameter sharding").add_argument(
         "--json", action="store_true", help="print one JSON object")
+    command("data", cmd_data, "prepare a config's dataset (tokenizer, token files) or reuse the "
+            "prepared copy", first="action")
+    p = command("eval", cmd_eval, "evaluate checkpoints of a run on the current mesh; rows are "
+                "appended to RUN_DIR/eval.jsonl", first="run_dir")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="this checkpoint (default: the newest)")
+    which.add_argument("--all", action="store_true", help="every checkpoint not yet evaluated")
+    p = command("sample", cmd_sample, "generate text from a run's newest checkpoint",
+                first="run_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: the whole vocabulary")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("sweep", parents=[common], help="run a scaling sweep, fit, predict, report",
+                       description="train every trial of a sweep (resuming), fit the law, "
+                       "predict the held-out run before training it, and write a report")
+    p.add_argument("spec", help="sweep YAML (see experiments/)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="list trials, FLOPs, estimated time")
+    mode.add_argument("--status", action="store_true", help="show progress")
+    p.add_argument("--workers", type=int, default=1, help="trials trained at once")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("fit", help="fit a scaling law to a sweep store or a CSV",
+                       description="fit a scaling law to a sweep (its directory or store.sqlite) "
+                       "or a CSV with columns params, tokens, loss [, flops, run, step]")
+    p.add_argument("source")
+    p.add_argument("--law", choices=["chinchilla", "kaplan", "isoflop"], default="chinchilla")
+    p.add_argument("--holdout", default="designated",
+                   help="largest: hold out the largest-compute run; none; designated (default): "
+                   "a sweep's held-out runs")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="B",
+                   help="B bootstrap refits over runs, for intervals")
+    p.add_argument("--drop-early", type=float, default=0.1, metavar="F",
+                   help="drop points before this fraction of each run's tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="fit.json")
+    p.set_defaults(func=cmd_fit, cpu_devices=None)
+
+    p = sub.add_parser("predict", help="predicted loss (and allocation) from a fit.json")
+    p.add_argument("fit")
+    p.add_argument("--params", type=float, metavar="N")
+    p.add_argument("--tokens", type=float, metavar="D")
+    p.add_argument("--flops", type=float, metavar="C", help="compute-optimal N, D and loss at C")
+    p.set_defaults(func=cmd_predict, cpu_devices=None)
     return top
 
 
@@ -105,13 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     _use_cpu_devices(args.cpu_devices)
     from lm.config import ConfigError
-    from lm.train import TrainingError
+    from lm.train import Interrupted, TrainingError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

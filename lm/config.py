@@ -82,13 +82,37 @@ class TrainConfig:
     run_dir: str = "runs/default"
     log_every: int = 10
     progress: bool = True
+    peak_flops: float = 0.0  # FLOP/s of all devices in use, for MFU; 0: data sheet or measured
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # synthetic | default | comma-separated files/globs
+    source: str = "default"  # default (the embedded corpus) | synthetic | files/globs, comma-separated
     vocab_size: int | None = None  # tokenizer vocab; None: the model's
     seq_len: int | None = None  # None: the model's context
+    tokenizer: Literal["bpe", "unigram"] = "bpe"  # SentencePiece model type
+    text_field: str = "text"  # the document field of .jsonl lines
+    cache_dir: str = "~/.cache/lm/data"  # prepared datasets, one directory per sources+settings
+    tokenizer_sample_bytes: int = 10_000_000  # about this much text trains the tokenizer
+    val_fraction: float = 0.02  # documents held out for validation (chosen by a hash of each)
+    val_sequences: int = 128  # size of the fixed validation set, in sequences of seq_len + 1
+    on_bad_file: Literal["skip", "fail"] = "skip"  # a file that is not UTF-8 text: warn or stop
+    max_bytes: int = 0  # >0: only the documents that start within this prefix of the corpus
+    workers: int = 0  # encoding processes; 0: one per CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep: int = 3  # the newest K are kept ...
+    keep_every: int = 0  # ... plus every M-th step, permanently (0: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0  # evaluate the validation set during training every N steps (0: off)
+    log_points: int = 0  # and/or at this many log-spaced steps: a learning curve per run
+    batch_size: int = 0  # sequences per eval batch; 0: train.batch_size / micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +122,8 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
 
     @property
     def seq_len(self) -> int:
@@ -160,7 +186,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         node = tree
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(text) if text else ""
+        try:
+            node[leaf] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            node[leaf] = text  # not YAML (e.g. `a,b`): the type check decides
     return tree
 
 
@@ -170,7 +199,7 @@ def load(name: str | Path | None = None, overrides: list[str] = ()) -> Config:
 
 
 def from_dict(raw: dict) -> Config:
-    cfg = _build(Config, raw, "")
+    cfg = build(Config, raw)
     check(cfg)
     return cfg
 
@@ -188,7 +217,9 @@ def replace(cfg: Config, **sections: dict) -> Config:
     return from_dict(merge(to_dict(cfg), sections))
 
 
-def _build(cls, raw, prefix: str):
+def build(cls, raw, prefix: str = ""):
+    """An instance of dataclass `cls` from a nested mapping: unknown keys and wrong types are
+    ConfigErrors naming the dotted key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -203,7 +234,7 @@ def _build(cls, raw, prefix: str):
     for name, value in raw.items():
         key, kind = prefix + name, hints[name]
         if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value, key + ".")
+            values[name] = build(kind, value, key + ".")
         else:
             values[name] = _coerce(value, kind, key)
     return cls(**values)
@@ -221,6 +252,10 @@ def _coerce(value, kind, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if (kind is dict or origin is dict) and isinstance(value, dict):
+        return dict(value)
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -234,7 +269,8 @@ def _coerce(value, kind, key: str):
             pass
     if kind is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {kind.__name__}")
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected "
+                      f"{getattr(kind, '__name__', kind)}")
 
 
 # --------------------------------------------------------------------------- checks
@@ -262,6 +298,20 @@ def check(cfg: Config) -> None:
     _require(cfg.seq_len > 0, "data.seq_len", cfg.seq_len, "must be positive")
     _require(cfg.vocab_size <= m.vocab_size, "data.vocab_size", cfg.vocab_size,
              f"must not exceed model.vocab_size={m.vocab_size} (the embedding table)")
+    d = cfg.data
+    _require(d.source.strip(" ,") != "", "data.source", d.source,
+             "give synthetic, default, or comma-separated files/globs")
+    _require(d.source == "synthetic" or cfg.vocab_size > 258, "data.vocab_size", cfg.vocab_size,
+             "a SentencePiece vocab needs 258 pieces (256 bytes, <unk>, end-of-document) plus "
+             "the corpus's characters; try 512")
+    _require(d.text_field != "", "data.text_field", d.text_field, "must name a .jsonl field")
+    _require(d.cache_dir != "", "data.cache_dir", d.cache_dir, "must name a directory")
+    _require(d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes",
+             d.tokenizer_sample_bytes, "must be positive")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    _require(d.val_sequences > 0, "data.val_sequences", d.val_sequences, "must be positive")
+    _require(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0: all)")
+    _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0 (0: one per CPU)")
     for key in ("steps", "batch_size", "micro_batches", "log_every"):
         _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be positive")
     _require(t.batch_size % t.micro_batches == 0, "train.micro_batches", t.micro_batches,
@@ -270,12 +320,22 @@ def check(cfg: Config) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio", o.final_lr_ratio, "must be in [0, 1]")
     _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 disables)")
+    for section, keys in (("checkpoint", ("every_steps", "keep_every")),
+                          ("eval", ("every_steps", "log_points", "batch_size"))):
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            _require(value >= 0, f"{section}.{key}", value, "must be >= 0 (0: off)")
+    _require(cfg.checkpoint.keep > 0, "checkpoint.keep", cfg.checkpoint.keep, "must be positive")
     mesh = cfg.mesh
     for key in ("replica", "data", "model"):
         size = getattr(mesh, key)
         _require(size == -1 or size > 0, f"mesh.{key}", size, "must be positive or -1 (fill)")
     _require([mesh.replica, mesh.data, mesh.model].count(-1) <= 1, "mesh", mesh,
              "at most one of replica, data, model may be -1")
+
+
+def eval_batch_size(cfg: Config) -> int:
+    return cfg.eval.batch_size or cfg.train.batch_size // cfg.train.micro_batches
 
 
 def mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
@@ -303,6 +363,8 @@ def mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
     _require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
              f"batch_size / micro_batches = {micro} must be divisible by "
              f"replica*data = {batch_shards}")
+    _require(eval_batch_size(cfg) % batch_shards == 0, "eval.batch_size", cfg.eval.batch_size,
+             f"must be divisible by replica*data = {batch_shards}")
     if mesh.fsdp:
         _require(m.d_model % sizes["data"] == 0, "model.d_model", m.d_model,
                  f"with mesh.fsdp, must be divisible by mesh.data={sizes['data']}")

@@ -41,3 +41,49 @@ def six_n(m: ModelConfig) -> dict[str, int]:
     """The 6·N conventions (Kaplan: non-embedding N; Chinchilla/Hoffmann: all N)."""
     counts = param_counts(m)
     return {"6N": 6 * counts["total"], "6N_non_embedding": 6 * counts["non_embedding"]}
+
+
+# --------------------------------------------------------------------------- peaks and MFU
+
+# Dense bf16 peak FLOP/s per chip, by jax `device_kind` prefix (vendor data sheets).
+PEAKS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
+}
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 3) -> float:
+    """Best measured FLOP/s of an n^3 fp32 matmul on the default device."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+_measured: dict[str, float] = {}
+
+
+def peak_flops_per_s(devices) -> float:
+    """Peak FLOP/s of `devices`: the data-sheet figure per accelerator; on CPU a measured
+    fp32 matmul (once per process), since simulated CPU devices share the same cores."""
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        if "cpu" not in _measured:
+            _measured["cpu"] = matmul_flops_per_s()
+        return _measured["cpu"]
+    for prefix, peak in PEAKS.items():
+        if kind.startswith(prefix):
+            return peak * len(devices)
+    raise KeyError(f"no peak FLOP/s known for device kind {kind!r}; set train.peak_flops")

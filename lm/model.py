@@ -69,19 +69,23 @@ class Blocks(nnx.Module):
                 param = _normal(rngs, shape, axes, std)
             setattr(self, name, param)
 
-    def __call__(self, x_btd, cfg: ModelConfig, positions_t):
+    def __call__(self, x_btd, cfg: ModelConfig, start=0, cache=None):
+        """Apply every layer to hidden states of positions start..start+t. With a KV cache
+        ({"k", "v"}: [l, b, s, g, k]) the new keys/values are written into it at `start` and
+        attention covers everything cached so far; returns (x, updated cache)."""
         layers = {name: getattr(self, name)[...] for name in self.names}
+        positions_t = start + jnp.arange(x_btd.shape[1])
         sin, cos = rope_table(positions_t, cfg.head_dim, cfg.rope_theta)
 
-        def layer(x_btd, p):
-            return block(p, x_btd, cfg, sin, cos), None
+        def layer(x_btd, p_and_kv):
+            p, kv = p_and_kv
+            return block(p, x_btd, cfg, sin, cos, positions_t, kv)
 
         if cfg.remat != "none":
             policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
             layer = jax.checkpoint(layer, policy=policy[cfg.remat])
         unroll = 1 if cfg.scan_layers else cfg.n_layers
-        x_btd, _ = jax.lax.scan(layer, x_btd, layers, unroll=unroll)
-        return x_btd
+        return jax.lax.scan(layer, x_btd, (layers, cache), unroll=unroll)
 
 
 class Transformer(nnx.Module):
@@ -94,13 +98,12 @@ class Transformer(nnx.Module):
             self.unembed = _normal(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                    cfg.init_std)
 
-    def hidden(self, tokens_bt):
-        """Final-normed hidden states [b, t, d] in the compute dtype."""
+    def hidden(self, tokens_bt, start=0, cache=None):
+        """Final-normed hidden states [b, t, d] in the compute dtype, and the updated cache."""
         cfg = self.cfg
-        x_btd = self.embed[...].astype(cfg.dtype)[tokens_bt]
-        x_btd = constrain(x_btd, BTD)
-        x_btd = self.blocks(x_btd, cfg, jnp.arange(tokens_bt.shape[1]))
-        return rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
+        x_btd = constrain(self.embed[...].astype(cfg.dtype)[tokens_bt], BTD)
+        x_btd, cache = self.blocks(x_btd, cfg, start, cache)
+        return rms_norm(x_btd, self.final_norm[...], cfg.norm_eps), cache
 
     def head_dv(self):
         """The output projection as [d, v] (the transposed embedding when tied)."""
@@ -108,13 +111,29 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_bt):
         """Logits [b, t, v] in fp32."""
-        x_btd = self.hidden(tokens_bt)
+        return self.decode(tokens_bt)[0]
+
+    def decode(self, tokens_bt, start=0, cache=None):
+        """Logits [b, t, v] (fp32) of tokens at positions start..start+t, and the cache."""
+        x_btd, cache = self.hidden(tokens_bt, start, cache)
         logits = jnp.einsum("btd,dv->btv", x_btd, self.head_dv().astype(x_btd.dtype))
-        return constrain(logits.astype(F32), BTV)
+        return constrain(logits.astype(F32), BTV), cache
+
+    def token_losses(self, tokens_bt, targets_bt):
+        """Next-token cross-entropy of every position, [b, t]."""
+        x_btd, _ = self.hidden(tokens_bt)
+        losses = cross_entropy(x_btd, self.head_dv(), targets_bt, self.cfg.loss_chunk)
+        return losses.reshape(targets_bt.shape)
 
     def loss(self, tokens_bt, targets_bt):
         """Mean next-token cross-entropy."""
-        return cross_entropy(self.hidden(tokens_bt), self.head_dv(), targets_bt, self.cfg.loss_chunk)
+        return self.token_losses(tokens_bt, targets_bt).mean()
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    """An empty KV cache for `length` positions: {"k", "v"} of shape [l, b, s, g, k]."""
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
 
 # --------------------------------------------------------------------------- layers
@@ -140,21 +159,28 @@ def rope(x_btnk, sin_tk, cos_tk):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_btnk.dtype)
 
 
-def attention(p, x_btd, cfg: ModelConfig, sin, cos):
+def attention(p, x_btd, cfg: ModelConfig, sin, cos, positions_t, kv=None):
+    """Causal attention of the t new positions; with a cache `kv` ({"k","v"}: [b, s, g, k])
+    over every cached position too. Returns (output, updated kv)."""
     b, t, _ = x_btd.shape
     g, r, k = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
     q_bthk = constrain(jnp.einsum("btd,dhk->bthk", x_btd, p["wq"]), BTHK)
-    k_bsgk = constrain(jnp.einsum("btd,dgk->btgk", x_btd, p["wk"]), BTGK)
+    k_btgk = constrain(jnp.einsum("btd,dgk->btgk", x_btd, p["wk"]), BTGK)
     v_bsgk = constrain(jnp.einsum("btd,dgk->btgk", x_btd, p["wv"]), BTGK)
-    q_bthk, k_bsgk = rope(q_bthk, sin, cos), rope(k_bsgk, sin, cos)
+    q_bthk, k_bsgk = rope(q_bthk, sin, cos), rope(k_btgk, sin, cos)
+    if kv is not None:
+        at = (0, positions_t[0], 0, 0)
+        kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k_bsgk.astype(kv["k"].dtype), at),
+              "v": jax.lax.dynamic_update_slice(kv["v"], v_bsgk.astype(kv["v"].dtype), at)}
+        k_bsgk, v_bsgk = kv["k"].astype(x_btd.dtype), kv["v"].astype(x_btd.dtype)
     q_btgrk = q_bthk.reshape(b, t, g, r, k) * jnp.asarray(k ** -0.5, x_btd.dtype)
     scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk).astype(F32)
-    causal_ts = jnp.tril(jnp.ones((t, t), bool))
+    causal_ts = jnp.arange(k_bsgk.shape[1])[None, :] <= positions_t[:, None]
     scores = jnp.where(causal_ts, scores, jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x_btd.dtype)
     o_btgrk = jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
     o_bthk = constrain(o_btgrk.reshape(b, t, g * r, k), BTHK)
-    return jnp.einsum("bthk,hkd->btd", o_bthk, p["wo"])
+    return jnp.einsum("bthk,hkd->btd", o_bthk, p["wo"]), kv
 
 
 def mlp(p, x_btd, cfg: ModelConfig):
@@ -167,15 +193,17 @@ def mlp(p, x_btd, cfg: ModelConfig):
     return jnp.einsum("btf,fd->btd", h_btf, p["w_down"])
 
 
-def block(p, x_btd, cfg: ModelConfig, sin, cos):
+def block(p, x_btd, cfg: ModelConfig, sin, cos, positions_t, kv=None):
     p = jax.tree.map(lambda w: w.astype(cfg.dtype), p)
-    x_btd = x_btd + attention(p, rms_norm(x_btd, p["attn_norm"], cfg.norm_eps), cfg, sin, cos)
+    h_btd, kv = attention(p, rms_norm(x_btd, p["attn_norm"], cfg.norm_eps), cfg, sin, cos,
+                          positions_t, kv)
+    x_btd = x_btd + h_btd
     x_btd = x_btd + mlp(p, rms_norm(x_btd, p["mlp_norm"], cfg.norm_eps), cfg)
-    return constrain(x_btd, BTD)
+    return constrain(x_btd, BTD), kv
 
 
 def cross_entropy(x_btd, head_dv, targets_bt, chunk: int = 0):
-    """Mean cross-entropy of logits x @ head against targets, with a fp32 log-sum-exp.
+    """Per-token cross-entropy [b*t] of logits x @ head against targets (fp32 log-sum-exp).
 
     With `chunk` > 0 the tokens are processed `chunk` at a time under remat, so neither the
     forward nor the backward pass holds more than one chunk's logits."""
@@ -190,9 +218,9 @@ def cross_entropy(x_btd, head_dv, targets_bt, chunk: int = 0):
     y_n = targets_bt.reshape(-1)
     n = y_n.shape[0]
     if chunk <= 0 or chunk >= n:
-        return token_losses(x_nd, y_n).mean()
+        return token_losses(x_nd, y_n)
     pad = -n % chunk
     x_cnd = jnp.pad(x_nd, ((0, pad), (0, 0))).reshape(-1, chunk, x_nd.shape[-1])
     y_cn = jnp.pad(y_n, (0, pad)).reshape(-1, chunk)
     losses = jax.lax.map(lambda xy: jax.checkpoint(token_losses)(*xy), (x_cnd, y_cn))
-    return losses.reshape(-1)[:n].mean()
+    return losses.reshape(-1)[:n]

@@ -2,7 +2,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lm import sharding, train
+from lm import sharding, state, train
 
 from conftest import small
 
@@ -21,8 +21,8 @@ def test_parameters_are_sharded_by_the_rules(fsdp):
     cfg = small("model.d_model=64", "model.n_heads=8", "mesh.data=2", "mesh.model=4",
                 f"mesh.fsdp={str(fsdp).lower()}")
     program = train.compile_program(cfg)
-    state = program.init()
-    params = state["params"]
+    fresh = program.init()
+    params = fresh["params"]
     embed = "data" if fsdp else None
     expected = {
         "wq": P(None, embed, "model", None),
@@ -39,15 +39,15 @@ def test_parameters_are_sharded_by_the_rules(fsdp):
         assert shard != array.shape and len(array.addressable_shards) == 8
     assert params["embed"][...].sharding.spec == P("model", embed)
     # Adam moments mirror the parameters' layout
-    mu = state["opt"][1][0].mu if cfg.optim.clip_norm else state["opt"][0].mu
+    mu = fresh["opt"][1][0].mu  # chain(clip, adamw) -> adamw's first part, scale_by_adam
     assert mu["blocks"]["w_up"][...].sharding.spec == expected["w_up"]
 
 
 def test_replica_axis_only_splits_the_batch():
     cfg = small("mesh.replica=2", "mesh.data=2", "mesh.model=2")
-    program = train.compile_program(cfg)
-    assert program.batch_sharding.spec == P(("replica", "data"), None)
-    for leaf in jax.tree.leaves(program.shardings):
+    lay = state.layout(cfg)
+    assert lay.batch_sharding.spec == P(("replica", "data"), None)
+    for leaf in jax.tree.leaves(lay.shardings):
         assert "replica" not in str(leaf.spec)
 
 

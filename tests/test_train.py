@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import data, train
+from lm import data, state, train
 from lm.model import Transformer
 
 from conftest import small
@@ -18,7 +18,8 @@ from conftest import small
 def one_step(cfg, devices):
     program = train.compile_program(cfg, devices)
     state = program.init()
-    tokens = data.global_batch(data.source(cfg), 0, program.batch_sharding, program.batch_shape)
+    tokens = data.global_batch(data.source(cfg), 0, program.layout.batch_sharding,
+                               program.layout.batch_shape)
     state, metrics = program.step(state, tokens)
     return jax.device_get(state["params"]), jax.device_get(metrics)
 
@@ -69,11 +70,11 @@ def test_non_finite_loss_stops_the_run(run_dir):
 def test_lr_schedule_warms_up_and_decays_to_the_floor():
     cfg = small("optim.lr=1.0", "optim.warmup_steps=10", "optim.final_lr_ratio=0.1",
                 "train.steps=110")
-    lr = train.lr_schedule(cfg.optim, cfg.train.steps)
+    lr = state.lr_schedule(cfg.optim, cfg.train.steps)
     assert float(lr(0)) == pytest.approx(0.1) and float(lr(9)) == pytest.approx(1.0)
     assert float(lr(60)) == pytest.approx(0.55)  # cosine midpoint between 1 and 0.1
     assert float(lr(110)) == pytest.approx(0.1) and float(lr(500)) == pytest.approx(0.1)
-    linear = train.lr_schedule(small("optim.schedule=linear", "optim.lr=1.0",
+    linear = state.lr_schedule(small("optim.schedule=linear", "optim.lr=1.0",
                                      "optim.warmup_steps=10").optim, 110)
     assert float(linear(60)) == pytest.approx(1 - 0.9 * 0.5)
 
@@ -83,7 +84,7 @@ def test_weight_decay_skips_norms():
                 "optim.clip_norm=0")
     program = train.compile_program(cfg, jax.devices()[:1])
     params = program.init()["params"]
-    tx = train.optimizer(cfg)
+    tx = state.optimizer(cfg)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     assert np.all(np.asarray(updates["final_norm"][...]) == 0)
@@ -95,7 +96,8 @@ def test_weight_decay_skips_norms():
 def test_cli_train_on_simulated_mesh(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "lm.cli", "train", "tiny", "--cpu-devices", "8",
-         "train.steps=4", "train.log_every=2", f"train.run_dir={tmp_path}/run"],
+         "train.steps=4", "train.log_every=2", f"train.run_dir={tmp_path}/run",
+         "data.source=synthetic"],
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "loss" in out.stderr + out.stdout

@@ -24,7 +24,7 @@ def main() -> None:
     program = train.compile_program(cfg)
     hlo = program.step.as_text()
     counts = sharding.collectives(hlo)
-    print(f"mesh {dict(program.mesh.shape)}  fsdp={cfg.mesh.fsdp}")
+    print(f"mesh {dict(program.layout.mesh.shape)}  fsdp={cfg.mesh.fsdp}")
     for op in sharding.COLLECTIVES:
         print(f"  {op:<20} {counts.get(op, 0)}")
     if args.show:

@@ -1,0 +1,176 @@
+"""Evaluation on the fixed validation set — mean loss, its standard error, perplexity, bits per
+byte — for live parameters or any checkpoint on any mesh; and sampling with a KV cache."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lm import checkpoint, config as config_lib, data, sharding, state as state_lib
+from lm.model import init_cache
+
+EVAL_FILE = "eval.jsonl"
+
+
+class Evaluator:
+    """Compiled once per layout; `row(params, step)` evaluates the whole validation set."""
+
+    def __init__(self, lay: state_lib.Layout, val_bt1: np.ndarray,
+                 bytes_per_token: float | None = None):
+        self.lay, self.bytes_per_token = lay, bytes_per_token
+        self.batch = config_lib.eval_batch_size(lay.cfg)
+        n = len(val_bt1)
+        # pad to whole batches with copies of row 0; their losses are dropped
+        self.val_bt1 = np.concatenate([val_bt1, np.repeat(val_bt1[:1], -n % self.batch, 0)])
+        self.n = n
+
+        def sequence_losses(params, tokens_bt1):
+            model = nnx.merge(lay.graphdef, params)
+            return model.token_losses(tokens_bt1[:, :-1], tokens_bt1[:, 1:]).mean(-1)
+
+        batch = jax.ShapeDtypeStruct((self.batch, val_bt1.shape[1]), jnp.int32,
+                                     sharding=lay.batch_sharding)
+        with sharding.use(lay.mesh, lay.table):
+            self.fn = jax.jit(sequence_losses, in_shardings=(lay.shardings["params"],
+                                                             lay.batch_sharding),
+                              out_shardings=NamedSharding(lay.mesh, P())).lower(
+                lay.abstract["params"], batch).compile()
+
+    def losses(self, params) -> np.ndarray:
+        """Mean token loss of every validation sequence."""
+        out = []
+        for lo in range(0, len(self.val_bt1), self.batch):
+            rows = self.val_bt1[lo:lo + self.batch]
+            tokens = jax.make_array_from_callback(rows.shape, self.lay.batch_sharding,
+                                                  lambda index: rows[index])
+            out.append(self.fn(params, tokens))
+        return np.concatenate(jax.device_get(out))[: self.n]
+
+    def row(self, params, step: int) -> dict:
+        per_sequence = self.losses(params)
+        loss = float(per_sequence.mean())  # equal-length sequences: the token mean
+        cfg = self.lay.cfg
+        return {
+            "step": step,
+            "tokens": step * cfg.train.batch_size * cfg.seq_len,
+            "loss": loss,
+            # sequences, not tokens, are the independent units
+            "loss_sem": float(per_sequence.std(ddof=1) / math.sqrt(self.n)) if self.n > 1 else None,
+            "ppl": math.exp(loss),
+            "bpb": loss / math.log(2) / self.bytes_per_token if self.bytes_per_token else None,
+            "eval_tokens": self.n * cfg.seq_len,
+        }
+
+
+def evaluator(lay: state_lib.Layout) -> Evaluator:
+    return Evaluator(lay, data.validation(lay.cfg), data.bytes_per_token(lay.cfg))
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run_config(run_dir: str | Path, overrides=()) -> config_lib.Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise checkpoint.CheckpointError(
+            f"{run_dir} is not a run directory (no config.yaml); give the train.run_dir of a run")
+    return config_lib.load(path, list(overrides))
+
+
+def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
+                 every: bool = False, devices=None) -> list[dict]:
+    """Evaluate checkpoints of a run on the current mesh, appending new rows to eval.jsonl:
+    the newest by default, `step`, or (`every`) each one not evaluated yet."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    mngr = checkpoint.manager(run_dir, read_only=True)
+    available = sorted(mngr.all_steps())
+    if not available:
+        raise checkpoint.CheckpointError(
+            f"no checkpoints in {checkpoint.directory(run_dir)}; train first "
+            f"(lm train {run_dir / 'config.yaml'})")
+    done = {r["step"] for r in read_rows(run_dir / EVAL_FILE)}
+    if step is not None:
+        if step not in available:
+            raise checkpoint.CheckpointError(
+                f"no checkpoint at step {step} in {run_dir}; available: {available}")
+        chosen = [step]
+    elif every:
+        chosen = [s for s in available if s not in done]
+    else:
+        chosen = available[-1:]
+    if not chosen:
+        return []
+    lay = state_lib.layout(cfg, devices)
+    ev = evaluator(lay)
+    rows = []
+    with open(run_dir / EVAL_FILE, "a") as out:
+        for s in chosen:
+            restored, _ = checkpoint.restore(mngr, s, lay.abstract, lay.shardings, ("params",))
+            row = ev.row(restored["params"], s)
+            if s not in done:
+                out.write(json.dumps(row) + "\n")
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def generate(lay: state_lib.Layout, params, prompt: list[int], max_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
+    """Continue `prompt` by `max_tokens` tokens with a KV cache, in one jitted decode loop.
+    temperature 0 is greedy; top_k > 0 samples among the k likeliest tokens."""
+    cfg = lay.cfg
+    total = len(prompt) + max_tokens
+    if total > cfg.model.context:
+        raise config_lib.ConfigError(
+            f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} = {total} exceeds "
+            f"model.context={cfg.model.context}")
+    if not prompt:
+        raise config_lib.ConfigError("the prompt is empty; give at least one token")
+
+    def pick(logits_v, key):
+        logits_v = jnp.where(jnp.arange(logits_v.shape[-1]) < cfg.vocab_size, logits_v, -jnp.inf)
+        if temperature == 0:
+            return jnp.argmax(logits_v).astype(jnp.int32)
+        logits_v = logits_v / temperature
+        if top_k:
+            logits_v = jnp.where(logits_v < jax.lax.top_k(logits_v, top_k)[0][-1], -jnp.inf,
+                                 logits_v)
+        return jax.random.categorical(key, logits_v).astype(jnp.int32)
+
+    def run(params, prompt_t, key):
+        model = nnx.merge(lay.graphdef, params)
+        t = prompt_t.shape[0]
+        logits, cache = model.decode(prompt_t[None], 0, init_cache(cfg.model, 1, total))
+        out = jnp.zeros((total,), jnp.int32).at[:t].set(prompt_t)
+        key, sub = jax.random.split(key)
+        out = out.at[t].set(pick(logits[0, -1], sub))
+
+        def step(i, carry):
+            out, cache, key = carry
+            logits, cache = model.decode(out[i][None, None], i, cache)
+            key, sub = jax.random.split(key)
+            return out.at[i + 1].set(pick(logits[0, -1], sub)), cache, key
+
+        out, _, _ = jax.lax.fori_loop(t, total - 1, step, (out, cache, key))
+        return out
+
+    table = dict(lay.table, batch=())  # one sequence: replicate it rather than split it
+    with sharding.use(lay.mesh, table):
+        out = jax.jit(run)(params, jnp.asarray(prompt, jnp.int32), jax.random.key(seed))
+    return [int(x) for x in jax.device_get(out)]

@@ -1,0 +1,104 @@
+"""The train state — parameters, optimiser state, step — and where it lives on a mesh.
+
+Nothing here compiles: `layout` gives the abstract shapes and a sharding for every leaf, from
+which training creates the state sharded at birth and checkpoints restore onto any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lm import sharding
+from lm.config import Config, OptimConfig
+from lm.model import Transformer
+
+
+def lr_schedule(o: OptimConfig, steps: int):
+    """Linear warmup to `lr`, then cosine/linear decay to `lr * final_lr_ratio` at `steps`."""
+    floor = o.lr * o.final_lr_ratio
+
+    def lr(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = o.lr * (step + 1) / max(o.warmup_steps, 1)
+        progress = jnp.clip((step - o.warmup_steps) / max(steps - o.warmup_steps, 1), 0, 1)
+        decay = {
+            "cosine": floor + (o.lr - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress)),
+            "linear": o.lr - (o.lr - floor) * progress,
+            "constant": jnp.asarray(o.lr, jnp.float32),
+        }[o.schedule]
+        return jnp.where(step < o.warmup_steps, warm, decay)
+
+    return lr
+
+
+def _decays(path, _) -> bool:
+    """Weight decay applies to matrices, not to norm scales."""
+    return not any(str(getattr(k, "key", "")).endswith("norm") for k in path)
+
+
+def optimizer(cfg: Config) -> optax.GradientTransformation:
+    o = cfg.optim
+    adamw = optax.adamw(
+        lr_schedule(o, cfg.train.steps), b1=o.b1, b2=o.b2, eps=o.eps,
+        weight_decay=o.weight_decay,
+        mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params))
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+
+
+def shardings_of(abstract, mesh: Mesh, table: dict):
+    """A sharding for every leaf: parameters (and the Adam moments that mirror them) from
+    their logical axes, everything else (counters) replicated."""
+
+    def leaf(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(sharding.named(mesh, table, x.axes))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(leaf, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The train state of one config on one mesh: shapes and shardings, nothing allocated."""
+
+    cfg: Config
+    mesh: Mesh
+    table: dict
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    abstract: dict  # {"params", "opt", "step"} as ShapeDtypeStructs
+    shardings: dict
+    batch_sharding: NamedSharding
+
+    @property
+    def batch_shape(self) -> tuple[int, int]:
+        return self.cfg.train.batch_size, self.cfg.seq_len + 1
+
+
+SEED = jax.ShapeDtypeStruct((), jnp.uint32)
+
+
+def init_fn(cfg: Config, tx: optax.GradientTransformation):
+    """seed -> fresh state. The seed is traced, so one compiled program serves every seed."""
+
+    def init(seed):
+        params = nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed))))
+        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    return init
+
+
+def layout(cfg: Config, devices=None) -> Layout:
+    mesh = sharding.make_mesh(cfg, devices)
+    table = sharding.rules(cfg.mesh.fsdp)
+    tx = optimizer(cfg)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    abstract = jax.eval_shape(init_fn(cfg, tx), SEED)
+    return Layout(cfg, mesh, table, graphdef, tx, abstract, shardings_of(abstract, mesh, table),
+                  sharding.named(mesh, table, ("batch", None)))

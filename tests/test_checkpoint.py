@@ -1,0 +1,130 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lm import checkpoint, config, data, evaluate, state, train
+
+from conftest import small
+
+
+def trained(run_dir, *overrides):
+    cfg = small("train.steps=8", "checkpoint.every_steps=4", f"train.run_dir={run_dir}",
+                "mesh.data=4", "mesh.model=2", *overrides)
+    train.train(cfg)
+    return cfg
+
+
+def losses(run_dir):
+    return [r["loss"] for r in evaluate.read_rows(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_restore_onto_other_meshes(tmp_path):
+    cfg = trained(tmp_path / "run", "model.n_heads=8", "model.d_model=64")
+    mngr = checkpoint.manager(tmp_path / "run", read_only=True)
+    assert sorted(mngr.all_steps()) == [4, 8]
+    val = data.source(cfg).rows(10_000, 0, 8)
+    reference = None
+    for data_size, model_size in [(4, 2), (1, 8), (8, 1), (1, 1)]:
+        lay = state.layout(config.replace(cfg, mesh={"data": data_size, "model": model_size}),
+                           jax.devices()[: data_size * model_size])
+        restored, meta = checkpoint.restore(mngr, 8, lay.abstract, lay.shardings, ("params",))
+        params = restored["params"]
+        assert meta["step"] == 8 and meta["config"]["model"]["d_model"] == 64
+        assert params["blocks"]["wq"][...].sharding.mesh.shape["model"] == model_size
+        eval_loss = evaluate.Evaluator(lay, val).row(params, 8)["loss"]
+        values = jax.device_get(params)
+        if reference is None:
+            reference = values, eval_loss
+            continue
+        for a, b in zip(jax.tree.leaves(values), jax.tree.leaves(reference[0])):
+            np.testing.assert_array_equal(a, b)
+        assert eval_loss == pytest.approx(reference[1], rel=1e-5)
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+    whole = trained(tmp_path / "whole", "train.steps=12")
+    real_batch = data.global_batch
+
+    def batch_then_sigterm(src, step, *args, **kwargs):
+        if step == 6:  # the loop saves after the step it is on and stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_batch(src, step, *args, **kwargs)
+
+    monkeypatch.setattr(data, "global_batch", batch_then_sigterm)
+    with pytest.raises(train.Interrupted, match="SIGTERM at step") as stopped:
+        trained(tmp_path / "split", "train.steps=12")
+    at = int(str(stopped.value).split("at step ")[1].split(";")[0])
+    assert 1 <= at < 12 and at in checkpoint.manager(
+        tmp_path / "split", read_only=True).all_steps()
+    monkeypatch.setattr(data, "global_batch", real_batch)
+    trained(tmp_path / "split", "train.steps=12")
+    assert f"restored step {at}" in capsys.readouterr().err
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")  # bit for bit
+    assert len(losses(tmp_path / "whole")) == whole.train.steps
+
+
+def test_corrupt_and_half_written_checkpoints_are_skipped(tmp_path, capsys):
+    cfg = trained(tmp_path / "run")
+    root = checkpoint.directory(tmp_path / "run")
+    (root / "12.orbax-checkpoint-tmp-1234").mkdir()  # a save killed mid-write
+    for f in (root / "8" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    lay = state.layout(cfg)
+    mngr = checkpoint.manager(tmp_path / "run", cfg.checkpoint)
+    restored, meta = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings)
+    err = capsys.readouterr().err
+    assert meta["step"] == 4
+    assert "never finished" in err and "step 8 is unreadable" in err and "restored step 4" in err
+
+
+def test_shape_mismatch_lists_parameters(tmp_path):
+    trained(tmp_path / "run")
+    cfg = small("model.d_model=64", "mesh.data=-1")
+    lay = state.layout(cfg)
+    mngr = checkpoint.manager(tmp_path / "run", read_only=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"blocks.*wq.*\(2, 32, 4, 8\).*\(2, 64, 4, 16\)"):
+        checkpoint.restore(mngr, 8, lay.abstract, lay.shardings)
+
+
+def test_missing_or_empty_run_directory(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="not a run directory"):
+        evaluate.evaluate_run(tmp_path / "nothing")
+    run = tmp_path / "empty"
+    run.mkdir()
+    config.dump(small(), run / "config.yaml")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoints"):
+        evaluate.evaluate_run(run)
+
+
+def test_sigterm_saves_and_the_run_resumes(tmp_path):
+    run = tmp_path / "run"
+
+    def cmd(steps):
+        return [sys.executable, "-m", "lm.cli", "train", "tiny", "--cpu-devices", "8",
+                f"train.steps={steps}", "train.log_every=1", f"train.run_dir={run}",
+                "data.source=synthetic"]
+
+    proc = subprocess.Popen(cmd(100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while len(losses(run)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    steps = checkpoint.manager(run, read_only=True).all_steps()
+    assert len(steps) == 1 and steps[0] >= 3 and "Run the same command again" in err
+    done = subprocess.run(cmd(steps[0] + 2), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"restored step {steps[0]}" in done.stderr
+    rows = evaluate.read_rows(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps[0] + 3))
