@@ -146,9 +146,9 @@ def source(cfg: Config) -> Source:
 
 
 def validation(cfg: Config) -> np.ndarray:
-    """The fixed validation set, int32 [data.val_sequences, seq_len + 1]: the first windows of
-    the validation documents, unshuffled, identical in every run on the same data (synthetic:
-    rows drawn apart from every training row, independent of train.seed)."""
+    """The fixed validation set, int32 [data.val_sequences, seq_len + 1]: windows spread evenly
+    over the validation documents, so that all of them count, identical in every run on the
+    same data (synthetic: rows drawn apart from every training row, independent of train.seed)."""
     n, seq_len = cfg.data.val_sequences, cfg.seq_len
     if cfg.data.source == "synthetic":
         return Synthetic(cfg.vocab_size, seq_len, seed=0).rows(Synthetic.VALIDATION_STEP, 0, n)
@@ -160,7 +160,7 @@ def validation(cfg: Config) -> np.ndarray:
             f"{dataset.dir / 'val.bin'} holds {have} sequences of data.seq_len + 1 = "
             f"{seq_len + 1} tokens, fewer than data.val_sequences={n}: lower "
             f"data.val_sequences or data.seq_len, or raise data.val_fraction")
-    return windows(tokens, np.arange(n), seq_len)
+    return windows(tokens, np.linspace(0, have - 1, n).round().astype(int), seq_len)
 
 
 def bytes_per_token(cfg: Config) -> float | None:
