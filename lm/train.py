@@ -106,9 +106,9 @@ def eval_steps(cfg: Config) -> set[int]:
     log-spaced steps (a learning curve), and the last step whenever either is on."""
     e, steps = cfg.eval, cfg.train.steps
     out = set(range(e.every_steps, steps + 1, e.every_steps)) if e.every_steps else set()
-    if e.log_points:
+    if e.log_points:  # from the last step down, so that one point is the last step
         first = max(1, steps // 32)
-        out |= {int(round(s)) for s in np.geomspace(first, steps, e.log_points)}
+        out |= {int(round(s)) for s in np.geomspace(steps, first, e.log_points)}
     return out | {steps} if out else out
 
 

@@ -103,3 +103,15 @@ def test_cli_train_on_simulated_mesh(tmp_path):
     assert "loss" in out.stderr + out.stdout
     rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4]
+
+
+def test_eval_and_save_schedules():
+    assert train.eval_steps(small("train.steps=100")) == set()
+    assert train.eval_steps(small("train.steps=100", "eval.log_points=1")) == {100}
+    curve = sorted(train.eval_steps(small("train.steps=320", "eval.log_points=4")))
+    assert curve[0] == 10 and curve[-1] == 320 and len(curve) == 4
+    ratios = [b / a for a, b in zip(curve, curve[1:])]
+    assert max(ratios) / min(ratios) < 1.2  # log-spaced
+    assert train.eval_steps(small("train.steps=10", "eval.every_steps=4")) == {4, 8, 10}
+    assert train.save_steps(small("train.steps=10", "checkpoint.every_steps=4")) == {4, 8, 10}
+    assert train.save_steps(small("train.steps=10")) == {10}
