@@ -5,13 +5,11 @@ The environment set here reaches the `lm` subprocesses that tests start, too."""
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split()
-     if not f.startswith(("--xla_force_host_platform_device_count",
-                          "--xla_backend_optimization_level"))]
-    # Tests run tiny models, so compiling dominates: halve it by not optimising the code.
-    + ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"])
-os.environ["JAX_PLATFORMS"] = "cpu"
+from lm.devices import simulate_cpu_devices  # imports no JAX
+
+simulate_cpu_devices(8)
+# Tests run tiny models, so compiling dominates: halve it by not optimising the code.
+os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # Identical programs (same shapes, any seed) compile once per session, across processes.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lm-test-xla-")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -4,8 +4,9 @@
 """
 
 import argparse
-import os
 import sys
+
+from lm.devices import simulate_cpu_devices
 
 
 def main() -> None:
@@ -16,8 +17,7 @@ def main() -> None:
     p.add_argument("--show", action="store_true", help="print each collective's HLO line")
     args = p.parse_intermixed_args()
     if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.cpu_devices}"
-        os.environ["JAX_PLATFORMS"] = "cpu"
+        simulate_cpu_devices(args.cpu_devices)
     from lm import config, sharding, train
 
     cfg = config.load(args.config, args.overrides)

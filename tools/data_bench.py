@@ -10,9 +10,10 @@ data path costs the step nothing), and the time to build one batch alone, for sc
 """
 
 import argparse
-import os
 import sys
 import time
+
+from lm.devices import simulate_cpu_devices
 
 
 def main() -> None:
@@ -25,8 +26,7 @@ def main() -> None:
     p.add_argument("--prefetch", type=int, default=2, help="batches built ahead")
     args = p.parse_intermixed_args()
     if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.cpu_devices}"
-        os.environ["JAX_PLATFORMS"] = "cpu"
+        simulate_cpu_devices(args.cpu_devices)
     import jax
 
     from lm import config, data, train
