@@ -319,7 +319,7 @@ def _require_distinct(points: Points, law: str, **minimum: int) -> None:
 
 
 def _fit_chinchilla(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
-    _require_distinct(points, "chinchilla", params=3, tokens=3)
+    _check_chinchilla(points)
     theta0 = None if start is None else [math.log(start["E"]), math.log(start["A"]),
                                          math.log(start["B"]), start["alpha"], start["beta"]]
     theta, objective, converged = _fit_power_sum(
@@ -330,7 +330,7 @@ def _fit_chinchilla(points: Points, start: Mapping[str, float] | None) -> tuple[
 
 
 def _fit_kaplan(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
-    _require_distinct(points, "kaplan", flops=3)
+    _check_kaplan(points)
     # (C0/C)^alpha = exp(alpha log C0 - alpha log C): one power term with coefficient alpha log C0.
     theta0 = None if start is None else [math.log(start["E"]),
                                          start["alpha"] * math.log(start["C0"]), start["alpha"]]
@@ -341,11 +341,21 @@ def _fit_kaplan(points: Points, start: Mapping[str, float] | None) -> tuple[dict
             {"objective": objective, "converged": converged})
 
 
-def _fit_isoflop(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
-    """Approach 2: per budget, the minimum of a parabola of loss in log N; then log-log lines.
-    Closed-form, so ``start`` is not needed."""
+def _check_chinchilla(points: Points) -> None:
+    _require_distinct(points, "chinchilla", params=3, tokens=3)
+
+
+def _check_kaplan(points: Points) -> None:
+    _require_distinct(points, "kaplan", flops=3)
+
+
+def _budgets_of(points: Points) -> list[Points]:
     labels = group_budgets(points.flops)
-    budgets = [points.select(labels == label) for label in np.unique(labels)]
+    return [points.select(labels == label) for label in np.unique(labels)]
+
+
+def _check_isoflop(points: Points) -> None:
+    budgets = _budgets_of(points)
     for b in budgets:
         sizes = len(np.unique(b.params))
         if sizes < 3:
@@ -355,6 +365,13 @@ def _fit_isoflop(points: Points, start: Mapping[str, float] | None) -> tuple[dic
     if len(budgets) < 2:
         raise ValueError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
                          f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")
+
+
+def _fit_isoflop(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
+    """Approach 2: per budget, the minimum of a parabola of loss in log N; then log-log lines.
+    Closed-form, so ``start`` is not needed."""
+    _check_isoflop(points)
+    budgets = _budgets_of(points)
     minima = []
     for b in budgets:
         c = float(np.exp(np.log(b.flops).mean()))
@@ -405,6 +422,7 @@ class _Law:
     formula: str
     names: tuple[str, ...]
     fit: Callable[[Points, Mapping[str, float] | None], tuple[dict, dict]]  # (params, diagnostics)
+    check: Callable[[Points], None]  # raises ValueError if the points cannot pin the law down
     loss: Callable | None  # (params, N, D, C) -> L
     allocation: Callable | None  # params -> (k_N, a, k_D, b): N_opt = k_N C^a, D_opt = k_D C^b
     finals_only: bool = False  # IsoFLOP curves compare runs at their end, not along the way
@@ -412,10 +430,12 @@ class _Law:
 
 _LAWS = {
     "chinchilla": _Law("L = E + A/N^alpha + B/D^beta", ("E", "A", "B", "alpha", "beta"),
-                       _fit_chinchilla, _chinchilla_loss, _chinchilla_allocation),
-    "kaplan": _Law("L = E + (C0/C)^alpha", ("E", "C0", "alpha"), _fit_kaplan, _kaplan_loss, None),
+                       _fit_chinchilla, _check_chinchilla, _chinchilla_loss,
+                       _chinchilla_allocation),
+    "kaplan": _Law("L = E + (C0/C)^alpha", ("E", "C0", "alpha"), _fit_kaplan, _check_kaplan,
+                   _kaplan_loss, None),
     "isoflop": _Law("N_opt = k_N C^a, D_opt = k_D C^b", ("k_N", "a", "k_D", "b"),
-                    _fit_isoflop, None, _isoflop_allocation, finals_only=True),
+                    _fit_isoflop, _check_isoflop, None, _isoflop_allocation, finals_only=True),
 }
 LAWS = tuple(_LAWS)
 LOSS_LAWS = tuple(name for name, law in _LAWS.items() if law.loss is not None)
@@ -523,6 +543,19 @@ def _holdout(fit_dict: Mapping, points: Points, held: np.ndarray) -> dict:
     return {"holdout": {"runs": runs}, "are": float(are.mean())}
 
 
+def _fitted(points: Points, law: _Law, drop_early: float) -> Points:
+    """The points a fit uses: no early ones; for finals-only laws, each run's last."""
+    kept = points.select(~points.early_mask(drop_early))
+    return kept.select(kept.final_mask()) if law.finals_only else kept
+
+
+def check_design(points: Points, law: str = "chinchilla", drop_early: float = 0.1) -> None:
+    """Refuse planned points (say, a sweep's, before it trains) that could not pin `law` down:
+    the same check a fit makes, made before any compute is spent."""
+    spec = _law(law)
+    spec.check(_fitted(points, spec, drop_early))
+
+
 def fit(points: Points, law: str = "chinchilla", *, holdout: str | Collection[str] | None = None,
         bootstrap: int = 0, drop_early: float = 0.1, seed: int = 0) -> dict:
     """Fit ``law`` to ``points``; the result is JSON-serialisable (``fit.json``).
@@ -542,9 +575,7 @@ def fit(points: Points, law: str = "chinchilla", *, holdout: str | Collection[st
         raise ValueError(f"holdout needs a law that predicts loss "
                          f"({', '.join(LOSS_LAWS)}), not {law}")
     early = points.early_mask(drop_early)
-    train = points.select(~early & ~np.isin(points.run, held))
-    if spec.finals_only:
-        train = train.select(train.final_mask())
+    train = _fitted(points.select(~np.isin(points.run, held)), spec, drop_early)
     params, diagnostics = spec.fit(train, None)
     out = {"law": law, "formula": spec.formula, **params, **diagnostics,
            "n_points": len(train), "n_runs": len(np.unique(train.run)),

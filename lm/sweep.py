@@ -194,7 +194,26 @@ def plan(spec: SweepSpec) -> list[Trial]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"the sweep repeats trials {duplicates}: sizes and budgets must differ")
+    try:
+        scaling.check_design(planned_points([t for t in trials if t.role == "fit"], spec),
+                             spec.fit.law, spec.fit.drop_early)
+    except ValueError as e:
+        raise ConfigError(f"the sweep as planned cannot be fitted: {e}; add sizes or budgets")
     return trials
+
+
+def planned_points(trials: list[Trial], spec: SweepSpec) -> scaling.Points:
+    """The evaluations the trials will make, with a placeholder loss: what a fit will see."""
+    from lm.train import eval_steps  # imports JAX, but starts no backend: forking stays safe
+
+    rows = []
+    for t in trials:
+        facts, per_step = t.facts(), t.cfg.train.batch_size * t.cfg.seq_len
+        params = facts["params"] if spec.fit.params == "total" else facts["params_non_embedding"]
+        for step in sorted(eval_steps(t.cfg) or {t.cfg.train.steps}):
+            rows.append({"params": params, "tokens": step * per_step, "loss": 1.0, "run": t.name,
+                         "flops": step * per_step * facts["flops_per_token"], "step": step})
+    return scaling.Points.from_rows(rows)
 
 
 def memory_bytes(cfg: Config) -> int:

@@ -63,6 +63,7 @@ def test_isoflop_plan_spends_each_budget(tmp_path):
     ({"holdout": {"size": SIZES[0], "tokens": 8192}}, "held-out run"),
     ({"sizes": []}, "sizes"),
     ({"tokens": [8192], "isoflop": [1e10]}, "exactly one"),
+    ({"sizes": SIZES[:2]}, "3 distinct model sizes"),
     ({"recipe": {"lr": 1e-2, "warmup": 3}}, "recipe.warmup"),
     ({"overrides": {**BASE, "train.batch_size": 2**22}, "tokens": [2**22 * 32 * 25],
       "holdout": {}}, "GiB"),
