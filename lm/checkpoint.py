@@ -2,7 +2,12 @@
 fallback past checkpoints that are incomplete or unreadable.
 
 A checkpoint holds three items: `params`, `opt` (optimiser state) and `meta` (JSON: the step,
-the data position, the seed and the resolved config). Evaluation restores `params` alone.
+the seed, the resolved config, and for loss-spike handling the data positions skipped so far and
+the recent losses). Evaluation restores `params` alone. Nothing is pickled: arrays are
+tensorstore files, the rest JSON.
+
+In a multi-process run every process makes the same calls: each writes and reads the shards its
+devices hold, process 0 the metadata, all into one directory they share (a network filesystem).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The `lm` command. JAX is imported only after `--cpu-devices` has set XLA_FLAGS."""
+"""The `lm` command. JAX is imported only after `--cpu-devices` has set XLA_FLAGS, and used only
+after the process has joined a multi-process run (`--coordinator` ..., `--distributed`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from lm.devices import simulate_cpu_devices
 
 
 def _use_cpu_devices(n: int | None) -> None:
@@ -20,10 +23,25 @@ def _use_cpu_devices(n: int | None) -> None:
             raise SystemExit(f"error: --cpu-devices {n} came after jax started with "
                              f"{jax.device_count()} devices")
         return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    simulate_cpu_devices(n)
+
+
+def _join_processes(args) -> None:
+    """Join a multi-process run (jax.distributed) before JAX computes anything: with the given
+    coordinator, process count and index, or with what JAX detects on Cloud TPU, SLURM or Open
+    MPI (`--distributed`). Between processes on CPU, collectives go over gloo."""
+    given = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and given == (None, None, None):
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(*given)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: cannot join the multi-process run ({e}); outside Cloud TPU, "
+                         "SLURM and Open MPI give --coordinator HOST:PORT --num-processes P "
+                         "--process-id I") from None
 
 
 # --------------------------------------------------------------------------- commands
@@ -34,7 +52,8 @@ def cmd_train(args) -> int:
 
     cfg = config.load(args.config, args.overrides)
     row = train.train(cfg)
-    print(f"done: step {row['step']}, loss {row['loss']:.4f}; run dir {cfg.train.run_dir}")
+    if train.is_primary():
+        print(f"done: step {row['step']}, loss {row['loss']:.4f}; run dir {cfg.train.run_dir}")
     return 0
 
 
@@ -168,12 +187,28 @@ def cmd_predict(args) -> int:
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cpu-devices", type=int, metavar="N",
-                        help="simulate N CPU devices (e.g. 8 for a 2x4 mesh on a laptop)")
+                        help="simulate N CPU devices (e.g. 8 for a 2x4 mesh on a laptop; "
+                        "in a multi-process run, N per process)")
+    processes = argparse.ArgumentParser(add_help=False)
+    group = processes.add_argument_group(
+        "multi-process runs", "one process per host; every process runs the same command")
+    env = os.environ.get
+    group.add_argument("--coordinator", metavar="HOST:PORT", default=env("LM_COORDINATOR"),
+                       help="process 0's address, where the others find it (env LM_COORDINATOR)")
+    group.add_argument("--num-processes", type=int, metavar="P",
+                       default=env("LM_NUM_PROCESSES"),
+                       help="how many processes there are (env LM_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, metavar="I", default=env("LM_PROCESS_ID"),
+                       help="this process's index, 0 .. P-1 (env LM_PROCESS_ID)")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run, detecting what is not given (Cloud TPU, "
+                       "SLURM, Open MPI)")
     top = argparse.ArgumentParser(prog="lm", description=__doc__)
+    top.set_defaults(coordinator=None, num_processes=None, process_id=None, distributed=False)
     sub = top.add_subparsers(dest="command", required=True)
 
     def command(name, func, help, first="config"):
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p = sub.add_parser(name, parents=[common, processes], help=help, description=help)
         if first == "action":
             p.add_argument("action", choices=["prepare"])
         if first == "run_dir":
@@ -248,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     _use_cpu_devices(args.cpu_devices)
+    _join_processes(args)
     from lm.config import ConfigError
     from lm.train import Interrupted, TrainingError
 

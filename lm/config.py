@@ -74,6 +74,19 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpikeConfig:
+    """Loss spikes (PaLM, Chowdhery et al. 2022): a step whose loss is non-finite or above `factor`
+    times the median of the `window` steps before it rolls the run back to its last checkpoint
+    and skips the batches from there through the spike's (at least `skip_batches`)."""
+
+    factor: float = 0.0  # > 1; 0: only non-finite losses are spikes
+    window: int = 32  # steps in the running median
+    start_step: int = 100  # no `factor` spikes before this step: early losses jump about
+    skip_batches: int = 0
+    max_spikes: int = 0  # rollbacks allowed; one spike more stops the run (0: the first does)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 200
     batch_size: int = 16  # global, in sequences
@@ -83,6 +96,7 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     peak_flops: float = 0.0  # FLOP/s of all devices in use, for MFU; 0: data sheet or measured
+    spikes: SpikeConfig = SpikeConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +330,14 @@ def check(cfg: Config) -> None:
         _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be positive")
     _require(t.batch_size % t.micro_batches == 0, "train.micro_batches", t.micro_batches,
              f"must divide train.batch_size={t.batch_size}")
+    s = t.spikes
+    _require(s.factor == 0 or s.factor > 1, "train.spikes.factor", s.factor,
+             "0 (only non-finite losses are spikes) or > 1")
+    _require(s.window > 0, "train.spikes.window", s.window, "must be positive")
+    for key in ("start_step", "skip_batches", "max_spikes"):
+        _require(getattr(s, key) >= 0, f"train.spikes.{key}", getattr(s, key), "must be >= 0")
+    _require(not s.max_spikes or cfg.checkpoint.every_steps > 0, "train.spikes.max_spikes",
+             s.max_spikes, "rolling back needs checkpoints: set checkpoint.every_steps")
     _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio", o.final_lr_ratio, "must be in [0, 1]")

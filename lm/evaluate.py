@@ -121,7 +121,7 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
         for s in chosen:
             restored, _ = checkpoint.restore(mngr, s, lay.abstract, lay.shardings, ("params",))
             row = ev.row(restored["params"], s)
-            if s not in done:
+            if s not in done and jax.process_index() == 0:  # one row, however many processes
                 out.write(json.dumps(row) + "\n")
             rows.append(row)
     return rows
