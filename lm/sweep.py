@@ -295,7 +295,7 @@ class Store:
                         ":flops_per_token, :flops, :flops_6nd, :updated)",
                         {"name": t.name, "role": t.role, "config": config,
                          "updated": time.time(), **t.facts()})
-                elif old["config"] != config:
+                elif not _same_config(old["config"], t.cfg):
                     raise ConfigError(
                         f"trial {t.name} in {self.path} was planned with another config; the "
                         "spec changed under an existing sweep: use a new `dir` (or name)")
@@ -332,6 +332,15 @@ class Store:
             "p.val_loss AS loss, p.step FROM points p JOIN trials t ON p.trial = t.name "
             "WHERE t.status = 'done' ORDER BY t.name, p.step")
         return [dict(r) for r in rows]
+
+
+def _same_config(stored: str, cfg: Config) -> bool:
+    """Whether a stored trial config is `cfg`, read with today's defaults: a key added to lm
+    since the sweep started does not orphan its trials."""
+    try:
+        return config_lib.from_dict(json.loads(stored)) == cfg
+    except ConfigError:  # a key that no longer exists
+        return False
 
 
 def load_points(source: str | Path) -> tuple[scaling.Points, list[str]]:

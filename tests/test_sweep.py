@@ -126,3 +126,16 @@ def test_sweep_runs_fits_predicts_and_survives_its_own_death(tmp_path):
     refit = lm("fit", str(sweep_dir), "--out", str(tmp_path / "refit.json"))
     assert refit.returncode == 0, refit.stderr
     assert json.loads((tmp_path / "refit.json").read_text())["are"] == pytest.approx(fit["are"])
+
+
+def test_store_accepts_trials_stored_before_a_new_config_key(tmp_path):
+    trials = sweep.plan(sweep.load_spec(spec_file(tmp_path)))
+    store = sweep.Store(tmp_path / "store.sqlite")
+    store.sync(trials)
+    old = config.to_dict(trials[0].cfg)
+    del old["train"]["spikes"]  # as written by an lm without train.spikes
+    store.db.execute("UPDATE trials SET config=? WHERE name=?", (json.dumps(old), trials[0].name))
+    store.sync(trials)  # same trials: accepted
+    changed = config.replace(trials[0].cfg, train={"steps": 7})
+    with pytest.raises(ConfigError, match="another config"):
+        store.sync([sweep.Trial(trials[0].name, "fit", changed)])
