@@ -77,12 +77,15 @@ _measured: dict[str, float] = {}
 
 def peak_flops_per_s(devices) -> float:
     """Peak FLOP/s of `devices`: the data-sheet figure per accelerator; on CPU a measured
-    fp32 matmul (once per process), since simulated CPU devices share the same cores."""
+    fp32 matmul (once per process) times the processes that own `devices`."""
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         if "cpu" not in _measured:
             _measured["cpu"] = matmul_flops_per_s()
-        return _measured["cpu"]
+        # The measurement covers this process's cores, which all its simulated devices share,
+        # so it counts once per process, not per device. In a multi-process run each process
+        # (a host) has its own cores: assume each measures about what this one does.
+        return _measured["cpu"] * len({d.process_index for d in devices})
     for prefix, peak in PEAKS.items():
         if kind.startswith(prefix):
             return peak * len(devices)

@@ -1,29 +1,46 @@
 """Training throughput and MFU of a config, against a peak measured in the same run.
 
-    python tools/bench.py CONFIG [key=value ...] [--steps N] [--mesh-ratio DATA,MODEL] [--json]
-                          [--cpu-devices N]
+    python tools/bench.py CONFIG [key=value ...] [--steps N] [--mesh-ratio DATA,MODEL]
+                          [--vmap K] [--json] [--cpu-devices N]
 
 The step runs on one resident batch after a compile warm-up. On a shared CPU the fp32 matmul
 peak drifts by 3x within an hour, so timed steps and timed 2048^3 matmuls alternate and the
 best of each is kept; MFU = model FLOPs (lm.flops: exact matmul count) / time / that peak.
-With --mesh-ratio the config also runs on a (data, model) mesh, interleaved with the
-one-device step, and `mesh_step_ratio` = mesh step time / one-device step time.
+With --mesh-ratio the config also runs on a (data, model) mesh of simulated CPU devices
+(DATA*MODEL of them unless --cpu-devices says otherwise), interleaved with the one-device step,
+and `mesh_step_ratio` = mesh step time / one-device step time.
+With --vmap K, K models of the same shape (seeds seed..seed+K-1) train at once in one jitted
+step, vmapped over their states, on the same batch; `vmap_speedup` = K x one-model step time /
+K-model step time, both measured interleaved (one device).
 """
 
 import argparse
 import json
-import os
 import sys
 import time
 
 
 def timed(fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
     import jax
 
+    start = time.perf_counter()
+    out = fn(*args)
     jax.block_until_ready(out)
     return time.perf_counter() - start, out
+
+
+def vmapped(lay, k: int):
+    """A step training K models of `lay`'s shape at once, and their K fresh states: the pure
+    step and init of lm.train/lm.state, vmapped over the state (the batch is shared)."""
+    import jax
+    import numpy as np
+
+    from lm import state as state_lib, train
+
+    seeds = lay.cfg.train.seed + np.arange(k, dtype=np.uint32)
+    states = jax.jit(jax.vmap(state_lib.init_fn(lay.cfg, lay.tx)))(seeds)
+    step = jax.jit(jax.vmap(train.make_step(lay), in_axes=(0, None)), donate_argnums=0)
+    return step, states
 
 
 def main() -> None:
@@ -32,33 +49,41 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--mesh-ratio", help="DATA,MODEL: also time this mesh against one device")
+    p.add_argument("--vmap", type=int, metavar="K", help="also time K models trained at once")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p.add_argument("--cpu-devices", type=int)
+    p.add_argument("--cpu-devices", type=int, help="simulate N CPU devices")
     args = p.parse_intermixed_args()
-    if args.mesh_ratio and not args.cpu_devices:
-        args.cpu_devices = 8
+    mesh = tuple(map(int, args.mesh_ratio.split(","))) if args.mesh_ratio else None
+    if mesh and not args.cpu_devices:
+        args.cpu_devices = mesh[0] * mesh[1]
     if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}")
+        from lm.devices import simulate_cpu_devices  # imports no JAX: must come first
+
+        simulate_cpu_devices(args.cpu_devices)
     import jax
     import jax.numpy as jnp
 
     from lm import config, data, flops, train
 
     cfg = config.load(args.config, args.overrides + ["mesh.data=1", "mesh.model=1"])
-    programs = {"one": train.compile_program(cfg, jax.devices()[:1])}
-    if args.mesh_ratio:
-        d, m = map(int, args.mesh_ratio.split(","))
-        mesh_cfg = config.replace(cfg, mesh={"data": d, "model": m})
-        programs["mesh"] = train.compile_program(mesh_cfg, jax.devices()[: d * m])
-    runs = {}
-    for name, program in programs.items():
-        lay = program.layout
-        batch = data.global_batch(data.source(cfg), 0, lay.batch_sharding, lay.batch_shape)
-        state = program.init()
-        for _ in range(2):  # warm-up: first calls allocate and page in
-            state, _ = program.step(state, batch)
-        runs[name] = {"program": program, "state": state, "batch": batch, "times": []}
+    source = data.source(cfg)
+
+    def run(step, state, lay):  # a step, its state, and a batch placed for its layout
+        return {"step": step, "state": state, "times": [],
+                "batch": data.global_batch(source, 0, lay.batch_sharding, lay.batch_shape)}
+
+    one = train.compile_program(cfg, jax.devices()[:1])
+    runs = {"one": run(one.step, one.init(), one.layout)}
+    if mesh:
+        program = train.compile_program(config.replace(cfg, mesh={"data": mesh[0],
+                                                                  "model": mesh[1]}),
+                                        jax.devices()[: mesh[0] * mesh[1]])
+        runs["mesh"] = run(program.step, program.init(), program.layout)
+    if args.vmap:
+        runs["vmap"] = run(*vmapped(one.layout, args.vmap), one.layout)
+    for r in runs.values():
+        for _ in range(2):  # warm-up: the first calls compile, allocate and page in
+            r["state"], _ = r["step"](r["state"], r["batch"])
 
     a = jax.device_put(jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32),
                        jax.devices()[0])
@@ -66,9 +91,9 @@ def main() -> None:
     timed(matmul, a)
     matmul_times = []
     for _ in range(args.steps):
-        for run in runs.values():
-            seconds, (run["state"], _) = timed(run["program"].step, run["state"], run["batch"])
-            run["times"].append(seconds)
+        for r in runs.values():
+            seconds, (r["state"], _) = timed(r["step"], r["state"], r["batch"])
+            r["times"].append(seconds)
         matmul_times.append(timed(matmul, a)[0])
 
     peak = cfg.train.peak_flops or (2 * 2048**3 / min(matmul_times)
@@ -84,10 +109,15 @@ def main() -> None:
         "mfu": model_flops / step_time / peak,
         "step_time_median_s": sorted(runs["one"]["times"])[len(runs["one"]["times"]) // 2],
     }
-    if "mesh" in runs:
+    if mesh:
         result["mesh"] = args.mesh_ratio
         result["mesh_step_time_s"] = min(runs["mesh"]["times"])
         result["mesh_step_ratio"] = result["mesh_step_time_s"] / step_time
+    if args.vmap:
+        vmap_time = min(runs["vmap"]["times"])
+        result |= {"vmap": args.vmap, "vmap_step_time_s": vmap_time,
+                   "vmap_speedup": args.vmap * step_time / vmap_time,
+                   "vmap_mfu": args.vmap * model_flops / vmap_time / peak}
     width = max(map(len, result))
     for key, value in result.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value
