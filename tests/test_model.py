@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from lm import config, data, sharding, train
-from lm.model import Transformer, cross_entropy
+from lm.model import Transformer, cross_entropy, linear, masked_attention
 
 from conftest import small
 
@@ -98,3 +98,43 @@ def test_initial_loss_is_near_uniform_and_bf16_runs():
         loss = float(model.loss(tokens[:, :-1], tokens[:, 1:]))
         assert abs(loss - np.log(128)) < 0.1, (dtype, loss)
         assert model.blocks.wq[...].dtype == jnp.float32  # parameters stay fp32
+
+
+def grads_of(fn, *args):
+    """Gradients of a random projection of fn's output with respect to every argument."""
+    out = fn(*args)
+    probe = jax.random.normal(jax.random.key(9), out.shape)
+    return jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=range(len(args)))(*args)
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", [
+    ("btd,df->btf", (2, 5, 8), (8, 3)),  # x larger than the cotangent: dw via its transpose
+    ("btd,df->btf", (2, 5, 3), (3, 8)),
+    ("btd,dhk->bthk", (2, 5, 8), (8, 2, 3)),
+    ("bthk,hkd->btd", (2, 5, 2, 3), (2, 3, 4)),
+])
+def test_linear_gradients_equal_autodiff(spec, x_shape, w_shape):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    ours = grads_of(lambda x, w: linear(spec, x, w), x, w)
+    ref = grads_of(lambda x, w: jnp.einsum(spec, x, w), x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t, s", [(6, 6), (2, 7)])  # training, and new positions over a cache
+def test_attention_gradients_equal_autodiff(t, s):
+    b, g, r, k = 2, 2, 3, 4
+    q = jax.random.normal(jax.random.key(0), (b, t, g, r, k))
+    kk = jax.random.normal(jax.random.key(1), (b, s, g, k))
+    v = jax.random.normal(jax.random.key(2), (b, s, g, k))
+    mask_ts = jnp.arange(s)[None, :] <= (s - t + jnp.arange(t))[:, None]
+
+    def reference(q, kk, v):
+        scores = jnp.where(mask_ts, jnp.einsum("btgrk,bsgk->bgrts", q, kk), -jnp.inf)
+        return jnp.einsum("bgrts,bsgk->btgrk", jax.nn.softmax(scores, axis=-1), v)
+
+    ours = lambda q, kk, v: masked_attention(q, kk, v, mask_ts)
+    np.testing.assert_allclose(ours(q, kk, v), reference(q, kk, v), rtol=1e-5, atol=1e-6)
+    for a, b_ in zip(grads_of(ours, q, kk, v), grads_of(reference, q, kk, v)):
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
