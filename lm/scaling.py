@@ -587,8 +587,19 @@ def fit(points: Points, law: str = "chinchilla", *, holdout: str | Collection[st
             out["intervals"] = {k: np.percentile(v, [2.5, 97.5]).tolist()
                                 for k, v in samples.items()}
     out["allocation"] = _allocation(out, spec, train.flops.max())
+    out["warnings"] = _warnings(out, train)
     if held.size:
         out.update(_holdout(out, points, held))
+    return out
+
+
+def _warnings(fit_dict: Mapping, train: Points) -> list[str]:
+    """What makes a converged fit untrustworthy for extrapolation."""
+    out = []
+    if "E" in fit_dict and fit_dict["E"] < 1e-3 * train.loss.min():
+        out.append("E ~ 0: the points do not pin down the irreducible loss, so the law is a pure "
+                   "power law that keeps falling; extrapolations will overshoot. Add model sizes "
+                   "or token budgets, or seeds to average the runs' noise")
     return out
 
 
@@ -675,6 +686,7 @@ def format_fit(fit_dict: Mapping) -> str:
                   + (f", L={e['loss']:.4g}" if "loss" in e else "") for e in alloc["examples"]]
     else:
         lines.append(f"  compute-optimal allocation: not determined ({alloc['note']})")
+    lines += [f"  WARNING {w}" for w in f.get("warnings", [])]
     if "holdout" in f:
         runs = f["holdout"]["runs"]
         lines.append(f"  held-out ARE {f['are']:.2%} (mean over {len(runs)} runs)")

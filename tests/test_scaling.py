@@ -98,6 +98,16 @@ def test_chinchilla_recovers_synthetic_law():
         assert within(result[name], TRUE[name], 0.03), (name, result[name])
 
 
+def test_warns_when_the_irreducible_loss_collapses():
+    assert fit(curves())["warnings"] == []
+    pure = curves(noise=0.0)
+    pure = Points(params=pure.params, tokens=pure.tokens, run=pure.run, step=pure.step,
+                  loss=pure.loss - TRUE["E"])  # a pure power law: E = 0
+    result = fit(pure)
+    assert result["E"] < 1e-3 and result["warnings"][0].startswith("E ~ 0")
+    assert "WARNING E ~ 0" in format_fit(result)
+
+
 # ----------------------------------------------------------------------------- laws
 
 
