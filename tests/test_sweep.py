@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -139,3 +140,16 @@ def test_store_accepts_trials_stored_before_a_new_config_key(tmp_path):
     changed = config.replace(trials[0].cfg, train={"steps": 7})
     with pytest.raises(ConfigError, match="another config"):
         store.sync([sweep.Trial(trials[0].name, "fit", changed)])
+
+
+@pytest.mark.parametrize("name", ["quick", "stdlib-chinchilla"])
+def test_committed_experiments_plan(name):
+    """The README's main job and the fuller study stay valid sweeps as the code moves, and hold
+    out a run with at least 4x the compute of the largest fitting run."""
+    spec_path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml"
+    trials = sweep.plan(sweep.load_spec(spec_path))
+    flops = {t.role: [] for t in trials}
+    for t in trials:
+        flops[t.role].append(t.facts()["flops"])
+    assert len(flops["fit"]) >= 12 and len(flops["holdout"]) == 1
+    assert min(flops["holdout"]) >= 4 * max(flops["fit"])
