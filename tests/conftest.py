@@ -1,4 +1,6 @@
-"""Every test sees 8 simulated CPU devices: XLA_FLAGS must be set before jax is imported.
+"""Every test sees 8 simulated CPU devices: simulate_cpu_devices(8) puts
+--xla_force_host_platform_device_count=8 into XLA_FLAGS (and sizes the thread pools) before
+jax is imported.
 
 The environment set here reaches the `lm` subprocesses that tests start, too."""
 
