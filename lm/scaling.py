@@ -354,7 +354,8 @@ def _budgets_of(points: Points) -> list[Points]:
     return [points.select(labels == label) for label in np.unique(labels)]
 
 
-def _check_isoflop(points: Points) -> None:
+def _check_isoflop(points: Points) -> list[Points]:
+    """The points grouped by compute budget, once checked to be enough for Approach 2."""
     budgets = _budgets_of(points)
     for b in budgets:
         sizes = len(np.unique(b.params))
@@ -365,13 +366,13 @@ def _check_isoflop(points: Points) -> None:
     if len(budgets) < 2:
         raise ValueError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
                          f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")
+    return budgets
 
 
 def _fit_isoflop(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
     """Approach 2: per budget, the minimum of a parabola of loss in log N; then log-log lines.
     Closed-form, so ``start`` is not needed."""
-    _check_isoflop(points)
-    budgets = _budgets_of(points)
+    budgets = _check_isoflop(points)
     minima = []
     for b in budgets:
         c = float(np.exp(np.log(b.flops).mean()))
@@ -422,7 +423,7 @@ class _Law:
     formula: str
     names: tuple[str, ...]
     fit: Callable[[Points, Mapping[str, float] | None], tuple[dict, dict]]  # (params, diagnostics)
-    check: Callable[[Points], None]  # raises ValueError if the points cannot pin the law down
+    check: Callable[[Points], object]  # raises ValueError if the points cannot pin the law down
     loss: Callable | None  # (params, N, D, C) -> L
     allocation: Callable | None  # params -> (k_N, a, k_D, b): N_opt = k_N C^a, D_opt = k_D C^b
     finals_only: bool = False  # IsoFLOP curves compare runs at their end, not along the way
