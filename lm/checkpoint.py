@@ -12,21 +12,17 @@ devices hold, process 0 the metadata, all into one directory they share (a netwo
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
-from lm.config import CheckpointConfig, ConfigError
+from lm.config import CheckpointConfig
+from lm.errors import CheckpointError
+from lm.rundir import checkpoints as directory
 
-
-class CheckpointError(ConfigError):
-    """No usable checkpoint, or one that does not fit the configured model."""
-
-
-def directory(run_dir: str | Path) -> Path:
-    return Path(run_dir).resolve() / "checkpoints"
+log = logging.getLogger("lm")
 
 
 def manager(run_dir: str | Path, cfg: CheckpointConfig = CheckpointConfig(), *,
@@ -35,7 +31,7 @@ def manager(run_dir: str | Path, cfg: CheckpointConfig = CheckpointConfig(), *,
     (they are never mistaken for checkpoints: orbax renames a save into place when done)."""
     if not read_only:
         for tmp in incomplete(run_dir):
-            _note(f"removing {tmp.name}: a save that never finished")
+            log.warning("checkpoint: removing %s: a save that never finished", tmp.name)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, keep_period=cfg.keep_every or None, create=not read_only,
         read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=True)
@@ -50,10 +46,6 @@ def save(mngr: ocp.CheckpointManager, state: dict, meta: dict) -> None:
     mngr.save(meta["step"], force=True, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]), opt=ocp.args.StandardSave(state["opt"]),
         meta=ocp.args.JsonSave(meta)))
-
-
-def _note(message: str) -> None:
-    print(f"checkpoint: {message}", file=sys.stderr)
 
 
 def incomplete(run_dir: str | Path) -> list[Path]:
@@ -109,9 +101,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
         except CheckpointError:
             raise
         except Exception as e:  # unreadable: fall back to an older one
-            _note(f"step {step} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
-                  "trying an older one")
+            log.warning("checkpoint: step %d is unreadable (%s: %s); trying an older one",
+                        step, type(e).__name__, str(e)[:200])
             continue
-        _note(f"restored step {step}, the newest complete checkpoint in {mngr.directory}")
+        log.info("checkpoint: restored step %d, the newest complete checkpoint in %s", step,
+                 mngr.directory)
         return state, meta
     return None

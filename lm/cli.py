@@ -4,19 +4,22 @@ after the process has joined a multi-process run (`--coordinator` ..., `--distri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from lm.devices import simulate_cpu_devices
+from lm.errors import LMError
 
 
 def _use_cpu_devices(n: int | None) -> None:
     """Simulate `n` CPU devices; must run before jax is imported."""
     if not n:
         return
-    if "jax" in sys.modules:
+    if sys.modules.get("jax") is not None:
         import jax
 
         if jax.device_count() != n:
@@ -44,34 +47,62 @@ def _join_processes(args) -> None:
                          "--process-id I") from None
 
 
+class _Progress(logging.Handler):
+    """Log records on stderr, written through tqdm so that they never break a progress bar;
+    in a multi-process run, by process 0 only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        if sys.modules.get("jax") is not None:
+            import jax
+
+            if jax.process_index() != 0:
+                return
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _log_to_stderr():
+    """While a command runs: lm's INFO records on stderr, and not again through the root
+    logger's handlers (orbax installs one when imported)."""
+    logger = logging.getLogger("lm")
+    handler, before = _Progress(), (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = before
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_train(args) -> int:
     from lm import config, train
+    from lm.processes import is_primary
 
     cfg = config.load(args.config, args.overrides)
     row = train.train(cfg)
-    if train.is_primary():
+    if is_primary():
         print(f"done: step {row['step']}, loss {row['loss']:.4f}; run dir {cfg.train.run_dir}")
     return 0
 
 
 def cmd_info(args) -> int:
     import jax
-    from flax import nnx
 
     from lm import config, flops, sharding
-    from lm.model import Transformer
 
     cfg = config.load(args.config, args.overrides)
     sizes = config.mesh_shape(cfg, jax.device_count())
     table = sharding.rules(cfg.mesh.fsdp)
-    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-    params = []
-    for path, var in nnx.to_flat_state(abstract):
-        params.append({"name": ".".join(map(str, path)), "shape": list(var.shape),
-                       "axes": list(var.axes), "spec": str(sharding.spec(var.axes, table))})
+    params = [{"name": name, "shape": list(p.shape), "axes": list(p.axes),
+               "spec": str(sharding.spec(p.axes, table))}
+              for name, p in flops.parameters(cfg.model).items()]
     counts = flops.param_counts(cfg.model)
     info = {"params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
             "params_embedding": counts["embedding"], "mesh": sizes,
@@ -90,10 +121,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from lm import config, data
+    from lm import config, corpus
 
     cfg = config.load(args.config, args.overrides)
-    dataset = data.prepare(cfg)
+    dataset = corpus.prepare(cfg)
     m = dataset.manifest
     print(f"dataset   {dataset.dir}")
     print(f"source    {m['source']}: {m['files']} files used, {len(m['skipped'])} skipped")
@@ -121,15 +152,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from lm import checkpoint, data, evaluate, state
+    from lm import checkpoint, corpus, evaluate, rundir, state
+    from lm.errors import CheckpointError
 
-    cfg = evaluate.load_run_config(args.run_dir, args.overrides)
-    tokenizer = data.tokenizer(cfg)
+    cfg = rundir.load_config(args.run_dir, args.overrides)
+    tokenizer = corpus.tokenizer(cfg)
     lay = state.layout(cfg)
     mngr = checkpoint.manager(args.run_dir, read_only=True)
     restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, ("params",))
     if restored is None:
-        raise checkpoint.CheckpointError(f"no checkpoints in {checkpoint.directory(args.run_dir)}")
+        raise CheckpointError(f"no checkpoints in {checkpoint.directory(args.run_dir)}")
     tokens = evaluate.generate(lay, restored[0]["params"], tokenizer.encode(args.prompt),
                                args.max_tokens, args.temperature, args.top_k, args.seed)
     print(tokenizer.decode(tokens))
@@ -137,29 +169,25 @@ def cmd_sample(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from lm import sweep
+    from lm import runner
 
     if args.plan:
-        sweep.print_plan(args.spec, args.cpu_devices)
+        print(runner.plan_text(args.spec, args.cpu_devices))
     elif args.status:
-        sweep.print_status(args.spec)
+        print(runner.status_text(args.spec))
     else:
-        sweep.run(args.spec, workers=args.workers, cpu_devices=args.cpu_devices)
+        runner.run(args.spec, workers=args.workers, cpu_devices=args.cpu_devices)
     return 0
 
 
 def cmd_fit(args) -> int:
-    from lm import scaling, sweep
-    from lm.config import ConfigError
+    from lm import scaling, store
 
-    try:
-        points, designated = sweep.load_points(args.source)
-        holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
-        result = scaling.fit(points, args.law, holdout=holdout or None, bootstrap=args.bootstrap,
-                             drop_early=args.drop_early, seed=args.seed)
-    except ValueError as e:  # bad CSV or store, too few sizes, ...
-        raise ConfigError(str(e)) from None
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    points, designated = store.load_points(args.source)
+    holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
+    result = scaling.fit(points, args.law, holdout=holdout or None, bootstrap=args.bootstrap,
+                         drop_early=args.drop_early, seed=args.seed)
+    Path(args.out).write_text(json.dumps(result.to_json(), indent=1))
     print(scaling.format_fit(result))
     print(f"wrote {args.out}")
     return 0
@@ -167,16 +195,16 @@ def cmd_fit(args) -> int:
 
 def cmd_predict(args) -> int:
     from lm import scaling
+    from lm.errors import FitError
 
     if (args.flops is None) == (args.params is None or args.tokens is None):
         raise SystemExit("error: give --params N --tokens D, or --flops C")
-    from lm.config import ConfigError
-
     try:
-        fit = json.loads(Path(args.fit).read_text())
-        pred = scaling.predict(fit, params=args.params, tokens=args.tokens, flops=args.flops)
+        raw = json.loads(Path(args.fit).read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{args.fit}: {e}") from None
+        raise FitError(f"{args.fit}: cannot be read as a fit.json ({e})") from None
+    fit = scaling.Fit.from_json(raw, args.fit)
+    pred = scaling.predict(fit, params=args.params, tokens=args.tokens, flops=args.flops)
     print(scaling.format_prediction(pred))
     return 0
 
@@ -284,20 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     _use_cpu_devices(args.cpu_devices)
     _join_processes(args)
-    from lm.config import ConfigError
-    from lm.train import Interrupted, TrainingError
-
     try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return 128 + e.signum
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        with _log_to_stderr():
+            return args.func(args)
+    except LMError as e:
+        from lm.errors import Interrupted
+
+        print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ before anything is compiled: unknown keys, wrong types, impossible shapes and me
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import types
 import typing
@@ -15,11 +16,10 @@ from typing import Literal
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from lm.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and the fix."""
+# The presets: configs/ in a checkout, lm/configs in an installed wheel.
+CONFIG_DIR = Path(str(importlib.resources.files("lm.configs")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,9 @@ class ModelConfig:
     remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = True  # False unrolls the layer loop: faster steps, compile grows with depth
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens, never all logits
+    # einsum: written-out backward pass (fastest on CPU); dot_product: jax.nn.dot_product_attention
+    # (cuDNN flash attention on GPUs); auto: einsum on CPU, dot_product elsewhere
+    attention: Literal["auto", "einsum", "dot_product"] = "auto"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -147,6 +150,11 @@ class Config:
     def vocab_size(self) -> int:
         """Tokens the data can contain (the model's table may be padded beyond it)."""
         return self.data.vocab_size or self.model.vocab_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one global batch, counted as targets (each sequence holds seq_len)."""
+        return self.train.batch_size * self.seq_len
 
 
 # --------------------------------------------------------------------------- loading

@@ -3,7 +3,6 @@ byte — for live parameters or any checkpoint on any mesh; and sampling with a 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import checkpoint, config as config_lib, data, sharding, state as state_lib
+from lm import checkpoint, config as config_lib, data, rundir, sharding, state as state_lib
+from lm.errors import CheckpointError, ConfigError
 from lm.model import init_cache
-
-EVAL_FILE = "eval.jsonl"
+from lm.processes import is_primary
 
 
 class Evaluator:
@@ -59,7 +58,7 @@ class Evaluator:
         cfg = self.lay.cfg
         return {
             "step": step,
-            "tokens": step * cfg.train.batch_size * cfg.seq_len,
+            "tokens": step * cfg.tokens_per_step,
             "loss": loss,
             # sequences, not tokens, are the independent units
             "loss_sem": float(per_sequence.std(ddof=1) / math.sqrt(self.n)) if self.n > 1 else None,
@@ -76,36 +75,22 @@ def evaluator(lay: state_lib.Layout) -> Evaluator:
 # --------------------------------------------------------------------------- run directories
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_run_config(run_dir: str | Path, overrides=()) -> config_lib.Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise checkpoint.CheckpointError(
-            f"{run_dir} is not a run directory (no config.yaml); give the train.run_dir of a run")
-    return config_lib.load(path, list(overrides))
-
-
 def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
                  every: bool = False, devices=None) -> list[dict]:
     """Evaluate checkpoints of a run on the current mesh, appending new rows to eval.jsonl:
     the newest by default, `step`, or (`every`) each one not evaluated yet."""
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir, overrides)
+    cfg = rundir.load_config(run_dir, overrides)
     mngr = checkpoint.manager(run_dir, read_only=True)
     available = sorted(mngr.all_steps())
     if not available:
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"no checkpoints in {checkpoint.directory(run_dir)}; train first "
-            f"(lm train {run_dir / 'config.yaml'})")
-    done = {r["step"] for r in read_rows(run_dir / EVAL_FILE)}
+            f"(lm train {run_dir / rundir.CONFIG})")
+    done = {r["step"] for r in rundir.evals(run_dir)}
     if step is not None:
         if step not in available:
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"no checkpoint at step {step} in {run_dir}; available: {available}")
         chosen = [step]
     elif every:
@@ -116,14 +101,13 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
         return []
     lay = state_lib.layout(cfg, devices)
     ev = evaluator(lay)
+    log = rundir.Log(run_dir, writes=is_primary())  # one row, however many processes
     rows = []
-    with open(run_dir / EVAL_FILE, "a") as out:
-        for s in chosen:
-            restored, _ = checkpoint.restore(mngr, s, lay.abstract, lay.shardings, ("params",))
-            row = ev.row(restored["params"], s)
-            if s not in done and jax.process_index() == 0:  # one row, however many processes
-                out.write(json.dumps(row) + "\n")
-            rows.append(row)
+    for s in chosen:
+        restored, _ = checkpoint.restore(mngr, s, lay.abstract, lay.shardings, ("params",))
+        rows.append(ev.row(restored["params"], s))
+        if s not in done:
+            log.append("eval", rows[-1])
     return rows
 
 
@@ -137,11 +121,11 @@ def generate(lay: state_lib.Layout, params, prompt: list[int], max_tokens: int,
     cfg = lay.cfg
     total = len(prompt) + max_tokens
     if total > cfg.model.context:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} = {total} exceeds "
             f"model.context={cfg.model.context}")
     if not prompt:
-        raise config_lib.ConfigError("the prompt is empty; give at least one token")
+        raise ConfigError("the prompt is empty; give at least one token")
 
     def pick(logits_v, key):
         logits_v = jnp.where(jnp.arange(logits_v.shape[-1]) < cfg.vocab_size, logits_v, -jnp.inf)

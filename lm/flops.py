@@ -1,4 +1,8 @@
-"""Parameter and FLOP accounting from a model config alone (nothing is allocated).
+"""The model's parameters, and FLOP accounting, from a model config alone (nothing is
+allocated, nothing here imports JAX).
+
+`parameters` is the one table of parameter shapes and logical axes: the model builds itself
+from it, `lm info` prints it, and the counts below sum it.
 
 FLOPs count multiply-adds as 2 and follow the matmul shapes the model really runs:
 projections, attention scores and values over the full T x T square (the causal mask halves
@@ -7,18 +11,54 @@ the useful work, not the computed work), MLP and output head; backward = 2 x for
 
 from __future__ import annotations
 
-from lm.config import ModelConfig
+import math
+import time
+from typing import NamedTuple
+
+from lm.config import Config, ModelConfig
+
+# What a parameter does, which decides its initialisation (and its parametrisation).
+EMBEDDING, UNEMBEDDING, NORM, HIDDEN, RESIDUAL_OUT = (
+    "embedding", "unembedding", "norm", "hidden", "residual_out")
+
+
+class Param(NamedTuple):
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical axis names, one per dim
+    role: str
+
+
+def parameters(m: ModelConfig) -> dict[str, Param]:
+    """Every parameter by its path in the model (`blocks.wq`): shape, logical axes and role.
+    Layers are stacked along a leading `layers` axis."""
+    d, h, g, k, f, v = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff, m.vocab_size
+    block = {
+        "attn_norm": Param((d,), ("embed",), NORM),
+        "wq": Param((d, h, k), ("embed", "heads", "kv"), HIDDEN),
+        "wk": Param((d, g, k), ("embed", "kv_heads", "kv"), HIDDEN),
+        "wv": Param((d, g, k), ("embed", "kv_heads", "kv"), HIDDEN),
+        "wo": Param((h, k, d), ("heads", "kv", "embed"), RESIDUAL_OUT),
+        "mlp_norm": Param((d,), ("embed",), NORM),
+        "w_up": Param((d, f), ("embed", "mlp"), HIDDEN),
+        "w_down": Param((f, d), ("mlp", "embed"), RESIDUAL_OUT),
+    }
+    if m.mlp == "swiglu":
+        block["w_gate"] = Param((d, f), ("embed", "mlp"), HIDDEN)
+    table = {"embed": Param((v, d), ("vocab", "embed"), EMBEDDING)}
+    table |= {f"blocks.{name}": Param((m.n_layers, *p.shape), ("layers", *p.axes), p.role)
+              for name, p in block.items()}
+    table["final_norm"] = Param((d,), ("embed",), NORM)
+    if not m.tie_embeddings:
+        table["unembed"] = Param((d, v), ("embed", "vocab"), UNEMBEDDING)
+    return table
 
 
 def param_counts(m: ModelConfig) -> dict[str, int]:
-    d, h, g, k, f = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff
-    per_layer = (2 * d  # two norm scales
-                 + d * h * k + 2 * d * g * k + h * k * d  # q, k, v, o
-                 + (3 if m.mlp == "swiglu" else 2) * d * f)
-    embedding = m.vocab_size * d * (1 if m.tie_embeddings else 2)
-    non_embedding = m.n_layers * per_layer + d  # + final norm
-    return {"total": embedding + non_embedding, "non_embedding": non_embedding,
-            "embedding": embedding}
+    counts = {"embedding": 0, "non_embedding": 0}
+    for p in parameters(m).values():
+        part = "embedding" if p.role in (EMBEDDING, UNEMBEDDING) else "non_embedding"
+        counts[part] += math.prod(p.shape)
+    return {"total": counts["embedding"] + counts["non_embedding"], **counts}
 
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int) -> dict[str, int]:
@@ -54,10 +94,33 @@ PEAKS = {
 }
 
 
+def step_flops(cfg: Config) -> int:
+    """Model FLOPs of one training step (a global batch)."""
+    return train_flops_per_token(cfg.model, cfg.seq_len) * cfg.tokens_per_step
+
+
+def mfu(cfg: Config, seconds_per_step: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilisation: the step's model FLOPs per second over the devices' peak."""
+    return step_flops(cfg) / seconds_per_step / peak_flops_per_s
+
+
+def numpy_matmul_flops_per_s(n: int = 1024, repeats: int = 3) -> float:
+    """Best measured FLOP/s of an n^3 fp32 matmul in numpy: a peak for estimates made without
+    starting JAX (a sweep's plan)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def matmul_flops_per_s(n: int = 2048, repeats: int = 3) -> float:
     """Best measured FLOP/s of an n^3 fp32 matmul on the default device."""
-    import time
-
     import jax
     import jax.numpy as jnp
 

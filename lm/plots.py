@@ -1,4 +1,4 @@
-"""PNG figures of a scaling-law fit, drawn from the points and the fit dict of ``lm.scaling``.
+"""PNG figures of a scaling-law fit, drawn from the points and the `Fit` of ``lm.scaling``.
 
 matplotlib is imported inside the functions (importing this module stays cheap) and figures are
 drawn on Agg canvases without pyplot, so nothing depends on a display or on global figure state.
@@ -6,13 +6,13 @@ drawn on Agg canvases without pyplot, so nothing depends on a display or on glob
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from lm import scaling
-from lm.scaling import Points
+from lm.scaling import Fit, Points
 
 
 def _figure(title: str):
@@ -47,10 +47,10 @@ def _size_colours(fig, ax, points: Points) -> np.ndarray:
     return mappable.to_rgba(logn)
 
 
-def _roles(points: Points, fit: Mapping) -> tuple[np.ndarray, np.ndarray]:
+def _roles(points: Points, fit: Fit) -> tuple[np.ndarray, np.ndarray]:
     """Masks of the points the fit dropped as early and of the held-out runs' points."""
-    held = [r["run"] for r in fit.get("holdout", {}).get("runs", [])]
-    return points.early_mask(fit["drop_early"]), np.isin(points.run, held)
+    held = [r.run for r in fit.holdout]
+    return points.early_mask(fit.drop_early), np.isin(points.run, held)
 
 
 def _scatter_roles(ax, x, y, colours, early, held) -> None:
@@ -72,11 +72,11 @@ def _budgets(points: Points) -> list[Points]:
     return [g for g in groups if len(np.unique(g.params)) >= 3]
 
 
-def plot_loss_vs_compute(points: Points, fit: Mapping, out_dir: str | Path) -> Path:
+def plot_loss_vs_compute(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     """Every run's loss against compute, and what the law says is reachable at each compute."""
     from matplotlib.collections import LineCollection
 
-    fig, ax = _figure(f"{fit['law']} fit: loss vs compute")
+    fig, ax = _figure(f"{fit.law} fit: loss vs compute")
     colours = _size_colours(fig, ax, points)
     order = np.lexsort((points.tokens, points.run))
     x, y, run = points.flops[order], points.loss[order], points.run[order]
@@ -89,20 +89,20 @@ def plot_loss_vs_compute(points: Points, fit: Mapping, out_dir: str | Path) -> P
     grid = np.geomspace(points.flops.min(), 10 * points.flops.max(), 200)
     pred = scaling.predict(fit, flops=grid)
     if "loss" in pred:
-        label = "L(C) fit" if fit["law"] == "kaplan" else "compute-optimal frontier L(N_opt, D_opt)"
+        label = "L(C) fit" if fit.law == "kaplan" else "compute-optimal frontier L(N_opt, D_opt)"
         ax.plot(grid, pred["loss"], "k-", lw=1.5, label=label)
         if "intervals" in pred:
             ax.fill_between(grid, *pred["intervals"]["loss"], color="k", alpha=0.15, lw=0,
                             label="95% interval")
-    if fit.get("budgets"):
-        ax.plot([b["flops"] for b in fit["budgets"]], [b["loss"] for b in fit["budgets"]], "kD",
+    if fit.budgets:
+        ax.plot([b.flops for b in fit.budgets], [b.loss for b in fit.budgets], "kD",
                 label="IsoFLOP minima")
     ax.set(xscale="log", xlabel="compute C (FLOPs)", ylabel="loss")
     ax.legend(fontsize="small")
     return _save(fig, out_dir, "loss_vs_compute.png")
 
 
-def plot_isoflops(points: Points, fit: Mapping, out_dir: str | Path) -> Path:
+def plot_isoflops(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     """Final loss against params per compute budget; the fitted parabolas (isoflop) or the law's
     IsoFLOP curves L(N, C/6N) (chinchilla) over them."""
     from matplotlib import colormaps
@@ -111,46 +111,45 @@ def plot_isoflops(points: Points, fit: Mapping, out_dir: str | Path) -> Path:
 
     budgets = _budgets(points)
     centres = [float(np.exp(np.log(b.flops).mean())) for b in budgets]
-    fit_budgets = fit.get("budgets", [])
-    flops = centres + [b["flops"] for b in fit_budgets]
+    flops = centres + [b.flops for b in fit.budgets]
     if not flops:
         raise ValueError("no compute budget has >= 3 model sizes to draw an IsoFLOP curve")
-    fig, ax = _figure(f"{fit['law']} fit: IsoFLOP curves")
+    fig, ax = _figure(f"{fit.law} fit: IsoFLOP curves")
     colour = ScalarMappable(LogNorm(min(flops), max(flops) * (1 + 1e-9)), colormaps["plasma"])
     fig.colorbar(colour, ax=ax, label="compute C (FLOPs)")
     for b, c in zip(budgets, centres):
         ax.scatter(b.params, b.loss, color=colour.to_rgba(c), s=14)
-        if fit["law"] == "chinchilla":
+        if fit.law == "chinchilla":
             n = np.geomspace(b.params.min() / 1.5, b.params.max() * 1.5, 100)
             law = scaling.predict(fit, params=n, tokens=c / (6 * n))["loss"]
             ax.plot(n, law, "--", color=colour.to_rgba(c), lw=1)
-    for b in fit_budgets:
-        n = np.geomspace(*b["params_range"], 100)
-        parabola = b["loss"] + b["curvature"] * np.log(n / b["params"]) ** 2
-        ax.plot(n, parabola, color=colour.to_rgba(b["flops"]), lw=1)
-        ax.plot(b["params"], b["loss"], "kD", ms=4)
+    for b in fit.budgets:
+        n = np.geomspace(*b.params_range, 100)
+        parabola = b.loss + b.curvature * np.log(n / b.params) ** 2
+        ax.plot(n, parabola, color=colour.to_rgba(b.flops), lw=1)
+        ax.plot(b.params, b.loss, "kD", ms=4)
     ax.set(xscale="log", xlabel="params N", ylabel="final loss")
     return _save(fig, out_dir, "isoflops.png")
 
 
-def plot_holdout(points: Points, fit: Mapping, out_dir: str | Path) -> Path:
+def plot_holdout(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     """Predicted against actual loss: the fitted points in grey, held-out runs' finals in red."""
-    if "holdout" not in fit:
+    if not fit.holdout:
         raise ValueError("the fit has no held-out runs; fit with holdout= to get this plot")
     early, held = _roles(points, fit)
     used = points.select(~early & ~held)
-    runs = fit["holdout"]["runs"]
-    actual = np.array([r["loss"] for r in runs])
-    predicted = np.array([r["predicted"] for r in runs])
-    fig, ax = _figure(f"{fit['law']} fit: held-out runs, mean ARE {fit['are']:.2%}")
+    runs = fit.holdout
+    actual = np.array([r.loss for r in runs])
+    predicted = np.array([r.predicted for r in runs])
+    fig, ax = _figure(f"{fit.law} fit: held-out runs, mean ARE {fit.are:.2%}")
     ax.scatter(used.loss, scaling.predicted_loss(fit, used), c="0.6", s=8, label="fitted points")
     yerr = None
-    if "interval" in runs[0]:  # bootstrapped: bars span the 95% interval
-        yerr = np.abs(np.array([r["interval"] for r in runs]).T - predicted)
+    if runs[0].interval:  # bootstrapped: bars span the 95% interval
+        yerr = np.abs(np.array([r.interval for r in runs]).T - predicted)
     ax.errorbar(actual, predicted, yerr=yerr, fmt="*", color="red", ms=10, capsize=3,
                 label="held out (final)")
     for r in runs:
-        ax.annotate(f"{r['run']}: {r['are']:.1%}", (r["loss"], r["predicted"]), fontsize="small",
+        ax.annotate(f"{r.run}: {r.are:.1%}", (r.loss, r.predicted), fontsize="small",
                     xytext=(5, -10), textcoords="offset points")
     lims = [min(used.loss.min(), actual.min()), max(used.loss.max(), actual.max())]
     ax.plot(lims, lims, "k:", lw=1, label="predicted = actual")
@@ -159,10 +158,10 @@ def plot_holdout(points: Points, fit: Mapping, out_dir: str | Path) -> Path:
     return _save(fig, out_dir, "holdout.png")
 
 
-def plot_residuals(points: Points, fit: Mapping, out_dir: str | Path) -> Path:
+def plot_residuals(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     """log L - log L_fit against compute: structure here is what the law misses."""
     residual = np.log(points.loss) - np.log(scaling.predicted_loss(fit, points))
-    fig, ax = _figure(f"{fit['law']} fit: residuals")
+    fig, ax = _figure(f"{fit.law} fit: residuals")
     _scatter_roles(ax, points.flops, residual, _size_colours(fig, ax, points), *_roles(points, fit))
     ax.axhline(0, color="k", lw=1)
     ax.set(xscale="log", xlabel="compute C (FLOPs)", ylabel="log loss - log fitted loss")
@@ -170,13 +169,13 @@ def plot_residuals(points: Points, fit: Mapping, out_dir: str | Path) -> Path:
     return _save(fig, out_dir, "residuals.png")
 
 
-def plot_all(points: Points, fit: Mapping, out_dir: str | Path) -> list[Path]:
+def plot_all(points: Points, fit: Fit, out_dir: str | Path) -> list[Path]:
     """Every figure that applies to this fit; returns the paths written."""
     plots: list[Callable] = [plot_loss_vs_compute]
-    if fit["law"] == "isoflop" or _budgets(points):
+    if fit.law == "isoflop" or _budgets(points):
         plots.append(plot_isoflops)
-    if fit["law"] in scaling.LOSS_LAWS:
+    if fit.law in scaling.LOSS_LAWS:
         plots.append(plot_residuals)
-    if "holdout" in fit:
+    if fit.holdout:
         plots.append(plot_holdout)
     return [plot(points, fit, out_dir) for plot in plots]

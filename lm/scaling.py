@@ -13,20 +13,23 @@ Error is reported the way Choshen et al. 2024 advise: the absolute relative erro
 held-out run's final loss, and percentile intervals from a bootstrap over whole runs (points of
 one learning curve are correlated; resampling them one by one would understate the spread).
 
-Everything here is numpy/scipy; the fit result is a plain JSON-serialisable dict (``fit.json``).
+Everything here is numpy/scipy; the result is a frozen `Fit` with a JSON round-trip (``fit.json``).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
+
+from lm.errors import FitError
 
 HUBER_DELTA = 1e-3
 BUDGET_TOL = 0.05  # FLOPs within 5% of each other belong to one IsoFLOP budget
@@ -70,12 +73,12 @@ class Points:
             else np.asarray(self.step, dtype=int).reshape(-1))
         lengths = {f.name: len(getattr(self, f.name)) for f in fields(self)}
         if len(set(lengths.values())) != 1:
-            raise ValueError(f"Points arrays differ in length: {lengths}")
+            raise FitError(f"Points arrays differ in length: {lengths}")
         for name in ("params", "tokens", "loss", "flops"):
             values = getattr(self, name)
             bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
             if bad.size:
-                raise ValueError(f"Points.{name}[{bad[0]}] = {values[bad[0]]}; "
+                raise FitError(f"Points.{name}[{bad[0]}] = {values[bad[0]]}; "
                                  "expected a positive finite number")
 
     @classmethod
@@ -83,7 +86,7 @@ class Points:
         """Points from dicts (or sqlite3.Rows) with keys params, tokens, loss and optional
         flops, run, step."""
         if not rows:
-            raise ValueError(f"no rows; expected dicts with keys {_COLUMNS}")
+            raise FitError(f"no rows; expected dicts with keys {_COLUMNS}")
         return _parse([dict(row) for row in rows], lambda i: f"row {i}")
 
     def __len__(self) -> int:
@@ -125,14 +128,14 @@ def _blank(value: Any) -> bool:
 
 def _positive(value: Any, where: str) -> float:
     if _blank(value):
-        raise ValueError(f"{where}: missing value; expected a positive finite number")
+        raise FitError(f"{where}: missing value; expected a positive finite number")
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {value!r} is not a number; "
+        raise FitError(f"{where}: {value!r} is not a number; "
                          "expected a positive finite number") from None
     if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"{where}: {value!r} is not a positive finite number")
+        raise FitError(f"{where}: {value!r} is not a positive finite number")
     return x
 
 
@@ -142,7 +145,7 @@ def _step(value: Any, where: str) -> int:
     except (TypeError, ValueError):
         x = math.nan
     if not (x.is_integer() and x >= 0):
-        raise ValueError(f"{where}: {value!r} is not a step; expected an integer >= 0 (or empty)")
+        raise FitError(f"{where}: {value!r} is not a step; expected an integer >= 0 (or empty)")
     return int(x)
 
 
@@ -169,22 +172,22 @@ def load_csv(path: str | Path) -> Points:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file; expected a CSV with columns {_COLUMNS}")
+        raise FitError(f"{path}: no such file; expected a CSV with columns {_COLUMNS}")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
-            raise ValueError(f"{path}: empty file; expected a header line with columns {_COLUMNS}")
+            raise FitError(f"{path}: empty file; expected a header line with columns {_COLUMNS}")
         reader.fieldnames = header = [h.strip() for h in reader.fieldnames]
         missing = [c for c in ("params", "tokens", "loss") if c not in header]
         if missing:
-            raise ValueError(f"{path}, line 1: missing column(s) {', '.join(missing)}; "
+            raise FitError(f"{path}, line 1: missing column(s) {', '.join(missing)}; "
                              f"found {', '.join(header)}; expected {_COLUMNS}")
         records, lines = [], []
         for rec in reader:
             records.append(rec)
             lines.append(reader.line_num)
     if not records:
-        raise ValueError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
+        raise FitError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
     return _parse(records, lambda i: f"{path}, line {lines[i]}")
 
 
@@ -315,7 +318,7 @@ def _require_distinct(points: Points, law: str, **minimum: int) -> None:
     if any(got[name] < need for name, need in minimum.items()):
         need = " and ".join(f">= {n} distinct {_NOUNS[name]}" for name, n in minimum.items())
         have = ", ".join(f"{got[name]} {_NOUNS[name]}" for name in minimum)
-        raise ValueError(f"a {law} fit needs {need}; the points to fit have {have}")
+        raise FitError(f"a {law} fit needs {need}; the points to fit have {have}")
 
 
 def _fit_chinchilla(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
@@ -360,11 +363,11 @@ def _check_isoflop(points: Points) -> list[Points]:
     for b in budgets:
         sizes = len(np.unique(b.params))
         if sizes < 3:
-            raise ValueError(f"an isoflop fit needs >= 3 distinct model sizes per compute "
+            raise FitError(f"an isoflop fit needs >= 3 distinct model sizes per compute "
                              f"budget; the budget at C ~ {np.exp(np.log(b.flops).mean()):.3g} "
                              f"FLOPs has {sizes}")
     if len(budgets) < 2:
-        raise ValueError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
+        raise FitError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
                          f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")
     return budgets
 
@@ -379,17 +382,16 @@ def _fit_isoflop(points: Points, start: Mapping[str, float] | None) -> tuple[dic
         logn = np.log(b.params)
         c2, c1, c0 = np.polyfit(logn, b.loss, 2)
         if c2 <= 0:
-            raise ValueError(f"isoflop: the loss-vs-log N parabola of the budget at C ~ {c:.3g} "
+            raise FitError(f"isoflop: the loss-vs-log N parabola of the budget at C ~ {c:.3g} "
                              "FLOPs curves downwards, so it has no minimum; add sizes on both "
                              "sides of the optimum")
         x = -c1 / (2 * c2)
-        minima.append({"flops": c, "params": float(np.exp(x)), "tokens": float(c / (6 * np.exp(x))),
-                       "loss": float(c0 - c1 * c1 / (4 * c2)), "n_runs": len(b),
-                       "params_range": [float(b.params.min()), float(b.params.max())],
-                       "inside": bool(logn.min() <= x <= logn.max()),
-                       "curvature": float(c2)})  # loss = loss_opt + curvature * (ln N - ln N_opt)^2
-    logc = np.log([m["flops"] for m in minima])
-    logn = np.log([m["params"] for m in minima])
+        minima.append(Budget(c, float(np.exp(x)), float(c / (6 * np.exp(x))),
+                             float(c0 - c1 * c1 / (4 * c2)), len(b),
+                             (float(b.params.min()), float(b.params.max())),
+                             bool(logn.min() <= x <= logn.max()), float(c2)))
+    logc = np.log([m.flops for m in minima])
+    logn = np.log([m.params for m in minima])
     a, log_kn = np.polyfit(logc, logn, 1)
     # D_opt = C / (6 N_opt) at every budget, so the tokens line is the params line's complement.
     params = {"k_N": float(np.exp(log_kn)), "a": float(a),
@@ -444,8 +446,152 @@ LOSS_LAWS = tuple(name for name, law in _LAWS.items() if law.loss is not None)
 
 def _law(name: str) -> _Law:
     if name not in _LAWS:
-        raise ValueError(f"unknown law {name!r}; expected one of {', '.join(LAWS)}")
+        raise FitError(f"unknown law {name!r}; expected one of {', '.join(LAWS)}")
     return _LAWS[name]
+
+
+# ----------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out run's final loss against the law's prediction."""
+
+    run: str
+    params: float
+    tokens: float
+    flops: float
+    loss: float
+    predicted: float
+    are: float
+    interval: tuple[float, float] | None = None  # 95%, when the fit was bootstrapped
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An IsoFLOP budget's parabola: loss = loss_opt + curvature * (ln N - ln N_opt)^2."""
+
+    flops: float
+    params: float
+    tokens: float
+    loss: float
+    n_runs: int
+    params_range: tuple[float, float]
+    inside: bool  # the minimum lies within the sizes tried
+    curvature: float
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    n: int
+    seed: int
+    failed: int
+    not_converged: int
+    samples: dict[str, list[float]]  # law parameter -> its value in each successful refit
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The compute-optimal split N_opt = coef * C^exponent (and D_opt likewise), when the law
+    determines it."""
+
+    determined: bool
+    note: str = ""
+    params: dict[str, float] | None = None  # {"coef", "exponent"}
+    tokens: dict[str, float] | None = None
+    examples: tuple[dict[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A fitted law: its parameters, how they were found, and what it predicts. `fit.json` is
+    `to_json()`, with the law's parameters at the top level."""
+
+    law: str
+    params: dict[str, float]
+    objective: float
+    converged: bool
+    n_points: int
+    n_runs: int
+    points_dropped: int
+    drop_early: float
+    allocation: Allocation
+    warnings: tuple[str, ...] = ()
+    bootstrap: Bootstrap | None = None
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    budgets: tuple[Budget, ...] = ()
+    holdout: tuple[HeldOut, ...] = ()
+    are: float | None = None  # mean over the held-out runs
+
+    @property
+    def formula(self) -> str:
+        return _law(self.law).formula
+
+    def to_json(self) -> dict:
+        out = {"law": self.law, "formula": self.formula, **self.params}
+        for f in fields(self):
+            if f.name in ("law", "params"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "holdout":
+                value = {"runs": [asdict(r) for r in value]} if value else None
+            elif value is not None and f.name in ("allocation", "bootstrap"):
+                value = asdict(value)
+            elif f.name == "budgets":
+                value = [asdict(b) for b in value] or None
+            if value is not None:
+                out[f.name] = value
+        return json.loads(json.dumps(out))  # tuples -> lists, as read back
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "fit") -> Fit:
+        """The fit a `to_json()` dict describes; a FitError names any field that is missing or
+        of the wrong type."""
+        if not isinstance(raw, dict):
+            raise FitError(f"{where}: not a fit (a JSON object written by lm fit)")
+        law = _field(raw, "law", str, where)
+        if law not in _LAWS:
+            raise FitError(f"{where}: law {law!r} is not one of {', '.join(LAWS)}")
+        spec = _LAWS[law]
+        try:
+            holdout = tuple(HeldOut(**{**r, "interval": _pair(r.get("interval"))})
+                            for r in (raw.get("holdout") or {}).get("runs", []))
+            alloc = raw["allocation"]
+            boot = raw.get("bootstrap")
+            return cls(
+                law=law, params={k: _field(raw, k, float, where) for k in spec.names},
+                objective=_field(raw, "objective", float, where),
+                converged=_field(raw, "converged", bool, where),
+                n_points=_field(raw, "n_points", int, where),
+                n_runs=_field(raw, "n_runs", int, where),
+                points_dropped=_field(raw, "points_dropped", int, where),
+                drop_early=_field(raw, "drop_early", float, where),
+                allocation=Allocation(**{**alloc, "examples": tuple(alloc.get("examples", ()))}),
+                warnings=tuple(raw.get("warnings", ())),
+                bootstrap=Bootstrap(**boot) if boot else None,
+                intervals={k: _pair(v) for k, v in raw.get("intervals", {}).items()},
+                budgets=tuple(Budget(**{**b, "params_range": _pair(b["params_range"])})
+                              for b in raw.get("budgets") or ()),
+                holdout=holdout, are=raw.get("are"))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise FitError(f"{where}: a field is missing or malformed ({type(e).__name__}: "
+                           f"{e}); refit it with lm fit") from None
+
+
+def _field(raw: dict, key: str, kind: type, where: str):
+    value = raw.get(key)
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) and
+          (kind is float or float(value).is_integer()) if kind in (int, float) else
+          isinstance(value, kind))
+    if not ok or (kind is float and not math.isfinite(value)):
+        raise FitError(f"{where}: field {key!r} is {'missing' if key not in raw else repr(value)}"
+                       f"; expected {kind.__name__}. Refit with lm fit")
+    return kind(value)
+
+
+def _pair(value) -> tuple[float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]))
 
 
 # ----------------------------------------------------------------------------- fit
@@ -458,17 +604,17 @@ def _holdout_runs(points: Points, holdout: str | Collection[str] | None) -> np.n
         final = points.select(points.final_mask())
         return final.run[final.flops >= 0.99 * final.flops.max()]
     if isinstance(holdout, str):
-        raise ValueError(f"holdout={holdout!r}; "
+        raise FitError(f"holdout={holdout!r}; "
                          "expected None, 'largest' or a collection of run ids")
     runs = np.unique(np.asarray(list(holdout), dtype=str))
     unknown = np.setdiff1d(runs, points.run)
     if unknown.size or not runs.size:
-        raise ValueError(f"holdout names no run or unknown runs {unknown.tolist()}; "
+        raise FitError(f"holdout names no run or unknown runs {unknown.tolist()}; "
                          f"runs are e.g. {np.unique(points.run)[:5].tolist()}")
     return runs
 
 
-def _bootstrap(points: Points, law: _Law, start: dict, n: int, seed: int) -> dict:
+def _bootstrap(points: Points, law: _Law, start: dict, n: int, seed: int) -> Bootstrap:
     """Refit on ``n`` resamples of whole runs, each started from the point estimate."""
     rng = np.random.default_rng(seed)
     draws, failed, not_converged = [], 0, 0
@@ -480,68 +626,65 @@ def _bootstrap(points: Points, law: _Law, start: dict, n: int, seed: int) -> dic
             continue
         draws.append(params)
         not_converged += not diagnostics["converged"]
-    return {"n": n, "seed": seed, "failed": failed, "not_converged": not_converged,
-            "samples": {k: [d[k] for d in draws] for k in law.names}}
+    return Bootstrap(n, seed, failed, not_converged, {k: [d[k] for d in draws] for k in law.names})
 
 
-def _evaluate(fit_dict: Mapping, quantities: Callable[[dict], dict]) -> tuple[dict, dict]:
+def _evaluate(fit: Fit, quantities: Callable[[dict], dict]) -> tuple[dict, dict]:
     """Quantities at the point estimate, and their 95% intervals over the bootstrap samples.
 
     ``quantities`` maps law parameters to arrays over 1-D inputs; samples enter as (S, 1)
     columns so that one call evaluates every sample at every input.
     """
-    law = _law(fit_dict["law"])
-    point = quantities({k: fit_dict[k] for k in law.names})
-    samples = fit_dict.get("bootstrap", {}).get("samples", {})
-    if not samples or not len(samples[law.names[0]]):
+    point = quantities(fit.params)
+    samples = fit.bootstrap.samples if fit.bootstrap else {}
+    if not samples or not len(next(iter(samples.values()))):
         return point, {}
     with np.errstate(over="ignore", invalid="ignore"):  # a wild resample may overflow: ignore it
         draws = quantities({k: np.asarray(v, dtype=float)[:, None] for k, v in samples.items()})
     return point, {k: np.nanpercentile(v, [2.5, 97.5], axis=0) for k, v in draws.items()}
 
 
-def _points_loss(fit_dict: Mapping, points: Points) -> tuple[dict, dict]:
-    law = _law(fit_dict["law"])
+def _points_loss(fit: Fit, points: Points) -> tuple[dict, dict]:
+    law = _law(fit.law)
     if law.loss is None:
-        raise ValueError(f"an {fit_dict['law']} fit predicts no loss; use chinchilla or kaplan")
+        raise FitError(f"an {fit.law} fit predicts no loss; use chinchilla or kaplan")
     # Each point's own FLOPs (not 6ND), so that kaplan sees the compute actually spent.
-    return _evaluate(fit_dict,
-                     lambda p: {"loss": law.loss(p, points.params, points.tokens, points.flops)})
+    return _evaluate(fit, lambda p: {"loss": law.loss(p, points.params, points.tokens,
+                                                      points.flops)})
 
 
-def predicted_loss(fit_dict: Mapping, points: Points) -> np.ndarray:
+def predicted_loss(fit: Fit, points: Points) -> np.ndarray:
     """The law's loss at each point (point estimate)."""
-    return _points_loss(fit_dict, points)[0]["loss"]
+    return _points_loss(fit, points)[0]["loss"]
 
 
-def _allocation(fit_dict: Mapping, law: _Law, max_flops: float) -> dict:
+def _allocation(fit: Fit, law: _Law, max_flops: float) -> Allocation:
     """N_opt = coef * C^exponent for params and tokens, with examples from the data's largest
     compute decade upwards."""
     if law.allocation is None:
-        return {"determined": False,
-                "note": "loss against compute alone does not say how to split it into N and D"}
-    k_n, a, k_d, b = map(float, law.allocation({k: fit_dict[k] for k in law.names}))
+        return Allocation(False, "loss against compute alone does not say how to split it into "
+                                 "N and D")
+    k_n, a, k_d, b = map(float, law.allocation(fit.params))
     decade = math.ceil(math.log10(max_flops))
-    examples = predict(fit_dict, flops=10.0 ** np.arange(decade, decade + 4))
+    examples = predict(fit, flops=10.0 ** np.arange(decade, decade + 4))
     keys = [k for k in ("flops", "params", "tokens", "loss") if k in examples]
-    return {"determined": True, "params": {"coef": k_n, "exponent": a},
-            "tokens": {"coef": k_d, "exponent": b},
-            "examples": [dict(zip(keys, values)) for values in zip(*(examples[k] for k in keys))]}
+    return Allocation(True, params={"coef": k_n, "exponent": a},
+                      tokens={"coef": k_d, "exponent": b},
+                      examples=tuple(dict(zip(keys, v)) for v in zip(*(examples[k] for k in keys))))
 
 
-def _holdout(fit_dict: Mapping, points: Points, held: np.ndarray) -> dict:
+def _holdout(fit: Fit, points: Points, held: np.ndarray) -> tuple[tuple[HeldOut, ...], float]:
     """Each held-out run's final loss against the law's prediction, and their mean ARE."""
     final = points.select(points.final_mask() & np.isin(points.run, held))
-    point, intervals = _points_loss(fit_dict, final)
+    point, intervals = _points_loss(fit, final)
     are = np.abs(point["loss"] - final.loss) / final.loss
-    columns = zip(final.run, final.params, final.tokens, final.flops, final.loss,
-                  point["loss"], are)
-    runs = [{"run": str(r), "params": float(n), "tokens": float(d), "flops": float(c),
-             "loss": float(l), "predicted": float(p), "are": float(e)}
-            for r, n, d, c, l, p, e in columns]
-    for run, lo, hi in zip(runs, *intervals.get("loss", [[], []])):
-        run["interval"] = [float(lo), float(hi)]
-    return {"holdout": {"runs": runs}, "are": float(are.mean())}
+    bounds = list(zip(*intervals["loss"])) if intervals else [None] * len(final)
+    runs = tuple(HeldOut(str(r), float(n), float(d), float(c), float(l), float(p), float(e),
+                         None if i is None else (float(i[0]), float(i[1])))
+                 for r, n, d, c, l, p, e, i in zip(final.run, final.params, final.tokens,
+                                                    final.flops, final.loss, point["loss"], are,
+                                                    bounds))
+    return runs, float(are.mean())
 
 
 def _fitted(points: Points, law: _Law, drop_early: float) -> Points:
@@ -558,8 +701,8 @@ def check_design(points: Points, law: str = "chinchilla", drop_early: float = 0.
 
 
 def fit(points: Points, law: str = "chinchilla", *, holdout: str | Collection[str] | None = None,
-        bootstrap: int = 0, drop_early: float = 0.1, seed: int = 0) -> dict:
-    """Fit ``law`` to ``points``; the result is JSON-serialisable (``fit.json``).
+        bootstrap: int = 0, drop_early: float = 0.1, seed: int = 0) -> Fit:
+    """Fit ``law`` to ``points``.
 
     drop_early: drop points trained on less than this fraction of their run's final tokens.
     holdout: None, "largest" (the run(s) with the largest final compute) or run ids; these are
@@ -568,36 +711,40 @@ def fit(points: Points, law: str = "chinchilla", *, holdout: str | Collection[st
     """
     spec = _law(law)
     if not 0 <= drop_early < 1:
-        raise ValueError(f"drop_early={drop_early}; expected a fraction in [0, 1)")
+        raise FitError(f"drop_early={drop_early}; expected a fraction in [0, 1)")
     if bootstrap < 0:
-        raise ValueError(f"bootstrap={bootstrap}; expected a number of refits >= 0")
+        raise FitError(f"bootstrap={bootstrap}; expected a number of refits >= 0")
     held = _holdout_runs(points, holdout)
     if held.size and spec.loss is None:
-        raise ValueError(f"holdout needs a law that predicts loss "
-                         f"({', '.join(LOSS_LAWS)}), not {law}")
+        raise FitError(f"holdout needs a law that predicts loss "
+                       f"({', '.join(LOSS_LAWS)}), not {law}")
     early = points.early_mask(drop_early)
     train = _fitted(points.select(~np.isin(points.run, held)), spec, drop_early)
     params, diagnostics = spec.fit(train, None)
-    out = {"law": law, "formula": spec.formula, **params, **diagnostics,
-           "n_points": len(train), "n_runs": len(np.unique(train.run)),
-           "points_dropped": int(early.sum()), "drop_early": drop_early}
-    if bootstrap:
-        out["bootstrap"] = _bootstrap(train, spec, params, bootstrap, seed)
-        samples = out["bootstrap"]["samples"]
-        if samples[spec.names[0]]:
-            out["intervals"] = {k: np.percentile(v, [2.5, 97.5]).tolist()
-                                for k, v in samples.items()}
-    out["allocation"] = _allocation(out, spec, train.flops.max())
-    out["warnings"] = _warnings(out, train)
-    if held.size:
-        out.update(_holdout(out, points, held))
-    return out
+    boot = _bootstrap(train, spec, params, bootstrap, seed) if bootstrap else None
+    intervals = {k: tuple(np.percentile(v, [2.5, 97.5]).tolist())
+                 for k, v in boot.samples.items()} if boot and boot.samples[spec.names[0]] else {}
+    result = Fit(law=law, params=params, objective=diagnostics["objective"],
+                 converged=diagnostics["converged"], n_points=len(train),
+                 n_runs=len(np.unique(train.run)), points_dropped=int(early.sum()),
+                 drop_early=drop_early, allocation=Allocation(False), bootstrap=boot,
+                 intervals=intervals, budgets=tuple(diagnostics.get("budgets", ())))
+    result = replace(result, allocation=_allocation(result, spec, train.flops.max()),
+                     warnings=tuple(_warnings(result, train)))
+    return score(result, points, held) if held.size else result
 
 
-def _warnings(fit_dict: Mapping, train: Points) -> list[str]:
+def score(fit: Fit, points: Points, held: Collection[str]) -> Fit:
+    """`fit` with the final losses of the runs `held` (left out of it) set against what it
+    predicted for them: their ARE."""
+    runs, are = _holdout(fit, points, np.asarray(sorted(held), dtype=str))
+    return replace(fit, holdout=runs, are=are)
+
+
+def _warnings(fit: Fit, train: Points) -> list[str]:
     """What makes a converged fit untrustworthy for extrapolation."""
     out = []
-    if "E" in fit_dict and fit_dict["E"] < 1e-3 * train.loss.min():
+    if "E" in fit.params and fit.params["E"] < 1e-3 * train.loss.min():
         out.append("E ~ 0: the points do not pin down the irreducible loss, so the law is a pure "
                    "power law that keeps falling; extrapolations will overshoot. Add model sizes "
                    "or token budgets, or seeds to average the runs' noise")
@@ -610,23 +757,23 @@ def _warnings(fit_dict: Mapping, train: Points) -> list[str]:
 def _positive_array(value: Any, name: str) -> np.ndarray:
     x = np.asarray(value, dtype=float).reshape(-1)
     if not x.size or not np.all(np.isfinite(x) & (x > 0)):
-        raise ValueError(f"{name}={value!r}; expected positive finite number(s)")
+        raise FitError(f"{name}={value!r}; expected positive finite number(s)")
     return x
 
 
-def predict(fit_dict: Mapping, *, params=None, tokens=None, flops=None) -> dict:
+def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
     """Evaluate a fit: ``params`` and ``tokens`` give the loss (kaplan: at C = 6ND); ``flops``
     alone gives the compute-optimal N and D and the loss there, as far as the law determines
     them. Scalars give floats, sequences give lists; ``intervals`` holds 95% bounds when the fit
     was bootstrapped."""
-    name = fit_dict["law"]
+    name = fit.law
     law = _law(name)
     query = {"params": params, "tokens": tokens, "flops": flops}
     given = [k for k, v in query.items() if v is not None]
     if given == ["params", "tokens"]:
         if law.loss is None:
-            raise ValueError(f"an {name} fit gives the compute-optimal allocation, not a loss; "
-                             "call predict with flops= alone")
+            raise FitError(f"an {name} fit gives the compute-optimal allocation, not a loss; "
+                           "call predict with flops= alone")
         n, d = np.broadcast_arrays(_positive_array(params, "params"),
                                    _positive_array(tokens, "tokens"))
         inputs = {"params": n, "tokens": d, "flops": 6 * n * d}
@@ -644,9 +791,9 @@ def predict(fit_dict: Mapping, *, params=None, tokens=None, flops=None) -> dict:
                 out["loss"] = law.loss(p, out.get("params"), out.get("tokens"), c)
             return out
     else:
-        raise ValueError(f"predict needs params and tokens (for the loss) or flops alone (for the "
-                         f"compute-optimal allocation); got {', '.join(given) or 'none of them'}")
-    point, intervals = _evaluate(fit_dict, quantities)
+        raise FitError(f"predict needs params and tokens (for the loss) or flops alone (for the "
+                       f"compute-optimal allocation); got {', '.join(given) or 'none of them'}")
+    point, intervals = _evaluate(fit, quantities)
     scalar = all(np.ndim(query[k]) == 0 for k in given)
     plain = (lambda x: float(x[0])) if scalar else (lambda x: np.asarray(x, dtype=float).tolist())
     out = {"law": name, "given": given, **{k: plain(v) for k, v in {**inputs, **point}.items()}}
@@ -658,41 +805,39 @@ def predict(fit_dict: Mapping, *, params=None, tokens=None, flops=None) -> dict:
 # ----------------------------------------------------------------------------- text
 
 
-def format_fit(fit_dict: Mapping) -> str:
+def format_fit(fit: Fit) -> str:
     """A few lines for the terminal."""
-    f = fit_dict
-    law = _law(f["law"])
-    intervals = f.get("intervals", {})
-    status = "converged" if f["converged"] else "NOT CONVERGED"
-    lines = [f"{f['law']} fit: {law.formula}",
-             f"  {f['n_points']} points from {f['n_runs']} runs ({f['points_dropped']} early "
-             f"points dropped); objective {f['objective']:.6g}, {status}"]
+    law = _law(fit.law)
+    status = "converged" if fit.converged else "NOT CONVERGED"
+    lines = [f"{fit.law} fit: {law.formula}",
+             f"  {fit.n_points} points from {fit.n_runs} runs ({fit.points_dropped} early "
+             f"points dropped); objective {fit.objective:.6g}, {status}"]
     for k in law.names:
-        interval = f" 95% [{intervals[k][0]:.4g}, {intervals[k][1]:.4g}]" if k in intervals else ""
-        lines.append(f"  {k:<6} {f[k]:<10.5g}{interval}".rstrip())
-    if "bootstrap" in f:
-        b = f["bootstrap"]
-        lines.append(f"  intervals from {b['n'] - b['failed']} bootstrap refits over runs "
-                     f"({b['failed']} failed, {b['not_converged']} not converged)")
-    for m in f.get("budgets", []):
-        outside = "" if m["inside"] else ", minimum outside the sizes tried"
-        lines.append(f"  budget C={m['flops']:.3g}: N_opt={m['params']:.3g}, "
-                     f"D_opt={m['tokens']:.3g}, L={m['loss']:.4g} ({m['n_runs']} runs{outside})")
-    alloc = f["allocation"]
-    if alloc["determined"]:
-        n, d = alloc["params"], alloc["tokens"]
+        interval = (f" 95% [{fit.intervals[k][0]:.4g}, {fit.intervals[k][1]:.4g}]"
+                    if k in fit.intervals else "")
+        lines.append(f"  {k:<6} {fit.params[k]:<10.5g}{interval}".rstrip())
+    if fit.bootstrap:
+        b = fit.bootstrap
+        lines.append(f"  intervals from {b.n - b.failed} bootstrap refits over runs "
+                     f"({b.failed} failed, {b.not_converged} not converged)")
+    for m in fit.budgets:
+        outside = "" if m.inside else ", minimum outside the sizes tried"
+        lines.append(f"  budget C={m.flops:.3g}: N_opt={m.params:.3g}, D_opt={m.tokens:.3g}, "
+                     f"L={m.loss:.4g} ({m.n_runs} runs{outside})")
+    alloc = fit.allocation
+    if alloc.determined:
+        n, d = alloc.params, alloc.tokens
         lines.append(f"  compute-optimal: N_opt = {n['coef']:.4g} C^{n['exponent']:.4f}, "
                      f"D_opt = {d['coef']:.4g} C^{d['exponent']:.4f}")
         lines += [f"    C={e['flops']:.0e}: N={e['params']:.3g}, D={e['tokens']:.3g}"
-                  + (f", L={e['loss']:.4g}" if "loss" in e else "") for e in alloc["examples"]]
+                  + (f", L={e['loss']:.4g}" if "loss" in e else "") for e in alloc.examples]
     else:
-        lines.append(f"  compute-optimal allocation: not determined ({alloc['note']})")
-    lines += [f"  WARNING {w}" for w in f.get("warnings", [])]
-    if "holdout" in f:
-        runs = f["holdout"]["runs"]
-        lines.append(f"  held-out ARE {f['are']:.2%} (mean over {len(runs)} runs)")
-        lines += [f"    run {r['run']}: predicted {r['predicted']:.4g}, actual {r['loss']:.4g}, "
-                  f"ARE {r['are']:.2%}" for r in runs]
+        lines.append(f"  compute-optimal allocation: not determined ({alloc.note})")
+    lines += [f"  WARNING {w}" for w in fit.warnings]
+    if fit.holdout:
+        lines.append(f"  held-out ARE {fit.are:.2%} (mean over {len(fit.holdout)} runs)")
+        lines += [f"    run {r.run}: predicted {r.predicted:.4g}, actual {r.loss:.4g}, "
+                  f"ARE {r.are:.2%}" for r in fit.holdout]
     return "\n".join(lines)
 
 

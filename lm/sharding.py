@@ -1,6 +1,6 @@
 """The mesh, the one table of logical-axis rules, and `constrain` for activations.
 
-Model code names axes logically (`batch`, `embed`, `heads`, ...). `RULES` maps each name onto
+Model code names axes logically (`batch`, `embed`, `heads`, ...). `rules` maps each name onto
 mesh axes; XLA's SPMD partitioner then inserts the collectives. The mesh always has the axes
 (replica, data, model), some of size 1, so the same code runs on one device or a pod.
 """
@@ -21,10 +21,12 @@ AXES = ("replica", "data", "model")
 
 def rules(fsdp: bool) -> dict[str, tuple[str, ...]]:
     """Logical axis -> mesh axes. Parameters never use `replica`, so only gradient sums cross
-    it; the batch is split over replica x data."""
+    it; the batch is split over replica x data. Activations name their width `act_embed`: under
+    FSDP the parameters' `embed` is split over `data`, which the activations' batch holds."""
     return {
         "batch": ("replica", "data"),
         "embed": ("data",) if fsdp else (),
+        "act_embed": (),
         "heads": ("model",),
         "kv_heads": ("model",),
         "mlp": ("model",),
@@ -36,16 +38,12 @@ def rules(fsdp: bool) -> dict[str, tuple[str, ...]]:
 
 
 def spec(names: tuple[str | None, ...], table: dict[str, tuple[str, ...]]) -> P:
-    """PartitionSpec for an array whose dims carry `names`. A mesh axis already taken by an
-    earlier dim is skipped, so activations (batch, length, embed) keep embed unsharded under
-    FSDP while parameters (embed, mlp) shard it."""
-    used: set[str] = set()
-    out = []
-    for name in names:
-        axes = tuple(a for a in table[name] if a not in used) if name else ()
-        used.update(axes)
-        out.append(axes[0] if len(axes) == 1 else (axes or None))
-    return P(*out)
+    """PartitionSpec for an array whose dims carry `names` (None: not sharded)."""
+    axes = [table[name] if name else () for name in names]
+    used = [a for dim in axes for a in dim]
+    if len(used) != len(set(used)):
+        raise ValueError(f"logical axes {names} map two dims onto one mesh axis: {axes}")
+    return P(*(dim[0] if len(dim) == 1 else (dim or None) for dim in axes))
 
 
 def make_mesh(cfg: Config, devices=None) -> Mesh:

@@ -15,26 +15,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm import sharding
-from lm.config import Config, OptimConfig
+from lm.config import Config
 from lm.model import Transformer
-
-
-def lr_schedule(o: OptimConfig, steps: int):
-    """Linear warmup to `lr`, then cosine/linear decay to `lr * final_lr_ratio` at `steps`."""
-    floor = o.lr * o.final_lr_ratio
-
-    def lr(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = o.lr * (step + 1) / max(o.warmup_steps, 1)
-        progress = jnp.clip((step - o.warmup_steps) / max(steps - o.warmup_steps, 1), 0, 1)
-        decay = {
-            "cosine": floor + (o.lr - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress)),
-            "linear": o.lr - (o.lr - floor) * progress,
-            "constant": jnp.asarray(o.lr, jnp.float32),
-        }[o.schedule]
-        return jnp.where(step < o.warmup_steps, warm, decay)
-
-    return lr
 
 
 def _decays(path, _) -> bool:
@@ -43,12 +25,14 @@ def _decays(path, _) -> bool:
 
 
 def optimizer(cfg: Config) -> optax.GradientTransformation:
+    """AdamW without its learning rate: the update direction (clipping, Adam, decoupled weight
+    decay), which the step scales by the step's learning rate, an input of the step."""
     o = cfg.optim
-    adamw = optax.adamw(
-        lr_schedule(o, cfg.train.steps), b1=o.b1, b2=o.b2, eps=o.eps,
-        weight_decay=o.weight_decay,
-        mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params))
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
+    parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+              optax.add_decayed_weights(o.weight_decay, mask=lambda params: jax.tree_util
+                                        .tree_map_with_path(_decays, params))]
+    return optax.chain(*parts)
 
 
 def shardings_of(abstract, mesh: Mesh, table: dict):

@@ -33,3 +33,18 @@ def small(*overrides: str) -> config.Config:
 @pytest.fixture
 def run_dir(tmp_path):
     return str(tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="session")
+def prepared(cache):
+    """A small model's config on a 300 kB prefix of the default corpus, and its dataset."""
+    from corpora import real
+    from lm import corpus
+
+    cfg = real(cache)
+    return cfg, corpus.prepare(cfg)

@@ -1,4 +1,4 @@
-import json
+import logging
 import os
 import signal
 import subprocess
@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from lm import checkpoint, config, data, evaluate, state, train
+from lm import checkpoint, config, data, evaluate, rundir, state, train
+from lm.errors import CheckpointError, Interrupted
 
 from conftest import small
 
@@ -23,7 +24,7 @@ def trained(run_dir, *overrides):
 
 
 def losses(run_dir):
-    return [r["loss"] for r in evaluate.read_rows(Path(run_dir) / "metrics.jsonl")]
+    return [r["loss"] for r in rundir.read_rows(Path(run_dir) / "metrics.jsonl")]
 
 
 def test_restore_onto_other_meshes(tmp_path):
@@ -49,7 +50,8 @@ def test_restore_onto_other_meshes(tmp_path):
         assert eval_loss == pytest.approx(reference[1], rel=1e-5)
 
 
-def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, "lm")
     whole = trained(tmp_path / "whole", "train.steps=12")
     real_batch = data.global_batch
 
@@ -59,19 +61,20 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys
         return real_batch(src, step, *args, **kwargs)
 
     monkeypatch.setattr(data, "global_batch", batch_then_sigterm)
-    with pytest.raises(train.Interrupted, match="SIGTERM at step") as stopped:
+    with pytest.raises(Interrupted, match="SIGTERM at step") as stopped:
         trained(tmp_path / "split", "train.steps=12")
     at = int(str(stopped.value).split("at step ")[1].split(";")[0])
     assert 1 <= at < 12 and at in checkpoint.manager(
         tmp_path / "split", read_only=True).all_steps()
     monkeypatch.setattr(data, "global_batch", real_batch)
     trained(tmp_path / "split", "train.steps=12")
-    assert f"restored step {at}" in capsys.readouterr().err
+    assert f"restored step {at}" in caplog.text
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")  # bit for bit
     assert len(losses(tmp_path / "whole")) == whole.train.steps
 
 
-def test_corrupt_and_half_written_checkpoints_are_skipped(tmp_path, capsys):
+def test_corrupt_and_half_written_checkpoints_are_skipped(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "lm")
     cfg = trained(tmp_path / "run")
     root = checkpoint.directory(tmp_path / "run")
     (root / "12.orbax-checkpoint-tmp-1234").mkdir()  # a save killed mid-write
@@ -81,7 +84,7 @@ def test_corrupt_and_half_written_checkpoints_are_skipped(tmp_path, capsys):
     lay = state.layout(cfg)
     mngr = checkpoint.manager(tmp_path / "run", cfg.checkpoint)
     restored, meta = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert meta["step"] == 4
     assert "never finished" in err and "step 8 is unreadable" in err and "restored step 4" in err
 
@@ -91,17 +94,17 @@ def test_shape_mismatch_lists_parameters(tmp_path):
     cfg = small("model.d_model=64", "mesh.data=-1")
     lay = state.layout(cfg)
     mngr = checkpoint.manager(tmp_path / "run", read_only=True)
-    with pytest.raises(checkpoint.CheckpointError, match=r"blocks.*wq.*\(2, 32, 4, 8\).*\(2, 64, 4, 16\)"):
+    with pytest.raises(CheckpointError, match=r"blocks.*wq.*\(2, 32, 4, 8\).*\(2, 64, 4, 16\)"):
         checkpoint.restore(mngr, 8, lay.abstract, lay.shardings)
 
 
 def test_missing_or_empty_run_directory(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="not a run directory"):
+    with pytest.raises(CheckpointError, match="not a run directory"):
         evaluate.evaluate_run(tmp_path / "nothing")
     run = tmp_path / "empty"
     run.mkdir()
     config.dump(small(), run / "config.yaml")
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoints"):
+    with pytest.raises(CheckpointError, match="no checkpoints"):
         evaluate.evaluate_run(run)
 
 
@@ -126,5 +129,5 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path):
     done = subprocess.run(cmd(steps[0] + 2), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"restored step {steps[0]}" in done.stderr
-    rows = evaluate.read_rows(run / "metrics.jsonl")
+    rows = rundir.read_rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps[0] + 3))

@@ -1,14 +1,11 @@
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lm import config, evaluate, state, train
+from lm import cli, config, evaluate, rundir, state, train
+from lm.errors import ConfigError
 
 from conftest import small
 
@@ -38,24 +35,23 @@ def test_kv_cache_greedy_equals_full_recompute_on_any_mesh():
     assert evaluate.generate(single, params, prompt, 12, temperature=1.0, top_k=1) == expected
     a = evaluate.generate(single, params, prompt, 12, temperature=1.0, seed=3)
     assert a == evaluate.generate(single, params, prompt, 12, temperature=1.0, seed=3)
-    with pytest.raises(config.ConfigError, match="model.context"):
+    with pytest.raises(ConfigError, match="model.context"):
         evaluate.generate(single, params, prompt, 40)
 
 
-def test_eval_all_writes_one_row_per_checkpoint(tmp_path):
+def test_eval_all_writes_one_row_per_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     train.train(small("train.steps=6", "checkpoint.every_steps=2", "checkpoint.keep=5",
                       f"train.run_dir={run}", "mesh.data=-1"))
-    cmd = [sys.executable, "-m", "lm.cli", "eval", str(run), "--all", "--cpu-devices", "8",
-           "mesh.data=2", "mesh.model=4"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    rows = evaluate.read_rows(run / "eval.jsonl")
+    argv = ["eval", str(run), "--all", "--cpu-devices", "8", "mesh.data=2", "mesh.model=4"]
+    assert cli.main(argv) == 0
+    rows = rundir.read_rows(run / "eval.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 6]
     for key in ("step", "tokens", "loss", "loss_sem", "ppl", "bpb", "eval_tokens"):
         assert key in rows[0]
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[0]["loss_sem"] > 0
     assert rows[0]["ppl"] == pytest.approx(np.exp(rows[0]["loss"]))
-    assert "loss" in first.stdout
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and len(evaluate.read_rows(run / "eval.jsonl")) == 3
+    printed = capsys.readouterr().out.splitlines()  # a row per checkpoint under a header
+    assert [line.split()[0] for line in printed[1:]] == ["2", "4", "6"]
+    assert cli.main(argv) == 0 and len(rundir.read_rows(run / "eval.jsonl")) == 3
+    assert "evaluated already" in capsys.readouterr().out

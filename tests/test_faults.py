@@ -1,7 +1,6 @@
 """Faults a run survives or refuses: loss spikes (rolled back, their batches skipped), and
 configs, checkpoints and run directories that could make it execute or overwrite anything."""
 
-import collections
 import pickle
 import shutil
 import types
@@ -10,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lm import checkpoint, config, data, evaluate, state, train
-from lm.config import ConfigError
+from lm import checkpoint, config, data, rundir, state, train
+from lm.errors import ConfigError, TrainingError
 
 from conftest import small
 
@@ -40,7 +39,7 @@ def garbage(monkeypatch):
 
 
 def metrics(run_dir):
-    return evaluate.read_rows(Path(run_dir) / "metrics.jsonl")
+    return rundir.metrics(run_dir)
 
 
 def losses(run_dir):
@@ -80,7 +79,7 @@ def test_a_spike_rolls_back_skips_its_batches_and_resumes_alike(run_dir, garbage
 def test_one_spike_more_than_allowed_stops_the_run(run_dir, garbage):
     garbage.at = lambda position: position >= 17  # every batch from step 18's on
     cfg = small(*SPIKES, "train.spikes.max_spikes=2", f"train.run_dir={run_dir}")
-    with pytest.raises(train.TrainingError, match=r"loss spiked to .* at step 16, .*one spike "
+    with pytest.raises(TrainingError, match=r"loss spiked to .* at step 16, .*one spike "
                        r"more than train.spikes.max_spikes=2 allows; lower optim.lr"):
         train.train(cfg)
     events = [r for r in metrics(run_dir) if "event" in r]
@@ -91,42 +90,12 @@ def test_one_spike_more_than_allowed_stops_the_run(run_dir, garbage):
 def test_non_finite_losses_roll_back_to_the_start_then_stop(run_dir):
     cfg = small("model.init_std=1e20", "train.spikes.max_spikes=1", "checkpoint.every_steps=2",
                 "mesh.data=-1", f"train.run_dir={run_dir}")
-    with pytest.raises(train.TrainingError, match=r"non-finite at step \d+, one spike more "
+    with pytest.raises(TrainingError, match=r"non-finite at step \d+, one spike more "
                        r"than train.spikes.max_spikes=1 allows"):
         train.train(cfg)
     (event,) = [r for r in metrics(run_dir) if "event" in r]
     assert event["loss"] is None and event["rolled_back_to"] == 0  # no checkpoint before it
     assert event["skipped"] == [0, event["step"]]
-
-
-def test_data_position_passes_over_the_skipped_ranges():
-    first = [(15, 18)]  # a spike at step 18 rolled back to step 15
-    assert [train.data_position(i, first) for i in (14, 15, 16)] == [14, 18, 19]
-    both = first + [(19, 21)]  # then one at step 17 rolled back to step 16
-    assert [train.data_position(i, both) for i in (14, 15, 16, 17)] == [14, 18, 21, 22]
-    assert train.skip_range(small().train.spikes, 17, 16, first) == (19, 20)
-
-    class Positions:
-        def rows(self, step, lo, hi):
-            return np.full((hi - lo, 1), step)
-
-        def epoch(self, step):
-            return step / 100
-
-    skipping = train.Skipping(Positions(), tuple(both))
-    assert skipping.rows(16, 0, 2).tolist() == [[21], [21]] and skipping.epoch(17) == 0.22
-
-
-def test_spike_threshold_waits_for_the_start_and_a_full_window():
-    s = small("train.spikes.factor=2", "train.spikes.window=3", "train.spikes.start_step=5",
-              "train.spikes.max_spikes=1", "checkpoint.every_steps=1").train.spikes
-    assert train.spike_threshold(s, 4, [1.0, 2.0, 3.0]) == np.inf
-    assert train.spike_threshold(s, 5, [1.0, 2.0]) == np.inf
-    assert train.spike_threshold(s, 5, [1.0, 2.0, 9.0]) == 4.0  # twice the median
-    recent = collections.deque([1.0, 1.0, 1.0], maxlen=3)
-    spike = train.first_spike(s, 5, [1.5, 1.9, 3.1, 1.0], recent)
-    assert (spike.step, spike.threshold) == (7, 3.0) and list(recent) == [1.0, 1.5, 1.9]
-    assert train.first_spike(s, 1, [float("nan")], collections.deque()).step == 1
 
 
 @pytest.mark.parametrize("override, key", [
@@ -163,14 +132,14 @@ def test_run_directories_no_run_wrote_are_refused(tmp_path):
     (foreign / "config.yaml").unlink()
     (foreign / "checkpoints").mkdir()
     with pytest.raises(ConfigError, match="holds checkpoints but no config.yaml"):
-        train.run_directory(str(foreign))
+        rundir.checked(str(foreign))
     (foreign / "notes.txt").write_text("")
     with pytest.raises(ConfigError, match="is not a directory"):
-        train.run_directory(str(foreign / "notes.txt"))
+        rundir.checked(str(foreign / "notes.txt"))
 
     trial = tmp_path / "trial"  # a sweep writes its trial's config and log first
     trial.mkdir()
     (trial / "trial.yaml").write_text("{}\n")
     (trial / "train.log").write_text("")
-    assert train.run_directory(str(trial)) == trial.resolve()
-    assert train.run_directory("~/x") == Path("~/x").expanduser().resolve()
+    assert rundir.checked(str(trial)) == trial.resolve()
+    assert rundir.checked("~/x") == Path("~/x").expanduser().resolve()

@@ -63,7 +63,7 @@ def xla_flops(cfg) -> float:
 
 
 def counted_flops(cfg) -> float:
-    return flops.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.train.batch_size * cfg.seq_len
+    return flops.step_flops(cfg)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm import checkpoint, config, data, evaluate, state, train
+from lm import checkpoint, config, data, rundir, state, train
 
 from conftest import small
 
@@ -99,7 +99,7 @@ def train_in_two(cfg, tmp_path) -> list[str]:
 
 
 def rows(path, name="metrics.jsonl"):
-    return evaluate.read_rows(Path(path) / name)
+    return rundir.read_rows(Path(path) / name)
 
 
 def params(cfg, step):
@@ -152,7 +152,7 @@ def test_two_processes_resume_a_checkpoint_of_one(one, tmp_path):
     shutil.rmtree(checkpoint.directory(run) / "4")  # resume from step 2, which one process wrote
     two = config.replace(one, train={"run_dir": str(run)})
     outs = train_in_two(two, tmp_path)
-    assert all("restored step 2" in out for out in outs)
+    assert "restored step 2" in outs[0]  # both restore; process 0 alone says so
     assert_same_rows(rows(run), rows(one.train.run_dir), ["loss", "grad_norm"])
     for a, b in zip(params(two, 4), params(one, 4)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

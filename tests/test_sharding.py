@@ -11,8 +11,10 @@ def test_rule_table():
     plain, fsdp = sharding.rules(False), sharding.rules(True)
     assert sharding.spec(("embed", "heads", "kv"), plain) == P(None, "model", None)
     assert sharding.spec(("embed", "mlp"), fsdp) == P("data", "model")
-    # activations keep `embed` whole under FSDP: `data` is taken by the batch
-    assert sharding.spec(("batch", "length", "embed"), fsdp) == P(("replica", "data"), None, None)
+    # activations keep their width whole under FSDP: `data` is taken by the batch
+    assert sharding.spec(("batch", "length", "act_embed"), fsdp) == P(("replica", "data"), None, None)
+    with pytest.raises(ValueError, match="two dims onto one mesh axis"):  # the old ambiguity
+        sharding.spec(("batch", "length", "embed"), fsdp)
     assert sharding.spec(("layers", "vocab", "embed"), plain) == P(None, "model", None)
 
 
@@ -39,7 +41,7 @@ def test_parameters_are_sharded_by_the_rules(fsdp):
         assert shard != array.shape and len(array.addressable_shards) == 8
     assert params["embed"][...].sharding.spec == P("model", embed)
     # Adam moments mirror the parameters' layout
-    mu = fresh["opt"][1][0].mu  # chain(clip, adamw) -> adamw's first part, scale_by_adam
+    mu = fresh["opt"][1].mu  # chain(clip, scale_by_adam, add_decayed_weights)
     assert mu["blocks"]["w_up"][...].sharding.spec == expected["w_up"]
 
 

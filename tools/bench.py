@@ -39,7 +39,7 @@ def vmapped(lay, k: int):
 
     seeds = lay.cfg.train.seed + np.arange(k, dtype=np.uint32)
     states = jax.jit(jax.vmap(state_lib.init_fn(lay.cfg, lay.tx)))(seeds)
-    step = jax.jit(jax.vmap(train.make_step(lay), in_axes=(0, None)), donate_argnums=0)
+    step = jax.jit(jax.vmap(train.make_step(lay), in_axes=(0, None, None)), donate_argnums=0)
     return step, states
 
 
@@ -62,6 +62,7 @@ def main() -> None:
         simulate_cpu_devices(args.cpu_devices)
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from lm import config, data, flops, train
 
@@ -71,6 +72,8 @@ def main() -> None:
     def run(step, state, lay):  # a step, its state, and a batch placed for its layout
         return {"step": step, "state": state, "times": [],
                 "batch": data.global_batch(source, 0, lay.batch_sharding, lay.batch_shape)}
+
+    lr = np.float32(cfg.optim.lr)
 
     one = train.compile_program(cfg, jax.devices()[:1])
     runs = {"one": run(one.step, one.init(), one.layout)}
@@ -83,7 +86,7 @@ def main() -> None:
         runs["vmap"] = run(*vmapped(one.layout, args.vmap), one.layout)
     for r in runs.values():
         for _ in range(2):  # warm-up: the first calls compile, allocate and page in
-            r["state"], _ = r["step"](r["state"], r["batch"])
+            r["state"], _ = r["step"](r["state"], r["batch"], lr)
 
     a = jax.device_put(jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32),
                        jax.devices()[0])
@@ -92,7 +95,7 @@ def main() -> None:
     matmul_times = []
     for _ in range(args.steps):
         for r in runs.values():
-            seconds, (r["state"], _) = timed(r["step"], r["state"], r["batch"])
+            seconds, (r["state"], _) = timed(r["step"], r["state"], r["batch"], lr)
             r["times"].append(seconds)
         matmul_times.append(timed(matmul, a)[0])
 
@@ -100,13 +103,12 @@ def main() -> None:
                                     if jax.devices()[0].platform == "cpu"
                                     else flops.peak_flops_per_s(jax.devices()[:1]))
     step_time = min(runs["one"]["times"])
-    tokens = cfg.train.batch_size * cfg.seq_len
-    model_flops = flops.train_flops_per_token(cfg.model, cfg.seq_len) * tokens
+    model_flops = flops.step_flops(cfg)
     result = {
         "config": args.config, "overrides": args.overrides, "steps": args.steps,
-        "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+        "step_time_s": step_time, "tokens_per_s": cfg.tokens_per_step / step_time,
         "model_flops_per_s": model_flops / step_time, "peak_flops_per_s": peak,
-        "mfu": model_flops / step_time / peak,
+        "mfu": flops.mfu(cfg, step_time, peak),
         "step_time_median_s": sorted(runs["one"]["times"])[len(runs["one"]["times"]) // 2],
     }
     if mesh:
@@ -117,7 +119,7 @@ def main() -> None:
         vmap_time = min(runs["vmap"]["times"])
         result |= {"vmap": args.vmap, "vmap_step_time_s": vmap_time,
                    "vmap_speedup": args.vmap * step_time / vmap_time,
-                   "vmap_mfu": args.vmap * model_flops / vmap_time / peak}
+                   "vmap_mfu": args.vmap * flops.mfu(cfg, vmap_time, peak)}
     width = max(map(len, result))
     for key, value in result.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value

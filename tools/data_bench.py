@@ -28,6 +28,7 @@ def main() -> None:
     if args.cpu_devices:
         simulate_cpu_devices(args.cpu_devices)
     import jax
+    import numpy as np
 
     from lm import config, data, train
 
@@ -36,6 +37,7 @@ def main() -> None:
     sharding, shape = program.layout.batch_sharding, program.layout.batch_shape
     src = data.source(cfg)
     state = program.init()
+    lr = np.float32(cfg.optim.lr)
     resident = data.global_batch(src, 0, sharding, shape)
     next_step = 0
 
@@ -51,7 +53,7 @@ def main() -> None:
         nonlocal state
         begin = time.perf_counter()
         for _, batch in feed():
-            state, metrics = program.step(state, batch)
+            state, metrics = program.step(state, batch, lr)
         jax.block_until_ready((state, metrics))
         return (time.perf_counter() - begin) / args.steps
 

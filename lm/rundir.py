@@ -1,0 +1,143 @@
+"""A run directory: the one module that knows its files.
+
+    config.yaml     the resolved config (written first: it marks the directory as a run's)
+    metrics.jsonl   one JSON row per logged step, and `event` rows (loss-spike rollbacks)
+    eval.jsonl      one JSON row per evaluation
+    checkpoints/    orbax checkpoints, one directory per step
+
+Everything a fit needs is in these files. Also here: the steps at which a run evaluates and
+saves, as plain functions of its config, so that a sweep can plan them without running it.
+Nothing here imports JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lm import config as config_lib
+from lm.config import Config
+from lm.errors import CheckpointError, ConfigError
+
+CONFIG, METRICS, EVALS, CHECKPOINTS = "config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints"
+RUN_FILES = (METRICS, EVALS, CHECKPOINTS)  # besides config.yaml
+
+log = logging.getLogger("lm")
+
+
+def checkpoints(run_dir: str | Path) -> Path:
+    return Path(run_dir).expanduser().resolve() / CHECKPOINTS
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    sections = {f.name for f in dataclasses.fields(Config)}
+    return isinstance(raw, dict) and "train" in raw and set(raw) <= sections
+
+
+def checked(run_dir: str) -> Path:
+    """`train.run_dir`, resolved, once checked to be new or a run's. Training rewrites a run's
+    config.yaml, trims its metrics.jsonl and eval.jsonl to the resumed step and deletes old
+    checkpoints, so it refuses a directory holding such files that a run did not write (a run
+    writes config.yaml first). Other files, e.g. a sweep's, are left alone."""
+    path = Path(run_dir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"train.run_dir={run_dir}: {path} is not a directory")
+    config_file = path / CONFIG
+    if config_file.exists() and not _is_run_config(config_file):
+        raise ConfigError(f"train.run_dir={run_dir}: {config_file} is not the config of an lm "
+                          "run, and training would overwrite it; choose another train.run_dir")
+    found = [name for name in RUN_FILES if (path / name).exists()]
+    if found and not config_file.exists():
+        raise ConfigError(f"train.run_dir={run_dir}: {path} holds {', '.join(found)} but no "
+                          "config.yaml, so no lm run wrote them, and training would rewrite "
+                          "them; choose another train.run_dir")
+    return path
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, run_dir / CONFIG)
+
+
+def load_config(run_dir: str | Path, overrides=()) -> Config:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir} is not a run directory (no config.yaml); give the train.run_dir of a run")
+    return config_lib.load(path, list(overrides))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON rows of a .jsonl file ([] if there is none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metrics(run_dir: str | Path) -> list[dict]:
+    return read_rows(Path(run_dir) / METRICS)
+
+
+def evals(run_dir: str | Path) -> list[dict]:
+    return read_rows(Path(run_dir) / EVALS)
+
+
+class Log:
+    """A run's metrics.jsonl and eval.jsonl: one JSON row per line, written by one process
+    (`writes`: process 0 of a multi-process run), and rewound with the run."""
+
+    def __init__(self, run_dir: Path, writes: bool = True):
+        self.paths = {"metrics": run_dir / METRICS, "eval": run_dir / EVALS}
+        self.writes = writes
+
+    def rewind(self, through: int, skipped) -> None:
+        """Keep what a run resumed from the checkpoint of step `through`, with `skipped`, would
+        not write again: the rows of the steps until then, and the events of its rollbacks."""
+
+        def kept(row):
+            return tuple(row["skipped"]) in skipped if "event" in row else row["step"] <= through
+
+        if self.writes:
+            for path in self.paths.values():
+                rows = [r for r in read_rows(path) if kept(r)]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                tmp.replace(path)
+
+    def append(self, name: str, row: dict) -> None:
+        if self.writes:
+            with open(self.paths[name], "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def last_metrics(self) -> dict:
+        return (read_rows(self.paths["metrics"]) or [{}])[-1]
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def eval_steps(cfg: Config) -> set[int]:
+    """Steps at which a run evaluates: every `eval.every_steps`, `eval.log_points` log-spaced
+    steps (a learning curve), and the last step whenever either is on."""
+    e, steps = cfg.eval, cfg.train.steps
+    out = set(range(e.every_steps, steps + 1, e.every_steps)) if e.every_steps else set()
+    if e.log_points:  # from the last step down, so that one point is the last step
+        first = max(1, steps // 32)
+        out |= {int(round(s)) for s in np.geomspace(steps, first, e.log_points)}
+    return out | {steps} if out else out
+
+
+def save_steps(cfg: Config) -> set[int]:
+    """Steps at which a run saves a checkpoint: every `checkpoint.every_steps` and the last."""
+    every = cfg.checkpoint.every_steps
+    return set(range(every, cfg.train.steps, every)) | {cfg.train.steps} if every else {
+        cfg.train.steps}

@@ -1,0 +1,90 @@
+"""The `lm` command as a user meets it: the study commands run where JAX cannot be imported,
+and the presets ship inside the package."""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from lm import spec as spec_lib
+from lm.store import Store
+
+from sweeps import spec_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs `lm` commands in one process in which importing JAX, Flax, Optax or Orbax fails.
+WITHOUT_JAX = """
+import json, sys
+for name in ("jax", "jaxlib", "flax", "optax", "orbax", "orbax.checkpoint"):
+    sys.modules[name] = None
+from lm import cli
+codes = [cli.main(argv) for argv in json.loads(sys.argv[1])]
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "optax", "orbax")
+                and sys.modules[m] is not None)
+print(json.dumps({"codes": codes, "loaded": loaded}))
+"""
+
+
+def finished_sweep(tmp_path) -> Path:
+    """A sweep spec whose every trial is recorded done in its store, with learning curves that
+    follow a known law: what `lm sweep` finds when the training is over."""
+    path = spec_file(tmp_path, tokens=[5120, 8192, 12288],
+                     holdout={"size": {"model.d_model": 64, "model.n_layers": 2,
+                                       "model.n_heads": 2}, "tokens": 32768})
+    spec = spec_lib.load_spec(path)
+    trials = spec_lib.plan(spec)
+    spec.path.mkdir(parents=True)
+    store = Store(spec.path / "store.sqlite")
+    store.sync(trials)
+    rng = np.random.default_rng(0)
+    for t in trials:
+        f = t.facts()
+        points = [{"step": k, "tokens": f["tokens"] * k // 4, "flops": f["flops"] * k / 4,
+                   "train_loss": None, "val_loss_sem": 0.01, "bpb": None,
+                   "val_loss": (2 + 50 * f["params"] ** -0.3 + 300 * (f["tokens"] * k / 4) ** -0.3)
+                   * (1 + 0.002 * rng.standard_normal())} for k in (1, 2, 3, 4)]
+        store.finish(t.name, points, wall_s=1.0)
+    return path
+
+
+def test_study_commands_run_without_jax(tmp_path):
+    path = finished_sweep(tmp_path)
+    sweep_dir, fit_json = tmp_path / "sweep", tmp_path / "fit.json"
+    commands = [["sweep", "--plan", str(path), "--cpu-devices", "2"],
+                ["sweep", "--status", str(path)],
+                ["sweep", str(path), "--cpu-devices", "2"],  # nothing to train: fit and report
+                ["fit", str(sweep_dir), "--out", str(fit_json)],
+                ["predict", str(fit_json), "--flops", "1e15"],
+                ["predict", str(fit_json), "--params", "1e5", "--tokens", "1e7"]]
+    out = subprocess.run([sys.executable, "-c", WITHOUT_JAX, json.dumps(commands)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [0] * len(commands), "loaded": []}, out.stderr
+    assert "10 done" in out.stdout and "held-out" in out.stdout and "loss=" in out.stdout
+    for name in ("report.md", "fit.json", "prediction.json", "plots/loss_vs_compute.png"):
+        assert (sweep_dir / name).is_file(), name
+    assert json.loads(fit_json.read_text())["law"] == "chinchilla"
+
+
+def test_the_wheel_ships_the_presets(tmp_path):
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("lm-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    assert {"lm/configs/tiny.yaml", "lm/configs/gpt3-175b.yaml", "lm/cli.py"} <= names
+    # From another directory, the installed package alone resolves a preset by name.
+    probe = "from lm import config; c = config.load('tiny'); print(config.find('tiny'))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"),
+                                            "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "site" / "lm" / "configs" / "tiny.yaml")

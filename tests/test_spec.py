@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from lm import spec as spec_lib
+from lm.errors import ConfigError
+
+from sweeps import BASE, SIZES, spec_file
+
+
+def test_plan_applies_the_recipe(tmp_path):
+    spec = spec_lib.load_spec(spec_file(tmp_path, tokens=[8192, 16384],
+                                     recipe={"lr": 1e-2, "lr_ref_width": 32, "lr_power": 1.0,
+                                             "warmup_tokens_per_param": 0.5}))
+    trials = spec_lib.plan(spec)
+    assert len(trials) == 7 and [t.role for t in trials].count("holdout") == 1
+    by_width = {(t.cfg.model.d_model, t.cfg.train.steps): t for t in trials}
+    assert by_width[16, 32].cfg.optim.lr == pytest.approx(2e-2)  # 1e-2 * 32/16
+    assert by_width[48, 64].cfg.optim.lr == pytest.approx(1e-2 * 32 / 48)
+    warm = [by_width[w, 64].cfg.optim.warmup_steps for w in (16, 32, 48)]
+    assert warm == sorted(warm) and warm[0] < warm[-1]  # warmup grows with model size
+    facts = trials[0].facts()
+    assert facts["tokens"] == trials[0].cfg.train.steps * 8 * 32
+    assert facts["flops"] > facts["flops_6nd"] * 0.9 and facts["params_non_embedding"] > 0
+
+
+def test_a_held_out_run_may_be_a_small_size_trained_longer(tmp_path):
+    trials = spec_lib.plan(spec_lib.load_spec(spec_file(
+        tmp_path, holdout={"size": SIZES[0], "tokens": 100_000})))
+    (held,) = [t for t in trials if t.role == "holdout"]
+    assert held.cfg.model.d_model == 16 and held.facts()["tokens"] == pytest.approx(1e5, rel=0.01)
+    assert held.facts()["flops"] > max(t.facts()["flops"] for t in trials if t.role == "fit")
+
+
+def test_isoflop_plan_spends_each_budget(tmp_path):
+    sizes = [{"model.d_model": d, "model.n_layers": 1, "model.n_heads": 2}
+             for d in (16, 24, 32, 48, 64)]
+    spec = spec_lib.load_spec(spec_file(tmp_path, tokens=[], isoflop=[3e10, 1e11], sizes=sizes,
+                                     isoflop_points=3, holdout={}, fit={"law": "isoflop"}))
+    trials = spec_lib.plan(spec)
+    assert len(trials) == 6
+    for t in trials:
+        assert min(abs(t.facts()["flops"] / c - 1) for c in (3e10, 1e11)) < 0.05
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tokens": [100]}, "recipe.min_steps"),
+    ({"holdout": {"size": SIZES[0], "tokens": 8192}}, "held-out run"),
+    ({"sizes": []}, "sizes"),
+    ({"tokens": [8192], "isoflop": [1e10]}, "exactly one"),
+    ({"sizes": SIZES[:2]}, "3 distinct model sizes"),
+    ({"recipe": {"lr": 1e-2, "warmup": 3}}, "recipe.warmup"),
+    ({"overrides": {**BASE, "train.batch_size": 2**22}, "tokens": [2**22 * 32 * 25],
+      "holdout": {}}, "GiB"),
+])
+def test_bad_specs_fail_before_any_compute(tmp_path, changes, message):
+    path = spec_file(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=message):
+        spec_lib.check_memory(spec_lib.plan(spec_lib.load_spec(path)), limit=24 * 2**30)
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("name", ["quick", "stdlib-chinchilla"])
+def test_committed_experiments_plan(name):
+    """The README's main job and the fuller study stay valid sweeps as the code moves, and hold
+    out a run with at least 4x the compute of the largest fitting run."""
+    spec_path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml"
+    trials = spec_lib.plan(spec_lib.load_spec(spec_path))
+    flops = {t.role: [] for t in trials}
+    for t in trials:
+        flops[t.role].append(t.facts()["flops"])
+    assert len(flops["fit"]) >= 12 and len(flops["holdout"]) == 1
+    assert min(flops["holdout"]) >= 4 * max(flops["fit"])
