@@ -1,10 +1,15 @@
-"""Orbax checkpoints: asynchronous saves with a keep policy, restores onto any mesh, and a
-fallback past checkpoints that are incomplete or unreadable.
+"""Orbax checkpoints: asynchronous saves, a keep policy that deletes only what lm wrote,
+restores onto any mesh, and a fallback past checkpoints that are incomplete, unreadable or
+damaged.
 
 A checkpoint holds three items: `params`, `opt` (optimiser state) and `meta` (JSON: the step,
-the seed, the resolved config, and for loss-spike handling the data positions skipped so far and
-the recent losses). Evaluation restores `params` alone. Nothing is pickled: arrays are
-tensorstore files, the rest JSON.
+the seed, the resolved config, a fingerprint of every array, and for loss-spike handling the
+data positions skipped so far and the recent losses). Evaluation restores `params` alone.
+Nothing is pickled: arrays are tensorstore files, the rest JSON.
+
+A restore recomputes the fingerprints and compares them with those saved, so a flipped byte is
+caught, not trained on. A step that cannot be restored is moved aside by training
+(`checkpoints/100.corrupt-<time>`), kept for inspection, and the run goes on from an older one.
 
 In a multi-process run every process makes the same calls: each writes and reads the shards its
 devices hold, process 0 the metadata, all into one directory they share (a network filesystem).
@@ -12,56 +17,138 @@ devices hold, process 0 the metadata, all into one directory they share (a netwo
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from lm.config import CheckpointConfig
 from lm.errors import CheckpointError
+from lm.processes import is_primary, sync
 from lm.rundir import checkpoints as directory
 
 log = logging.getLogger("lm")
+ITEMS = ("params", "opt", "meta")
+# What orbax writes into a step directory (or a save in progress) for lm's items.
+ORBAX_FILES = {"_CHECKPOINT_METADATA", "commit_success.txt", *ITEMS}
 
 
-def manager(run_dir: str | Path, cfg: CheckpointConfig = CheckpointConfig(), *,
-            read_only: bool = False) -> ocp.CheckpointManager:
-    """A manager for the run's checkpoints; a writable one removes saves that never finished
-    (they are never mistaken for checkpoints: orbax renames a save into place when done)."""
-    if not read_only:
-        for tmp in incomplete(run_dir):
-            log.warning("checkpoint: removing %s: a save that never finished", tmp.name)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, keep_period=cfg.keep_every or None, create=not read_only,
-        read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=True)
+class _Damaged(Exception):
+    """A checkpoint whose arrays do not match the fingerprints saved with them."""
+
+
+def manager(run_dir: str | Path, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """A manager for the run's checkpoints. Orbax deletes nothing itself: `save` keeps the
+    policy, deleting only step directories that hold nothing but what lm writes."""
+    root = directory(run_dir)
+    if not read_only and root.is_symlink() and not root.resolve().is_relative_to(
+            root.parent.resolve()):
+        raise CheckpointError(
+            f"{root} is a symlink to {root.resolve()}, outside the run directory, where lm "
+            "would delete old checkpoints; replace it by a directory, or set train.run_dir to "
+            "a directory on that filesystem")
+    if not read_only and is_primary():
+        for tmp in root.glob("*.orbax-checkpoint-tmp*") if root.is_dir() else ():
+            _remove(tmp, "a save that never finished")
+    sync("incomplete saves removed")
+    options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
+                                           enable_async_checkpointing=True)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(directory(run_dir), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(root, options=options, item_handlers=handlers)
 
 
-def save(mngr: ocp.CheckpointManager, state: dict, meta: dict) -> None:
-    """Start an asynchronous save of `state` at `meta["step"]`. The device-to-host copy
-    happens before this returns, so the caller may donate `state` to the next step."""
-    mngr.save(meta["step"], force=True, args=ocp.args.Composite(
+def _lm_wrote(path: Path, step: int | None) -> bool:
+    """Whether lm wrote `path` and nothing else is in it: a real directory (not a link)
+    holding only what orbax writes for lm's items and, for a finished save of `step`, lm's
+    meta recording that step."""
+    if not path.is_dir() or path.is_symlink() or not {p.name for p in path.iterdir()
+                                                      } <= ORBAX_FILES:
+        return False
+    if step is None:  # a save in progress holds whatever it got to
+        return True
+    try:
+        return json.loads((path / "meta" / "metadata").read_text())["step"] == step
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove(path: Path, why: str, step: int | None = None) -> None:
+    if not _lm_wrote(path, step):
+        log.warning("checkpoint: leaving %s (%s): it holds files lm did not write", path, why)
+        return
+    log.info("checkpoint: removing %s: %s", path.name, why)
+    shutil.rmtree(path)
+
+
+def kept(steps: list[int], cfg: CheckpointConfig) -> set[int]:
+    """The steps the policy keeps: the newest `keep`, and every `keep_every`-th."""
+    steps = sorted(steps)
+    return set(steps[-cfg.keep:]) | {s for s in steps if cfg.keep_every and s % cfg.keep_every == 0}
+
+
+def save(mngr: ocp.CheckpointManager, state: dict, meta: dict, cfg: CheckpointConfig) -> None:
+    """Start an asynchronous save of `state` at `meta["step"]`, with the fingerprint of every
+    array, after deleting the steps the keep policy lets go. The device-to-host copy happens
+    before this returns, so the caller may donate `state` to the next step."""
+    mngr.wait_until_finished()  # the previous save: long done, one save interval ago
+    step = meta["step"]
+    done = sorted(mngr.all_steps())
+    if is_primary():
+        keep = kept(done + [step], cfg)
+        for old in done:
+            if old not in keep:
+                _remove(Path(mngr.directory) / str(old), "beyond checkpoint.keep", old)
+    sync("old checkpoints removed")
+    mngr.reload()
+    meta = {**meta, "fingerprints": {name: fingerprints(state[name]) for name in ("params", "opt")}}
+    mngr.save(step, force=True, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]), opt=ocp.args.StandardSave(state["opt"]),
         meta=ocp.args.JsonSave(meta)))
 
 
-def incomplete(run_dir: str | Path) -> list[Path]:
-    """Step directories of saves that never finished (e.g. killed mid-write)."""
-    root = directory(run_dir)
-    return sorted(p for p in root.glob("*.orbax-checkpoint-tmp*")) if root.is_dir() else []
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _path_name(path) -> str:
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(p for p in parts if p != "value")
+
+
+def _fingerprint(x):
+    """A 32-bit fingerprint of an array's bits: their sum, each word weighted by an odd number
+    set by its position. Any single flipped bit changes it, and since integer sums are exact,
+    so is it on every mesh."""
+    words = x.reshape(-1)
+    if words.dtype.itemsize == 2:
+        words = jax.lax.bitcast_convert_type(words, jnp.uint16).astype(jnp.uint32)
+    else:
+        words = jax.lax.bitcast_convert_type(words, jnp.uint32)
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | 1
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+_fingerprint_tree = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))  # one program a tree
+
+
+def fingerprints(tree) -> dict[str, int]:
+    """{"blocks.wq": fingerprint, ...} of every array in `tree`."""
+    values = jax.device_get(_fingerprint_tree(tree))
+    return {_path_name(path): int(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(values)[0]}
+
+
+# --------------------------------------------------------------------------- restore
 
 
 def _shapes(tree) -> dict[str, tuple]:
     """{"blocks.wq": shape, ...}; Variables' `value` level is dropped."""
-
-    def name(path):
-        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        return ".".join(p for p in parts if p != "value")
-
-    return {name(path): tuple(leaf.shape)
+    return {_path_name(path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -77,34 +164,74 @@ def mismatches(mngr: ocp.CheckpointManager, step: int, abstract_params) -> list[
     return out
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict, shardings: dict,
-            items=("params", "opt")) -> tuple[dict, dict]:
-    """The `items` of checkpoint `step`, placed with `shardings` (the current mesh's, whatever
-    mesh wrote them), and its meta."""
-    bad = mismatches(mngr, step, abstract["params"])
+def _check_fits(mngr: ocp.CheckpointManager, step: int, abstract_params) -> None:
+    bad = mismatches(mngr, step, abstract_params)
     if bad:
         raise CheckpointError(f"checkpoint {step} in {mngr.directory} does not fit the configured "
                               "model:\n  " + "\n  ".join(bad))
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict, shardings: dict,
+            items=("params", "opt")) -> tuple[dict, dict]:
+    """The `items` of checkpoint `step`, placed with `shardings` (the current mesh's, whatever
+    mesh wrote them), and its meta, once their fingerprints match those saved."""
+    _check_fits(mngr, step, abstract["params"])
     targets = {name: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract[name], shardings[name]) for name in items}
     args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
     restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+    saved = restored["meta"].get("fingerprints", {})  # none in checkpoints of older lm versions
+    for name in items:
+        if name in saved and fingerprints(restored[name]) != saved[name]:
+            raise _Damaged(f"the {name} arrays do not match the fingerprints saved with them")
     return {name: restored[name] for name in items}, restored["meta"]
 
 
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
+    """Move step `step` out of the way (never delete it): checkpoints/<step>.corrupt-<time>."""
+    path = Path(mngr.directory) / str(step)
+    aside = path.with_name(f"{step}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    if is_primary():
+        path.rename(aside)
+    sync("damaged checkpoint set aside")
+    mngr.reload()
+    return aside
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
-                   items=("params", "opt")) -> tuple[dict, dict] | None:
-    """The newest checkpoint that restores, saying which and why; None when there is none."""
-    for step in sorted(mngr.all_steps(), reverse=True):
+                   items=("params", "opt"), *, steps=None,
+                   aside: bool = False) -> tuple[dict, dict] | None:
+    """The newest checkpoint (of `steps`, default all) that restores, saying which and why;
+    None when there is none. A step that is unreadable or damaged is skipped, or moved aside
+    (`aside`: a run that will save again, and must not meet it); one that does not fit the
+    model raises."""
+    for step in sorted(mngr.all_steps() if steps is None else steps, reverse=True):
         try:
             state, meta = restore(mngr, step, abstract, shardings, items)
         except CheckpointError:
             raise
-        except Exception as e:  # unreadable: fall back to an older one
-            log.warning("checkpoint: step %d is unreadable (%s: %s); trying an older one",
-                        step, type(e).__name__, str(e)[:200])
+        except Exception as e:  # unreadable or damaged: fall back to an older one
+            where = f"; moved to {set_aside(mngr, step).name}" if aside else ""
+            log.warning("checkpoint: step %d is unreadable (%s: %s)%s; trying an older one",
+                        step, type(e).__name__, str(e)[:200], where)
             continue
         log.info("checkpoint: restored step %d, the newest complete checkpoint in %s", step,
                  mngr.directory)
         return state, meta
     return None
+
+
+def check_fits(run_dir: str | Path, abstract_params) -> None:
+    """Refuse a run directory whose newest readable checkpoint does not fit the model, before
+    the run writes anything into it."""
+    if not directory(run_dir).is_dir():
+        return
+    mngr = manager(run_dir, read_only=True)
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            _check_fits(mngr, step, abstract_params)
+        except CheckpointError:
+            raise
+        except Exception:  # unreadable metadata: the restore will move it aside
+            continue
+        return

@@ -143,11 +143,13 @@ def cmd_eval(args) -> int:
     if not rows:
         print(f"every checkpoint of {args.run_dir} is evaluated already (see eval.jsonl)")
         return 0
-    print(f"{'step':>8} {'tokens':>12} {'loss':>8} {'± sem':>8} {'ppl':>9} {'bpb':>7}")
+    width = max(len("set"), *(len(r["set"]) for r in rows))
+    print(f"{'step':>8} {'set':<{width}} {'tokens':>12} {'loss':>8} {'± sem':>8} {'ppl':>9} "
+          f"{'bpb':>7}")
     for r in rows:
         bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "-"
-        print(f"{r['step']:>8} {r['tokens']:>12,} {r['loss']:>8.4f} {r['loss_sem'] or 0:>8.4f} "
-              f"{r['ppl']:>9.2f} {bpb:>7}")
+        print(f"{r['step']:>8} {r['set']:<{width}} {r['tokens']:>12,} {r['loss']:>8.4f} "
+              f"{r['loss_sem'] or 0:>8.4f} {r['ppl']:>9.2f} {bpb:>7}")
     return 0
 
 
@@ -174,16 +176,22 @@ def cmd_sweep(args) -> int:
     if args.plan:
         print(runner.plan_text(args.spec, args.cpu_devices))
     elif args.status:
-        print(runner.status_text(args.spec))
+        rows = runner.status(args.spec, args.store)
+        print(json.dumps(rows) if args.json else runner.status_text(args.spec, args.store))
+    elif args.rebuild_store:
+        print(runner.rebuild_store(args.spec, args.store))
+    elif args.worker:
+        runner.work(args.spec, args.store, args.stale_after)
     else:
-        runner.run(args.spec, workers=args.workers, cpu_devices=args.cpu_devices)
+        runner.run(args.spec, workers=args.workers, cpu_devices=args.cpu_devices, url=args.store,
+                   stale_s=args.stale_after)
     return 0
 
 
 def cmd_fit(args) -> int:
     from lm import scaling, store
 
-    points, designated = store.load_points(args.source)
+    points, designated = store.load_points(args.source, args.ignore_columns)
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
     result = scaling.fit(points, args.law, holdout=holdout or None, bootstrap=args.bootstrap,
                          drop_early=args.drop_early, seed=args.seed)
@@ -210,6 +218,21 @@ def cmd_predict(args) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def _at_least(kind: type, low: float):
+    """An argparse type: a number of `kind` that is at least `low` (a usage error otherwise)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -261,9 +284,9 @@ def parser() -> argparse.ArgumentParser:
     p = command("sample", cmd_sample, "generate text from a run's newest checkpoint",
                 first="run_dir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0: the whole vocabulary")
+    p.add_argument("--max-tokens", type=_at_least(int, 1), default=64)
+    p.add_argument("--temperature", type=_at_least(float, 0), default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=_at_least(int, 0), default=0, help="0: the whole vocabulary")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("sweep", parents=[common], help="run a scaling sweep, fit, predict, report",
@@ -273,7 +296,18 @@ def parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="list trials, FLOPs, estimated time")
     mode.add_argument("--status", action="store_true", help="show progress")
-    p.add_argument("--workers", type=int, default=1, help="trials trained at once")
+    mode.add_argument("--worker", action="store_true",
+                      help="be one more worker of a running sweep (any machine; with --store)")
+    mode.add_argument("--rebuild-store", action="store_true",
+                      help="rebuild a damaged store from the trials' run directories")
+    p.add_argument("--workers", type=_at_least(int, 1), default=2,
+                   help="worker processes, each training trials one after another")
+    p.add_argument("--store", metavar="URL",
+                   help="the sweep's store: a SQLite file (default: SWEEP_DIR/store.sqlite) or "
+                   "postgresql://user:password@host:port/database, shared by many machines")
+    p.add_argument("--stale-after", type=_at_least(float, 1), default=120, metavar="S",
+                   help="a worker not heard of for S seconds has died: its trial is taken over")
+    p.add_argument("--json", action="store_true", help="with --status: one JSON list")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("fit", help="fit a scaling law to a sweep store or a CSV",
@@ -289,6 +323,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-early", type=float, default=0.1, metavar="F",
                    help="drop points before this fraction of each run's tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-columns", action="store_true",
+                   help="ignore CSV columns other than the known ones (default: an error)")
     p.add_argument("--out", default="fit.json")
     p.set_defaults(func=cmd_fit, cpu_devices=None)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -103,19 +104,39 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    source: str = ""  # as data.source: default, or files/globs
+    weight: float = 1.0  # relative share of the training rows
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "default"  # default (the embedded corpus) | synthetic | files/globs, comma-separated
+    # the validation set `val` from these files/globs, instead of holding out part of data.source
+    val_source: str = ""
+    # more validation sets, name -> files/globs: each evaluated and reported on its own
+    val_sets: dict[str, str] = dataclasses.field(default_factory=dict)
+    mixture: tuple[MixtureSource, ...] = ()  # train on these sources by weight, not data.source
     vocab_size: int | None = None  # tokenizer vocab; None: the model's
     seq_len: int | None = None  # None: the model's context
     tokenizer: Literal["bpe", "unigram"] = "bpe"  # SentencePiece model type
-    text_field: str = "text"  # the document field of .jsonl lines
+    text_field: str = "text"  # the document field of .jsonl lines, the text column of Parquet/Arrow
     cache_dir: str = "~/.cache/lm/data"  # prepared datasets, one directory per sources+settings
     tokenizer_sample_bytes: int = 10_000_000  # about this much text trains the tokenizer
-    val_fraction: float = 0.02  # documents held out for validation (chosen by a hash of each)
+    val_fraction: float = 0.02  # text held out for validation: whole documents, or spans in each
     val_sequences: int = 128  # size of the fixed validation set, in sequences of seq_len + 1
     on_bad_file: Literal["skip", "fail"] = "skip"  # a file that is not UTF-8 text: warn or stop
-    max_bytes: int = 0  # >0: only the documents that start within this prefix of the corpus
+    max_bytes: int = 0  # >0: only the documents that start within this prefix of each source
     workers: int = 0  # encoding processes; 0: one per CPU
+
+    @property
+    def set_names(self) -> list[str]:
+        """The validation sets' names, in the order they are evaluated: `val`, data.val_sets."""
+        return ["val", *self.val_sets]
+
+    def __hash__(self):  # as a frozen dataclass's, with the dict val_sets hashed as its items
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v
+                          for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,21 +219,33 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["model.d_model=256", "train.steps=10"]` -> nested dict; values are parsed as YAML."""
+    """`["model.d_model=256", "train.steps=10"]` -> nested dict; values are parsed as YAML.
+    Later overrides merge into earlier ones: `train.run_dir=X 'train={steps: 3}'` keeps X."""
     tree: dict = {}
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
         try:
-            node[leaf] = yaml.safe_load(text) if text else ""
+            value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
-            node[leaf] = text  # not YAML (e.g. `a,b`): the type check decides
+            value = text  # not YAML (e.g. `a,b`): the type check decides
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        _merge_override(tree, value, item)
     return tree
+
+
+def _merge_override(tree: dict, update: dict, item: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        old = tree.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            _merge_override(old, value, item, f"{prefix}{key}.")
+        elif key in tree and isinstance(old, dict) != isinstance(value, dict):
+            raise ConfigError(f"override {item!r} and an earlier one give {prefix}{key} both a "
+                              "value and keys; a section takes keys (e.g. model.d_model=64)")
+        else:
+            tree[key] = value
 
 
 def load(name: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -252,14 +285,7 @@ def build(cls, raw, prefix: str = ""):
             f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}"
         )
     hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in raw.items():
-        key, kind = prefix + name, hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = build(kind, value, key + ".")
-        else:
-            values[name] = _coerce(value, kind, key)
-    return cls(**values)
+    return cls(**{name: _coerce(value, hints[name], prefix + name) for name, value in raw.items()})
 
 
 def _coerce(value, kind, key: str):
@@ -274,10 +300,15 @@ def _coerce(value, kind, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(kind):  # a section, or an entry of data.mixture
+        return build(kind, value, key + ".")
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if (kind is dict or origin is dict) and isinstance(value, dict):
-        return dict(value)
+        if not args:
+            return dict(value)
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}")
+                for k, v in value.items()}
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -326,7 +357,9 @@ def check(cfg: Config) -> None:
     _require(d.source == "synthetic" or cfg.vocab_size > 258, "data.vocab_size", cfg.vocab_size,
              "a SentencePiece vocab needs 258 pieces (256 bytes, <unk>, end-of-document) plus "
              "the corpus's characters; try 512")
-    _require(d.text_field != "", "data.text_field", d.text_field, "must name a .jsonl field")
+    _check_sources(d)
+    _require(d.text_field != "", "data.text_field", d.text_field,
+             "must name a .jsonl field or a Parquet/Arrow column")
     _require(d.cache_dir != "", "data.cache_dir", d.cache_dir, "must name a directory")
     _require(d.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes",
              d.tokenizer_sample_bytes, "must be positive")
@@ -362,6 +395,33 @@ def check(cfg: Config) -> None:
         _require(size == -1 or size > 0, f"mesh.{key}", size, "must be positive or -1 (fill)")
     _require([mesh.replica, mesh.data, mesh.model].count(-1) <= 1, "mesh", mesh,
              "at most one of replica, data, model may be -1")
+
+
+def _check_sources(d: DataConfig) -> None:
+    """data.val_source, data.val_sets and data.mixture: real text, named and weighted sensibly."""
+    files = "default or comma-separated files/globs"
+    real = {f"data.val_sets.{name}": spec for name, spec in d.val_sets.items()}
+    real |= {f"data.mixture[{i}].source": m.source for i, m in enumerate(d.mixture)}
+    if d.val_source:
+        real["data.val_source"] = d.val_source
+    for key, spec in real.items():
+        _require(spec.strip(" ,") not in ("", "synthetic"), key, spec, f"give {files}")
+        _require(d.source != "synthetic", "data.source", d.source,
+                 f"synthetic data has no text to validate or mix with; drop {key}")
+    for name in d.val_sets:
+        _require(re.fullmatch(r"[\w-]+", name) is not None and name != "val",
+                 f"data.val_sets.{name}", d.val_sets[name], "name it with letters, digits, _ or - "
+                 "and not `val` (the default set's name; data.val_source replaces that)")
+    if not d.mixture:
+        return
+    _require(d.source == "default", "data.source", d.source,
+             "data.mixture names the training sources; drop data.source (or data.mixture)")
+    for i, m in enumerate(d.mixture):
+        _require(m.weight >= 0, f"data.mixture[{i}].weight", m.weight, "must be >= 0")
+        _require(m.source not in [n.source for n in d.mixture[:i]], f"data.mixture[{i}].source",
+                 m.source, "is already in data.mixture; give each source once")
+    _require(sum(m.weight for m in d.mixture) > 0, "data.mixture", [m.weight for m in d.mixture],
+             "the weights are all 0: give at least one source a positive weight")
 
 
 def eval_batch_size(cfg: Config) -> int:

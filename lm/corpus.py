@@ -1,10 +1,12 @@
 """Data preparation: files -> documents -> SentencePiece -> token files -> manifest.
 
-    files -> documents -> tokenizer.model, train.bin, val.bin -> manifest.json
+    files -> documents -> train / validation pieces -> tokenizer.model, train.bin, val.bin
+          -> manifest.json
 
 `prepare` builds the tokenizer and token files once per (sources, settings), in a cache
-directory keyed by their hash, and reuses them after. Only numpy and SentencePiece: the
-encoding worker processes never load JAX.
+directory keyed by their hash, and reuses them after; each validation set given apart
+(data.val_source, data.val_sets) is encoded with that tokenizer into a directory of its own.
+Only numpy, SentencePiece and pyarrow: the encoding worker processes never load JAX.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import glob
+import gzip
 import hashlib
 import heapq
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -26,6 +30,7 @@ import sysconfig
 import time
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -37,9 +42,11 @@ from tqdm import tqdm
 from lm.config import Config
 from lm.errors import ConfigError, DataError
 
-FORMAT = 1  # of prepared datasets; hashed with the settings, so a new format never reuses an old
+FORMAT = 2  # of prepared datasets; hashed with the settings, so a new format never reuses an old
 MANIFEST, TOKENIZER = "manifest.json", "tokenizer.model"
 SPLITS = ("train", "val")
+SPAN_CHARS = 1 << 14  # held-out spans are at most this long, so that they spread through a document
+LINE_SLACK = 200  # a span's edge moves back to the start of its line when that is this near
 EOD_ID = 1  # end of document: SentencePiece's eos piece, written after every document
 BATCH_BYTES = 1 << 20  # text per encoding task
 SENTENCE_CHARS = 4096  # the tokenizer trains on runs of lines of at most this many characters
@@ -85,11 +92,12 @@ def default_corpus() -> list[tuple[str, Path]]:
                   if not {"site-packages", "dist-packages"} & set(key.split("/")))
 
 
-def corpus_files(spec: str) -> list[tuple[str, Path]]:
-    """(key, path) of each input file of data.source: `default`, or comma-separated files and
-    globs in the order given (each glob's matches sorted), without repeats. A file's key is its
-    path below the glob's fixed directories (a named file: its name), so that moving a corpus
-    keeps every document in its split."""
+def corpus_files(spec: str, key: str = "data.source") -> list[tuple[str, Path]]:
+    """(key, path) of each input file of a source (`key` names its setting): `default`, or
+    comma-separated files, globs and saved Hugging Face datasets in the order given (each glob's
+    matches sorted), without repeats. A file's key is its path below the glob's fixed
+    directories (a named file or dataset: its name), so that moving a corpus keeps every
+    document in its split."""
     if spec == "default":
         return default_corpus()
     found: dict[Path, tuple[str, Path]] = {}  # by real path
@@ -101,12 +109,11 @@ def corpus_files(spec: str) -> list[tuple[str, Path]]:
             matches = [Path(m) for m in sorted(glob.glob(str(pattern), recursive=True))
                        if os.path.isfile(m)]
             if not matches:
-                raise DataError(f"data.source: {item!r} matches no file")
+                raise DataError(f"{key}: {item!r} matches no file")
         elif pattern.is_dir():
-            raise DataError(f"data.source: {item!r} is a directory; give its files as a glob, "
-                            f"e.g. {os.path.join(item, '**', '*.txt')!r}")
+            root, matches = pattern.parent, saved_dataset(pattern, item, key)
         elif not pattern.is_file():
-            raise DataError(f"data.source: no such file {item!r}")
+            raise DataError(f"{key}: no such file {item!r}")
         else:
             root, matches = pattern.parent, [pattern]
         for match in matches:
@@ -114,16 +121,44 @@ def corpus_files(spec: str) -> list[tuple[str, Path]]:
     return list(found.values())
 
 
-def read_documents(key: str, path: Path, text_field: str) -> list[Document]:
-    """The documents of one file: all of it, or for .jsonl the field `text_field` of each line."""
+def saved_dataset(path: Path, item: str, key: str) -> list[Path]:
+    """The Arrow files of a Hugging Face dataset saved with `save_to_disk`, in its order (from
+    its state.json); any other directory is an error that says what to give instead."""
+    if (path / "dataset_dict.json").is_file():
+        raise DataError(f"{key}: {item!r} is a saved DatasetDict; give one of its splits, e.g. "
+                        f"{os.path.join(item, 'train')!r}")
+    state = path / "state.json"
+    if not state.is_file():
+        raise DataError(f"{key}: {item!r} is a directory; give its files as a glob, e.g. "
+                        f"{os.path.join(item, '**', '*.txt')!r}, or a dataset saved with "
+                        "save_to_disk")
     try:
-        raw = path.read_bytes()
+        files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{key}: {state} is not the state.json of a dataset saved with "
+                        "save_to_disk (no _data_files list); save it again") from None
+    if missing := [f.name for f in files if not f.is_file()]:
+        raise DataError(f"{key}: {item!r} lacks the data files its state.json lists: {missing}")
+    return files
+
+
+def read_documents(key: str, path: Path, text_field: str) -> Iterable[Document]:
+    """The documents of one file: all of it; for .jsonl the field `text_field` of each line; for
+    .parquet and .arrow (the Arrow stream files of a saved Hugging Face dataset) the column
+    `text_field` of each row, read a row group or record batch at a time. A .gz file is
+    decompressed first and keeps the key it would have uncompressed, so that compressing a
+    corpus keeps every document in its split. A file that is not what its name says raises
+    BadFile before it yields a document."""
+    key = key.removesuffix(".gz")
+    suffix = Path(key).suffix
+    if suffix in (".parquet", ".arrow"):
+        return table_documents(key, path, text_field)
+    raw = _read(path)
+    try:
         text = raw.decode("utf-8")
-    except OSError as e:
-        raise BadFile(path, f"cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise BadFile(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix != ".jsonl":
+    if suffix != ".jsonl":
         return [Document(key, text, len(raw))]
     docs = []
     for number, line in enumerate(text.split("\n"), 1):
@@ -139,6 +174,61 @@ def read_documents(key: str, path: Path, text_field: str) -> list[Document]:
                                 f"{text_field!r} (data.text_field)")
         docs.append(Document(f"{key}:{number}", value, size))
     return docs
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of `path`, decompressed if it is a .gz file."""
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise BadFile(path, f"not gzip data ({e})") from None
+    except OSError as e:
+        raise BadFile(path, f"cannot be read ({e.strerror})") from None
+
+
+def table_documents(key: str, path: Path, text_field: str) -> Iterator[Document]:
+    """The rows of a Parquet or Arrow stream file as documents keyed by their row number; the
+    file is opened, and its column `text_field` checked to hold text, before the first."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = path.suffix == ".parquet"
+    try:
+        if parquet:
+            table = pq.ParquetFile(path)
+            schema = table.schema_arrow
+        else:  # what datasets.save_to_disk writes; memory-mapped, so read a batch at a time
+            table = pa.ipc.open_stream(pa.memory_map(str(path)))
+            schema = table.schema
+    except (OSError, pa.ArrowException) as e:
+        raise BadFile(path, f"cannot be read as {'Parquet' if parquet else 'an Arrow stream'} "
+                            f"({e})") from None
+    if text_field not in schema.names:
+        raise BadFile(path, f"has no column {text_field!r} (data.text_field); its columns are "
+                            f"{schema.names}")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise BadFile(path, f"its column {text_field!r} (data.text_field) holds {kind}, not text")
+    if parquet:
+        columns = (table.read_row_group(i, columns=[text_field]).column(0)
+                   for i in range(table.num_row_groups))
+    else:
+        columns = (batch.column(text_field) for batch in table)
+
+    def rows() -> Iterator[Document]:
+        row = 0
+        try:
+            for column in columns:
+                for text, size in zip(column.to_pylist(), pc.binary_length(column).to_pylist()):
+                    row += 1
+                    if text:  # a null row is an empty document
+                        yield Document(f"{key}:{row}", text, size)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: damaged after row {row} ({e}); fix or remove it") from None
+
+    return rows()
 
 
 def documents(files: Iterable[tuple[str, Path]], text_field: str, max_bytes: int = 0,
@@ -171,6 +261,52 @@ def draw(key: str, purpose: str) -> float:
 
 def split_of(key: str, val_fraction: float) -> str:
     return "val" if draw(key, "val") < val_fraction else "train"
+
+
+def holdout(docs: Iterable[Document], val_fraction: float) -> str:
+    """How a source holds out its validation text: `documents` (whole documents, drawn by key)
+    when that holds out within a factor of 2 of `val_fraction` of its bytes; otherwise
+    `positions` (`val_fraction` of every document, in spans spread through it): a source of
+    one or a few documents, or one whose few drawn documents are far too large or small."""
+    total = held = 0
+    for doc in docs:
+        total += doc.size
+        held += doc.size if split_of(doc.key, val_fraction) == "val" else 0
+    near = val_fraction / 2 <= held / max(total, 1) <= 2 * val_fraction
+    return "documents" if near else "positions"
+
+
+def spans(doc: Document, val_fraction: float) -> list[int]:
+    """The edges [start, end, start, end, ...] of the held-out spans of `doc`, in characters:
+    the document is cut into k equal parts, each with one span of `val_fraction` of it at an
+    offset drawn from the key, so that exactly that fraction is held out, spread through it;
+    each edge moves back to the start of its line if that is near."""
+    n = len(doc.text)
+    k = max(1, math.ceil(val_fraction * n / SPAN_CHARS))
+    offset = draw(doc.key, "span") * (1 - val_fraction)
+    edges = ((i + offset + part) * n / k for i in range(k) for part in (0, val_fraction))
+    return list(itertools.accumulate((_line_start(doc.text, round(e)) for e in edges), max))
+
+
+def _line_start(text: str, position: int) -> int:
+    newline = text.rfind("\n", max(0, position - LINE_SLACK), position)
+    return newline + 1 if newline >= 0 else position
+
+
+def pieces(docs: Iterable[Document], mode: str, val_fraction: float
+           ) -> Iterator[tuple[str, Document]]:
+    """(split, piece) of each document under the holdout `mode`: `documents` (each whole, in its
+    drawn split), `positions` (its text between held-out spans trains, each span validates;
+    the pieces are keyed by their offset), or `train` / `val` (all of it in that split)."""
+    for doc in docs:
+        if mode != "positions":
+            yield (split_of(doc.key, val_fraction) if mode == "documents" else mode), doc
+            continue
+        edges = [0, *spans(doc, val_fraction), len(doc.text)]
+        for i, (start, end) in enumerate(itertools.pairwise(edges)):
+            if end > start:
+                text = doc.text[start:end]
+                yield SPLITS[i % 2], Document(f"{doc.key}@{start}", text, len(text.encode()))
 
 
 def sample(docs: Iterable[Document], budget: int) -> list[Document]:
@@ -232,15 +368,15 @@ def _vocab_error(message: str, vocab_size: int) -> DataError:
 
 
 class Encoder:
-    """Documents -> token arrays, each ending with end-of-document."""
+    """Texts -> token arrays, each ending with end-of-document."""
 
     def __init__(self, model_file: Path, dtype: str):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.dtype = dtype
 
-    def __call__(self, docs: list[Document]) -> list[np.ndarray]:
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
         return [np.array(ids + [EOD_ID], self.dtype)
-                for ids in self.sp.encode([doc.text for doc in docs], num_threads=1)]
+                for ids in self.sp.encode(texts, num_threads=1)]
 
 
 _worker_encoder: Encoder | None = None  # in an encoding process: its tokenizer, loaded once
@@ -251,17 +387,17 @@ def _start_worker(model_file: Path, dtype: str) -> None:
     _worker_encoder = Encoder(model_file, dtype)
 
 
-def _encode_in_worker(docs: list[Document]) -> list[np.ndarray]:
-    return _worker_encoder(docs)
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    return _worker_encoder(texts)
 
 
-def encoded(batches: Iterable[list[Document]], model_file: Path, dtype: str,
-            workers: int) -> Iterator[tuple[list[Document], list[np.ndarray]]]:
-    """(batch, its token arrays) in order, encoded by `workers` processes with a bounded number
-    of batches in flight."""
+def encoded(batches: Iterable[list[tuple[str, Document]]], model_file: Path, dtype: str,
+            workers: int) -> Iterator[tuple[list[tuple[str, Document]], list[np.ndarray]]]:
+    """(batch of (split, document), their token arrays) in order, encoded by `workers`
+    processes with a bounded number of batches in flight."""
     if workers == 1:
         encode = Encoder(model_file, dtype)
-        yield from ((batch, encode(batch)) for batch in batches)
+        yield from ((batch, encode([doc.text for _, doc in batch])) for batch in batches)
         return
     spawn = multiprocessing.get_context("spawn")  # forking a process that runs JAX can hang
     with concurrent.futures.ProcessPoolExecutor(
@@ -269,7 +405,8 @@ def encoded(batches: Iterable[list[Document]], model_file: Path, dtype: str,
             initargs=(model_file, dtype)) as pool:
         pending = collections.deque()
         for batch in batches:
-            pending.append((batch, pool.submit(_encode_in_worker, batch)))
+            texts = [doc.text for _, doc in batch]
+            pending.append((batch, pool.submit(_encode_in_worker, texts)))
             if len(pending) > 2 * workers:
                 done, future = pending.popleft()
                 yield done, future.result()
@@ -277,11 +414,12 @@ def encoded(batches: Iterable[list[Document]], model_file: Path, dtype: str,
             yield done, future.result()
 
 
-def _batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+def _batched(items: Iterable[tuple[str, Document]], size: int
+             ) -> Iterator[list[tuple[str, Document]]]:
     batch, total = [], 0
-    for doc in docs:
-        batch.append(doc)
-        total += doc.size
+    for item in items:
+        batch.append(item)
+        total += item[1].size
         if total >= size:
             yield batch
             batch, total = [], 0
@@ -294,13 +432,22 @@ def _batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A prepared dataset: tokenizer.model, train.bin, val.bin and manifest.json in `dir`."""
+    """A prepared dataset: tokenizer.model, token files and manifest.json in `dir`, prepared from
+    the setting `key`. A training dataset carries the validation sets given apart (`val` from
+    data.val_source, and data.val_sets by name), each a Dataset of its own."""
 
     dir: Path
     manifest: dict
+    key: str = "data.source"
+    sets: dict[str, Dataset] = dataclasses.field(default_factory=dict)
+
+    def splits(self, split: str) -> list[str]:
+        """The token streams of `split` (train or val), one per source: `train`, or for a
+        mixture `train.0`, `train.1`, ...; none for text that was not held out."""
+        return [name for name in self.manifest["splits"] if name.partition(".")[0] == split]
 
     def tokens(self, split: str, seq_len: int = 0) -> np.memmap:
-        """The token stream of `split`, checked against the manifest and to hold a sequence."""
+        """The token stream `split`, checked against the manifest and to hold a sequence."""
         meta = self.manifest["splits"][split]
         path, dtype = self.dir / meta["file"], np.dtype(self.manifest["dtype"])
         expected = meta["tokens"] * dtype.itemsize
@@ -312,42 +459,81 @@ class Dataset:
                 f"tokens ({expected:,} bytes): it changed after it was prepared. Delete "
                 f"{self.dir} and prepare again (lm data prepare CONFIG)")
         if meta["tokens"] < seq_len + 1:
+            held_out = split.startswith("val") and meta["holdout"] != "val"
             raise DataError(
-                f"{path} holds {meta['tokens']} tokens, fewer than one sequence of "
-                f"data.seq_len + 1 = {seq_len + 1}: lower data.seq_len (or model.context) or "
-                f"give more text{' (or raise data.val_fraction)' if split == 'val' else ''}")
+                f"{path} holds {meta['tokens']} tokens of {self.key}={meta['source']!r}, fewer "
+                f"than one sequence of data.seq_len + 1 = {seq_len + 1}: lower data.seq_len (or "
+                f"model.context) or give it more text"
+                f"{' (or raise data.val_fraction)' if held_out else ''}")
         return np.memmap(path, dtype, mode="r")
 
     def tokenizer(self) -> spm.SentencePieceProcessor:
         return spm.SentencePieceProcessor(model_file=str(self.dir / self.manifest["tokenizer"]))
 
 
+class Input(NamedTuple):
+    """One source of a dataset, as its setting `key` gives it."""
+
+    key: str
+    source: str
+    files: list[tuple[str, Path]]
+    mode: str  # split (into `documents` or `positions` when built), or all in `train` or `val`
+    suffix: str = ""  # of its token streams' names: `.i` for the i-th source of a mixture
+
+
+def _input(key: str, source: str, mode: str, suffix: str = "") -> Input:
+    return Input(key, source, corpus_files(source, key), mode, suffix)
+
+
 def prepare(cfg: Config) -> Dataset:
-    """The prepared dataset of `cfg`: reused when a manifest matches its sources and settings,
-    built otherwise (tokenizer, token files, and the manifest last)."""
+    """The prepared training dataset of `cfg` — a tokenizer, and the training and held-out
+    validation tokens of data.source or of each data.mixture source — with the validation sets
+    given apart, encoded by that tokenizer. Each is reused when a manifest matches its sources
+    and settings, built otherwise (tokenizer, token files, and the manifest last)."""
     d = cfg.data
     if d.source == "synthetic":
         raise ConfigError("data.source=synthetic is generated on the fly and needs no preparing; "
                           "set data.source=default or to files")
-    files = corpus_files(d.source)
+    mode = "train" if d.val_source else "split"  # data.val_source replaces the held-out text
+    if d.mixture:
+        inputs = [_input(f"data.mixture[{i}].source", m.source, mode, f".{i}")
+                  for i, m in enumerate(d.mixture)]
+    else:
+        inputs = [_input("data.source", d.source, mode)]
+    label = "mixture" if d.mixture else "default" if d.source == "default" else "files"
+    dataset = _prepared(cfg, inputs, label, "data.mixture" if d.mixture else "data.source")
+    given = {"val": ("data.val_source", d.val_source)} if d.val_source else {}
+    given |= {name: (f"data.val_sets.{name}", spec) for name, spec in d.val_sets.items()}
+    sets = {name: _prepared(cfg, [_input(key, spec, "val")], "val", key, dataset)
+            for name, (key, spec) in given.items()}
+    return dataclasses.replace(dataset, sets=sets)
+
+
+def _prepared(cfg: Config, inputs: list[Input], label: str, key: str,
+              tokenized_by: Dataset | None = None) -> Dataset:
+    """`inputs` prepared under `cfg`'s settings, found by their hash or built: encoded by the
+    tokenizer of `tokenized_by` (a validation set given apart), or by one trained on them."""
+    d = cfg.data
     settings = {"format": FORMAT, "sentencepiece": spm.__version__, "tokenizer": d.tokenizer,
                 "vocab_size": cfg.vocab_size, "text_field": d.text_field,
                 "tokenizer_sample_bytes": d.tokenizer_sample_bytes,
                 "val_fraction": d.val_fraction, "max_bytes": d.max_bytes,
                 "on_bad_file": d.on_bad_file}
-    stats = [(key, str(path.resolve()), *_size_and_mtime(path)) for key, path in files]
-    digest = hashlib.sha256(json.dumps([settings, stats]).encode()).hexdigest()
-    label = "default" if d.source == "default" else "files"
+    tokenizer = (tokenized_by.dir / TOKENIZER).read_bytes() if tokenized_by else None
+    files = [[inp.mode, [(k, str(p.resolve()), *_size_and_mtime(p)) for k, p in inp.files]]
+             for inp in inputs]
+    given = tokenizer and hashlib.sha256(tokenizer).hexdigest()
+    digest = hashlib.sha256(json.dumps([settings, files, given]).encode()).hexdigest()
     out = Path(d.cache_dir).expanduser() / f"{label}-{d.tokenizer}{cfg.vocab_size}-{digest[:12]}"
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         manifest = {}
-    if manifest.get("hash") == digest:
-        return Dataset(out, manifest)
-    text_bytes = sum(s[2] for s in stats)
-    return build(cfg, files, out, {"hash": digest, "source": d.source, "settings": settings},
-                 min(text_bytes, d.max_bytes or text_bytes))
+    if manifest.get("hash") != digest:
+        header = {"hash": digest, "source": " + ".join(inp.source for inp in inputs),
+                  "settings": settings}
+        manifest = build(cfg, inputs, out, header, tokenizer)
+    return Dataset(out, manifest, key)
 
 
 def _size_and_mtime(path: Path) -> tuple[int, int]:
@@ -355,69 +541,99 @@ def _size_and_mtime(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def build(cfg: Config, files: list[tuple[str, Path]], out: Path, header: dict,
-          text_bytes: int) -> Dataset:
-    """Prepare `files` into `out`. Each output is written under a temporary name and renamed;
-    the manifest goes last, so an interrupted build is never taken for a finished one."""
+def build(cfg: Config, inputs: list[Input], out: Path, header: dict,
+          tokenizer: bytes | None = None) -> dict:
+    """Prepare `inputs` into `out` and return its manifest: decide how each holds out its
+    validation text, train the tokenizer on the training text of all (unless `tokenizer` is
+    given), and encode each into its token streams. Each output is written under a temporary
+    name and renamed, and the manifest goes last, so that an interrupted or failed build is
+    never taken for a finished one; it writes nothing outside `out`."""
     d, start = cfg.data, time.perf_counter()
+    skipped = [] if d.on_bad_file == "skip" else None
+
+    def read(inp: Input) -> Iterator[Document]:  # a file found bad once is passed over after
+        bad = {e.path for e in skipped or ()}
+        kept = [(key, path) for key, path in inp.files if path not in bad]
+        return documents(kept, d.text_field, d.max_bytes, skipped)
+
+    inputs = [inp._replace(mode=holdout(read(inp), d.val_fraction)) if inp.mode == "split"
+              else inp for inp in inputs]
+    tokenizer_docs = [] if tokenizer else sample(
+        (doc for inp in inputs for split, doc in pieces(read(inp), inp.mode, d.val_fraction)
+         if split == "train"), d.tokenizer_sample_bytes)
+    n_files = sum(len(inp.files) for inp in inputs)
+    if not (tokenizer or tokenizer_docs):
+        raise DataError(f"{header['source']!r} holds no text to train on: "
+                        + ("every file was skipped" if len(skipped or ()) == n_files else
+                           "its files are empty"))
+    text_bytes = sum(min(sum(p.stat().st_size for _, p in inp.files), d.max_bytes or math.inf)
+                     for inp in inputs)
+    workers = max(1, min(d.workers or _cpus(), math.ceil(text_bytes / BATCH_BYTES)))
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    skipped = [] if d.on_bad_file == "skip" else None
-    train_docs = (doc for doc in documents(files, d.text_field, d.max_bytes, skipped)
-                  if split_of(doc.key, d.val_fraction) == "train")
-    tokenizer_docs = sample(train_docs, d.tokenizer_sample_bytes)
+    with _atomic(out / TOKENIZER) as f:
+        f.write(tokenizer or train_tokenizer(tokenizer_docs, d.tokenizer, cfg.vocab_size, workers))
+    dtype = "uint16" if cfg.vocab_size <= 2**16 else "uint32"
+    splits = {}
+    with tqdm(total=text_bytes, unit="B", unit_scale=True, desc="encode",
+              disable=not cfg.train.progress) as bar:
+        for inp in inputs:
+            splits |= encode(inp, read(inp), out, dtype, workers, bar.update, d.val_fraction)
     if skipped:
         shown = "; ".join(f"{e.path}: {e.reason}" for e in skipped[:5])
-        warnings.warn(f"skipped {len(skipped)} of {len(files)} input files (data.on_bad_file="
-                      f"skip): {shown}{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
-        bad = {e.path for e in skipped}
-        files = [(key, path) for key, path in files if path not in bad]
-    if not tokenizer_docs:
-        raise DataError(f"data.source={d.source!r} holds no text to train on: "
-                        + ("every file was skipped" if not files else
-                           "its files are empty, or its few documents all went to validation "
-                           f"(data.val_fraction={d.val_fraction})"))
-    workers = min(d.workers or _cpus(), math.ceil(text_bytes / BATCH_BYTES))
-    model = train_tokenizer(tokenizer_docs, d.tokenizer, cfg.vocab_size, workers)
-    with _atomic(out / TOKENIZER) as f:
-        f.write(model)
-    dtype = "uint16" if cfg.vocab_size <= 2**16 else "uint32"
-    with (_atomic(out / "train.bin") as train, _atomic(out / "val.bin") as val,
-          tqdm(total=text_bytes, unit="B", unit_scale=True, desc="encode",
-               disable=not cfg.train.progress) as bar):
-        counts = write_splits(documents(files, d.text_field, d.max_bytes),
-                              {"train": train, "val": val}, d.val_fraction,
-                              out / TOKENIZER, dtype, workers, bar.update)
-        if not counts["val"]["documents"]:
-            raise DataError(f"no document of data.source={d.source!r} went to validation: raise "
-                            f"data.val_fraction={d.val_fraction} or give more documents")
-    for count in counts.values():
-        count["bytes_per_token"] = count["bytes"] / count["tokens"]
+        warnings.warn(f"skipped {len(skipped)} of {n_files} input files (data.on_bad_file="
+                      f"skip): {shown}{' ...' if len(skipped) > 5 else ''}", stacklevel=3)
     manifest = {**header, "tokenizer": TOKENIZER, "vocab_size": cfg.vocab_size,
-                "eod_id": EOD_ID, "dtype": dtype, "splits": counts, "files": len(files),
+                "eod_id": EOD_ID, "dtype": dtype, "splits": splits,
+                "files": n_files - len(skipped or ()),
                 "skipped": [{"file": str(e.path), "reason": e.reason} for e in skipped or []],
-                "tokenizer_sample_bytes": sum(doc.size for doc in tokenizer_docs),
+                "tokenizer_sample_bytes": sum(doc.size for doc in tokenizer_docs),  # 0: given
                 "prepare_seconds": round(time.perf_counter() - start, 2)}
     with _atomic(out / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
-    return Dataset(out, manifest)
+    return manifest
 
 
-def write_splits(docs: Iterable[Document], streams: dict, val_fraction: float, model_file: Path,
+def encode(inp: Input, docs: Iterable[Document], out: Path, dtype: str, workers: int, progress,
+           val_fraction: float) -> dict[str, dict]:
+    """Encode `docs`, the documents of `inp`, into the token streams of its splits; the
+    manifest's entry of each."""
+    names = {split: split + inp.suffix for split in ((inp.mode,) if inp.mode in SPLITS else SPLITS)}
+    with contextlib.ExitStack() as stack:
+        streams = {split: stack.enter_context(_atomic(out / f"{name}.bin"))
+                   for split, name in names.items()}
+        counts = write_splits(pieces(docs, inp.mode, val_fraction), streams, out / TOKENIZER,
+                              dtype, workers, progress)
+        for split, count in counts.items():
+            if not count["tokens"]:
+                raise _no_text(inp, split, val_fraction)
+    return {names[split]: {"file": f"{names[split]}.bin", "source": inp.source,
+                           "holdout": inp.mode, **count,
+                           "bytes_per_token": count["bytes"] / count["tokens"]}
+            for split, count in counts.items()}
+
+
+def _no_text(inp: Input, split: str, val_fraction: float) -> DataError:
+    if split == "val" and inp.mode != "val":
+        return DataError(f"no text of {inp.key}={inp.source!r} went to validation: raise "
+                         f"data.val_fraction={val_fraction}, or set data.val_source")
+    return DataError(f"{inp.key}={inp.source!r} holds no text: its files are empty or were "
+                     "skipped (data.on_bad_file)")
+
+
+def write_splits(items: Iterable[tuple[str, Document]], streams: dict, model_file: Path,
                  dtype: str, workers: int, progress) -> dict[str, dict]:
-    """Encode `docs` into the stream of each one's split, each followed by end-of-document;
-    the manifest's counts per split."""
-    counts = {split: {"file": f"{split}.bin", "documents": 0, "bytes": 0, "tokens": 0}
-              for split in streams}
-    for batch, arrays in encoded(_batched(docs, BATCH_BYTES), model_file, dtype, workers):
-        for doc, ids in zip(batch, arrays):
-            split = split_of(doc.key, val_fraction)
+    """Encode each (split, document) into the stream of its split, followed by end-of-document;
+    the documents, bytes and tokens of each split."""
+    counts = {split: {"documents": 0, "bytes": 0, "tokens": 0} for split in streams}
+    for batch, arrays in encoded(_batched(items, BATCH_BYTES), model_file, dtype, workers):
+        for (split, doc), ids in zip(batch, arrays):
             streams[split].write(ids)
             count = counts[split]
             count["documents"] += 1
             count["bytes"] += doc.size
             count["tokens"] += len(ids)
-        progress(sum(doc.size for doc in batch))
+        progress(sum(doc.size for _, doc in batch))
     return counts
 
 

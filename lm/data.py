@@ -2,8 +2,8 @@
 
 A batch is a pure function of (seed, step): row i of step s is the same on every mesh and every
 process, each process builds only the rows its devices hold, and resuming needs nothing but the
-step number. `source` serves the training rows of a config and `validation` its fixed validation
-set, from the dataset `lm.corpus` prepared.
+step number. `source` serves the training rows of a config (a mixture's drawn from its sources by
+weight) and `validation_sets` its fixed validation sets, from the datasets `lm.corpus` prepared.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import warnings
 from collections.abc import Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jax
 import numpy as np
 
 from lm import corpus
 from lm.config import Config
-from lm.errors import DataError
 
 
 # --------------------------------------------------------------------------- sources
@@ -71,7 +71,11 @@ class Packed:
         self.n_windows = (len(tokens) - 1) // seq_len
 
     def rows(self, step: int, lo: int, hi: int) -> np.ndarray:
-        epoch, index = np.divmod(step * self.batch_size + np.arange(lo, hi), self.n_windows)
+        return self.at(step * self.batch_size + np.arange(lo, hi))
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (ascending) of the run."""
+        epoch, index = np.divmod(rows, self.n_windows)
         # rows are in run order, so their epochs ascend like np.unique's
         order = [window_order(self.seed, int(e), self.n_windows)[index[epoch == e]]
                  for e in np.unique(epoch)]
@@ -81,7 +85,59 @@ class Packed:
         return step * self.batch_size / self.n_windows
 
 
-@functools.lru_cache(maxsize=4)  # the epochs of the batches in flight
+class Mixture:
+    """Training rows drawn from several sources by weight: row g of the run is dealt to the
+    source whose count `apportion` raises from g to g + 1, and is the next row of that source's
+    own stream. The proportions hold to within half a row per source, with no sampling noise,
+    and row g's source and place are a pure function of g, like everything else here."""
+
+    def __init__(self, sources: list[Packed], weights: list[float], names: list[str],
+                 batch_size: int):
+        self.sources, self.weights, self.names = sources, weights, names
+        self.batch_size, self.seq_len = batch_size, sources[0].seq_len
+
+    def rows(self, step: int, lo: int, hi: int) -> np.ndarray:
+        run_rows = step * self.batch_size + np.arange(lo, hi)
+        before = apportion(run_rows, self.weights)
+        source = np.argmax(apportion(run_rows + 1, self.weights) - before, axis=-1)
+        out = np.empty((hi - lo, self.seq_len + 1), np.int32)
+        for k, src in enumerate(self.sources):
+            if (mine := source == k).any():
+                out[mine] = src.at(before[mine, k])
+        return out
+
+    def epoch(self, step: int) -> float:
+        """The most passes any source has had: > 1 means one repeats."""
+        counts = apportion(step * self.batch_size, self.weights)
+        return max(n / src.n_windows for n, src in zip(counts, self.sources))
+
+    def shares(self, step: int) -> dict[str, float]:
+        """The fraction of the first `step` steps' rows that each source gave."""
+        counts = apportion(step * self.batch_size, self.weights)
+        return {name: float(n / max(counts.sum(), 1)) for name, n in zip(self.names, counts)}
+
+
+def apportion(rows, weights: list[float]) -> np.ndarray:
+    """How many of the first `rows` rows each source gets: counts [..., n_sources] that sum to
+    `rows`, each within half a row per source of its weight's share. Source k takes its share,
+    rounded, of the rows that sources k, k+1, ... share, so no count ever falls as `rows` grows
+    and exactly one rises from g to g + 1: that source gets row g."""
+    w = np.asarray(weights, float)
+    tails = np.cumsum(w[::-1])[::-1]  # the weight of sources k, k+1, ...
+    ratios = np.divide(w, tails, out=np.zeros_like(w), where=tails > 0)
+    left, counts = np.asarray(rows, np.int64), []
+    for ratio in ratios[:-1]:
+        counts.append(np.floor(left * ratio + 0.5).astype(np.int64))
+        left = left - counts[-1]
+    return np.stack([*counts, left], axis=-1)
+
+
+def realised(src: Source, step: int) -> dict:
+    """What a metrics row reports of the data besides its epoch: a mixture's realised shares."""
+    return {"mixture": src.shares(step)} if isinstance(src, Mixture) else {}
+
+
+@functools.lru_cache(maxsize=16)  # the epochs of the batches in flight, of every source
 def window_order(seed: int, epoch: int, n_windows: int) -> np.ndarray:
     """The order in which `epoch` visits the windows."""
     return np.random.default_rng((seed, epoch)).permutation(n_windows)
@@ -93,38 +149,63 @@ def windows(tokens: np.ndarray, index: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def source(cfg: Config) -> Source:
-    """The training rows of `cfg`, preparing its dataset on first use."""
+    """The training rows of `cfg`, preparing its datasets on first use."""
+    t = cfg.train
     if cfg.data.source == "synthetic":
-        return Synthetic(cfg.vocab_size, cfg.seq_len, cfg.train.seed)
-    tokens = corpus.prepare(cfg).tokens("train", cfg.seq_len)
-    return Packed(tokens, cfg.seq_len, cfg.train.batch_size, cfg.train.seed)
+        return Synthetic(cfg.vocab_size, cfg.seq_len, t.seed)
+    dataset = corpus.prepare(cfg)
+    streams = [Packed(dataset.tokens(name, cfg.seq_len), cfg.seq_len, t.batch_size, t.seed)
+               for name in dataset.splits("train")]
+    mixture = cfg.data.mixture
+    if not mixture:
+        return streams[0]
+    return Mixture(streams, [m.weight for m in mixture], [m.source for m in mixture],
+                   t.batch_size)
 
 
-def validation(cfg: Config) -> np.ndarray:
-    """The fixed validation set, int32 [data.val_sequences, seq_len + 1]: windows spread evenly
-    over the validation documents, so that all of them count, identical in every run on the
-    same data (synthetic: rows drawn apart from every training row, independent of train.seed)."""
+class ValidationSet(NamedTuple):
+    rows: np.ndarray  # int32 [sequences, seq_len + 1], the same in every run on the same data
+    bytes_per_token: float | None  # UTF-8 bytes per target token (None: synthetic), for bpb
+
+
+def validation_sets(cfg: Config) -> dict[str, ValidationSet]:
+    """The fixed validation sets of `cfg` by name: `val` (the text held out of data.source, or
+    of each data.mixture source in proportion to its weight, or data.val_source) and each of
+    data.val_sets. Each is data.val_sequences windows spread evenly over its tokens, so that all
+    of its documents count; bits per byte use its own bytes per token. Synthetic data: rows
+    drawn apart from every training row, independent of train.seed."""
     n, seq_len = cfg.data.val_sequences, cfg.seq_len
     if cfg.data.source == "synthetic":
-        return Synthetic(cfg.vocab_size, seq_len, seed=0).rows(Synthetic.VALIDATION_STEP, 0, n)
+        rows = Synthetic(cfg.vocab_size, seq_len, seed=0).rows(Synthetic.VALIDATION_STEP, 0, n)
+        return {"val": ValidationSet(rows, None)}
     dataset = corpus.prepare(cfg)
-    tokens = dataset.tokens("val", seq_len)
+    parts = {name: [(given, "val", n)] for name, given in dataset.sets.items()}
+    if "val" not in parts:  # held out of the training sources
+        weights = [m.weight for m in cfg.data.mixture] or [1.0]
+        counts = apportion(n, weights)
+        parts["val"] = [(dataset, split, int(c))
+                        for split, c in zip(dataset.splits("val"), counts) if c]
+    lengths = corpus.token_bytes(dataset.tokenizer())
+    sets = {}
+    for name in cfg.data.set_names:
+        rows = np.concatenate([spread(ds, split, count, seq_len)
+                               for ds, split, count in parts[name]])
+        targets = rows[:, 1:]
+        sets[name] = ValidationSet(rows, float(lengths[targets].sum() / targets.size))
+    return sets
+
+
+def spread(dataset: corpus.Dataset, split: str, n: int, seq_len: int) -> np.ndarray:
+    """`n` windows spread evenly over the token stream `split`, or all it holds if fewer."""
+    tokens = dataset.tokens(split, seq_len)
     have = (len(tokens) - 1) // seq_len
     if have < n:
-        raise DataError(
-            f"{dataset.dir / 'val.bin'} holds {have} sequences of data.seq_len + 1 = "
-            f"{seq_len + 1} tokens, fewer than data.val_sequences={n}: lower "
-            f"data.val_sequences or data.seq_len, or raise data.val_fraction")
-    return windows(tokens, np.linspace(0, have - 1, n).round().astype(int), seq_len)
-
-
-def bytes_per_token(cfg: Config) -> float | None:
-    """UTF-8 bytes per target token of the validation set, so that bits per byte =
-    loss / ln 2 / bytes_per_token; None for synthetic data, which has no bytes."""
-    if cfg.data.source == "synthetic":
-        return None
-    targets = validation(cfg)[:, 1:]
-    return float(corpus.token_bytes(corpus.prepare(cfg).tokenizer())[targets].sum() / targets.size)
+        warnings.warn(
+            f"{dataset.dir / dataset.manifest['splits'][split]['file']} ({dataset.key}) holds "
+            f"{have} sequences of data.seq_len + 1 = {seq_len + 1} tokens, fewer than the "
+            f"{n} of data.val_sequences: its validation loss is the mean of {have}. Give it more "
+            "text, or lower data.val_sequences or data.seq_len", stacklevel=3)
+    return windows(tokens, np.linspace(0, have - 1, min(n, have)).round().astype(int), seq_len)
 
 
 # --------------------------------------------------------------------------- batches

@@ -32,6 +32,12 @@ class CheckpointError(LMError):
     exit_code = 2
 
 
+class Busy(LMError):
+    """A run directory or sweep that another process is using: wait, or stop it."""
+
+    exit_code = 2
+
+
 class StoreError(LMError):
     """A sweep store that cannot be reached, is not a sweep store, or holds another sweep."""
 

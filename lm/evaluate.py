@@ -1,8 +1,11 @@
-"""Evaluation on the fixed validation set — mean loss, its standard error, perplexity, bits per
-byte — for live parameters or any checkpoint on any mesh; and sampling with a KV cache."""
+"""Evaluation on the fixed validation sets — mean loss, its standard error, perplexity, bits per
+byte, a row per set — for live parameters or any checkpoint on any mesh; and sampling with a KV
+cache."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,28 +22,18 @@ from lm.processes import is_primary
 
 
 class Evaluator:
-    """Compiled once per layout; `row(params, step)` evaluates the whole validation set."""
+    """One validation set `name`, evaluated whole by `row(params, step)`: compiled once per
+    layout, or sharing `fn`, another evaluator's compiled function for the same layout."""
 
     def __init__(self, lay: state_lib.Layout, val_bt1: np.ndarray,
-                 bytes_per_token: float | None = None):
-        self.lay, self.bytes_per_token = lay, bytes_per_token
+                 bytes_per_token: float | None = None, name: str = "val", fn=None):
+        self.lay, self.bytes_per_token, self.name = lay, bytes_per_token, name
         self.batch = config_lib.eval_batch_size(lay.cfg)
         n = len(val_bt1)
         # pad to whole batches with copies of row 0; their losses are dropped
         self.val_bt1 = np.concatenate([val_bt1, np.repeat(val_bt1[:1], -n % self.batch, 0)])
         self.n = n
-
-        def sequence_losses(params, tokens_bt1):
-            model = nnx.merge(lay.graphdef, params)
-            return model.token_losses(tokens_bt1[:, :-1], tokens_bt1[:, 1:]).mean(-1)
-
-        batch = jax.ShapeDtypeStruct((self.batch, val_bt1.shape[1]), jnp.int32,
-                                     sharding=lay.batch_sharding)
-        with sharding.use(lay.mesh, lay.table):
-            self.fn = jax.jit(sequence_losses, in_shardings=(lay.shardings["params"],
-                                                             lay.batch_sharding),
-                              out_shardings=NamedSharding(lay.mesh, P())).lower(
-                lay.abstract["params"], batch).compile()
+        self.fn = fn or _compile(lay, self.batch, val_bt1.shape[1])
 
     def losses(self, params) -> np.ndarray:
         """Mean token loss of every validation sequence."""
@@ -58,6 +51,7 @@ class Evaluator:
         cfg = self.lay.cfg
         return {
             "step": step,
+            "set": self.name,
             "tokens": step * cfg.tokens_per_step,
             "loss": loss,
             # sequences, not tokens, are the independent units
@@ -68,8 +62,37 @@ class Evaluator:
         }
 
 
-def evaluator(lay: state_lib.Layout) -> Evaluator:
-    return Evaluator(lay, data.validation(lay.cfg), data.bytes_per_token(lay.cfg))
+def _compile(lay: state_lib.Layout, batch: int, width: int):
+    """params, tokens [batch, width] -> the mean token loss of each sequence, compiled."""
+
+    def sequence_losses(params, tokens_bt1):
+        model = nnx.merge(lay.graphdef, params)
+        return model.token_losses(tokens_bt1[:, :-1], tokens_bt1[:, 1:]).mean(-1)
+
+    tokens = jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=lay.batch_sharding)
+    with sharding.use(lay.mesh, lay.table):
+        return jax.jit(sequence_losses, in_shardings=(lay.shardings["params"],
+                                                      lay.batch_sharding),
+                       out_shardings=NamedSharding(lay.mesh, P())).lower(
+            lay.abstract["params"], tokens).compile()
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluators:
+    """Evaluators of several validation sets: `rows(params, step)` gives a row per set."""
+
+    each: list[Evaluator]
+
+    def rows(self, params, step: int) -> list[dict]:
+        return [ev.row(params, step) for ev in self.each]
+
+
+def evaluator(lay: state_lib.Layout) -> Evaluators:
+    """Every validation set of the layout's config (`data.validation_sets`), compiled once."""
+    each = []
+    for name, (val_bt1, bytes_per_token) in data.validation_sets(lay.cfg).items():
+        each.append(Evaluator(lay, val_bt1, bytes_per_token, name, each[0].fn if each else None))
+    return Evaluators(each)
 
 
 # --------------------------------------------------------------------------- run directories
@@ -77,8 +100,9 @@ def evaluator(lay: state_lib.Layout) -> Evaluator:
 
 def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
                  every: bool = False, devices=None) -> list[dict]:
-    """Evaluate checkpoints of a run on the current mesh, appending new rows to eval.jsonl:
-    the newest by default, `step`, or (`every`) each one not evaluated yet."""
+    """Evaluate checkpoints of a run on the current mesh, a row per validation set, appending
+    new rows to eval.jsonl: the newest by default, `step`, or (`every`) each one not evaluated
+    on every set yet."""
     run_dir = Path(run_dir)
     cfg = rundir.load_config(run_dir, overrides)
     mngr = checkpoint.manager(run_dir, read_only=True)
@@ -87,27 +111,42 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
         raise CheckpointError(
             f"no checkpoints in {checkpoint.directory(run_dir)}; train first "
             f"(lm train {run_dir / rundir.CONFIG})")
-    done = {r["step"] for r in rundir.evals(run_dir)}
+    done = {(r["step"], r.get("set", "val")) for r in rundir.evals(run_dir)}  # per set
     if step is not None:
         if step not in available:
             raise CheckpointError(
                 f"no checkpoint at step {step} in {run_dir}; available: {available}")
         chosen = [step]
     elif every:
-        chosen = [s for s in available if s not in done]
+        chosen = [s for s in available if any((s, name) not in done for name in cfg.data.set_names)]
     else:
         chosen = available[-1:]
     if not chosen:
         return []
     lay = state_lib.layout(cfg, devices)
     ev = evaluator(lay)
-    log = rundir.Log(run_dir, writes=is_primary())  # one row, however many processes
+    log = rundir.Log(run_dir, writes=is_primary())  # one row a set, however many processes
     rows = []
-    for s in chosen:
-        restored, _ = checkpoint.restore(mngr, s, lay.abstract, lay.shardings, ("params",))
-        rows.append(ev.row(restored["params"], s))
-        if s not in done:
-            log.append("eval", rows[-1])
+    newest = step is None and not every  # the newest that restores, if the newest does not
+    with rundir.locked(run_dir) if is_primary() else contextlib.nullcontext():
+        for s in chosen:
+            restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, ("params",),
+                                                 steps=available if newest else [s])
+            if restored is None and step is not None:
+                raise CheckpointError(
+                    f"checkpoint {step} in {checkpoint.directory(run_dir)} is unreadable or "
+                    f"damaged; evaluate another step ({available}), or train again: lm train "
+                    f"{run_dir / rundir.CONFIG} resumes from the newest good one")
+            if restored is None:
+                continue
+            params, meta = restored
+            for row in ev.rows(params["params"], meta["step"]):
+                rows.append(row)
+                if (row["step"], row["set"]) not in done:
+                    log.append("eval", row)
+    if not rows:
+        raise CheckpointError(f"no checkpoint in {checkpoint.directory(run_dir)} restores; "
+                              f"train again: lm train {run_dir / rundir.CONFIG}")
     return rows
 
 

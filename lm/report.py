@@ -1,44 +1,134 @@
 """A sweep's written result: fit.json, plots/ and report.md, rendered from what the sweep
-holds — the fit, its points, the trials and the registered prediction — and nothing else."""
+holds — the fit, its points, the trials, the registered prediction and where the time went —
+and nothing else."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 from pathlib import Path
 
 from lm import plots, scaling
 from lm.scaling import Fit, Points
 
+PHASES = ("startup", "compile", "data", "restore", "steps", "eval", "checkpoint")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """When a run of the sweep's workers started and ended, and the machine's peak."""
+
+    workers: int
+    started: float  # time.time()
+    ended: float
+    peak: float  # FLOP/s, measured alongside
+
+    def summary(self, trials: list[dict]) -> dict:
+        """The wall time split by phase over the trials that ended in this run, the workers'
+        idle time, and the study MFU: model FLOPs of the trials done / (wall x peak)."""
+        ran = [t for t in trials if t["status"] in ("done", "failed")
+               and (t["updated"] or 0) >= self.started]
+        phases = collections.Counter()
+        for t in ran:
+            phases.update(json.loads(t.get("timings") or "{}"))
+        wall = self.ended - self.started
+        done_flops = sum(t["flops"] for t in ran if t["status"] == "done")
+        return {"wall_s": wall, "workers": self.workers, "trials": len(ran),
+                "phases": {p: phases.get(p, 0.0) for p in PHASES},
+                "idle_s": max(self.workers * wall - sum(phases.values()), 0.0),
+                "flops": done_flops, "peak_flops_per_s": self.peak,
+                "mfu": done_flops / (wall * self.peak) if wall > 0 else 0.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Results:
+    name: str
+    base: str
+    fit: Fit | None  # of the fitting runs in the spec now
+    fit_error: str | None
+    points: Points | None
+    trials: list[dict]  # store rows of the spec's trials
+    registered: dict | None  # the registered prediction (prediction.json)
+    prior: Fit | None  # the fit it was made from, scored on the held-out runs
+    orphans: list[str]  # trials in the store the spec no longer has
+    timing: dict
+
 
 def _interval(interval) -> str:
     return f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
 
 
-def render(name: str, base: str, fit: Fit, points: Points, trials: list[dict],
-           registered: dict | None, figures: list[Path]) -> str:
-    """report.md: the law, each held-out run against its registered prediction, every trial."""
-    lines = [f"# Sweep `{name}`", "",
-             f"{len(trials)} trials from `{base}`. Loss is the validation loss of each run's "
-             f"learning curve, the earliest {fit.drop_early:.0%} of its tokens dropped; the "
-             "law is fitted on the fitting runs only.", "",
-             "## Law", "", "```", scaling.format_fit(fit), "```", ""]
-    if fit.holdout:
-        largest = max(t["flops"] for t in trials if t["role"] == "fit" and t["status"] == "done")
-        made = registered["made"] if registered else "(not registered)"
-        lines += ["## Held-out prediction", "",
-                  f"Registered in `prediction.json` on {made}, before the held-out run trained; "
-                  f"the held-out run uses {max(r.flops for r in fit.holdout) / largest:.1f}x the "
-                  "compute of the largest fitting run.", "",
-                  "| run | params | tokens | FLOPs | predicted (95% CI) | actual | ARE |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r.run} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
-                  f"{r.predicted:.4f}{_interval(r.interval)} | {r.loss:.4f} | {r.are:.2%} |"
-                  for r in fit.holdout]
-        lines.append("")
-    final = dict(zip(points.run[points.final_mask()], points.loss[points.final_mask()]))
+def _held_out_table(fit: Fit, trials: list[dict]) -> list[str]:
+    largest = max((t["flops"] for t in trials if t["role"] == "fit" and t["status"] == "done"),
+                  default=float("nan"))
+    return ["| run | params | tokens | FLOPs | x largest fitting run | predicted (95% CI) | "
+            "actual | ARE |", "|---|---:|---:|---:|---:|---:|---:|---:|"] + [
+        f"| {r.run} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
+        f"{r.flops / largest:.1f} | {r.predicted:.4f}{_interval(r.interval)} | {r.loss:.4f} | "
+        f"{r.are:.2%} |" for r in fit.holdout] + [""]
+
+
+def _prediction(r: Results) -> list[str]:
+    reg = r.registered
+    if reg is None:
+        held = [t["name"] for t in r.trials if t["role"] == "holdout"]
+        return ["## Held-out prediction", "", "Not registered yet." if held else
+                "The spec holds out no run.", ""]
+    if "failed" in reg:
+        return ["## Held-out prediction", "", f"None could be registered ({reg['made']}): "
+                f"{reg['failed']}", ""]
+    lines = ["## Held-out prediction (registered)", "",
+             f"Registered in `prediction.json` on {reg['made']}, from the fit of "
+             f"{len(reg.get('fitted_runs', []))} fitting runs, before any held-out run trained."
+             " It is never edited; a later refit appears below, labelled as such.", ""]
+    if r.prior and r.prior.holdout:
+        lines += _held_out_table(r.prior, r.trials)
+    else:
+        lines += [f"- {name}: predicted {p['loss']:.4f}{_interval(p.get('intervals', {}).get('loss'))}"
+                  for name, p in reg["runs"].items() if "loss" in p] + ["(not trained yet)", ""]
+    if r.fit and r.fit is not r.prior and r.fit.holdout:
+        lines += ["### Refit after registration (not a pre-registered prediction)", "",
+                  "The fitting runs changed since the registration (trials added, retried or "
+                  "removed); this is the law of the runs in the spec now.", ""]
+        lines += _held_out_table(r.fit, r.trials)
+    return lines
+
+
+def _timing(t: dict) -> list[str]:
+    total = t["wall_s"] * t["workers"]
+    lines = ["## Where the time went", "",
+             f"{t['trials']} trials ended in this run: {t['wall_s']:.0f} s of wall time on "
+             f"{t['workers']} worker(s). Study MFU {t['mfu']:.1%}: {t['flops']:.3g} model FLOPs "
+             f"over the wall time and a measured peak of {t['peak_flops_per_s'] / 1e9:.0f} "
+             "GFLOP/s.", "", "| phase | seconds (all workers) | share |", "|---|---:|---:|"]
+    rows = [*t["phases"].items(), ("idle", t["idle_s"])]
+    lines += [f"| {phase} | {s:.1f} | {s / total:.1%} |" for phase, s in rows if total > 0]
+    return lines + [""]
+
+
+def render(r: Results, figures: list[Path]) -> str:
+    """report.md."""
+    lines = [f"# Sweep `{r.name}`", "",
+             f"{len(r.trials)} trials from `{r.base}`. Loss is the validation loss of each "
+             "run's learning curve; the law is fitted on the fitting runs only.", ""]
+    if r.fit:
+        lines += ["## Law", "", "```", scaling.format_fit(r.fit), "```", ""]
+    if r.fit_error:
+        lines += ["## The fit failed", "", r.fit_error, ""]
+    lines += _prediction(r)
+    if r.orphans:
+        lines += ["## Kept, not fitted", "", f"{len(r.orphans)} trials in the store are no "
+                  "longer in the spec; their results are kept but not fitted: "
+                  + ", ".join(f"`{n}`" for n in r.orphans), ""]
+    lines += _timing(r.timing)
+    final = {}
+    if r.points is not None:
+        mask = r.points.final_mask()
+        final = dict(zip(r.points.run[mask], r.points.loss[mask]))
     lines += ["## Trials", "", "| trial | role | status | params | tokens | FLOPs | final loss |",
               "|---|---|---|---:|---:|---:|---:|"]
-    for t in trials:
+    for t in r.trials:
         loss = f"{final[t['name']]:.4f}" if t["name"] in final else "-"
         lines.append(f"| {t['name']} | {t['role']} | {t['status']} | {t['params']:,} | "
                      f"{t['tokens']:.3g} | {t['flops']:.3g} | {loss} |")
@@ -46,10 +136,10 @@ def render(name: str, base: str, fit: Fit, points: Points, trials: list[dict],
     return "\n".join(lines) + "\n"
 
 
-def write(sweep_dir: Path, name: str, base: str, fit: Fit, points: Points, trials: list[dict],
-          registered: dict | None) -> None:
-    """fit.json, plots/ and report.md into `sweep_dir`."""
-    (sweep_dir / "fit.json").write_text(json.dumps(fit.to_json(), indent=1))
-    figures = plots.plot_all(points, fit, sweep_dir / "plots")
-    (sweep_dir / "report.md").write_text(render(name, base, fit, points, trials, registered,
-                                                figures))
+def write(sweep_dir: Path, r: Results) -> None:
+    """fit.json (when there is a fit), plots/ and report.md into `sweep_dir`."""
+    figures = []
+    if r.fit:
+        (sweep_dir / "fit.json").write_text(json.dumps(r.fit.to_json(), indent=1))
+        figures = plots.plot_all(r.points, r.fit, sweep_dir / "plots")
+    (sweep_dir / "report.md").write_text(render(r, figures))

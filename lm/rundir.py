@@ -1,9 +1,11 @@
 """A run directory: the one module that knows its files.
 
-    config.yaml     the resolved config (written first: it marks the directory as a run's)
+    config.yaml     the resolved config (written once every check has passed: it marks the
+                    directory as a run's)
     metrics.jsonl   one JSON row per logged step, and `event` rows (loss-spike rollbacks)
     eval.jsonl      one JSON row per evaluation
     checkpoints/    orbax checkpoints, one directory per step
+    .lock           held by the process that trains or evaluates the run, with its name
 
 Everything a fit needs is in these files. Also here: the steps at which a run evaluates and
 saves, as plain functions of its config, so that a sweep can plan them without running it.
@@ -12,9 +14,14 @@ Nothing here imports JAX.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +29,10 @@ import yaml
 
 from lm import config as config_lib
 from lm.config import Config
-from lm.errors import CheckpointError, ConfigError
+from lm.errors import Busy, CheckpointError, ConfigError, DataError
 
-CONFIG, METRICS, EVALS, CHECKPOINTS = "config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints"
+CONFIG, METRICS, EVALS, CHECKPOINTS, LOCK = (
+    "config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", ".lock")
 RUN_FILES = (METRICS, EVALS, CHECKPOINTS)  # besides config.yaml
 
 log = logging.getLogger("lm")
@@ -49,6 +57,10 @@ def checked(run_dir: str) -> Path:
     checkpoints, so it refuses a directory holding such files that a run did not write (a run
     writes config.yaml first). Other files, e.g. a sweep's, are left alone."""
     path = Path(run_dir).expanduser().resolve()
+    if path in (Path("/"), Path.home().resolve()):
+        raise ConfigError(f"train.run_dir={run_dir} is {path}: a run writes, rewinds and deletes "
+                          "files in its directory; give it a directory of its own, e.g. "
+                          "runs/NAME")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"train.run_dir={run_dir}: {path} is not a directory")
     config_file = path / CONFIG
@@ -61,6 +73,27 @@ def checked(run_dir: str) -> Path:
                           "config.yaml, so no lm run wrote them, and training would rewrite "
                           "them; choose another train.run_dir")
     return path
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """Hold the run directory for as long as the block runs, so that no second process trains
+    or evaluates it at the same time. The OS releases the lock however the process ends, kill
+    -9 included; a second process gets an error naming the holder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise Busy(f"{run_dir} is in use by {f.read().strip() or 'another process'}; wait "
+                       "for it to end or stop it, or use another train.run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"lm (pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
+        yield
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
@@ -77,10 +110,22 @@ def load_config(run_dir: str | Path, overrides=()) -> Config:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The JSON rows of a .jsonl file ([] if there is none)."""
+    """The JSON rows of a .jsonl file ([] if there is none). A partial last line, left by a
+    process killed while writing it, is dropped with a warning; a bad line before it is an
+    error."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n != lines[-1][0]:
+                raise DataError(f"{path}, line {n}: not a JSON row ({line[:80]!r}); the file "
+                                "was edited or damaged: remove that line") from None
+            log.warning("%s: dropping its last line, a row cut short (%r)", path, line[:80])
+    return rows
 
 
 def metrics(run_dir: str | Path) -> list[dict]:

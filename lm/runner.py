@@ -1,13 +1,17 @@
-"""Running a sweep: train its trials, fit once, register the held-out prediction *before* the
-held-out runs train, train them, and write the report.
+"""Running a sweep: long-lived workers train its trials, the fitting runs are fitted once, the
+held-out prediction is registered *before* any held-out run trains, and the report is written.
 
-    lm sweep SWEEP.yaml [--workers K] [--cpu-devices N]     run (or resume) and report
-    lm sweep --plan SWEEP.yaml                                trials, FLOPs, estimated time
-    lm sweep --status SWEEP.yaml                              progress
+    lm sweep SWEEP.yaml [--workers K] [--cpu-devices N] [--store URL]   run (or resume), report
+    lm sweep SWEEP.yaml --worker --store URL                            one more worker, anywhere
+    lm sweep --plan SWEEP.yaml                                          trials, FLOPs, time
+    lm sweep --status SWEEP.yaml [--json]                               progress
 
-Each trial trains in a subprocess (`lm train`), so a failure or a crash stays in its trial, and
-re-running the same command skips finished trials and resumes interrupted ones from their
-checkpoints. Nothing here imports JAX.
+`lm sweep` starts K worker processes (`--worker`). Each claims trials from the store and trains
+them in-process, one after another, reusing the compiled programs of every shape it met; a
+trial that raises is recorded failed and the worker goes on; a worker that dies loses only the
+steps since its trial's last checkpoint, and the trial goes back to the queue. With a
+PostgreSQL store, workers on other machines (SLURM, Kubernetes, TPU VM hosts) share the sweep.
+This module imports JAX only inside a worker.
 """
 
 from __future__ import annotations
@@ -15,43 +19,39 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import yaml
 
 from lm import config as config_lib, flops, report, rundir, scaling, spec as spec_lib
-from lm.errors import ConfigError, FitError
+from lm.errors import Busy, FitError, Interrupted, LMError, StoreError
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
-from lm.store import Store
+from lm.store import FINAL, SQLITE, Store, worker_name
 
-log = logging.getLogger("lm")
+log = logging.getLogger("lm.sweep")
 PREDICTION = "prediction.json"
+STALE_S = 120.0  # a worker silent this long has died: its trial goes back to the queue
+BEATS = 12  # heartbeats a worker sends within that time
+POLL_S = 0.5
 
 
-def ingest(trial: Trial) -> list[dict]:
-    """The trial's learning curve: each evaluation with the train loss logged at its step."""
-    per_token = trial.facts()["flops_per_token"]
-    train_loss = {r["step"]: r["loss"] for r in rundir.metrics(trial.run_dir) if "event" not in r}
-    return [{"step": r["step"], "tokens": r["tokens"], "flops": per_token * r["tokens"],
-             "train_loss": train_loss.get(r["step"]), "val_loss": r["loss"],
-             "val_loss_sem": r["loss_sem"], "bpb": r["bpb"]}
-            for r in rundir.evals(trial.run_dir)]
-
-
-# --------------------------------------------------------------------------- devices
+# --------------------------------------------------------------------------- the sweep
 
 
 def device_memory(cpu_devices: int | None) -> int:
-    """Memory the trials' devices have. Asked of a child process, so that the runner never
-    starts JAX's threads (it forks trial processes)."""
+    """Memory the trials' devices have. Asked of a child process, so that the runner itself
+    never starts JAX."""
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if cpu_devices:
         return host  # simulated devices share the host's memory
@@ -71,97 +71,51 @@ def planned(spec_path: str | Path, cpu_devices: int | None) -> tuple[SweepSpec, 
     return spec, trials
 
 
-# --------------------------------------------------------------------------- trials
+def plan_digest(trials: list[Trial]) -> str:
+    """What identifies a plan: every trial's name and config."""
+    body = json.dumps([(t.name, config_lib.to_dict(t.cfg)) for t in trials], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM (save a checkpoint and stop) if the runner dies, even by
-    SIGKILL, so that no orphan keeps writing into the sweep."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def store_url(spec: SweepSpec, url: str | None) -> str:
+    return url or str(spec.path / SQLITE)
 
 
-def launch(trial: Trial, cpu_devices: int | None) -> subprocess.Popen:
-    trial.run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(trial.cfg, trial.run_dir / "trial.yaml")
-    cmd = [sys.executable, "-m", "lm.cli", "train", str(trial.run_dir / "trial.yaml")]
-    if cpu_devices:
-        cmd += ["--cpu-devices", str(cpu_devices)]
-    output = open(trial.run_dir / "train.log", "a")
-    return subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-
-
-def _tail(path: Path, lines: int = 12) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def execute(trials: list[Trial], store: Store, workers: int = 1,
-            cpu_devices: int | None = None) -> None:
-    """Train `trials`, `workers` at a time; record each outcome as it ends."""
-    queue, running = list(trials), {}
-    try:
-        while queue or running:
-            while queue and len(running) < workers:
-                t = queue.pop(0)
-                store.set_status(t.name, "running")
-                running[t.name] = (t, launch(t, cpu_devices), time.time())
-                log.info("sweep: started %s (%s, %.3g FLOPs)", t.name, t.role, t.facts()["flops"])
-            time.sleep(0.2)
-            for name, (t, proc, start) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[name]
-                _record(store, t, proc.returncode, time.time() - start)
-    finally:  # interrupted: let running trials save a checkpoint, then stop
-        for t, proc, _ in running.values():
-            proc.send_signal(signal.SIGTERM)
-        for t, proc, _ in running.values():
-            proc.wait()
-            store.set_status(t.name, "pending")
-
-
-def _record(store: Store, t: Trial, returncode: int, wall: float) -> None:
-    if returncode == 0:
-        points = ingest(t)
-        store.finish(t.name, points, wall)
-        log.info("sweep: finished %s in %.0f s, validation loss %.4f", t.name, wall,
-                 points[-1]["val_loss"])
-    else:
-        store.set_status(t.name, "failed", _tail(t.run_dir / "train.log"), wall)
-        log.warning("sweep: FAILED %s (exit %d); see %s", t.name, returncode,
-                    t.run_dir / "train.log")
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 @contextlib.contextmanager
 def exclusive(sweep_dir: Path):
-    """One runner per sweep directory at a time."""
+    """One `lm sweep` runner per sweep directory at a time (workers are not runners)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(sweep_dir / ".runner.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"another `lm sweep` is running on {sweep_dir}") from None
+            raise Busy(f"another `lm sweep` is running on {sweep_dir}") from None
         yield
 
 
-# --------------------------------------------------------------------------- fit, predict
+# --------------------------------------------------------------------------- the prediction
 
 
-def _fit(store: Store, spec: SweepSpec) -> Fit:
-    """The law of the finished fitting runs: the one fit of the sweep."""
+def _fit(spec: SweepSpec, store: Store, names) -> Fit:
+    """The law of the finished fitting trials among `names` (the current plan's)."""
+    points = store.points_of(spec.fit.params, roles=("fit",), names=names)
     try:
-        return scaling.fit(store.points_of(spec.fit.params, roles=("fit",)), spec.fit.law,
-                           bootstrap=spec.fit.bootstrap, drop_early=spec.fit.drop_early)
-    except ValueError as e:
-        raise FitError(f"cannot fit the finished fitting runs of {spec.path}: {e}") from None
+        return scaling.fit(points, spec.fit.law, bootstrap=spec.fit.bootstrap,
+                           drop_early=spec.fit.drop_early)
+    except (ValueError, ArithmeticError) as e:  # no numeric failure escapes as a traceback
+        raise FitError(f"the fit of the finished fitting runs failed ({type(e).__name__}: {e})"
+                       "; add sizes or token budgets (fit.law needs them spread over more "
+                       "than a factor of a few), or check the failed trials") from None
 
 
-def register(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
-    """The prediction for each held-out run, from the fit alone, and the fit itself."""
+def registration(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
+    """The prediction for each held-out run, from the fit alone, with the fit itself."""
     out = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "law": fit.law, "runs": {},
            "fit": fit.to_json()}
     for t in held:
@@ -174,52 +128,293 @@ def register(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
     return out
 
 
-def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None) -> Fit:
-    """Run (or resume) a sweep, fit, predict the held-out runs before training them, and
-    write fit.json, prediction.json, plots and report.md into the sweep directory."""
+def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> bool:
+    """Once every fitting trial has ended, fit them and register the held-out prediction,
+    exactly once however many workers get here; then the held-out trials may start. A fit
+    that fails is registered as such: the held-out runs train, with no prediction to meet."""
+    held = [t for t in trials if t.role == "holdout"]
+    if not held or store.prediction() is not None:
+        return False
+    status = {r["name"]: r["status"] for r in store.trials()}
+    fitting = [t.name for t in trials if t.role == "fit"]
+    if any(status.get(name) not in FINAL for name in fitting):
+        return False
+    try:
+        body = {**registration(_fit(spec, store, fitting), held, spec),
+                "fitted_runs": sorted(n for n in fitting if status[n] == "done")}
+    except LMError as e:
+        body = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "failed": str(e)}
+        log.warning("sweep: %s", e)
+    if not store.register(body, [t.name for t in held]):
+        return False
+    _write_atomic(spec.path / PREDICTION, json.dumps(body, indent=1))
+    log.info("sweep: registered the held-out prediction in %s", spec.path / PREDICTION)
+    return True
+
+
+# --------------------------------------------------------------------------- a worker
+
+
+def _ingest(trial: Trial) -> list[dict]:
+    """The trial's learning curve: each evaluation with the train loss logged at its step."""
+    per_token = trial.facts()["flops_per_token"]
+    train_loss = {r["step"]: r["loss"] for r in rundir.metrics(trial.run_dir) if "event" not in r}
+    return [{"step": r["step"], "tokens": r["tokens"], "flops": per_token * r["tokens"],
+             "train_loss": train_loss.get(r["step"]), "val_loss": r["loss"],
+             "val_loss_sem": r["loss_sem"], "bpb": r["bpb"]}
+            for r in rundir.evals(trial.run_dir)]
+
+
+class _Heartbeat(threading.Thread):
+    """Tells the store, `every` seconds, that this worker still trains its trial."""
+
+    def __init__(self, url: str, name: str, worker: str, every: float):
+        super().__init__(daemon=True)
+        self.url, self.name, self.worker, self.every = url, name, worker, every
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        store = Store(self.url)  # a connection of its own: the main thread's is busy
+        while not self.stopped.wait(self.every):
+            store.beat(self.name, self.worker)
+
+
+@contextlib.contextmanager
+def _trial_log(run_dir: Path):
+    """lm's log records of the trial into its train.log, as `lm train` would write them."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("lm").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("lm").removeHandler(handler)
+        handler.close()
+
+
+def _train_one(trial: Trial, session, store: Store, worker: str, stale_s: float) -> None:
+    """Train `trial` in this process and record how it ended."""
+    from lm import train
+
+    beat = _Heartbeat(store.url, trial.name, worker, stale_s / BEATS)
+    beat.start()
+    start = time.time()
+    try:
+        with _trial_log(trial.run_dir):
+            config_lib.dump(trial.cfg, trial.run_dir / "trial.yaml")  # to rerun it by hand
+            log.info("sweep: %s trains %s (%s, %.3g FLOPs)", worker, trial.name, trial.role,
+                     trial.facts()["flops"])
+            train.train(trial.cfg, session=session)
+    except Interrupted:
+        store.release(trial.name, worker)
+        raise
+    except Busy as e:  # someone else holds its run directory: theirs, for now
+        store.release(trial.name, worker)
+        log.warning("sweep: %s", e)
+        time.sleep(stale_s / BEATS)
+    except Exception as e:  # noqa: BLE001 - a trial's failure stays in the trial
+        detail = str(e) if isinstance(e, LMError) else traceback.format_exc(limit=4)
+        final = store.fail(trial.name, f"{type(e).__name__}: {detail}".strip(),
+                           time.time() - start, _spent(session))
+        log.warning("sweep: FAILED %s (%s: %s)%s; see %s", trial.name, type(e).__name__,
+                    str(e)[:300], "" if final else ", to be retried",
+                    trial.run_dir / "train.log")
+    else:
+        points = _ingest(trial)
+        store.finish(trial.name, points, time.time() - start, _spent(session))
+        log.info("sweep: finished %s in %.0f s, validation loss %.4f", trial.name,
+                 time.time() - start, points[-1]["val_loss"])
+    finally:
+        beat.stopped.set()
+
+
+def _spent(session) -> dict:
+    """The seconds by phase since the last trial ended (the first trial carries the worker's
+    start-up), and a fresh count for the next."""
+    spent = dict(session.seconds)
+    session.seconds.clear()
+    return spent
+
+
+def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S) -> None:
+    """A worker: claim trials and train them until every trial of the sweep has ended. A
+    trial whose worker has not been heard of for `stale_s` is taken over."""
+    started = time.perf_counter()
+    spec = spec_lib.load_spec(spec_path)
+    trials = {t.name: t for t in spec_lib.plan(spec)}
+    store = Store(store_url(spec, url))
+    store.sync(spec.name, plan_digest(list(trials.values())), list(trials.values()))
+    _compilation_cache()
+    from lm import train
+
+    for handler in logging.getLogger("lm").handlers:  # the terminal: the sweep, not each step
+        handler.addFilter(lambda r: r.name == log.name or r.levelno >= logging.WARNING)
+    session, worker = train.Session(), worker_name()
+    session.seconds["startup"] = time.perf_counter() - started  # imports, devices, the store
+    while True:
+        name = store.claim(worker)
+        if name is not None:
+            _train_one(trials[name], session, store, worker, stale_s)
+            continue
+        if register_when_ready(spec, list(trials.values()), store):
+            continue
+        store.reclaim(stale_s)
+        if all(r["status"] in FINAL for r in store.trials() if r["name"] in trials):
+            return
+        time.sleep(POLL_S)
+
+
+def _compilation_cache() -> None:
+    """JAX's persistent compilation cache, shared by every process and re-run: a worker that
+    meets a shape another compiled before loads it instead."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir",
+                          str(Path("~/.cache/lm/jax").expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def _spawn(spec_path, url: str, cpu_devices: int | None, stale_s: float) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lm.cli", "sweep", str(spec_path), "--worker", "--store", url,
+           "--stale-after", str(stale_s)]
+    if cpu_devices:
+        cmd += ["--cpu-devices", str(cpu_devices)]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
+def _die_with_parent() -> None:
+    """In a worker: SIGTERM (save a checkpoint and stop) if the runner dies, even by SIGKILL,
+    so that no orphan keeps training into the sweep."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _supervise(spec_path, url: str, workers: int, cpu_devices: int | None, stale_s: float,
+               names: set[str], store: Store) -> None:
+    """Start `workers` worker processes and keep that many alive until every trial has ended.
+    A worker that dies (a kill, running out of memory) has its trial put back at once, and
+    another takes its place."""
+    procs = [_spawn(spec_path, url, cpu_devices, stale_s) for _ in range(workers)]
+    restarts = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(POLL_S)
+            for i, p in enumerate(procs):
+                if p.poll() is None or p.returncode == 0:
+                    continue
+                dead = worker_name(p.pid)
+                back = store.reclaim(stale_s, dead_workers=[dead])
+                log.warning("sweep: worker %s ended with exit code %d%s", dead, p.returncode,
+                            f"; {', '.join(back)} back in the queue" if back else "")
+                pending = any(r["status"] not in FINAL for r in store.trials()
+                              if r["name"] in names)
+                if pending and restarts < 2 * workers:
+                    restarts += 1
+                    procs[i] = _spawn(spec_path, url, cpu_devices, stale_s)
+                else:
+                    procs[i].returncode = 0  # let it rest
+    finally:  # interrupted: workers save a checkpoint of their trial, then stop
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+
+
+def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
+        url: str | None = None, stale_s: float = STALE_S) -> Fit | None:
+    """Run (or resume) a sweep with `workers` local workers, then write fit.json,
+    prediction.json (registered before the held-out runs train), plots and report.md."""
     spec, trials = planned(spec_path, cpu_devices)
-    sweep_dir = spec.path
-    with exclusive(sweep_dir):
-        (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec),
-                                                             sort_keys=False))
-        store = Store(sweep_dir / "store.sqlite")
-        store.sync(trials)
-        store.reset_running()
-        done = {t["name"] for t in store.trials() if t["status"] == "done"}
-        todo = [t for t in trials if t.name not in done]
-        execute([t for t in todo if t.role == "fit"], store, workers, cpu_devices)
-        failed = [t["name"] for t in store.trials() if t["status"] == "failed"]
-        if failed:
-            log.warning("sweep: %d trial(s) failed: %s; fitting without them", len(failed),
-                        failed)
-        held = [t for t in trials if t.role == "holdout"]
-        registered = _registered(sweep_dir)
-        if registered:
-            fit = Fit.from_json(registered["fit"], str(sweep_dir / PREDICTION))
-        else:
-            fit = _fit(store, spec)
-            if held:
-                registered = register(fit, held, spec)
-                (sweep_dir / PREDICTION).write_text(json.dumps(registered, indent=1))
-        execute([t for t in todo if t.role == "holdout"], store, workers, cpu_devices)
-        points = store.points_of(spec.fit.params)
-        trained = sorted({t.name for t in held} & set(points.run))
-        fit = scaling.score(fit, points, trained) if trained else fit
-        report.write(sweep_dir, spec.name, spec.base, fit, points, store.trials(), registered)
-    print(scaling.format_fit(fit))
-    for r in fit.holdout:
-        print(f"held-out {r.run}: predicted {r.predicted:.4f}"
-              f"{report._interval(r.interval)}, actual {r.loss:.4f}, ARE {r.are:.2%}")
-    print(f"report: {sweep_dir / 'report.md'}")
+    url = store_url(spec, url)
+    with exclusive(spec.path):
+        store = Store(url)
+        store.sync(spec.name, plan_digest(trials), trials, replan=True)
+        _write_atomic(spec.path / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec),
+                                                               sort_keys=False))
+        _adopt_registered(spec, trials, store)
+        if not url.startswith("postgres"):  # SQLite: this runner is the sweep's only one
+            store.reclaim(0.0)
+        names = {t.name for t in trials}
+        wall = time.time()
+        peak = flops.numpy_matmul_flops_per_s(2048)
+        _supervise(spec_path, url, workers, cpu_devices, stale_s, names, store)
+        return _report(spec, trials, store, report.Timing(workers, wall, time.time(), peak))
+
+
+def _adopt_registered(spec: SweepSpec, trials: list[Trial], store: Store) -> None:
+    """A prediction.json registered by an earlier lm (its store had no prediction table)
+    becomes the store's registered prediction, unless a held-out run trained without it."""
+    path = spec.path / PREDICTION
+    if store.prediction() is not None or not path.exists():
+        return
+    try:
+        body = json.loads(path.read_text())
+    except ValueError:
+        raise StoreError(f"{path} is damaged (not valid JSON: cut short?). It held the "
+                         "registered held-out prediction, which cannot be made again after the "
+                         "fitting runs; restore it from a backup, or move it away to continue "
+                         "without a pre-registered prediction") from None
+    store.register(body, [t.name for t in trials if t.role == "holdout"])
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Timing
+            ) -> Fit | None:
+    names = {t.name for t in trials}
+    rows = store.trials()
+    orphans = sorted(r["name"] for r in rows if r["name"] not in names)
+    rows = [r for r in rows if r["name"] in names]
+    fitting = [t.name for t in trials if t.role == "fit"]
+    held = sorted(t.name for t in trials if t.role == "holdout")
+    registered = store.prediction()
+    fit, error = None, None
+    try:
+        fit = _fit(spec, store, fitting)
+    except LMError as e:
+        error = str(e)
+    points = store.points_of(spec.fit.params, names=names) if any(
+        r["status"] == "done" for r in rows) else None
+    trained = sorted(set(held) & set(points.run)) if points else []
+    if fit and trained:
+        fit = scaling.score(fit, points, trained)
+    prior = None
+    if registered and "fit" in registered:
+        prior = Fit.from_json(registered["fit"], str(spec.path / PREDICTION))
+        prior = scaling.score(prior, points, trained) if trained else prior
+        if registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)):
+            fit = prior  # nothing changed since: the refit is the registered fit
+    timing = clock.summary(rows)
+    report.write(spec.path, report.Results(
+        spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing))
+    _print_summary(spec, fit, prior, error, timing)
     return fit
 
 
-def _registered(sweep_dir: Path) -> dict | None:
-    path = sweep_dir / PREDICTION
-    return json.loads(path.read_text()) if path.exists() else None
+def _print_summary(spec, fit, prior, error, timing) -> None:
+    if fit:
+        print(scaling.format_fit(fit))
+    if error:
+        print(f"fit failed: {error}")
+    for r in (prior or fit).holdout if (prior or fit) else ():
+        interval = f" [{r.interval[0]:.4f}, {r.interval[1]:.4f}]" if r.interval else ""
+        print(f"held-out {r.run}: predicted {r.predicted:.4f}{interval} (registered), actual "
+              f"{r.loss:.4f}, ARE {r.are:.2%}")
+    print(f"wall {timing['wall_s']:.0f} s, study MFU {timing['mfu']:.1%}; report: "
+          f"{spec.path / 'report.md'}")
 
 
-# --------------------------------------------------------------------------- plan and status
+# --------------------------------------------------------------------------- plan, status
 
 
 def plan_text(spec_path: str | Path, cpu_devices: int | None = None) -> str:
@@ -227,22 +422,57 @@ def plan_text(spec_path: str | Path, cpu_devices: int | None = None) -> str:
     return spec_lib.plan_text(spec, trials, flops.numpy_matmul_flops_per_s())
 
 
-def status_text(spec_path: str | Path) -> str:
+def status(spec_path: str | Path, url: str | None = None) -> list[dict]:
+    """Every trial of the sweep: name, role, status, worker, attempts, wall_s, loss."""
     spec = spec_lib.load_spec(spec_path)
-    path = spec.path / "store.sqlite"
-    if not path.is_file():
-        return f"sweep {spec.name} has not started ({path} does not exist)"
-    store = Store(path)
-    rows = store.trials()
+    url = store_url(spec, url)
+    if not url.startswith("postgres") and not Path(url).is_file():
+        return []
+    store = Store(url, create=False)
     last = store.last_losses()
+    keys = ("name", "role", "status", "worker", "attempts", "wall_s", "flops", "error")
+    return [{**{k: r[k] for k in keys}, "loss": last.get(r["name"])} for r in store.trials()]
+
+
+def status_text(spec_path: str | Path, url: str | None = None) -> str:
+    spec = spec_lib.load_spec(spec_path)
+    rows = status(spec_path, url)
+    if not rows:
+        return f"sweep {spec.name} has not started (no store at {store_url(spec, url)})"
     counts = {s: sum(r["status"] == s for r in rows)
-              for s in ("done", "running", "pending", "failed")}
-    lines = [f"sweep {spec.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
+              for s in ("done", "running", "pending", "blocked", "failed")}
+    lines = [f"sweep {spec.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
     for r in rows:
-        loss = f"{last[r['name']]:.4f}" if r["name"] in last else "-"
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         wall = f"{r['wall_s']:.0f}s" if r["wall_s"] else "-"
         lines.append(f"  {r['name']:<34} {r['role']:<8} {r['status']:<8} {r['flops']:>10.3g} "
-                     f"FLOPs  loss {loss:>7}  {wall:>6}")
+                     f"FLOPs  loss {loss:>7}  {wall:>6}  {r['worker'] or ''}")
         if r["status"] == "failed" and r["error"]:
             lines.append("    " + r["error"].strip().splitlines()[-1][:150])
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- repair
+
+
+def rebuild_store(spec_path: str | Path, url: str | None = None) -> str:
+    """A new store from the trials' run directories: a damaged one is moved aside, every trial
+    whose run finished is recorded done with its evaluations, the others pending."""
+    spec, trials = planned(spec_path, cpu_devices=1)
+    path = Path(store_url(spec, url))
+    if url and url.startswith("postgres"):
+        raise StoreError("--rebuild-store rebuilds a SQLite store; for PostgreSQL, drop the "
+                         "sweep's tables (or create a new database) and run it again")
+    with exclusive(spec.path):
+        if path.exists():
+            path.rename(path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"))
+        store = Store(path)
+        store.sync(spec.name, plan_digest(trials), trials)
+        done = 0
+        for t in trials:
+            rows = [r for r in rundir.metrics(t.run_dir) if "event" not in r]
+            if rows and rows[-1]["step"] == t.cfg.train.steps and rundir.evals(t.run_dir):
+                store.finish(t.name, _ingest(t), None)
+                done += 1
+        _adopt_registered(spec, trials, store)
+    return f"rebuilt {path}: {done} of {len(trials)} trials done, the rest pending"

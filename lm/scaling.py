@@ -34,6 +34,7 @@ from lm.errors import FitError
 HUBER_DELTA = 1e-3
 BUDGET_TOL = 0.05  # FLOPs within 5% of each other belong to one IsoFLOP budget
 _COLUMNS = "params, tokens, loss (optional: flops, run, step)"
+_FIELDS = ("params", "tokens", "loss", "flops", "run", "step")
 
 
 # ----------------------------------------------------------------------------- data
@@ -165,15 +166,16 @@ def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -
     return Points(**cols)
 
 
-def load_csv(path: str | Path) -> Points:
+def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
     """Points from a CSV with columns params, tokens, loss and optional flops, run, step.
 
-    Extra columns are ignored. A CSV without ``run`` makes each row its own run.
+    A column of another name is an error (a misspelt `run` would silently make every row a
+    run of its own) unless `ignore_columns`. A CSV without ``run`` makes each row its own run.
     """
     path = Path(path)
     if not path.is_file():
         raise FitError(f"{path}: no such file; expected a CSV with columns {_COLUMNS}")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no name
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise FitError(f"{path}: empty file; expected a header line with columns {_COLUMNS}")
@@ -181,7 +183,12 @@ def load_csv(path: str | Path) -> Points:
         missing = [c for c in ("params", "tokens", "loss") if c not in header]
         if missing:
             raise FitError(f"{path}, line 1: missing column(s) {', '.join(missing)}; "
-                             f"found {', '.join(header)}; expected {_COLUMNS}")
+                           f"found {', '.join(header)}; expected {_COLUMNS}")
+        unknown = [c for c in header if c not in _FIELDS]
+        if unknown and not ignore_columns:
+            raise FitError(f"{path}, line 1: unknown column(s) {', '.join(unknown)}; the columns "
+                           f"are {_COLUMNS}: rename a misspelt one, or ignore the others "
+                           "(lm fit --ignore-columns)")
         records, lines = [], []
         for rec in reader:
             records.append(rec)

@@ -1,12 +1,23 @@
-"""A sweep's store: every trial with its facts and status, and every evaluation it made.
+"""A sweep's store: every trial with its facts, status and owner, every evaluation it made, and
+the registered prediction.
 
-SQLite, one file in the sweep directory; each write is one transaction, so a killed runner
-leaves it consistent.
+Two backends behind one class: a SQLite file in the sweep directory (the default, one machine)
+and PostgreSQL (`postgresql://...`, psycopg 3), which workers on many machines share. Workers
+claim trials atomically (`FOR UPDATE SKIP LOCKED` on PostgreSQL, an immediate transaction on
+SQLite), send heartbeats while they train, and a trial whose worker stopped beating goes back
+to the queue. Each write is one transaction, so a killed process leaves the store consistent.
+
+The schema is versioned; a store an older lm wrote is upgraded in place, never dropped.
+Nothing here imports JAX.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -16,71 +27,302 @@ from lm.config import Config
 from lm.errors import ConfigError, StoreError
 from lm.spec import Trial
 
+VERSION = 2
+SQLITE = "store.sqlite"
+FINAL = ("done", "failed")  # a failed trial is final once it failed the same way MAX_FAILURES times
+MAX_FAILURES = 3
 
+# Version 1 (the first runner's) had `trials` and `points` without the columns marked v2.
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS sweep (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
     name TEXT PRIMARY KEY, role TEXT NOT NULL, config TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending', error TEXT,
-    params INTEGER, params_non_embedding INTEGER, tokens INTEGER, flops_per_token REAL,
-    flops REAL, flops_6nd REAL, wall_s REAL, updated REAL);
+    params BIGINT, params_non_embedding BIGINT, tokens BIGINT, flops_per_token DOUBLE PRECISION,
+    flops DOUBLE PRECISION, flops_6nd DOUBLE PRECISION, wall_s DOUBLE PRECISION,
+    updated DOUBLE PRECISION);
 CREATE TABLE IF NOT EXISTS points (
-    trial TEXT NOT NULL REFERENCES trials(name), step INTEGER NOT NULL, tokens INTEGER,
-    flops REAL, train_loss REAL, val_loss REAL, val_loss_sem REAL, bpb REAL,
+    trial TEXT NOT NULL REFERENCES trials(name), step INTEGER NOT NULL, tokens BIGINT,
+    flops DOUBLE PRECISION, train_loss DOUBLE PRECISION, val_loss DOUBLE PRECISION,
+    val_loss_sem DOUBLE PRECISION, bpb DOUBLE PRECISION,
     PRIMARY KEY (trial, step));
+CREATE TABLE IF NOT EXISTS prediction (
+    id INTEGER PRIMARY KEY, made DOUBLE PRECISION NOT NULL, body TEXT NOT NULL);
 """
+V2_COLUMNS = {  # added to `trials` by the upgrade from version 1
+    "worker": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "failures": "INTEGER NOT NULL DEFAULT 0", "heartbeat": "DOUBLE PRECISION",
+    "timings": "TEXT"}
+
+
+def worker_name(pid: int | None = None) -> str:
+    """How the store names a worker: its host and process id."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class _SQLite:
+    placeholder = "?"
+
+    def __init__(self, path: Path):
+        self.where = str(path)
+        try:
+            self.con = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit
+            self.con.row_factory = sqlite3.Row
+            self.con.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot open the store ({e})") from None
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One transaction that takes the write lock at once: claims never race."""
+        self.con.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def execute(self, sql: str, params=()):
+        return self.con.execute(sql, params)
+
+    def executescript(self, sql: str) -> None:
+        self.con.executescript(sql)
+
+    def columns(self, table: str) -> set[str]:
+        return {r["name"] for r in self.con.execute(f"PRAGMA table_info({table})")}
+
+    def claim_sql(self) -> str:
+        return ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
+                "updated=? WHERE name = (SELECT name FROM trials WHERE status='pending' "
+                "ORDER BY flops DESC, name LIMIT 1) RETURNING name")
+
+
+class _Postgres:
+    placeholder = "%s"
+
+    def __init__(self, url: str):
+        self.where = re.sub(r"//[^@/]*@", "//", url)  # no password in messages
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise StoreError("--store postgresql://... needs psycopg 3: pip install "
+                             "'psycopg[binary]'") from None
+        try:
+            self.con = psycopg.connect(url, autocommit=True, row_factory=dict_row,
+                                       connect_timeout=10)
+        except psycopg.Error as e:
+            raise StoreError(f"cannot reach the store {self.where}: "
+                             f"{str(e).strip().splitlines()[0]}; check the host, port, user, "
+                             "password and database of the URL") from None
+
+    @contextlib.contextmanager
+    def transaction(self):
+        with self.con.transaction():
+            yield self
+
+    def execute(self, sql: str, params=()):
+        return self.con.execute(sql.replace("?", "%s"), params)
+
+    def executescript(self, sql: str) -> None:
+        with self.con.transaction():
+            for statement in filter(str.strip, sql.split(";")):
+                self.con.execute(statement)
+
+    def columns(self, table: str) -> set[str]:
+        rows = self.con.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                "table_name = %s", (table,))
+        return {r["column_name"] for r in rows}
+
+    def claim_sql(self) -> str:
+        return ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
+                "updated=? WHERE name = (SELECT name FROM trials WHERE status='pending' "
+                "ORDER BY flops DESC, name LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING name")
+
+
+def _connect(url: str):
+    if url.startswith(("postgresql://", "postgres://")):
+        return _Postgres(url)
+    return _SQLite(Path(url))
+
+
+# --------------------------------------------------------------------------- the store
 
 
 class Store:
-    """The sweep's SQLite database: every trial with its facts and status, every evaluation.
-    Each write is one transaction, so a killed runner leaves it consistent."""
+    """A sweep's trials, points and prediction, in SQLite (a path) or PostgreSQL (a URL)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.row_factory = sqlite3.Row
-        with self.db:
+    def __init__(self, url: str | Path, *, create: bool = True):
+        self.url = str(url)
+        if not create and not self.url.startswith("postgres") and not Path(url).is_file():
+            raise StoreError(f"{url} not found: run the sweep first (lm sweep SWEEP.yaml)")
+        self.db = _connect(self.url)
+        self.path = self.db.where
+        self._open()
+
+    def _open(self) -> None:
+        """Create the tables, or check that they are a sweep store's and upgrade them."""
+        try:
+            tables = {t: self.db.columns(t) for t in ("sweep", "trials", "points")}
+            if tables["trials"] and not {"name", "role", "config", "status"} <= tables["trials"]:
+                raise StoreError(self._not_a_store("its `trials` table is another program's"))
             self.db.executescript(SCHEMA)
+            version = int(self._get("version") or (1 if tables["trials"] else VERSION))
+            if version > VERSION:
+                raise StoreError(f"{self.path} was written by a newer lm (store version "
+                                 f"{version}, this lm reads up to {VERSION}); upgrade lm")
+            with self.db.transaction():
+                have = self.db.columns("trials")
+                for column, kind in V2_COLUMNS.items():
+                    if column not in have:
+                        self.db.execute(f"ALTER TABLE trials ADD COLUMN {column} {kind}")
+                self._set("version", str(VERSION))
+        except (sqlite3.DatabaseError, ValueError) as e:
+            raise StoreError(self._not_a_store(str(e))) from None
 
-    def sync(self, trials: list[Trial]) -> None:
-        """Record new trials; refuse a trial whose config changed under the same name."""
-        with self.db:
+    def _not_a_store(self, why: str) -> str:
+        return (f"{self.path} is not a sweep store ({why}); move it away and rebuild it from the "
+                "trials' run directories: lm sweep SWEEP.yaml --rebuild-store")
+
+    def _get(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM sweep WHERE key=?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def _set(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO sweep (key, value) VALUES (?, ?) ON CONFLICT (key) DO "
+                        "UPDATE SET value=excluded.value", (key, value))
+
+    # ----------------------------------------------------------------------- the plan
+
+    def sync(self, name: str, digest: str, trials: list[Trial], replan: bool = False) -> None:
+        """Open the store for sweep `name` as planned (`digest` of its plan): record new trials,
+        in one transaction. Refused: a store holding another sweep; a trial whose config changed
+        under the same name; and, unless `replan` (the runner, after an edit of the spec), a
+        plan other than the store's (a worker started with another spec). Held-out trials wait
+        ('blocked') until the prediction is registered."""
+        with self.db.transaction():
+            held = self._get("name")
+            if held not in (None, name):
+                raise StoreError(f"{self.path} holds sweep {held!r}, not {name!r}: give each "
+                                 "sweep a store of its own")
+            if held is not None and self._get("plan") != digest and not replan:
+                raise StoreError(f"{self.path} holds sweep {name!r} as planned by another spec: "
+                                 "start every worker with the spec the sweep was started with "
+                                 "(the sweep directory's sweep.yaml)")
+            self._set("name", name)
+            self._set("plan", digest)
+            registered = self.prediction() is not None
+            if not registered:  # a store of an older lm let them start before registration
+                self.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout' AND "
+                                "status='pending'")
             for t in trials:
-                config = json.dumps(config_lib.to_dict(t.cfg), sort_keys=True)
                 old = self.db.execute("SELECT config FROM trials WHERE name=?",
                                       (t.name,)).fetchone()
                 if old is None:
+                    facts = t.facts()
                     self.db.execute(
-                        "INSERT INTO trials (name, role, config, params, params_non_embedding, "
-                        "tokens, flops_per_token, flops, flops_6nd, updated) VALUES "
-                        "(:name, :role, :config, :params, :params_non_embedding, :tokens, "
-                        ":flops_per_token, :flops, :flops_6nd, :updated)",
-                        {"name": t.name, "role": t.role, "config": config,
-                         "updated": time.time(), **t.facts()})
+                        "INSERT INTO trials (name, role, config, status, params, "
+                        "params_non_embedding, tokens, flops_per_token, flops, flops_6nd, "
+                        "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (t.name, t.role, _config_json(t.cfg),
+                         "blocked" if t.role == "holdout" and not registered else "pending",
+                         facts["params"], facts["params_non_embedding"], facts["tokens"],
+                         facts["flops_per_token"], facts["flops"], facts["flops_6nd"],
+                         time.time()))
                 elif not _same_config(old["config"], t.cfg):
                     raise ConfigError(
                         f"trial {t.name} in {self.path} was planned with another config; the "
                         "spec changed under an existing sweep: use a new `dir` (or name)")
 
-    def set_status(self, name: str, status: str, error: str | None = None,
-                   wall_s: float | None = None) -> None:
-        with self.db:
-            self.db.execute("UPDATE trials SET status=?, error=?, wall_s=COALESCE(?, wall_s), "
-                            "updated=? WHERE name=?", (status, error, wall_s, time.time(), name))
+    # ----------------------------------------------------------------------- workers
 
-    def finish(self, name: str, points: list[dict], wall_s: float) -> None:
+    def claim(self, worker: str) -> str | None:
+        """The name of a pending trial, now running under `worker`; None if none is pending.
+        The largest first: they take longest, so the sweep ends sooner."""
+        now = time.time()
+        row = self.db.execute(self.db.claim_sql(), (worker, now, now)).fetchone()
+        return row["name"] if row else None
+
+    def beat(self, name: str, worker: str) -> bool:
+        """Say `worker` is still training `name`; False if the trial is no longer its own."""
+        cur = self.db.execute("UPDATE trials SET heartbeat=? WHERE name=? AND worker=? AND "
+                              "status='running'", (time.time(), name, worker))
+        return cur.rowcount == 1
+
+    def reclaim(self, stale_s: float, dead_workers=()) -> list[str]:
+        """Running trials whose worker stopped beating `stale_s` ago (or is known dead) go back
+        to the queue; they resume from their checkpoints."""
+        cutoff = time.time() - stale_s
+        reclaimed = []
+        with self.db.transaction():
+            rows = self.db.execute("SELECT name, worker, heartbeat FROM trials WHERE "
+                                   "status='running'").fetchall()
+            for r in rows:
+                if r["worker"] in dead_workers or (r["heartbeat"] or 0) < cutoff:
+                    self.db.execute("UPDATE trials SET status='pending', worker=NULL WHERE "
+                                    "name=? AND status='running'", (r["name"],))
+                    reclaimed.append(r["name"])
+        return reclaimed
+
+    def release(self, name: str, worker: str) -> None:
+        """A worker stopped (a signal) before `name` ended: pending again, for anyone."""
+        self.db.execute("UPDATE trials SET status='pending', worker=NULL, updated=? WHERE "
+                        "name=? AND worker=?", (time.time(), name, worker))
+
+    def finish(self, name: str, points: list[dict], wall_s: float | None,
+               timings: dict | None = None) -> None:
         """A trial's evaluations and its `done` status, in one transaction."""
-        with self.db:
+        with self.db.transaction():
             self.db.execute("DELETE FROM points WHERE trial=?", (name,))
-            self.db.executemany(
-                "INSERT INTO points VALUES (:trial, :step, :tokens, :flops, :train_loss, "
-                ":val_loss, :val_loss_sem, :bpb)", [{"trial": name, **p} for p in points])
-            self.db.execute("UPDATE trials SET status='done', error=NULL, wall_s=?, updated=? "
-                            "WHERE name=?", (wall_s, time.time(), name))
+            for p in points:
+                self.db.execute(
+                    "INSERT INTO points (trial, step, tokens, flops, train_loss, val_loss, "
+                    "val_loss_sem, bpb) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, p["step"], p["tokens"], p["flops"], p["train_loss"], p["val_loss"],
+                     p["val_loss_sem"], p["bpb"]))
+            self.db.execute("UPDATE trials SET status='done', error=NULL, wall_s=?, timings=?, "
+                            "updated=? WHERE name=?",
+                            (wall_s, json.dumps(timings or {}), time.time(), name))
 
-    def reset_running(self) -> None:
-        """Trials a dead runner left `running` are pending again (their checkpoints remain)."""
-        with self.db:
-            self.db.execute("UPDATE trials SET status='pending' WHERE status='running'")
+    def fail(self, name: str, error: str, wall_s: float, timings: dict | None = None) -> bool:
+        """Record a failure. The trial is retried until it fails the same way MAX_FAILURES
+        times in a row; returns whether it is now final."""
+        with self.db.transaction():
+            row = self.db.execute("SELECT error, failures FROM trials WHERE name=?",
+                                  (name,)).fetchone()
+            same = row["error"] == error
+            failures = row["failures"] + 1 if same else 1
+            final = failures >= MAX_FAILURES
+            self.db.execute("UPDATE trials SET status=?, error=?, failures=?, "
+                            "wall_s=?, timings=?, updated=? WHERE name=?",
+                            ("failed" if final else "pending", error, failures, wall_s,
+                             json.dumps(timings or {}), time.time(), name))
+        return final
+
+    # ----------------------------------------------------------------------- the prediction
+
+    def register(self, body: dict, held: list[str]) -> bool:
+        """Store the prediction, once: the first caller wins and releases the held-out trials;
+        returns whether this call registered it."""
+        with self.db.transaction():
+            cur = self.db.execute("INSERT INTO prediction (id, made, body) VALUES (1, ?, ?) "
+                                  "ON CONFLICT (id) DO NOTHING", (time.time(), json.dumps(body)))
+            if cur.rowcount != 1:
+                return False
+            for name in held:
+                self.db.execute("UPDATE trials SET status='pending' WHERE name=? AND "
+                                "status='blocked'", (name,))
+        return True
+
+    def prediction(self) -> dict | None:
+        row = self.db.execute("SELECT body FROM prediction WHERE id=1").fetchone()
+        return json.loads(row["body"]) if row else None
+
+    # ----------------------------------------------------------------------- reading
 
     def trials(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM trials ORDER BY flops, name")]
@@ -94,9 +336,11 @@ class Store:
             "WHERE t.status = 'done' ORDER BY t.name, p.step")
         return [dict(r) for r in rows]
 
-    def points_of(self, params: str = "total", roles=("fit", "holdout")) -> scaling.Points:
-        """The points of the finished trials of `roles`."""
-        rows = [r for r in self.points(params) if r["role"] in roles]
+    def points_of(self, params: str = "total", roles=("fit", "holdout"),
+                  names=None) -> scaling.Points:
+        """The points of the finished trials of `roles` (and of `names`, if given)."""
+        rows = [r for r in self.points(params)
+                if r["role"] in roles and (names is None or r["run"] in names)]
         if not rows:
             raise StoreError(f"no finished {'/'.join(roles)} trials in {self.path} to fit")
         return scaling.Points.from_rows(rows)
@@ -107,26 +351,31 @@ class Store:
         return {r["trial"]: r["val_loss"] for r in rows}
 
 
+def _config_json(cfg: Config) -> str:
+    return json.dumps(config_lib.to_dict(cfg), sort_keys=True)
+
+
 def _same_config(stored: str, cfg: Config) -> bool:
-    """Whether a stored trial config is `cfg`, read with today's defaults: a key added to lm
-    since the sweep started does not orphan its trials."""
+    """Whether a stored trial config is `cfg`, read with today's defaults (a key added to lm
+    since the sweep started does not orphan its trials), wherever the sweep directory is now."""
     try:
-        return config_lib.from_dict(json.loads(stored)) == cfg
+        old = config_lib.from_dict(json.loads(stored))
     except ConfigError:  # a key that no longer exists
         return False
+    return config_lib.replace(old, train={"run_dir": cfg.train.run_dir}) == cfg
 
 
-def load_points(source: str | Path) -> tuple[scaling.Points, list[str]]:
-    """Points from a sweep (directory or store file) or a CSV, and the designated held-out
-    runs (a sweep's `holdout` trials; none for a CSV)."""
-    source = Path(source)
-    store_path = source / "store.sqlite" if source.is_dir() else source
-    if store_path.suffix != ".sqlite":
-        return scaling.load_csv(source), []
-    if not store_path.is_file():
-        raise StoreError(f"{store_path} not found: run the sweep first (lm sweep SWEEP.yaml)")
-    rows = Store(store_path).points()
+def load_points(source: str | Path, ignore_columns: bool = False
+                ) -> tuple[scaling.Points, list[str]]:
+    """Points from a sweep (directory, store file or PostgreSQL URL) or a CSV, and the
+    designated held-out runs (a sweep's `holdout` trials; none for a CSV)."""
+    source = str(source)
+    if Path(source).is_dir():
+        source = str(Path(source) / SQLITE)
+    if not source.startswith("postgres") and not source.endswith(".sqlite"):
+        return scaling.load_csv(source, ignore_columns), []
+    rows = Store(source, create=False).points()
     if not rows:
-        raise StoreError(f"{store_path} holds no finished trials yet")
+        raise StoreError(f"{source} holds no finished trials yet")
     held = sorted({r["run"] for r in rows if r["role"] == "holdout"})
     return scaling.Points.from_rows(rows), held

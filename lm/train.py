@@ -88,6 +88,14 @@ class Program:
 LR = jax.ShapeDtypeStruct((), jnp.float32)
 
 
+def compiled_key(cfg: Config) -> tuple:
+    """What a compiled step depends on: runs that agree on it share one program, whatever
+    their length, learning rate, schedule, seed, data or run directory."""
+    o, t = cfg.optim, cfg.train
+    return (cfg.model, cfg.mesh, t.batch_size, t.micro_batches, cfg.seq_len,
+            (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm))
+
+
 def compile_program(cfg: Config, devices=None) -> Program:
     lay = state_lib.layout(cfg, devices)
     batch = jax.ShapeDtypeStruct(lay.batch_shape, jnp.int32, sharding=lay.batch_sharding)
@@ -114,7 +122,7 @@ class _Run:
     mngr: object  # orbax CheckpointManager
     source: data.Source
     log: rundir.Log
-    evaluator: evaluate.Evaluator | None
+    evaluator: evaluate.Evaluators | None
     peak: float
     stop: StopSignals
     bar: object  # tqdm
@@ -123,20 +131,20 @@ class _Run:
     skipped: list  # data positions skipped, [start, stop) ranges
     recent: collections.deque  # losses of the steps before, for the spike threshold
     row: dict  # the last metrics row
+    session: Session
     clock: float = 0.0
     logged: int = 0  # the last step logged
 
 
-def _resume(program: Program, mngr) -> tuple[dict, int, list, collections.deque]:
+def _resume(cfg: Config, program: Program, mngr) -> tuple[dict, int, list, collections.deque]:
     """From the newest checkpoint that restores (a fresh state at step 0 without one): the
     state, the step, the data positions skipped so far and the losses of the steps before."""
     lay = program.layout
-    restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings)
-    state, meta = restored or (program.init(), {"step": 0})
+    restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, aside=True)
+    state, meta = restored or (program.init(cfg.train.seed), {"step": 0})
     state["step"] = jax.device_put(np.int32(meta["step"]), lay.shardings["step"])
-    window = lay.cfg.train.spikes.window
     return (state, meta["step"], [tuple(r) for r in meta.get("skipped", [])],
-            collections.deque(meta.get("recent_losses", []), maxlen=window))
+            collections.deque(meta.get("recent_losses", []), maxlen=cfg.train.spikes.window))
 
 
 def _log_metrics(run: _Run, step: int, metrics: dict, epoch: float) -> None:
@@ -154,6 +162,7 @@ def _log_metrics(run: _Run, step: int, metrics: dict, epoch: float) -> None:
         "model_flops_per_s": flops.step_flops(cfg) / seconds,
         "mfu": flops.mfu(cfg, seconds, run.peak),
         "epoch": epoch,  # passes over the training data so far: > 1 means it repeats
+        **data.realised(run.source, step),  # a mixture's shares of the rows so far
     }
     run.log.append("metrics", run.row)
     run.bar.update(step - run.bar.n)
@@ -164,15 +173,23 @@ def _log_metrics(run: _Run, step: int, metrics: dict, epoch: float) -> None:
 
 
 def _evaluate(run: _Run, step: int) -> None:
-    row = run.evaluator.row(run.state["params"], step)
-    run.log.append("eval", row)
-    log.info("step %6d  eval loss %.4f ± %.4f", step, row["loss"], row["loss_sem"] or 0)
+    with run.session.timed("eval"):
+        rows = run.evaluator.rows(run.state["params"], step)
+    for row in rows:
+        run.log.append("eval", row)
+        log.info("step %6d  eval %s loss %.4f ± %.4f", step, row["set"], row["loss"],
+                 row["loss_sem"] or 0)
 
 
 def _save(run: _Run, step: int) -> None:
+    with run.session.timed("checkpoint"):
+        _save_now(run, step)
+
+
+def _save_now(run: _Run, step: int) -> None:
     checkpoint.save(run.mngr, run.state, {
         "step": step, "seed": run.cfg.train.seed, "config": config_lib.to_dict(run.cfg),
-        "skipped": run.skipped, "recent_losses": list(run.recent)})
+        "skipped": run.skipped, "recent_losses": list(run.recent)}, run.cfg.checkpoint)
 
 
 def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
@@ -213,7 +230,7 @@ def _segment(run: _Run) -> spikes.Spike | None:
     pending = []
     run.clock, run.logged = time.perf_counter(), run.start
     batches = data.batches(src, lay.batch_sharding, lay.batch_shape, run.start, cfg.train.steps)
-    with contextlib.closing(batches):
+    with contextlib.closing(batches), run.session.timed("steps"):
         for index, tokens in batches:
             lr = np.float32(schedule.learning_rate(cfg.optim, cfg.train.steps, index))
             run.state, metrics = run.program.step(run.state, tokens, lr)
@@ -230,7 +247,7 @@ def _roll_back(run: _Run, spike: spikes.Spike) -> None:
     if len(run.skipped) >= s.max_spikes:
         raise spike.error(run.cfg)
     run.mngr.wait_until_finished()
-    run.state, run.start, _, run.recent = _resume(run.program, run.mngr)  # earlier skips stay
+    run.state, run.start, _, run.recent = _resume(run.cfg, run.program, run.mngr)  # skips stay
     run.skipped.append(spikes.skip_range(s, spike.step, run.start, run.skipped))
     run.log.rewind(run.start, run.skipped)
     run.log.append("metrics", spike.event(run.start, run.skipped))
@@ -241,7 +258,53 @@ def _roll_back(run: _Run, spike: spikes.Spike) -> None:
                 s.max_spikes)
 
 
-def train(cfg: Config, devices=None) -> dict:
+class Session:
+    """What a process keeps across the runs it trains one after another (a sweep's worker):
+    the compiled steps and evaluators of every shape it met, reused by later runs of that
+    shape (seeds, token budgets, cooldown branches), and where its time went."""
+
+    def __init__(self, devices=None):
+        self.devices = devices
+        self.seconds: collections.Counter = collections.Counter()  # by phase
+        self._programs: dict = {}
+        self._evaluators: dict = {}
+        self._phases: list[str] = []
+        self._since = time.perf_counter()
+
+    def _charge(self) -> None:
+        now = time.perf_counter()
+        if self._phases:
+            self.seconds[self._phases[-1]] += now - self._since
+        self._since = now
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Charge the time inside the block to `phase`, not to the phase around it."""
+        self._charge()
+        self._phases.append(phase)
+        try:
+            yield
+        finally:
+            self._charge()
+            self._phases.pop()
+
+    def program(self, cfg: Config) -> Program:
+        key = compiled_key(cfg)
+        if key not in self._programs:
+            with self.timed("compile"):
+                self._programs[key] = compile_program(cfg, self.devices)
+        return self._programs[key]
+
+    def evaluator(self, cfg: Config) -> evaluate.Evaluator:
+        key = (compiled_key(cfg), cfg.data, cfg.eval.batch_size)
+        if key not in self._evaluators:
+            lay = dataclasses.replace(self.program(cfg).layout, cfg=cfg)
+            with self.timed("compile"):
+                self._evaluators[key] = evaluate.evaluator(lay)
+        return self._evaluators[key]
+
+
+def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
     """Train `cfg` into `cfg.train.run_dir`, resuming from its newest complete checkpoint;
     returns the last metrics row. Every process of a multi-process run calls it alike.
 
@@ -250,28 +313,37 @@ def train(cfg: Config, devices=None) -> dict:
     (train.spikes) rolls the run back to its newest checkpoint and passes over the batches
     that led to it. The ranges skipped live in every checkpoint's meta, so a resumed run reads
     the same batches as an uninterrupted one."""
+    run_dir = rundir.checked(cfg.train.run_dir)
+    with rundir.locked(run_dir) if is_primary() else contextlib.nullcontext():
+        sync("run directory locked")  # by every process, before process 0 writes into it
+        return _train(cfg, run_dir, session or Session(devices))
+
+
+def _train(cfg: Config, run_dir, session: Session) -> dict:
     from tqdm import tqdm
 
     t = cfg.train
-    run_dir = rundir.checked(t.run_dir)
-    sync("run directory checked")  # by every process, before process 0 writes into it
+    program = session.program(cfg)  # these check the mesh, the data and the checkpoints
+    lay = program.layout            # before anything is written
+    with session.timed("data"):
+        source = primary_first(lambda: data.source(cfg))
+    checkpoint.check_fits(run_dir, lay.abstract["params"])
     if is_primary():
         rundir.write_config(run_dir, cfg)
-    program = compile_program(cfg, devices)
-    lay = program.layout
-    mngr = checkpoint.manager(run_dir, cfg.checkpoint)
-    source = primary_first(lambda: data.source(cfg))
-    state, start, skipped, recent = _resume(program, mngr)
+    with session.timed("restore"):
+        mngr = checkpoint.manager(run_dir)
+        state, start, skipped, recent = _resume(cfg, program, mngr)
     run_log = rundir.Log(run_dir, writes=is_primary())
     run_log.rewind(start, skipped)
-    evaluator = evaluate.evaluator(lay) if rundir.eval_steps(cfg) else None
+    evaluator = session.evaluator(cfg) if rundir.eval_steps(cfg) else None
     peak = t.peak_flops or flops.peak_flops_per_s(list(lay.mesh.devices.flat))
     with (StopSignals() as stop,
           tqdm(initial=start, total=t.steps, disable=not (t.progress and is_primary()),
                unit="step") as bar):
         run = _Run(cfg, program, mngr, source, run_log, evaluator, peak, stop, bar, state, start,
-                   skipped, recent, run_log.last_metrics())
+                   skipped, recent, run_log.last_metrics(), session)
         while (spike := _segment(run)) is not None:
             _roll_back(run, spike)
-    mngr.wait_until_finished()
+        with session.timed("checkpoint"):
+            mngr.wait_until_finished()
     return run.row

@@ -48,3 +48,41 @@ def prepared(cache):
 
     cfg = real(cache)
     return cfg, corpus.prepare(cfg)
+
+
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: on PATH, or in Debian's /usr/lib/postgresql/*/bin."""
+    import glob
+    import shutil
+
+    found = shutil.which(name) or next(iter(sorted(glob.glob(
+        f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:  # .ci/run installs the server: its absence is a failure, not a skip
+        pytest.fail(f"PostgreSQL's {name} is not installed (apt-get install postgresql)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of this test session's own, on a Unix socket in a fresh directory
+    under /tmp, stopped at the end: its URL. As root it runs as `nobody` (initdb refuses
+    root)."""
+    import shutil
+    import subprocess
+
+    root = tempfile.mkdtemp(prefix="lm-pg-", dir="/tmp")
+    os.chmod(root, 0o777)
+    as_owner = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    data = os.path.join(root, "data")
+
+    def pg(*cmd):
+        subprocess.run(as_owner + list(cmd), check=True, capture_output=True, timeout=120)
+
+    pg(_postgres_bin("initdb"), "-D", data, "-A", "trust", "-U", "lm", "--no-sync")
+    pg(_postgres_bin("pg_ctl"), "-D", data, "-w", "-l", os.path.join(root, "log"), "-o",
+       f"-k {root} -c listen_addresses='' -c fsync=off", "start")
+    try:
+        yield f"postgresql://lm@/postgres?host={root}"
+    finally:
+        pg(_postgres_bin("pg_ctl"), "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)

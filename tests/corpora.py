@@ -2,6 +2,7 @@
 words written by the tests."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -49,3 +50,33 @@ def files_cfg(tmp_path, *overrides):
     return small(f"data.source={tmp_path}/corpus/*.txt,{tmp_path}/corpus/*.jsonl",
                  "model.vocab_size=320", "data.val_fraction=0.25", "data.val_sequences=2",
                  "data.workers=1", f"data.cache_dir={tmp_path}/cache", *overrides)
+
+
+def stdlib_texts(size, skip=0):
+    """Real text: whole Python source files of the default corpus, in order from the `skip`-th,
+    until they hold `size` bytes."""
+    from lm import corpus
+
+    texts, total = [], 0
+    for _, path in corpus.default_corpus()[skip:]:
+        if total >= size:
+            break
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            continue
+        total += len(texts[-1].encode())
+    return texts
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"  # real prose
+
+
+def decoded(dataset, split):
+    """The text of each document (or piece of one) in a split's token stream, in order."""
+    from lm import corpus
+
+    stream = np.asarray(dataset.tokens(split)).tolist()
+    ends = [i for i, t in enumerate(stream) if t == corpus.EOD_ID]
+    sp = dataset.tokenizer()
+    return [sp.decode(stream[a + 1:b]) for a, b in zip([-1] + ends, ends)]

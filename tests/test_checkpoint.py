@@ -82,7 +82,7 @@ def test_corrupt_and_half_written_checkpoints_are_skipped(tmp_path, caplog):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
     lay = state.layout(cfg)
-    mngr = checkpoint.manager(tmp_path / "run", cfg.checkpoint)
+    mngr = checkpoint.manager(tmp_path / "run")
     restored, meta = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings)
     err = caplog.text
     assert meta["step"] == 4

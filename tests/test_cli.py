@@ -39,7 +39,7 @@ def finished_sweep(tmp_path) -> Path:
     trials = spec_lib.plan(spec)
     spec.path.mkdir(parents=True)
     store = Store(spec.path / "store.sqlite")
-    store.sync(trials)
+    store.sync(spec.name, "test", trials)
     rng = np.random.default_rng(0)
     for t in trials:
         f = t.facts()

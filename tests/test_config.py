@@ -85,3 +85,10 @@ def test_cli_reports_config_errors(capsys):
     assert cli.main(["info", "tiny", "model.n_heads=5"]) == 2
     err = capsys.readouterr().err
     assert "model.d_model" in err and "Traceback" not in err
+
+
+def test_a_section_override_merges_into_earlier_dotted_ones():
+    cfg = config.load("tiny", ["train.run_dir=runs/x", "train={steps: 3}", "train.seed=2"])
+    assert (cfg.train.run_dir, cfg.train.steps, cfg.train.seed) == ("runs/x", 3, 2)
+    with pytest.raises(ConfigError, match="both a value and keys"):
+        config.load("tiny", ["model=5", "model.d_model=3"])

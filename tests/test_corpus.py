@@ -1,16 +1,21 @@
 """Data preparation: files -> documents -> SentencePiece -> token files -> manifest."""
 
+import gzip
+import itertools
 import json
+import math
 import re
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from lm import cli, corpus, data
 from lm.errors import ConfigError, DataError
 
 from conftest import small
-from corpora import UNICODE, files_cfg, real, write_corpus
+from corpora import UNICODE, decoded, files_cfg, real, stdlib_texts, write_corpus
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -40,22 +45,21 @@ def test_prepared_default_corpus_and_its_validation_set(prepared):
     tokens = dataset.tokens("train", cfg.seq_len)
     assert len(tokens) == train["tokens"] and tokens[-1] == corpus.EOD_ID
     assert 1.2 < train["bytes_per_token"] < 4
-    val_set = data.validation(cfg)
-    assert val_set.shape == (8, cfg.seq_len + 1)
-    np.testing.assert_array_equal(val_set[0], dataset.tokens("val", cfg.seq_len)[:cfg.seq_len + 1])
-    assert data.bytes_per_token(cfg) == pytest.approx(val["bytes_per_token"], rel=0.3)
+    assert train["holdout"] == val["holdout"] == "documents"  # enough documents to draw from
+    (name, val_set), = data.validation_sets(cfg).items()
+    assert name == "val" and val_set.rows.shape == (8, cfg.seq_len + 1)
+    np.testing.assert_array_equal(val_set.rows[0],
+                                  dataset.tokens("val", cfg.seq_len)[:cfg.seq_len + 1])
+    assert val_set.bytes_per_token == pytest.approx(val["bytes_per_token"], rel=0.3)
 
 
 def test_splits_share_no_document_and_are_stable_across_runs(tmp_path):
     texts = write_corpus(tmp_path / "corpus")
     cfg = files_cfg(tmp_path)
     dataset = corpus.prepare(cfg)
-    sp = dataset.tokenizer()
     found = {}
     for split in corpus.SPLITS:
-        stream = np.asarray(dataset.tokens(split, 1)).tolist()
-        ends = [i for i, t in enumerate(stream) if t == corpus.EOD_ID]
-        found[split] = [sp.decode(stream[a + 1:b]) for a, b in zip([-1] + ends, ends)]
+        found[split] = decoded(dataset, split)
         assert len(found[split]) == dataset.manifest["splits"][split]["documents"]
     assert not set(found["train"]) & set(found["val"])
     assert sorted(found["train"] + found["val"]) == sorted(texts)
@@ -63,8 +67,8 @@ def test_splits_share_no_document_and_are_stable_across_runs(tmp_path):
     assert again.dir != dataset.dir
     for name in ("train.bin", "val.bin"):  # the same tokenizer and tokens, built from scratch
         assert (again.dir / name).read_bytes() == (dataset.dir / name).read_bytes()
-    np.testing.assert_array_equal(data.validation(cfg), data.validation(
-        files_cfg(tmp_path, f"data.cache_dir={tmp_path}/elsewhere")))
+    np.testing.assert_array_equal(data.validation_sets(cfg)["val"].rows, data.validation_sets(
+        files_cfg(tmp_path, f"data.cache_dir={tmp_path}/elsewhere"))["val"].rows)
 
 
 def test_parallel_encoding_writes_the_same_files(prepared, tmp_path, monkeypatch):
@@ -76,6 +80,102 @@ def test_parallel_encoding_writes_the_same_files(prepared, tmp_path, monkeypatch
     pieces = [[sp.id_to_piece(i) for i in range(sp.get_piece_size())]
               for sp in (parallel.tokenizer(), serial.tokenizer())]
     assert pieces[0] == pieces[1]  # the files differ only in the recorded num_threads
+
+
+# --------------------------------------------------------------------------- holding out
+
+
+def text_cfg(tmp_path, source, *overrides):
+    return small(f"data.source={source}", "model.vocab_size=384", "data.workers=1",
+                 f"data.cache_dir={tmp_path}/cache", *overrides)
+
+
+def test_a_single_file_is_held_out_in_spans_that_share_no_token(tmp_path):
+    text = "".join(stdlib_texts(300_000))
+    (tmp_path / "input.txt").write_text(text)
+    dataset = corpus.prepare(text_cfg(tmp_path, tmp_path / "input.txt"))  # data.val_fraction=0.02
+    splits = dataset.manifest["splits"]
+    assert splits["train"]["holdout"] == splits["val"]["holdout"] == "positions"
+    assert splits["val"]["bytes"] / len(text.encode()) == pytest.approx(0.02, rel=0.02)
+    found = {split: decoded(dataset, split) for split in corpus.SPLITS}
+    assert len(found["val"]) == math.ceil(0.02 * len(text) / corpus.SPAN_CHARS)  # spread out
+    # train and validation pieces alternate through the file: every character is in one split
+    alternating = itertools.chain(*itertools.zip_longest(found["train"], found["val"],
+                                                         fillvalue=""))
+    assert "".join(alternating) == text
+    assert all(piece.endswith("\n") for piece in found["train"][:-1])  # spans start lines
+    again = corpus.prepare(text_cfg(tmp_path, tmp_path / "input.txt",
+                                    f"data.cache_dir={tmp_path}/elsewhere"))
+    for name in ("train.bin", "val.bin"):  # deterministic
+        assert (again.dir / name).read_bytes() == (dataset.dir / name).read_bytes()
+
+
+def test_each_of_a_few_documents_gives_its_share_to_validation(tmp_path):
+    texts = stdlib_texts(100_000, skip=40)[:3]
+    for i, text in enumerate(texts):
+        (tmp_path / f"doc{i}.py").write_text(text)
+    dataset = corpus.prepare(text_cfg(tmp_path, f"{tmp_path}/doc*.py"))  # 2%: no whole one
+    assert dataset.manifest["splits"]["val"]["holdout"] == "positions"
+    held = decoded(dataset, "val")
+    assert {next(i for i, t in enumerate(texts) if piece in t) for piece in held} == {0, 1, 2}
+    for text in texts:
+        mine = sum(len(piece) for piece in held if piece in text)
+        assert mine / len(text) == pytest.approx(0.02, abs=0.01)  # edges moved to line starts
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def write_formats(root, texts):
+    """`texts` as .txt files, .txt.gz files, a .jsonl.gz file, a Parquet file of row groups of
+    two and a dataset saved as datasets.save_to_disk does; the source of each."""
+    for i, text in enumerate(texts):
+        (root / "txt").mkdir(exist_ok=True)
+        (root / "txt" / f"doc{i}.txt").write_text(text)
+        (root / "gz").mkdir(exist_ok=True)
+        (root / "gz" / f"doc{i}.txt.gz").write_bytes(gzip.compress(text.encode()))
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    (root / "docs.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    table = pa.table({"id": list(range(len(texts))), "text": texts})
+    pq.write_table(table, root / "docs.parquet", row_group_size=2)
+    saved = root / "saved"
+    saved.mkdir()
+    with pa.ipc.new_stream(saved / "data-00000-of-00001.arrow", table.schema) as stream:
+        for batch in table.to_batches(max_chunksize=2):
+            stream.write_batch(batch)
+    (saved / "dataset_info.json").write_text(json.dumps(
+        {"features": {"id": {"dtype": "int64", "_type": "Value"},
+                      "text": {"dtype": "string", "_type": "Value"}}}))
+    (saved / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "0",
+         "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+         "_output_all_columns": False, "_split": None}))
+    return {"txt": f"{root}/txt/*.txt", "gz": f"{root}/gz/*.txt.gz",
+            "jsonl": f"{root}/docs.jsonl.gz", "parquet": f"{root}/docs.parquet", "arrow": saved}
+
+
+def test_parquet_gzip_and_saved_arrow_give_the_same_tokens_as_text(tmp_path, monkeypatch):
+    texts = stdlib_texts(60_000, skip=100)
+    sources = write_formats(tmp_path, texts)
+    read_groups = []
+    monkeypatch.setattr(pq.ParquetFile, "read", None)  # never the whole file at once
+    read_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, **kw: read_groups.append(i) or read_group(self, i, **kw))
+    cfg = text_cfg(tmp_path, sources["txt"], "data.val_fraction=0.25",
+                   "data.val_sets={" + ", ".join(f"{k}: '{v}'" for k, v in sources.items()) + "}")
+    dataset = corpus.prepare(cfg)
+    assert read_groups == list(range(math.ceil(len(texts) / 2)))  # each group of 2 rows, once
+    tokens = {name: (d.dir / "val.bin").read_bytes() for name, d in dataset.sets.items()}
+    assert set(tokens) == set(sources) and len(set(tokens.values())) == 1
+    assert decoded(dataset.sets["parquet"], "val") == texts
+    # gzip keeps each document's key, so its split: the same dataset as the text
+    zipped = corpus.prepare(text_cfg(tmp_path, sources["gz"], "data.val_fraction=0.25"))
+    for name in ("tokenizer.model", "train.bin", "val.bin"):
+        assert (zipped.dir / name).read_bytes() == (dataset.dir / name).read_bytes()
+    for kind in ("parquet", "arrow"):  # rows are documents to train on, too
+        rows = corpus.prepare(text_cfg(tmp_path, sources[kind], "data.val_fraction=0.25"))
+        assert sorted(decoded(rows, "train") + decoded(rows, "val")) == sorted(texts)
 
 
 # --------------------------------------------------------------------------- prepare, reuse
@@ -170,6 +270,73 @@ def test_bad_files_are_skipped_with_a_warning_or_fail(tmp_path):
     (tmp_path / "corpus" / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl: line 2 .*'text' \(data.text_field\)"):
         corpus.prepare(files_cfg(tmp_path, "data.on_bad_file=fail"))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("fake.parquet", b"plain text\n", r"fake.parquet: cannot be read as Parquet"),
+    ("fake.arrow", b"plain text\n", r"fake.arrow: cannot be read as an Arrow stream"),
+    ("fake.txt.gz", b"plain text\n", r"fake.txt.gz: not gzip data"),
+])
+def test_a_file_that_is_not_what_its_name_says_is_named(tmp_path, name, content, message):
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / name).write_bytes(content)
+    root = tmp_path / "corpus"
+    source = f"data.source={root}/*.txt,{root}/*.jsonl,{root}/{name}"
+    with pytest.raises(DataError, match=message + r" .*data.on_bad_file=skip"):
+        corpus.prepare(files_cfg(tmp_path, source, "data.on_bad_file=fail"))
+    with pytest.warns(UserWarning, match=r"skipped 1 of 22 input files .*" + message):
+        corpus.prepare(files_cfg(tmp_path, source))
+
+
+def test_a_parquet_file_without_the_text_column_names_those_it_has(tmp_path):
+    pq.write_table(pa.table({"body": stdlib_texts(50_000)}), tmp_path / "docs.parquet")
+    with pytest.raises(DataError, match=r"docs.parquet: has no column 'text' \(data.text_field\); "
+                                        r"its columns are \['body'\]"):
+        corpus.prepare(text_cfg(tmp_path, tmp_path / "docs.parquet", "data.on_bad_file=fail"))
+    corpus.prepare(text_cfg(tmp_path, tmp_path / "docs.parquet", "data.text_field=body"))
+
+
+def test_bad_validation_sets_are_named_and_nothing_prepared_is_lost(tmp_path, monkeypatch):
+    write_corpus(tmp_path / "corpus")
+    good = corpus.prepare(files_cfg(tmp_path))
+    files = {p: p.read_bytes() for p in good.dir.iterdir()}
+    (tmp_path / "few.txt").write_text("a few words\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "dd" / "train").mkdir(parents=True)
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(DataError, match=r"holds \d+ tokens of data.val_sets.few='.*few.txt', "
+                                        r"fewer than one sequence .* give it more text"):
+        data.validation_sets(files_cfg(tmp_path, f"data.val_sets.few={tmp_path}/few.txt"))
+    with pytest.raises(DataError, match=r"data.val_sets.none='.*empty.txt' holds no text"):
+        corpus.prepare(files_cfg(tmp_path, f"data.val_sets.none={tmp_path}/empty.txt"))
+    with pytest.raises(DataError, match=r"data.val_source: '.*dd' is a saved DatasetDict; give "
+                                        r"one of its splits, e.g. '.*dd/train'"):
+        corpus.prepare(files_cfg(tmp_path, f"data.val_source={tmp_path}/dd"))
+
+    def no_build(*args):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(corpus, "build", no_build)
+    assert corpus.prepare(files_cfg(tmp_path)) == good
+    assert {p: p.read_bytes() for p in good.dir.iterdir()} == files
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.mixture=[{source: a.txt, weight: -0.5}, {source: b.txt}]"],
+     "data.mixture[0].weight=-0.5 is not valid: must be >= 0"),
+    (["data.mixture=[{source: a.txt, weight: 0}, {source: b.txt, weight: 0}]"],
+     "data.mixture=[0.0, 0.0] is not valid: the weights are all 0"),
+    (["data.mixture=[{source: a.txt}, {source: a.txt}]"], "data.mixture[1].source='a.txt'"),
+    (["data.mixture=[{path: a.txt}]"], "unknown key data.mixture[0].path"),
+    (["data.mixture=[{source: a.txt}]", "data.source=b.txt"], "drop data.source"),
+    (["data.val_sets.val=a.txt"], "data.val_sets.val='a.txt' is not valid: name it"),
+    (["data.val_sets.code=' , '"], "data.val_sets.code=' , ' is not valid"),
+    (["data.val_sets.code=a.txt", "data.source=synthetic"], "drop data.val_sets.code"),
+    (["data.val_source=synthetic"], "data.val_source='synthetic' is not valid"),
+])
+def test_bad_validation_and_mixture_settings_name_their_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        small("data.source=default", "model.vocab_size=320", *overrides)
 
 
 def test_a_vocab_too_small_for_the_characters_says_what_would_work(tmp_path):

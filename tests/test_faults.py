@@ -1,15 +1,19 @@
 """Faults a run survives or refuses: loss spikes (rolled back, their batches skipped), and
 configs, checkpoints and run directories that could make it execute or overwrite anything."""
 
+import contextlib
 import pickle
 import shutil
+import subprocess
+import sys
 import types
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from lm import checkpoint, config, data, rundir, state, train
+from lm import checkpoint, cli, config, data, rundir, state, train
 from lm.errors import ConfigError, TrainingError
 
 from conftest import small
@@ -143,3 +147,178 @@ def test_run_directories_no_run_wrote_are_refused(tmp_path):
     (trial / "train.log").write_text("")
     assert rundir.checked(str(trial)) == trial.resolve()
     assert rundir.checked("~/x") == Path("~/x").expanduser().resolve()
+
+
+# --------------------------------------------------------------------------- damaged runs
+
+
+def lm(capsys, *argv):
+    """`lm ...` in this process (8 devices): its exit code, stdout and stderr."""
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_args(run, *overrides):
+    return ["train", "tiny", "data.source=synthetic", "train.steps=8", "checkpoint.every_steps=4",
+            "train.log_every=2", "train.progress=false", f"train.run_dir={run}", *overrides]
+
+
+def curve(run):
+    """What a run computed at each logged step (not how fast)."""
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rundir.metrics(run)]
+
+
+def params_at(run, step):
+    cfg = rundir.load_config(run)
+    lay = state.layout(cfg)
+    restored, _ = checkpoint.restore(checkpoint.manager(run, read_only=True), step, lay.abstract,
+                                     lay.shardings, ("params",))
+    return jax.tree.leaves(jax.device_get(restored["params"]))
+
+
+def data_file(run, step, item="params"):
+    """The largest array file of a checkpoint item."""
+    files = (checkpoint.directory(run) / str(step) / item).rglob("*")
+    return max((f for f in files if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An uninterrupted 8-step run with checkpoints at steps 4 and 8."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main(run_args(run)) == 0
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_finishes_alike(
+        finished, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    path = data_file(run, 8)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:  # bytes inside the array data: decodes fine, but to other values
+        raw[1000:1004] = bytes(b ^ 0xFF for b in raw[1000:1004])
+    path.write_bytes(bytes(raw))
+    code, out, err = lm(capsys, *run_args(run))
+    assert code == 0, err
+    assert "step 8 is unreadable" in err and "restored step 4" in err
+    (aside,) = checkpoint.directory(run).glob("8.corrupt-*")  # kept for inspection
+    assert (aside / path.relative_to(checkpoint.directory(run) / "8")).read_bytes() == raw
+    assert curve(run) == curve(finished)  # as if never interrupted
+    for a, b in zip(params_at(run, 8), params_at(finished, 8)):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    assert lm(capsys, *run_args(run))[0] == 0  # and again: nothing left to trip over
+
+
+def test_eval_never_scores_a_damaged_checkpoint(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    path = data_file(run, 8)
+    raw = bytearray(path.read_bytes())
+    raw[2000] ^= 0x10
+    path.write_bytes(bytes(raw))
+    (checkpoint.directory(run) / "999999").mkdir()  # an empty step directory, too
+    code, _, err = lm(capsys, "eval", str(run), "--step", "8")
+    assert code == 2 and "checkpoint 8" in err and "damaged" in err and "Traceback" not in err
+    code, out, err = lm(capsys, "eval", str(run))  # the newest that restores
+    assert code == 0 and "step 999999 is unreadable" in err and "step 8 is unreadable" in err
+    assert [r["step"] for r in rundir.evals(run)] == [4]  # the newest that restores
+    assert (checkpoint.directory(run) / "8").is_dir()  # eval moves nothing
+
+
+def test_a_second_process_on_a_run_directory_is_refused(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pathlib\n"
+                               "from lm import rundir\n"
+                               "with rundir.locked(pathlib.Path(sys.argv[1])):\n"
+                               "    print('held', flush=True); time.sleep(600)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = (run / "metrics.jsonl").read_text()
+        code, _, err = lm(capsys, *run_args(run, "train.steps=12"))
+        assert code == 2 and f"is in use by lm (pid {holder.pid}" in err
+        assert (run / "metrics.jsonl").read_text() == before
+        code, _, err = lm(capsys, "eval", str(run))
+        assert code == 2 and "is in use" in err
+    finally:
+        holder.kill()  # SIGKILL: the lock goes with the process
+        holder.wait()
+    assert lm(capsys, *run_args(run, "train.steps=12"))[0] == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.d_model=128", "does not fit the configured model"),
+    ("mesh.model=3", "mesh.data"),
+])
+def test_a_rejected_resume_writes_nothing(finished, tmp_path, capsys, override, message):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    def files():  # what the run holds (the lock only names its latest holder)
+        return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    code, _, err = lm(capsys, *run_args(run, override))
+    assert code == 2 and message in err
+    assert files() == before
+    assert lm(capsys, "eval", str(run))[0] == 0  # still a good run
+
+
+def test_a_row_cut_short_by_a_crash_is_dropped_on_resume(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(checkpoint.directory(run) / "8")  # the crash came before the last save
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')
+    code, _, err = lm(capsys, *run_args(run))
+    assert code == 0 and "dropping its last line" in err
+    assert curve(run) == curve(finished)
+
+
+def test_retention_deletes_only_what_lm_wrote(tmp_path, capsys):
+    run = tmp_path / "run"
+    root = checkpoint.directory(run)
+    root.mkdir(parents=True)
+    config.dump(config.load("tiny", run_args(run)[2:]), run / "config.yaml")
+    (root / "3.orbax-checkpoint-tmp-99").mkdir()  # not a save of lm's: it holds notes
+    (root / "3.orbax-checkpoint-tmp-99" / "notes.txt").write_text("mine")
+    args = run_args(run, "checkpoint.every_steps=2", "checkpoint.keep=1")
+    code, _, err = lm(capsys, *args, "train.steps=6")
+    assert code == 0, err
+    assert sorted(p.name for p in root.iterdir()) == ["3.orbax-checkpoint-tmp-99", "6"]
+    (root / "6" / "precious.txt").write_text("keep me")
+    code, _, err = lm(capsys, *args, "train.steps=10")
+    assert code == 0 and "leaving" in err and "holds files lm did not write" in err
+    assert sorted(p.name for p in root.iterdir()) == ["10", "3.orbax-checkpoint-tmp-99", "6"]
+    assert (root / "6" / "precious.txt").read_text() == "keep me"
+
+    outside = tmp_path / "elsewhere"
+    (outside / "2").mkdir(parents=True)
+    link = tmp_path / "linked"
+    link.mkdir()
+    config.dump(config.load("tiny", run_args(link)[2:]), link / "config.yaml")
+    (link / "checkpoints").symlink_to(outside)
+    code, _, err = lm(capsys, *run_args(link))
+    assert code == 2 and "outside the run directory" in err
+    assert [p.name for p in outside.iterdir()] == ["2"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "RUN", "--prompt", "x", "--top-k", "-1"], "--top-k"),
+    (["sample", "RUN", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
+    (["sample", "RUN", "--prompt", "x", "--temperature", "-0.5"], "--temperature"),
+    (["train", "tiny", "model=5", "model.d_model=3"], "both a value and keys"),
+    (["train", "tiny", "train.run_dir=/"], "a directory of its own"),
+    (["train", "tiny", "train.run_dir=~/"], "a directory of its own"),
+])
+def test_bad_arguments_are_errors_not_tracebacks(finished, capsys, argv, message):
+    argv = [str(finished) if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) if argv[0] == "sample" else contextlib.nullcontext():
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,14 +1,24 @@
+"""Sweeps run by long-lived workers: killed and resumed, failing trials, a shared PostgreSQL
+store with a worker killed mid-trial, edits of a finished sweep, and bad stores."""
+
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
+from lm import cli, runner, spec as spec_lib
 from lm.store import Store
 
 from sweeps import SIZES, spec_file
+
+DIVERGES = {"model.d_model": 24, "model.n_layers": 1, "model.n_heads": 2,
+            "model.init_std": 1e20}  # its loss is non-finite at once: a trial that fails
 
 
 def lm(*args, timeout=600):
@@ -16,46 +26,196 @@ def lm(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def test_sweep_runs_fits_predicts_and_survives_its_own_death(tmp_path):
-    path = spec_file(tmp_path, sizes=SIZES + [{"model.d_model": 24, "model.n_layers": 1,
-                                               "model.n_heads": 2, "model.init_std": 1e20}])
-    runner = subprocess.Popen([sys.executable, "-m", "lm.cli", "sweep", str(path),
-                               "--cpu-devices", "2"], stdout=subprocess.PIPE, text=True)
+def sweep_spec(tmp_path, **changes):
+    return spec_file(tmp_path, **{"tokens": [5120, 8192, 12288],
+                                  "holdout": {"size": {"model.d_model": 64, "model.n_layers": 2,
+                                                       "model.n_heads": 2}, "tokens": 32768},
+                                  **changes})
+
+
+def final_losses(store_url) -> dict[str, float]:
+    return Store(store_url).last_losses()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A sweep run to its end by one worker, after its runner was killed with SIGKILL once its
+    first trial was done: (spec path, the second run's output)."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    path = sweep_spec(tmp_path, sizes=SIZES + [DIVERGES])
+    args = ["sweep", str(path), "--workers", "1", "--cpu-devices", "1"]
+    first = subprocess.Popen([sys.executable, "-m", "lm.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     store_path = tmp_path / "sweep" / "store.sqlite"
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill -9 once the first trial is done
-        if store_path.exists() and any(t["status"] == "done"
-                                       for t in Store(store_path).trials()):
+    while time.time() < deadline and first.poll() is None:
+        if store_path.exists() and any(t["status"] == "done" for t in Store(store_path).trials()):
             break
-        time.sleep(0.5)
-    runner.send_signal(signal.SIGKILL)
-    runner.wait()
-    first_done = {t["name"] for t in Store(store_path).trials() if t["status"] == "done"}
-    assert first_done
+        time.sleep(0.3)
+    first.send_signal(signal.SIGKILL)  # its worker gets SIGTERM, saves and stops
+    first.wait()
+    time.sleep(2)
+    done_before = {t["name"] for t in Store(store_path).trials() if t["status"] == "done"}
+    assert done_before
+    second = lm(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return path, second, done_before
 
-    out = lm("sweep", str(path), "--cpu-devices", "2")
-    assert out.returncode == 0, out.stderr + out.stdout
-    for name in first_done:  # not redone
-        assert f"started {name}" not in out.stderr
-    trials = {t["name"]: t for t in Store(store_path).trials()}
+
+def test_a_killed_sweep_resumes_without_redoing_finished_trials(finished):
+    path, out, done_before = finished
+    for name in done_before:
+        assert f"trains {name}" not in out.stderr
+    trials = {t["name"]: t for t in Store(path.parent / "sweep" / "store.sqlite").trials()}
+    assert sum(t["status"] == "done" for t in trials.values()) == 10
     failed = [t for t in trials.values() if t["status"] == "failed"]
-    assert len(failed) == 1 and "non-finite" in failed[0]["error"]
-    assert sum(t["status"] == "done" for t in trials.values()) == 4
-    sweep_dir = tmp_path / "sweep"
-    fit = json.loads((sweep_dir / "fit.json").read_text())
-    assert {"E", "A", "B", "alpha", "beta", "are"} <= set(fit)
-    registered = json.loads((sweep_dir / "prediction.json").read_text())
-    (held,) = registered["runs"].values()
-    assert held["loss"] == pytest.approx(fit["holdout"]["runs"][0]["predicted"], rel=1e-6)
-    report = (sweep_dir / "report.md").read_text()
-    assert "Held-out prediction" in report and "ARE" in report and "plots/" in report
-    assert "ARE" in out.stdout
+    assert len(failed) == 3  # the diverging size, at each budget
+    for t in failed:
+        assert "non-finite" in t["error"] and t["attempts"] == 3  # then given up
+        assert out.stderr.count(f"FAILED {t['name']}") == 3  # the worker went on each time
 
-    status = lm("sweep", "--status", str(path))
-    assert "4 done" in status.stdout and "1 failed" in status.stdout
-    again = lm("sweep", str(path), "--cpu-devices", "2")  # only the failed trial is retried
-    assert again.returncode == 0
-    assert again.stderr.count("started") == 1 and f"started {failed[0]['name']}" in again.stderr
-    refit = lm("fit", str(sweep_dir), "--out", str(tmp_path / "refit.json"))
+
+def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
+    path, out, _ = finished
+    sweep_dir = path.parent / "sweep"
+    registered = json.loads((sweep_dir / "prediction.json").read_text())
+    assert registered == Store(sweep_dir / "store.sqlite").prediction()
+    fitting = [t.name for t in spec_lib.plan(spec_lib.load_spec(path)) if t.role == "fit"]
+    assert registered["fitted_runs"] == sorted(set(fitting) - {n for n in fitting if "d24" in n})
+    fit = json.loads((sweep_dir / "fit.json").read_text())
+    (held,) = registered["runs"].values()
+    assert held["loss"] == pytest.approx(fit["holdout"]["runs"][0]["predicted"], rel=1e-9)
+    report = (sweep_dir / "report.md").read_text()
+    for part in ("Held-out prediction (registered)", "Where the time went", "Study MFU",
+                 "| steps |", "plots/holdout.png"):
+        assert part in report, part
+    assert "Refit after registration" not in report
+    assert "held-out" in out.stdout and "ARE" in out.stdout
+    refit = lm("fit", str(sweep_dir), "--out", str(path.parent / "refit.json"))
     assert refit.returncode == 0, refit.stderr
-    assert json.loads((tmp_path / "refit.json").read_text())["are"] == pytest.approx(fit["are"])
+    assert json.loads((path.parent / "refit.json").read_text())["are"] == pytest.approx(fit["are"])
+
+
+def test_status_lists_every_trial_as_json(finished, capsys):
+    path, _, _ = finished
+    assert cli.main(["sweep", "--status", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 13
+    for row in rows:
+        assert {"name", "role", "status", "worker", "attempts", "wall_s"} <= set(row)
+        assert row["attempts"] >= 1 and row["worker"]
+
+
+def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
+    path, _, _ = finished
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(path.parent / "sweep", sweep_dir)
+    spec = yaml.safe_load(path.read_text())
+    registered = (sweep_dir / "prediction.json").read_bytes()
+
+    changed = dict(spec, dir=str(sweep_dir), recipe={**spec["recipe"], "lr": 5e-3})
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    sweep_yaml = (sweep_dir / "sweep.yaml").read_bytes()
+    out = lm("sweep", str(tmp_path / "changed.yaml"), "--cpu-devices", "1")
+    assert out.returncode == 2 and "planned with another config" in out.stderr
+    assert (sweep_dir / "sweep.yaml").read_bytes() == sweep_yaml  # refused: nothing written
+
+    fewer = dict(spec, dir=str(sweep_dir), sizes=spec["sizes"][:3])  # one size fewer
+    (tmp_path / "fewer.yaml").write_text(yaml.safe_dump(fewer))
+    out = lm("sweep", str(tmp_path / "fewer.yaml"), "--cpu-devices", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (sweep_dir / "prediction.json").read_bytes() == registered
+    report = (sweep_dir / "report.md").read_text()
+    assert "Kept, not fitted" in report and "d24-l1-h2-t5.12e03-s0" in report
+    assert "Held-out prediction (registered)" in report
+
+
+def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_path):
+    """Every trial ends done exactly once, with the losses of the one-worker SQLite run."""
+    path, _, _ = finished
+    import psycopg
+
+    with psycopg.connect(postgres, autocommit=True) as con:
+        con.execute("CREATE DATABASE shared")
+    url = postgres.replace("/postgres?", "/shared?")
+    spec = sweep_spec(tmp_path)  # the same trials, without the one that fails
+    args = ["sweep", str(spec), "--worker", "--store", url, "--cpu-devices", "1",
+            "--stale-after", "6"]
+    workers = [subprocess.Popen([sys.executable, "-m", "lm.cli", *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    store = Store(url)
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline:
+        for row in store.trials():  # a trial far enough in to have saved a checkpoint
+            if row["status"] == "running" and row["worker"].endswith(f":{workers[0].pid}") \
+                    and (tmp_path / "sweep" / "trials" / row["name"] / "checkpoints").exists():
+                victim = row["name"]
+        time.sleep(0.1)
+    assert victim, "worker 0 never got a trial"
+    workers[0].kill()
+    err = workers[1].communicate(timeout=600)[1]
+    assert workers[1].returncode == 0, err[-3000:]
+    rows = {r["name"]: r for r in store.trials()}
+    assert all(r["status"] == "done" for r in rows.values())
+    assert rows[victim]["attempts"] == 2  # reclaimed from the dead worker, resumed once
+    metrics = [json.loads(line)["step"] for line in open(
+        tmp_path / "sweep" / "trials" / victim / "metrics.jsonl")]
+    assert metrics == sorted(set(metrics))  # no step twice
+    reference = final_losses(path.parent / "sweep" / "store.sqlite")
+    assert final_losses(url) == {name: reference[name] for name in rows}  # bit for bit
+
+
+def test_bad_stores_fail_before_any_training(finished, postgres, tmp_path):
+    path, _, _ = finished
+    spec = sweep_spec(tmp_path, name="other")
+    for url, message in [("postgresql://lm@127.0.0.1:1/postgres", "cannot reach the store"),
+                         (postgres.replace("lm@", "intruder@"), "cannot reach the store"),
+                         (str(path.parent / "sweep" / "store.sqlite"), "holds sweep 't'")]:
+        out = lm("sweep", str(spec), "--store", url, "--cpu-devices", "1")
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+        assert not (tmp_path / "sweep" / "trials").exists()
+    other = sweep_spec(tmp_path, tokens=[5120, 8192, 16384])  # the same sweep, planned otherwise
+    store_copy = tmp_path / "copy.sqlite"
+    shutil.copy(path.parent / "sweep" / "store.sqlite", store_copy)
+    Store(store_copy).db.execute("UPDATE sweep SET value='t' WHERE key='name'")
+    out = lm("sweep", str(other), "--worker", "--store", str(store_copy), "--cpu-devices", "1")
+    assert out.returncode == 2 and "planned by another spec" in out.stderr
+
+
+def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path):
+    path, _, _ = finished
+    spec = yaml.safe_load(path.read_text())
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(path.parent / "sweep", sweep_dir)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(dict(spec, dir=str(sweep_dir))))
+    (sweep_dir / "store.sqlite").write_bytes(b"garbage " * 512)
+    out = lm("sweep", "--status", str(tmp_path / "s.yaml"))
+    assert out.returncode == 2 and "not a sweep store" in out.stderr and "--rebuild-store" in out.stderr
+    out = lm("sweep", str(tmp_path / "s.yaml"), "--rebuild-store")
+    assert out.returncode == 0 and "10 of 13 trials done" in out.stdout, out.stderr
+    assert final_losses(sweep_dir / "store.sqlite") == final_losses(
+        path.parent / "sweep" / "store.sqlite")
+    assert Store(sweep_dir / "store.sqlite").prediction() is not None  # from prediction.json
+    assert list(sweep_dir.glob("store.sqlite.damaged-*"))
+
+
+def test_a_fit_that_fails_is_recorded_and_the_held_out_run_still_trains(tmp_path, monkeypatch):
+    from test_cli import finished_sweep
+
+    path = finished_sweep(tmp_path)
+    spec = spec_lib.load_spec(path)
+    trials = spec_lib.plan(spec)
+    store = Store(spec.path / "store.sqlite")
+    store.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout'")
+
+    def overflow(*args, **kwargs):
+        raise OverflowError("math range error")
+
+    monkeypatch.setattr(runner.scaling, "fit", overflow)
+    assert runner.register_when_ready(spec, trials, store)
+    body = store.prediction()
+    assert "OverflowError: math range error" in body["failed"] and "add sizes" in body["failed"]
+    assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"pending"}
+    assert json.loads((spec.path / "prediction.json").read_text()) == body

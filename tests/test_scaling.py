@@ -308,7 +308,7 @@ def test_load_csv_reads_optional_columns(tmp_path):
                            "a,10,1e8,1e9,3.5,,x\n"
                            "a,20,1e8,2e9,3.1,1.3e18,y\n"
                            "b,,2e8,4e9,2.9,,z\n")
-    points = load_csv(path)
+    points = load_csv(path, ignore_columns=True)  # `note` is not one of lm's
     assert list(points.run) == ["a", "a", "b"] and list(points.step) == [10, 20, -1]
     assert points.flops.tolist() == [6e17, 1.3e18, pytest.approx(4.8e18)]
     no_runs = load_csv(write(tmp_path, "params,tokens,loss\n1e8,1e9,3\n2e8,1e9,2.9\n", "plain.csv"))
@@ -359,3 +359,14 @@ def test_from_rows_accepts_sqlite_rows():
     con.execute("insert into results values ('a', 100, 1e8, 1e9, 3.0)")
     points = Points.from_rows(con.execute("select * from results").fetchall())
     assert points.run.tolist() == ["a"] and points.step.tolist() == [100]
+
+
+def test_csv_with_a_byte_order_mark_and_misspelt_columns(tmp_path):
+    text = "run,params,tokens,loss\na,1e8,1e9,3.0\na,1e8,2e9,2.9\nb,2e8,1e9,2.8\n"
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Excel writes it
+    assert sorted(set(load_csv(path).run)) == ["a", "b"]
+    misspelt = write(tmp_path, text.replace("run,", "runs,"), "misspelt.csv")
+    with pytest.raises(ValueError, match=r"unknown column\(s\) runs; .*--ignore-columns"):
+        load_csv(misspelt)
+    assert len(np.unique(load_csv(misspelt, ignore_columns=True).run)) == 3

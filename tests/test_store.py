@@ -1,22 +1,141 @@
+"""The sweep store on both backends: SQLite, and a real PostgreSQL server started by the test
+session."""
+
 import json
+import sqlite3
+import time
 
 import pytest
 
 from lm import config, spec as spec_lib
-from lm.errors import ConfigError
-from lm.store import Store
+from lm.errors import ConfigError, StoreError
+from lm.store import MAX_FAILURES, Store
 
 from sweeps import spec_file
 
 
-def test_store_accepts_trials_stored_before_a_new_config_key(tmp_path):
-    trials = spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path)))
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "store.sqlite")
+    base = request.getfixturevalue("postgres")
+    name = f"t{time.time_ns()}"  # a database of its own for each test
+    import psycopg
+
+    with psycopg.connect(base, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    return base.replace("/postgres?", f"/{name}?")
+
+
+@pytest.fixture
+def trials(tmp_path):
+    return spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path)))
+
+
+def test_claims_heartbeats_failures_and_the_prediction(url, trials):
+    store = Store(url)
+    store.sync("t", "plan1", trials)
+    fit = sorted((t for t in trials if t.role == "fit"), key=lambda t: -t.facts()["flops"])
+    status = {r["name"]: r["status"] for r in store.trials()}
+    assert status[trials[-1].name] == "blocked"  # the held-out run waits for the prediction
+    claims = [store.claim("w1"), store.claim("w2")]
+    assert claims == [fit[0].name, fit[1].name]  # the largest first, each to one worker
+    other = Store(url)  # a second connection, as another machine's
+    assert store.beat(claims[0], "w1") and not other.beat(claims[0], "w2")
+    time.sleep(0.05)
+    other.beat(claims[1], "w2")
+    assert store.reclaim(0.03) == [claims[0]]  # w1 went silent; w2 just spoke
+    assert store.claim("w3") == claims[0]  # taken over
+    for attempt in range(1, MAX_FAILURES + 1):
+        final = store.fail(claims[1], "TrainingError: loss became non-finite", 1.0)
+        assert final == (attempt == MAX_FAILURES)
+        if not final:
+            assert store.claim("w2") == claims[1]  # retried until it fails the same way thrice
+    rows = {r["name"]: r for r in store.trials()}
+    assert rows[claims[1]]["status"] == "failed" and rows[claims[1]]["attempts"] == 3
+    store.finish(claims[0], [{"step": 2, "tokens": 512, "flops": 1e6, "train_loss": 3.0,
+                              "val_loss": 3.1, "val_loss_sem": 0.01, "bpb": None}], 2.0,
+                 {"steps": 1.5})
+    assert store.last_losses() == {claims[0]: 3.1}
+    finished = {r["name"]: r for r in Store(url).trials()}[claims[0]]
+    assert finished["status"] == "done" and json.loads(finished["timings"]) == {"steps": 1.5}
+    assert store.register({"runs": {}}, [trials[-1].name])
+    assert not other.register({"runs": {"x": 1}}, [trials[-1].name])  # exactly once
+    assert other.prediction() == {"runs": {}}
+    assert {r["name"]: r["status"] for r in store.trials()}[trials[-1].name] == "pending"
+
+
+def test_another_sweep_another_plan_or_a_changed_trial_is_refused(url, trials):
+    store = Store(url)
+    store.sync("t", "plan1", trials)
+    with pytest.raises(StoreError, match="holds sweep 't', not 'u'"):
+        Store(url).sync("u", "plan1", trials)
+    with pytest.raises(StoreError, match="planned by another spec"):
+        Store(url).sync("t", "plan2", trials)  # a worker with another spec
+    Store(url).sync("t", "plan2", trials, replan=True)  # the runner after an edit of the spec
+    changed = config.replace(trials[0].cfg, train={"steps": 7})
+    with pytest.raises(ConfigError, match="another config"):
+        store.sync("t", "plan2", [spec_lib.Trial(trials[0].name, "fit", changed)], replan=True)
+
+
+def test_trials_stored_before_a_new_config_key_are_the_same(tmp_path, trials):
     store = Store(tmp_path / "store.sqlite")
-    store.sync(trials)
+    store.sync("t", "p", trials)
     old = config.to_dict(trials[0].cfg)
     del old["train"]["spikes"]  # as written by an lm without train.spikes
     store.db.execute("UPDATE trials SET config=? WHERE name=?", (json.dumps(old), trials[0].name))
-    store.sync(trials)  # same trials: accepted
-    changed = config.replace(trials[0].cfg, train={"steps": 7})
-    with pytest.raises(ConfigError, match="another config"):
-        store.sync([spec_lib.Trial(trials[0].name, "fit", changed)])
+    store.sync("t", "p", trials)  # same trials: accepted
+
+
+# The store of the first runner: no version, no `sweep` or `prediction` table.
+V1 = """
+CREATE TABLE trials (name TEXT PRIMARY KEY, role TEXT NOT NULL, config TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', error TEXT, params INTEGER,
+    params_non_embedding INTEGER, tokens INTEGER, flops_per_token REAL, flops REAL,
+    flops_6nd REAL, wall_s REAL, updated REAL);
+CREATE TABLE points (trial TEXT NOT NULL REFERENCES trials(name), step INTEGER NOT NULL,
+    tokens INTEGER, flops REAL, train_loss REAL, val_loss REAL, val_loss_sem REAL, bpb REAL,
+    PRIMARY KEY (trial, step));
+"""
+
+
+def test_a_store_of_the_first_runner_is_upgraded_not_dropped(tmp_path, trials):
+    path = tmp_path / "store.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(V1)
+    t = trials[0]
+    con.execute("INSERT INTO trials (name, role, config, status, params, tokens, flops) VALUES "
+                "(?, 'fit', ?, 'done', 100, 1000, 1e6)",
+                (t.name, json.dumps(config.to_dict(t.cfg), sort_keys=True)))
+    con.execute("INSERT INTO trials (name, role, config, status) VALUES (?, 'holdout', ?, "
+                "'pending')", (trials[-1].name, json.dumps(config.to_dict(trials[-1].cfg))))
+    con.execute("INSERT INTO points VALUES (?, 5, 1000, 1e6, 3.0, 3.2, 0.01, NULL)", (t.name,))
+    con.commit()
+    con.close()
+    store = Store(path)
+    store.sync("t", "p", trials)
+    rows = {r["name"]: r for r in store.trials()}
+    assert rows[t.name]["status"] == "done" and store.last_losses()[t.name] == 3.2
+    assert rows[trials[-1].name]["status"] == "blocked"  # not before the prediction
+    assert store._get("version") == "2" and rows[t.name]["attempts"] == 0
+
+
+def test_garbage_or_a_foreign_database_is_not_a_store(tmp_path):
+    garbage = tmp_path / "store.sqlite"
+    garbage.write_bytes(b"\x00\x01 not a database " * 100)
+    with pytest.raises(StoreError, match="is not a sweep store .*--rebuild-store"):
+        Store(garbage)
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as con:
+        con.execute("CREATE TABLE trials (id INTEGER, measurement REAL)")
+    with pytest.raises(StoreError, match="another program's"):
+        Store(foreign)
+
+
+@pytest.mark.parametrize("make_url, message", [
+    (lambda pg: "postgresql://lm@127.0.0.1:1/postgres", "cannot reach the store"),
+    (lambda pg: pg.replace("lm@", "nobody_here@"), "cannot reach the store"),
+])
+def test_an_unreachable_or_unauthorised_postgres_url_says_so(postgres, make_url, message):
+    with pytest.raises(StoreError, match=message):
+        Store(make_url(postgres))
