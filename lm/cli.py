@@ -191,10 +191,16 @@ def cmd_sweep(args) -> int:
 def cmd_fit(args) -> int:
     from lm import scaling, store
 
-    points, designated = store.load_points(args.source, args.ignore_columns)
+    points, designated = store.load_points(args.source, args.ignore_columns, args.metric,
+                                           args.params)
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
-    result = scaling.fit(points, args.law, holdout=holdout or None, bootstrap=args.bootstrap,
-                         drop_early=args.drop_early, seed=args.seed)
+    if isinstance(holdout, str) and holdout != "largest":
+        holdout = holdout.split(",")  # run names
+    result = scaling.fit(points, args.law, holdout=holdout or None,
+                         holdout_above=args.holdout_above, bootstrap=args.bootstrap,
+                         drop_early=args.drop_early,
+                         min_tokens_per_param=args.min_tokens_per_param, loss=args.loss,
+                         huber_delta=args.huber_delta, seed=args.seed)
     Path(args.out).write_text(json.dumps(result.to_json(), indent=1))
     print(scaling.format_fit(result))
     print(f"wrote {args.out}")
@@ -311,17 +317,31 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("fit", help="fit a scaling law to a sweep store or a CSV",
-                       description="fit a scaling law to a sweep (its directory or store.sqlite) "
-                       "or a CSV with columns params, tokens, loss [, flops, run, step]")
+                       description="fit a scaling law to a sweep (its directory, store.sqlite or "
+                       "a postgresql:// URL) or a CSV with columns params, tokens, loss [, flops, "
+                       "run, step, annealed]")
     p.add_argument("source")
     p.add_argument("--law", choices=["chinchilla", "kaplan", "isoflop"], default="chinchilla")
     p.add_argument("--holdout", default="designated",
-                   help="largest: hold out the largest-compute run; none; designated (default): "
-                   "a sweep's held-out runs")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="B",
-                   help="B bootstrap refits over runs, for intervals")
+                   help="largest: hold out the largest-compute run; RUN[,RUN...]: those runs; "
+                   "none; designated (default): a sweep's held-out runs")
+    p.add_argument("--holdout-above", type=_at_least(float, 0), metavar="FLOPS",
+                   help="also hold out every run with more FLOPs than this")
+    p.add_argument("--bootstrap", type=_at_least(int, 0), default=0, metavar="B",
+                   help="B bootstrap refits over runs, for intervals (0: from the curvature)")
     p.add_argument("--drop-early", type=float, default=0.1, metavar="F",
-                   help="drop points before this fraction of each run's tokens")
+                   help="drop points before this fraction of each run's tokens (not needed for "
+                   "points marked annealed: when there are any, only they are fitted)")
+    p.add_argument("--min-tokens-per-param", type=_at_least(float, 0), default=1.0, metavar="R",
+                   help="drop points of models that saw fewer than R tokens per parameter")
+    p.add_argument("--loss", choices=["huber", "lsq"], default="huber",
+                   help="on log loss: Huber (delta from the noise) or least squares")
+    p.add_argument("--huber-delta", type=_at_least(float, 1e-9), metavar="D",
+                   help="Huber's delta instead of one set from the noise (Besiroglu: 1e-3)")
+    p.add_argument("--metric", default="val",
+                   help="a sweep's validation set to fit (data.val_sets names more)")
+    p.add_argument("--params", choices=["total", "non_embedding"], default="total",
+                   help="a sweep's N: all parameters or the non-embedding ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-columns", action="store_true",
                    help="ignore CSV columns other than the known ones (default: an error)")

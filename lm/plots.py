@@ -47,21 +47,25 @@ def _size_colours(fig, ax, points: Points) -> np.ndarray:
     return mappable.to_rgba(logn)
 
 
-def _roles(points: Points, fit: Fit) -> tuple[np.ndarray, np.ndarray]:
-    """Masks of the points the fit dropped as early and of the held-out runs' points."""
-    held = [r.run for r in fit.holdout]
-    return points.early_mask(fit.drop_early), np.isin(points.run, held)
+def _roles(points: Points, fit: Fit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks of the points the fit left out (early, not annealed, under-trained), of the
+    held-out runs' points, and of the outlier runs' points."""
+    held = np.isin(points.run, [r.run for r in fit.holdout])
+    return scaling.unused_mask(fit, points), held, np.isin(points.run, list(fit.outliers))
 
 
-def _scatter_roles(ax, x, y, colours, early, held) -> None:
-    used = ~early & ~held
+def _scatter_roles(ax, x, y, colours, unused, held, outlier) -> None:
+    used = ~unused & ~held
     ax.scatter(x[used], y[used], c=colours[used], s=12, label="fitted")
-    if early.any():
-        ax.scatter(x[early & ~held], y[early & ~held], c=colours[early & ~held], s=8, alpha=0.25,
-                   label="dropped (early)")
+    if (unused & ~held).any():
+        ax.scatter(x[unused & ~held], y[unused & ~held], c=colours[unused & ~held], s=8,
+                   alpha=0.25, label="not fitted (early, not annealed or under-trained)")
     if held.any():
         ax.scatter(x[held], y[held], c=colours[held], s=70, marker="*", edgecolors="red",
                    label="held out")
+    if (outlier & used).any():
+        ax.scatter(x[outlier & used], y[outlier & used], s=60, facecolors="none",
+                   edgecolors="black", label="outlier (> 3 noise sigmas)")
 
 
 def _budgets(points: Points) -> list[Points]:
@@ -136,18 +140,18 @@ def plot_holdout(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     """Predicted against actual loss: the fitted points in grey, held-out runs' finals in red."""
     if not fit.holdout:
         raise ValueError("the fit has no held-out runs; fit with holdout= to get this plot")
-    early, held = _roles(points, fit)
-    used = points.select(~early & ~held)
+    unused, held, _ = _roles(points, fit)
+    used = points.select(~unused & ~held)
     runs = fit.holdout
     actual = np.array([r.loss for r in runs])
     predicted = np.array([r.predicted for r in runs])
     fig, ax = _figure(f"{fit.law} fit: held-out runs, mean ARE {fit.are:.2%}")
     ax.scatter(used.loss, scaling.predicted_loss(fit, used), c="0.6", s=8, label="fitted points")
     yerr = None
-    if runs[0].interval:  # bootstrapped: bars span the 95% interval
+    if runs[0].interval:  # bars span the 95% interval for an actual run
         yerr = np.abs(np.array([r.interval for r in runs]).T - predicted)
     ax.errorbar(actual, predicted, yerr=yerr, fmt="*", color="red", ms=10, capsize=3,
-                label="held out (final)")
+                label="held out (final), 95% interval for a run")
     for r in runs:
         ax.annotate(f"{r.run}: {r.are:.1%}", (r.loss, r.predicted), fontsize="small",
                     xytext=(5, -10), textcoords="offset points")

@@ -53,20 +53,24 @@ class Results:
     prior: Fit | None  # the fit it was made from, scored on the held-out runs
     orphans: list[str]  # trials in the store the spec no longer has
     timing: dict
+    sensitivity: dict | None = None  # the law refitted with N counted the other way
 
 
 def _interval(interval) -> str:
     return f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
 
 
-def _held_out_table(fit: Fit, trials: list[dict]) -> list[str]:
-    largest = max((t["flops"] for t in trials if t["role"] == "fit" and t["status"] == "done"),
-                  default=float("nan"))
-    return ["| run | params | tokens | FLOPs | x largest fitting run | predicted (95% CI) | "
-            "actual | ARE |", "|---|---:|---:|---:|---:|---:|---:|---:|"] + [
-        f"| {r.run} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
-        f"{r.flops / largest:.1f} | {r.predicted:.4f}{_interval(r.interval)} | {r.loss:.4f} | "
-        f"{r.are:.2%} |" for r in fit.holdout] + [""]
+def _held_out_table(fit: Fit) -> list[str]:
+    """Each held-out run: its prediction with the 95% interval for an actual run (the law's
+    uncertainty and the run's own noise), and what it reached."""
+    rows = ["| run | params | tokens | FLOPs | x largest fitting run | predicted [95% for a run] | "
+            "actual | ARE | inside |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in fit.holdout:
+        inside = "yes" if r.interval and r.interval[0] <= r.loss <= r.interval[1] else "no"
+        rows.append(f"| {r.run} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
+                    f"{r.compute_ratio:.1f} | {r.predicted:.4f}{_interval(r.interval)} | "
+                    f"{r.loss:.4f} | {r.are:.2%} | {inside} |")
+    return rows + [""]
 
 
 def _prediction(r: Results) -> list[str]:
@@ -83,16 +87,52 @@ def _prediction(r: Results) -> list[str]:
              f"{len(reg.get('fitted_runs', []))} fitting runs, before any held-out run trained."
              " It is never edited; a later refit appears below, labelled as such.", ""]
     if r.prior and r.prior.holdout:
-        lines += _held_out_table(r.prior, r.trials)
+        lines += _held_out_table(r.prior)
     else:
-        lines += [f"- {name}: predicted {p['loss']:.4f}{_interval(p.get('intervals', {}).get('loss'))}"
-                  for name, p in reg["runs"].items() if "loss" in p] + ["(not trained yet)", ""]
+        lines += [f"- {p['run']}: predicted {p['predicted']:.4f}{_interval(p['interval'])} "
+                  "(not trained yet)" for p in reg["runs"]] + [""]
+    lines += ["The interval is for an actual run: the law's uncertainty (bootstrap over runs) "
+              "and a run's own noise (measured across seeds where the sweep has them). A "
+              "prediction outside it is a miss, not bad luck.", ""]
     if r.fit and r.fit is not r.prior and r.fit.holdout:
         lines += ["### Refit after registration (not a pre-registered prediction)", "",
                   "The fitting runs changed since the registration (trials added, retried or "
                   "removed); this is the law of the runs in the spec now.", ""]
-        lines += _held_out_table(r.fit, r.trials)
+        lines += _held_out_table(r.fit)
     return lines
+
+
+def _trust(r: Results) -> list[str]:
+    """How far to trust the law: its noise, whether E is identified, which runs are outliers,
+    and how much it hangs on counting N with or without embeddings."""
+    fit = r.prior or r.fit
+    if fit is None or fit.identifiability is None:
+        return []
+    ident, noise = fit.identifiability, fit.noise
+    lines = ["## How far to trust it", "",
+             f"- Run-to-run noise: {noise.sigma:.2%} of the loss, measured from {noise.source} "
+             f"({noise.df} degrees of freedom); the Huber loss's delta is set from it.",
+             f"- Irreducible loss: the fit is as good, within that noise, for E from "
+             f"{ident.allowed[0]:.3f} to {ident.allowed[1]:.3f}; E is "
+             + ("identified." if ident.identified else
+                "NOT identified: the data cannot tell this law from one with a very different "
+                "floor, and extrapolations far beyond the fitted compute hang on it.")]
+    for h in fit.holdout:
+        span = scaling.held_out_range(fit, h)
+        if span:
+            lines.append(f"- Across those E, the prediction for {h.run} moves from {span[0]:.4f} "
+                         f"to {span[1]:.4f}.")
+    if fit.outliers:
+        lines.append(f"- Outliers (more than 3 noise sigmas off the law): "
+                     f"{', '.join(fit.outliers)}.")
+    s = r.sensitivity
+    if s:
+        moved = "; ".join(f"{run}: {h['predicted']:.4f} (ARE {h['are']:.2%})"
+                          for run, h in s["held_out"].items())
+        lines.append(f"- With N counted as {s['params'].replace('_', '-')} parameters: E "
+                     f"{s['E']:.3f}, alpha {s['alpha']:.3f}, beta {s['beta']:.3f}"
+                     + (f"; held-out {moved}" if moved else "") + ".")
+    return lines + [""]
 
 
 def _timing(t: dict) -> list[str]:
@@ -116,7 +156,7 @@ def render(r: Results, figures: list[Path]) -> str:
         lines += ["## Law", "", "```", scaling.format_fit(r.fit), "```", ""]
     if r.fit_error:
         lines += ["## The fit failed", "", r.fit_error, ""]
-    lines += _prediction(r)
+    lines += _prediction(r) + _trust(r)
     if r.orphans:
         lines += ["## Kept, not fitted", "", f"{len(r.orphans)} trials in the store are no "
                   "longer in the spec; their results are kept but not fitted: "

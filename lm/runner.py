@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from lm import config as config_lib, flops, report, rundir, scaling, spec as spec_lib
+from lm import config as config_lib, flops, report, rundir, scaling, schedule, spec as spec_lib
 from lm.errors import Busy, FitError, Interrupted, LMError, StoreError
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
@@ -102,12 +102,14 @@ def exclusive(sweep_dir: Path):
 # --------------------------------------------------------------------------- the prediction
 
 
-def _fit(spec: SweepSpec, store: Store, names) -> Fit:
-    """The law of the finished fitting trials among `names` (the current plan's)."""
-    points = store.points_of(spec.fit.params, roles=("fit",), names=names)
+def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit:
+    """The law of the finished fitting trials among `names` (the current plan's), with N
+    counted as `params` (default: the spec's)."""
+    f = spec.fit
+    points = store.points_of(params or f.params, roles=("fit",), names=names, metric=f.metric)
     try:
-        return scaling.fit(points, spec.fit.law, bootstrap=spec.fit.bootstrap,
-                           drop_early=spec.fit.drop_early)
+        return scaling.fit(points, f.law, bootstrap=f.bootstrap, drop_early=f.drop_early,
+                           min_tokens_per_param=f.min_tokens_per_param)
     except (ValueError, ArithmeticError) as e:  # no numeric failure escapes as a traceback
         raise FitError(f"the fit of the finished fitting runs failed ({type(e).__name__}: {e})"
                        "; add sizes or token budgets (fit.law needs them spread over more "
@@ -115,17 +117,22 @@ def _fit(spec: SweepSpec, store: Store, names) -> Fit:
 
 
 def registration(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
-    """The prediction for each held-out run, from the fit alone, with the fit itself."""
-    out = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "law": fit.law, "runs": {},
-           "fit": fit.to_json()}
+    """The prediction for each held-out run, from the fit alone, with the fit itself: its loss
+    and 95% intervals for the law and for an actual run, at the run's exact FLOPs (6ND
+    alongside). `loss` and `are` stay null: the record is never edited; fit.json has them."""
+    runs = []
     for t in held:
         facts = t.facts()
         n = facts["params"] if spec.fit.params == "total" else facts["params_non_embedding"]
-        if fit.law == "isoflop":
-            out["runs"][t.name] = scaling.predict(fit, flops=facts["flops"])
-        else:
-            out["runs"][t.name] = scaling.predict(fit, params=n, tokens=facts["tokens"])
-    return out
+        p = scaling.predict(fit, params=n, tokens=facts["tokens"], flops=facts["flops"])
+        runs.append({"run": t.name, "params": n, "tokens": facts["tokens"],
+                     "flops": facts["flops"], "flops_6nd": facts["flops_6nd"],
+                     "compute_ratio": facts["flops"] / fit.max_fit_flops,
+                     "predicted": p["loss"], "interval": p.get("run_interval"),
+                     "law_interval": p.get("intervals", {}).get("loss"), "loss": None,
+                     "are": None})
+    return {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "law": fit.law, "runs": runs,
+            "fit": fit.to_json()}
 
 
 def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> bool:
@@ -156,12 +163,14 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
 
 
 def _ingest(trial: Trial) -> list[dict]:
-    """The trial's learning curve: each evaluation with the train loss logged at its step."""
-    per_token = trial.facts()["flops_per_token"]
+    """The trial's learning curves, one per validation set: each evaluation with the train
+    loss logged at its step, and whether it ends the run's learning-rate decay."""
+    cfg, per_token = trial.cfg, trial.facts()["flops_per_token"]
     train_loss = {r["step"]: r["loss"] for r in rundir.metrics(trial.run_dir) if "event" not in r}
-    return [{"step": r["step"], "tokens": r["tokens"], "flops": per_token * r["tokens"],
-             "train_loss": train_loss.get(r["step"]), "val_loss": r["loss"],
-             "val_loss_sem": r["loss_sem"], "bpb": r["bpb"]}
+    return [{"step": r["step"], "set": r.get("set", "val"), "tokens": r["tokens"],
+             "flops": per_token * r["tokens"], "train_loss": train_loss.get(r["step"]),
+             "val_loss": r["loss"], "val_loss_sem": r["loss_sem"], "bpb": r["bpb"],
+             "annealed": schedule.annealed(cfg.optim, cfg.train.steps, r["step"])}
             for r in rundir.evals(trial.run_dir)]
 
 
@@ -383,7 +392,7 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
         fit = _fit(spec, store, fitting)
     except LMError as e:
         error = str(e)
-    points = store.points_of(spec.fit.params, names=names) if any(
+    points = store.points_of(spec.fit.params, names=names, metric=spec.fit.metric) if any(
         r["status"] == "done" for r in rows) else None
     trained = sorted(set(held) & set(points.run)) if points else []
     if fit and trained:
@@ -396,9 +405,28 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
             fit = prior  # nothing changed since: the refit is the registered fit
     timing = clock.summary(rows)
     report.write(spec.path, report.Results(
-        spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing))
+        spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
+        _sensitivity(spec, store, fitting, trained) if fit else None))
     _print_summary(spec, fit, prior, error, timing)
     return fit
+
+
+def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: list[str]
+                 ) -> dict | None:
+    """The law refitted with N counted the other way (with or without embeddings), and what
+    it predicts for the held-out runs: how much the conclusions hang on that choice."""
+    if spec.fit.law != "chinchilla":
+        return None
+    other = "non_embedding" if spec.fit.params == "total" else "total"
+    try:
+        fit = _fit(dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, bootstrap=0)),
+                   store, fitting, params=other)
+    except LMError:
+        return None
+    if trained:
+        fit = scaling.score(fit, store.points_of(other, metric=spec.fit.metric), trained)
+    return {"params": other, **{k: fit.params[k] for k in ("E", "alpha", "beta")},
+            "held_out": {r.run: {"predicted": r.predicted, "are": r.are} for r in fit.holdout}}
 
 
 def _print_summary(spec, fit, prior, error, timing) -> None:

@@ -3,17 +3,26 @@
 Three laws:
 
 * ``chinchilla``: L = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Approach 3), fitted on
-  log L with a Huber loss (delta = 1e-3) summed over points, as refitted by Besiroglu et al. 2024.
-* ``kaplan``: L = E + (C0/C)^alpha, loss against compute alone (Kaplan et al. 2020 with an
-  irreducible term); it says nothing about how to split C between N and D.
+  log L with a Huber loss summed over points (Besiroglu et al. 2024), E bounded to
+  [0, lowest loss observed).
+* ``kaplan``: L = E + (C0/C)^alpha, fitted on the compute-efficient frontier (the lower envelope
+  of loss against compute over all runs, as Kaplan et al. 2020 define it); it says nothing about
+  how to split C between N and D.
 * ``isoflop``: Chinchilla Approach 2: a parabola of loss against log N per compute budget; the
-  minima give N_opt = k_N * C^a and D_opt = k_D * C^b.
+  minima give N_opt(C) and D_opt(C).
+
+Compute is the exact FLOPs of each run where known (else 6ND), everywhere: the allocation solves
+C = f(N) * D with the FLOPs per token f(N) = k N^gamma fitted to the points (k = 6, gamma = 1
+for 6ND data).
 
 Error is reported the way Choshen et al. 2024 advise: the absolute relative error (ARE) of a
-held-out run's final loss, and percentile intervals from a bootstrap over whole runs (points of
-one learning curve are correlated; resampling them one by one would understate the spread).
+held-out run's final loss. The law's uncertainty comes from a bootstrap over whole runs (points
+of one learning curve are correlated), each refit started afresh from a grid; an interval for an
+*actual* run adds that run's own noise, measured across seeds where the points have them (runs
+of one N and D), else from the residuals. The Huber delta is set from the same noise. Whether
+the points pin E down at all is checked by profiling the objective over E.
 
-Everything here is numpy/scipy; the result is a frozen `Fit` with a JSON round-trip (``fit.json``).
+Everything here is numpy/scipy; the result is a frozen `Fit` with a JSON round-trip (fit.json).
 """
 
 from __future__ import annotations
@@ -27,14 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import threadpoolctl
 from scipy.optimize import minimize
 
 from lm.errors import FitError
 
-HUBER_DELTA = 1e-3
+HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
 BUDGET_TOL = 0.05  # FLOPs within 5% of each other belong to one IsoFLOP budget
-_COLUMNS = "params, tokens, loss (optional: flops, run, step)"
-_FIELDS = ("params", "tokens", "loss", "flops", "run", "step")
+E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or span half its range
+CHI2_95 = 3.841  # 95% quantile of chi-squared with 1 degree of freedom: the profile's cut
+LAPLACE_DRAWS = 400
+_COLUMNS = "params, tokens, loss (optional: flops, run, step, annealed)"
+_FIELDS = ("params", "tokens", "loss", "flops", "run", "step", "annealed")
 
 
 # ----------------------------------------------------------------------------- data
@@ -49,7 +62,9 @@ def _own_run(i: int) -> str:
 class Points:
     """Observed points, one per (run, step): parallel numpy arrays of one length.
 
-    ``flops`` defaults to 6·N·D, ``run`` to one run per point, ``step`` to -1 (unknown).
+    ``flops`` defaults to 6·N·D, ``run`` to one run per point, ``step`` to -1 (unknown),
+    ``annealed`` to False: whether the point ends a learning-rate decay (a cosine run's end, a
+    WSD cooldown branch's end), so that it sits on the loss a run of that length reaches.
     """
 
     params: np.ndarray
@@ -58,6 +73,7 @@ class Points:
     flops: np.ndarray | None = None
     run: np.ndarray | None = None
     step: np.ndarray | None = None
+    annealed: np.ndarray | None = None
 
     def __post_init__(self):
         def put(name, value):
@@ -72,6 +88,8 @@ class Points:
             else np.asarray(self.run, dtype=str).reshape(-1))
         put("step", np.full(n, -1) if self.step is None
             else np.asarray(self.step, dtype=int).reshape(-1))
+        put("annealed", np.zeros(n, bool) if self.annealed is None
+            else np.asarray(self.annealed, dtype=bool).reshape(-1))
         lengths = {f.name: len(getattr(self, f.name)) for f in fields(self)}
         if len(set(lengths.values())) != 1:
             raise FitError(f"Points arrays differ in length: {lengths}")
@@ -80,12 +98,12 @@ class Points:
             bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
             if bad.size:
                 raise FitError(f"Points.{name}[{bad[0]}] = {values[bad[0]]}; "
-                                 "expected a positive finite number")
+                               "expected a positive finite number")
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> Points:
         """Points from dicts (or sqlite3.Rows) with keys params, tokens, loss and optional
-        flops, run, step."""
+        flops, run, step, annealed."""
         if not rows:
             raise FitError(f"no rows; expected dicts with keys {_COLUMNS}")
         return _parse([dict(row) for row in rows], lambda i: f"row {i}")
@@ -122,6 +140,15 @@ class Points:
         inv, last = self._run_groups()
         return self.tokens < fraction * last[inv]
 
+    def frontier_mask(self) -> np.ndarray:
+        """True at the compute-efficient frontier: points with a lower loss than every point
+        that used less compute (the lower envelope of loss against compute over all runs)."""
+        order = np.argsort(self.flops, kind="stable")
+        best_before = np.minimum.accumulate(np.r_[np.inf, self.loss[order][:-1]])
+        mask = np.zeros(len(self), dtype=bool)
+        mask[order] = self.loss[order] < best_before
+        return mask
+
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
@@ -134,7 +161,7 @@ def _positive(value: Any, where: str) -> float:
         x = float(value)
     except (TypeError, ValueError):
         raise FitError(f"{where}: {value!r} is not a number; "
-                         "expected a positive finite number") from None
+                       "expected a positive finite number") from None
     if not (math.isfinite(x) and x > 0):
         raise FitError(f"{where}: {value!r} is not a positive finite number")
     return x
@@ -150,6 +177,15 @@ def _step(value: Any, where: str) -> int:
     return int(x)
 
 
+def _flag(value: Any, where: str) -> bool:
+    text = str(value).strip().lower()
+    if _blank(value) or text in ("0", "false", "no"):
+        return False
+    if text in ("1", "true", "yes"):
+        return True
+    raise FitError(f"{where}: {value!r} is not a flag; expected 1/0 or true/false (or empty)")
+
+
 def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -> Points:
     """Records of cells (strings or numbers) → Points; each error names the record and column."""
     cols: dict[str, list] = {f.name: [] for f in fields(Points)}
@@ -161,13 +197,15 @@ def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -
                         else _positive(flops, where("flops")))
         row["run"] = _own_run(i) if _blank(run) else str(run).strip()
         row["step"] = -1 if _blank(step) else _step(step, where("step"))
+        row["annealed"] = _flag(rec.get("annealed"), where("annealed"))
         for k, v in row.items():
             cols[k].append(v)
     return Points(**cols)
 
 
 def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
-    """Points from a CSV with columns params, tokens, loss and optional flops, run, step.
+    """Points from a CSV with columns params, tokens, loss and optional flops, run, step,
+    annealed.
 
     A column of another name is an error (a misspelt `run` would silently make every row a
     run of its own) unless `ignore_columns`. A CSV without ``run`` makes each row its own run.
@@ -224,96 +262,175 @@ def group_budgets(flops: np.ndarray, tol: float = BUDGET_TOL) -> np.ndarray:
     return labels
 
 
+# ----------------------------------------------------------------------------- noise
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Run-to-run noise of a final loss, as a standard deviation of log L (a relative error),
+    with its degrees of freedom and where it was measured: `seeds` (runs of one N and D) or
+    `residuals` (of the fit, when no two runs share N and D)."""
+
+    sigma: float
+    df: int
+    source: str
+
+
+def seed_noise(finals: Points) -> Noise | None:
+    """The pooled spread of log L over runs that share N and D (seeds), if any do."""
+    keys = np.stack([np.round(np.log(finals.params), 6), np.round(np.log(finals.tokens), 6)], 1)
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    y = np.log(finals.loss)
+    sizes = np.bincount(group)
+    means = np.bincount(group, y) / sizes
+    df = int(np.sum(sizes - 1))
+    if df < 1:
+        return None
+    return Noise(float(np.sqrt(np.sum((y - means[group]) ** 2) / df)), df, "seeds")
+
+
+def residual_noise(residuals: np.ndarray, n_params: int) -> Noise:
+    """The spread of the fit's residuals, robustly: 1.4826 x their median absolute deviation
+    (the standard deviation, for Gaussian noise), so that a few outliers do not inflate it."""
+    mad = np.median(np.abs(residuals - np.median(residuals)))
+    return Noise(float(1.4826 * mad), max(len(residuals) - n_params, 1), "residuals")
+
+
 # ----------------------------------------------------------------------------- robust fit
 #
-# Both parametric laws are a sum of power laws plus a constant, fitted in log space:
-#   log L = logsumexp(e, a_1 - alpha_1 log x_1, ..., a_k - alpha_k log x_k),  theta = (e, a, alpha)
-# The optimiser sees log x centred on its mean, so a_j becomes the log of term j at a typical
-# point: the grid of starts is then unit-free and a, alpha are far less correlated.
-
-_ALPHAS = np.array([0.05, 0.15, 0.3, 0.6, 1.2])
-_FRACTIONS = np.array([0.02, 0.1, 0.3, 0.6, 0.9])  # of the median loss, for e and each a_j
-_N_STARTS = 8
+# Both parametric laws are a constant plus a sum of power laws, fitted on log L:
+#   L = E + sum_j exp(a_j - alpha_j x_j),   x_j = log of N, D or C, centred on its mean,
+# so that a_j is the log of term j at a typical point and the grid of starts is unit-free.
+# theta = (E, a_1..a_k, alpha_1..alpha_k); E is bounded to [0, lowest loss).
 
 
-def _huber(r: np.ndarray) -> np.ndarray:
-    a = np.abs(r)
-    return np.where(a <= HUBER_DELTA, 0.5 * r * r, HUBER_DELTA * (a - 0.5 * HUBER_DELTA))
+@dataclass(frozen=True)
+class _Problem:
+    """A power-sum fit: centred log inputs xc [n, k], log losses y [n], the robust loss."""
+
+    xc: np.ndarray
+    y: np.ndarray
+    delta: float  # Huber's delta in log-loss units; inf: least squares
+    e_max: float
+
+    @property
+    def k(self) -> int:
+        return self.xc.shape[1]
+
+    def bounds(self, e: float | None = None) -> list[tuple[float, float]]:
+        """E in [0, lowest loss) (or fixed at `e`); each term's level and exponent bounded so
+        that nothing overflows."""
+        return ([(0.0, self.e_max) if e is None else (e, e)]
+                + [(-30.0, 10.0)] * self.k + [(0.0, 4.0)] * self.k)
+
+    def psi(self, r: np.ndarray) -> np.ndarray:
+        """The robust loss's derivative: r, clipped to [-delta, delta] for Huber."""
+        return np.clip(r, -self.delta, self.delta)
+
+    def rho(self, r: np.ndarray) -> np.ndarray:
+        """r^2 / 2 within delta, delta (|r| - delta / 2) beyond: psi(r) (r - psi(r) / 2)."""
+        psi = self.psi(r)
+        return psi * (r - 0.5 * psi)
+
+    @property
+    def scale(self) -> float:
+        """Divides the objective so that it is O(points) and L-BFGS-B's tolerances hold."""
+        return min(self.delta, 0.05) ** 2
+
+    def terms(self, theta: np.ndarray) -> np.ndarray:
+        """exp(a_j - alpha_j x_j) [..., n, k] for theta [..., 1+2k]; the bounds on a and alpha
+        keep it finite."""
+        return np.exp(theta[..., None, 1:self.k + 1] - theta[..., None, self.k + 1:] * self.xc)
+
+    def residuals(self, theta: np.ndarray) -> np.ndarray:
+        return np.log(theta[..., :1] + self.terms(theta).sum(-1)) - self.y
+
+    def objective(self, theta: np.ndarray) -> np.ndarray:
+        """Sum of rho over points, for one theta or a stack of them."""
+        return self.rho(self.residuals(theta)).sum(-1)
+
+    def objective_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        t = self.terms(theta)
+        pred = theta[0] + t.sum(-1)
+        r = np.log(pred) - self.y
+        psi = self.psi(r)
+        w = psi / pred  # d rho / d pred
+        grad = np.concatenate([[w.sum()], w @ t, -(w @ (t * self.xc))])
+        return float(psi @ (r - 0.5 * psi)) / self.scale, grad / self.scale
 
 
-def _logsumexp(t: np.ndarray) -> np.ndarray:
-    """Over the last axis; several times faster than scipy's on the starts grid."""
-    m = t.max(-1, keepdims=True)
-    return m[..., 0] + np.log(np.exp(t - m).sum(-1))
+_ALPHAS = np.array([0.1, 0.25, 0.5, 0.8, 1.2])
+_LEVELS = np.array([0.03, 0.1, 0.3, 0.6])  # of the median loss, for each term at the centre
+_E_FRACTIONS = np.array([0.0, 0.25, 0.5, 0.75, 0.95])  # of the lowest loss
+_N_STARTS = 6
 
 
-def _log_terms(theta: np.ndarray, xc: np.ndarray) -> np.ndarray:
-    """Log of each additive term, shape (..., n, 1+k), for theta of shape (..., 1+2k)."""
-    k = xc.shape[1]
-    e, a, alpha = theta[..., None, :1], theta[..., None, 1:k + 1], theta[..., None, k + 1:]
-    powers = a - alpha * xc
-    return np.concatenate([np.broadcast_to(e, powers.shape[:-1] + (1,)), powers], axis=-1)
+def _grid(p: _Problem) -> np.ndarray:
+    """Every combination of starting E, term levels and exponents."""
+    levels = np.log(_LEVELS * np.exp(np.median(p.y)))
+    axes = np.meshgrid(_E_FRACTIONS * p.e_max, *[levels] * p.k, *[_ALPHAS] * p.k,
+                       indexing="ij")
+    return np.stack(axes, -1).reshape(-1, 1 + 2 * p.k)
 
 
-def _objective_and_grad(theta: np.ndarray, xc: np.ndarray, y: np.ndarray) -> tuple:
-    """Summed Huber loss of the log residuals, divided by delta so that it is O(1) and
-    L-BFGS-B's tolerances (relative to max(|f|, 1)) mean something."""
-    t = _log_terms(theta, xc)
-    z = _logsumexp(t)
-    w = np.exp(t - z[:, None])  # d z / d (each term)
-    r = z - y
-    psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA)
-    grad = np.concatenate([psi @ w, -(psi[:, None] * w[:, 1:] * xc).sum(0)])
-    return _huber(r).sum() / HUBER_DELTA, grad / HUBER_DELTA
-
-
-def _grid_starts(xc: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The best few of a grid of thetas, judged by the objective evaluated on the whole grid."""
-    k = xc.shape[1]
-    levels = np.log(_FRACTIONS) + np.median(y)
-    axes = np.meshgrid(*[levels] * (1 + k), *[_ALPHAS] * k, indexing="ij")
-    grid = np.stack(axes, -1).reshape(-1, 1 + 2 * k)
-    chunks = np.array_split(grid, max(1, grid.size * len(y) // 2_000_000))  # bounded memory
-    f = np.concatenate([_huber(_logsumexp(_log_terms(g, xc)) - y).sum(-1) for g in chunks])
+def _starts(p: _Problem, extra: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """The best few of the grid (and of `extra` candidates), judged by the objective."""
+    grid = np.concatenate([_grid(p), *[np.asarray(e)[None] for e in extra]])
+    chunks = np.array_split(grid, max(1, grid.size * len(p.y) // 2_000_000))  # bounded memory
+    f = np.concatenate([p.objective(g) for g in chunks])
     return grid[np.argsort(f)[:_N_STARTS]]
 
 
-def _fit_power_sum(logx: np.ndarray, y: np.ndarray, start: np.ndarray | None = None):
-    """Minimise the summed Huber objective from a grid of starts (or from ``start``).
+def _converged(res, p: _Problem, bounds) -> bool:
+    """L-BFGS-B met its tolerance (not: stopped at its iteration limit or in a failed line
+    search), at a point whose projected gradient is small."""
+    lo, hi = np.array(bounds).T
+    g = np.where((res.x <= lo + 1e-12) & (res.jac > 0) | (res.x >= hi - 1e-12) & (res.jac < 0),
+                 0.0, res.jac)
+    return bool(res.status == 0 and np.max(np.abs(g)) <= 1e-3 * max(1.0, abs(res.fun)))
 
-    Returns (theta, objective, converged) with theta in uncentred coordinates.
-    """
-    mu = logx.mean(0)
-    xc = logx - mu
-    k = logx.shape[1]
 
-    def shift(theta):  # centring lowers a_j by alpha_j * mu_j and leaves e and alpha alone
-        return np.r_[0.0, theta[k + 1:] * mu, np.zeros(k)]
+def _descend(p: _Problem, theta0: np.ndarray, bounds, ftol: float = 1e-13):
+    theta0 = np.clip(theta0, *np.array(bounds).T)
+    return minimize(p.objective_and_grad, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
+                    options={"maxiter": 10_000, "maxfun": 20_000, "ftol": ftol,
+                             "gtol": 1e-9, "maxls": 50})
 
-    def descend(theta0):
-        # ftol: any tighter and L-BFGS-B's line search fails in rounding noise at the optimum.
-        return minimize(_objective_and_grad, theta0, args=(xc, y), jac=True, method="L-BFGS-B",
-                        options={"maxiter": 5000, "ftol": 1e-13, "gtol": 1e-9})
 
-    if start is None:
-        starts = _grid_starts(xc, y)
-    else:
-        start = np.asarray(start, dtype=float)
-        starts = [start - shift(start)]
+def _solve(p: _Problem, extra: Sequence[np.ndarray] = ()):
+    """The lowest optimum from the best starts of the grid and of `extra` (a bootstrap
+    refit's: the point estimate): (theta, objective, converged)."""
+    bounds = p.bounds()
+    starts = _starts(p, extra)
     results = []
     for s in starts:
-        results.append(descend(s))
+        results.append(_descend(p, s, bounds))
         best = min(results, key=lambda res: res.fun)
-        if sum(res.fun <= best.fun * (1 + 1e-9) for res in results) >= 2:
+        if sum(res.fun <= best.fun * (1 + 1e-9) + 1e-12 for res in results) >= 2:
             break  # two starts agree on the lowest optimum: the rest would find it again
-    if not best.success:  # a line search stalled, often in rounding noise at the optimum itself:
-        best = descend(best.x)  # fresh curvature memory there either confirms it or moves on
-    small_gradient = np.linalg.norm(best.jac) < 1e-4  # of the delta-scaled objective
-    converged = bool(best.success and small_gradient)
-    return best.x + shift(best.x), float(best.fun * HUBER_DELTA), converged
+    if not _converged(best, p, bounds):  # a line search stalled, often in rounding noise:
+        best = _descend(p, best.x, bounds)  # fresh curvature memory there confirms or moves on
+    return best.x, float(best.fun * p.scale), _converged(best, p, bounds)
+
+
+def _problem(logx: np.ndarray, loss: np.ndarray, delta: float) -> tuple[_Problem, np.ndarray]:
+    mu = logx.mean(0)
+    return _Problem(logx - mu, np.log(loss), delta, float(loss.min()) * (1 - 1e-6)), mu
+
+
+def _uncentre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """a_j + alpha_j mu_j: the log coefficient of term j in the raw inputs."""
+    k = len(mu)
+    return np.r_[theta[:1], theta[1:k + 1] + theta[k + 1:] * mu, theta[k + 1:]]
+
+
+def _centre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    k = len(mu)
+    return np.r_[theta[:1], theta[1:k + 1] - theta[k + 1:] * mu, theta[k + 1:]]
 
 
 # ----------------------------------------------------------------------------- laws
+
 
 _NOUNS = {"params": "model sizes (params)", "tokens": "token counts",
           "flops": "compute values (flops)"}
@@ -328,27 +445,38 @@ def _require_distinct(points: Points, law: str, **minimum: int) -> None:
         raise FitError(f"a {law} fit needs {need}; the points to fit have {have}")
 
 
-def _fit_chinchilla(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
-    _check_chinchilla(points)
-    theta0 = None if start is None else [math.log(start["E"]), math.log(start["A"]),
-                                         math.log(start["B"]), start["alpha"], start["beta"]]
-    theta, objective, converged = _fit_power_sum(
-        np.log(np.column_stack([points.params, points.tokens])), np.log(points.loss), theta0)
-    e, a, b, alpha, beta = map(float, theta)
-    return ({"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta},
-            {"objective": objective, "converged": converged})
+def _inputs_chinchilla(points: Points) -> np.ndarray:
+    return np.log(np.column_stack([points.params, points.tokens]))
 
 
-def _fit_kaplan(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
-    _check_kaplan(points)
-    # (C0/C)^alpha = exp(alpha log C0 - alpha log C): one power term with coefficient alpha log C0.
-    theta0 = None if start is None else [math.log(start["E"]),
-                                         start["alpha"] * math.log(start["C0"]), start["alpha"]]
-    theta, objective, converged = _fit_power_sum(np.log(points.flops)[:, None],
-                                                 np.log(points.loss), theta0)
-    e, k, alpha = map(float, theta)
-    return ({"E": math.exp(e), "C0": math.exp(k / alpha), "alpha": alpha},
-            {"objective": objective, "converged": converged})
+def _inputs_kaplan(points: Points) -> np.ndarray:
+    return np.log(points.flops)[:, None]
+
+
+def _plain(x):
+    """A float for a scalar, the array itself for a stack of draws."""
+    return float(x) if np.ndim(x) == 0 else x
+
+
+def _from_theta_chinchilla(theta) -> dict:
+    e, a, b, alpha, beta = theta
+    return {"E": _plain(e), "A": _plain(np.exp(a)), "B": _plain(np.exp(b)),
+            "alpha": _plain(alpha), "beta": _plain(beta)}
+
+
+def _to_theta_chinchilla(p: Mapping[str, float]) -> np.ndarray:
+    return np.array([p["E"], math.log(p["A"]), math.log(p["B"]), p["alpha"], p["beta"]])
+
+
+def _from_theta_kaplan(theta) -> dict:
+    # (C0/C)^alpha = exp(alpha log C0 - alpha log C): coefficient alpha log C0
+    e, k, alpha = theta
+    with np.errstate(divide="ignore", over="ignore"):
+        return {"E": _plain(e), "C0": _plain(np.exp(k / alpha)), "alpha": _plain(alpha)}
+
+
+def _to_theta_kaplan(p: Mapping[str, float]) -> np.ndarray:
+    return np.array([p["E"], p["alpha"] * math.log(p["C0"]), p["alpha"]])
 
 
 def _check_chinchilla(points: Points) -> None:
@@ -371,40 +499,12 @@ def _check_isoflop(points: Points) -> list[Points]:
         sizes = len(np.unique(b.params))
         if sizes < 3:
             raise FitError(f"an isoflop fit needs >= 3 distinct model sizes per compute "
-                             f"budget; the budget at C ~ {np.exp(np.log(b.flops).mean()):.3g} "
-                             f"FLOPs has {sizes}")
+                           f"budget; the budget at C ~ {np.exp(np.log(b.flops).mean()):.3g} "
+                           f"FLOPs has {sizes}")
     if len(budgets) < 2:
         raise FitError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
-                         f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")
+                       f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")
     return budgets
-
-
-def _fit_isoflop(points: Points, start: Mapping[str, float] | None) -> tuple[dict, dict]:
-    """Approach 2: per budget, the minimum of a parabola of loss in log N; then log-log lines.
-    Closed-form, so ``start`` is not needed."""
-    budgets = _check_isoflop(points)
-    minima = []
-    for b in budgets:
-        c = float(np.exp(np.log(b.flops).mean()))
-        logn = np.log(b.params)
-        c2, c1, c0 = np.polyfit(logn, b.loss, 2)
-        if c2 <= 0:
-            raise FitError(f"isoflop: the loss-vs-log N parabola of the budget at C ~ {c:.3g} "
-                             "FLOPs curves downwards, so it has no minimum; add sizes on both "
-                             "sides of the optimum")
-        x = -c1 / (2 * c2)
-        minima.append(Budget(c, float(np.exp(x)), float(c / (6 * np.exp(x))),
-                             float(c0 - c1 * c1 / (4 * c2)), len(b),
-                             (float(b.params.min()), float(b.params.max())),
-                             bool(logn.min() <= x <= logn.max()), float(c2)))
-    logc = np.log([m.flops for m in minima])
-    logn = np.log([m.params for m in minima])
-    a, log_kn = np.polyfit(logc, logn, 1)
-    # D_opt = C / (6 N_opt) at every budget, so the tokens line is the params line's complement.
-    params = {"k_N": float(np.exp(log_kn)), "a": float(a),
-              "k_D": float(np.exp(-log_kn) / 6), "b": float(1 - a)}
-    rss = float(np.sum((logn - (log_kn + a * logc)) ** 2))
-    return params, {"objective": rss, "converged": True, "budgets": minima}
 
 
 def _chinchilla_loss(p, n, d, c):
@@ -415,37 +515,28 @@ def _kaplan_loss(p, n, d, c):
     return p["E"] + (p["C0"] / c) ** p["alpha"]
 
 
-def _chinchilla_allocation(p):
-    """Minimising L at fixed C = 6ND: N_opt = G (C/6)^a, D_opt = (C/6)^b / G (Hoffmann et al.)."""
-    s = p["alpha"] + p["beta"]
-    a, b = p["beta"] / s, p["alpha"] / s
-    g = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1 / s)
-    return g * 6.0 ** -a, a, 6.0 ** -b / g, b
-
-
-def _isoflop_allocation(p):
-    return p["k_N"], p["a"], p["k_D"], p["b"]
-
-
 @dataclass(frozen=True)
 class _Law:
     formula: str
     names: tuple[str, ...]
-    fit: Callable[[Points, Mapping[str, float] | None], tuple[dict, dict]]  # (params, diagnostics)
-    check: Callable[[Points], object]  # raises ValueError if the points cannot pin the law down
-    loss: Callable | None  # (params, N, D, C) -> L
-    allocation: Callable | None  # params -> (k_N, a, k_D, b): N_opt = k_N C^a, D_opt = k_D C^b
+    check: Callable[[Points], object]  # raises FitError if the points cannot pin the law down
+    inputs: Callable[[Points], np.ndarray] | None = None  # log inputs [n, k] of a power sum
+    from_theta: Callable | None = None
+    to_theta: Callable | None = None
+    loss: Callable | None = None  # (params, N, D, C) -> L
     finals_only: bool = False  # IsoFLOP curves compare runs at their end, not along the way
+    frontier: bool = False  # Kaplan's L(C) is the envelope of all runs' points
 
 
 _LAWS = {
     "chinchilla": _Law("L = E + A/N^alpha + B/D^beta", ("E", "A", "B", "alpha", "beta"),
-                       _fit_chinchilla, _check_chinchilla, _chinchilla_loss,
-                       _chinchilla_allocation),
-    "kaplan": _Law("L = E + (C0/C)^alpha", ("E", "C0", "alpha"), _fit_kaplan, _check_kaplan,
-                   _kaplan_loss, None),
+                       _check_chinchilla, _inputs_chinchilla, _from_theta_chinchilla,
+                       _to_theta_chinchilla, _chinchilla_loss),
+    "kaplan": _Law("L = E + (C0/C)^alpha", ("E", "C0", "alpha"), _check_kaplan,
+                   _inputs_kaplan, _from_theta_kaplan, _to_theta_kaplan, _kaplan_loss,
+                   frontier=True),
     "isoflop": _Law("N_opt = k_N C^a, D_opt = k_D C^b", ("k_N", "a", "k_D", "b"),
-                    _fit_isoflop, _check_isoflop, None, _isoflop_allocation, finals_only=True),
+                    _check_isoflop, finals_only=True),
 }
 LAWS = tuple(_LAWS)
 LOSS_LAWS = tuple(name for name, law in _LAWS.items() if law.loss is not None)
@@ -457,21 +548,87 @@ def _law(name: str) -> _Law:
     return _LAWS[name]
 
 
+def flops_per_token(points: Points) -> dict[str, float]:
+    """f(N) = coef * N^exponent, the training FLOPs of one token, fitted to the points' FLOPs
+    (6N for points that give none; exact matmul counts grow faster than N at small N)."""
+    logn, logf = np.log(points.params), np.log(points.flops / points.tokens)
+    if np.ptp(logn) < 1e-9:
+        return {"coef": float(np.exp(np.mean(logf - logn))), "exponent": 1.0}
+    exponent, log_coef = np.polyfit(logn, logf, 1)
+    return {"coef": float(np.exp(log_coef)), "exponent": float(exponent)}
+
+
+def _power_fit(points: Points, law: _Law, delta: float, start: Mapping | None = None):
+    """(params, objective, converged) of a power-sum law."""
+    p, mu = _problem(law.inputs(points), points.loss, delta)
+    extra = [] if start is None else [_centre(law.to_theta(start), mu)]
+    theta, objective, converged = _solve(p, extra)
+    return law.from_theta(_uncentre(theta, mu)), objective, converged
+
+
+def _isoflop(points: Points, fpt: Mapping[str, float]) -> tuple[dict, float, bool, list]:
+    """Approach 2: per budget, the minimum of a parabola of loss in log N; then log-log lines
+    N_opt = k_N C^a, and D_opt = C / f(N_opt) with the points' FLOPs per token f."""
+    budgets = _check_isoflop(points)
+    minima = []
+    for b in budgets:
+        c = float(np.exp(np.log(b.flops).mean()))
+        logn = np.log(b.params)
+        c2, c1, c0 = np.polyfit(logn, b.loss, 2)
+        if c2 <= 0:
+            raise FitError(f"isoflop: the loss-vs-log N parabola of the budget at C ~ {c:.3g} "
+                           "FLOPs curves downwards, so it has no minimum; add sizes on both "
+                           "sides of the optimum")
+        x = -c1 / (2 * c2)
+        n_opt = float(np.exp(x))
+        minima.append(Budget(c, n_opt, c / (fpt["coef"] * n_opt ** fpt["exponent"]),
+                             float(c0 - c1 * c1 / (4 * c2)), len(b),
+                             (float(b.params.min()), float(b.params.max())),
+                             bool(logn.min() <= x <= logn.max()), float(c2)))
+    logc, logn = np.log([m.flops for m in minima]), np.log([m.params for m in minima])
+    a, log_kn = np.polyfit(logc, logn, 1)
+    k, g = fpt["coef"], fpt["exponent"]
+    params = {"k_N": float(np.exp(log_kn)), "a": float(a),  # D = C / (k (k_N C^a)^g)
+              "k_D": float(1 / (k * np.exp(log_kn) ** g)), "b": float(1 - a * g)}
+    rss = float(np.sum((logn - (log_kn + a * logc)) ** 2))
+    return params, rss, True, minima
+
+
+def _allocation_coefs(law: str, p: Mapping[str, float], fpt: Mapping[str, float]):
+    """(k_N, a, k_D, b): N_opt = k_N C^a, D_opt = k_D C^b, or None when the law says
+    nothing about the split. Chinchilla: minimising L(N, C / f(N)) with f(N) = k N^g gives
+    N_opt^(alpha + g beta) = alpha A / (g beta B) (C/k)^beta (g = 1, k = 6: Hoffmann et al.)."""
+    if law == "isoflop":
+        return p["k_N"], p["a"], p["k_D"], p["b"]
+    if law != "chinchilla":
+        return None
+    k, g = fpt["coef"], fpt["exponent"]
+    s = p["alpha"] + g * p["beta"]
+    a = p["beta"] / s
+    big_g = (p["alpha"] * p["A"] / (g * p["beta"] * p["B"])) ** (1 / s)
+    k_n = big_g * k ** -a
+    return k_n, a, 1 / (k * k_n ** g), 1 - g * a
+
+
 # ----------------------------------------------------------------------------- the result
 
 
 @dataclass(frozen=True)
 class HeldOut:
-    """A held-out run's final loss against the law's prediction."""
+    """A held-out run's final loss against the law's prediction. `interval` is a 95% interval
+    for an actual run (the law's uncertainty and a run's own noise); `law_interval` the law's
+    alone."""
 
     run: str
     params: float
     tokens: float
     flops: float
-    loss: float
+    compute_ratio: float  # its FLOPs over the largest fitting run's
     predicted: float
+    loss: float
     are: float
-    interval: tuple[float, float] | None = None  # 95%, when the fit was bootstrapped
+    interval: tuple[float, float] | None = None
+    law_interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -492,21 +649,45 @@ class Budget:
 class Bootstrap:
     n: int
     seed: int
-    failed: int
-    not_converged: int
-    samples: dict[str, list[float]]  # law parameter -> its value in each successful refit
+    failed: int  # refits that raised (a resample without enough distinct sizes)
+    not_converged: int  # refits whose optimiser did not meet its tolerance
+    samples: dict[str, list[float]]  # law parameter -> its value in each converged refit
+
+
+@dataclass(frozen=True)
+class Laplace:
+    """The law's uncertainty from the fit's curvature at its optimum, when no bootstrap was
+    run: theta = (E, log coefficients, exponents) ~ N(mean, cov), cov the sandwich estimate
+    with each run's points as one cluster (they are correlated)."""
+
+    mean: tuple[float, ...]
+    cov: tuple[tuple[float, ...], ...]
 
 
 @dataclass(frozen=True)
 class Allocation:
     """The compute-optimal split N_opt = coef * C^exponent (and D_opt likewise), when the law
-    determines it."""
+    determines it, for C in exact FLOPs (see Fit.flops_per_token)."""
 
     determined: bool
     note: str = ""
     params: dict[str, float] | None = None  # {"coef", "exponent"}
     tokens: dict[str, float] | None = None
     examples: tuple[dict[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Identifiability:
+    """How well the points pin E down: the objective profiled over E (the other parameters
+    refitted at each), and the E whose profile stays within the noise of the best (a 95%
+    profile interval, each run's points counted as one observation). `laws` are the law's
+    parameters at each allowed E, to say how far predictions move across them."""
+
+    e: tuple[float, ...]
+    objective: tuple[float, ...]
+    allowed: tuple[float, float]
+    identified: bool
+    laws: tuple[dict[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -523,10 +704,21 @@ class Fit:
     points_dropped: int
     drop_early: float
     allocation: Allocation
+    loss: str = "huber"  # the robust loss on log L: huber | lsq
+    huber_delta: float | None = None
+    noise: Noise | None = None
+    flops_per_token: dict[str, float] = field(default_factory=lambda: {"coef": 6.0,
+                                                                       "exponent": 1.0})
+    annealed_only: bool = False  # fitted on points that end a learning-rate decay
+    min_tokens_per_param: float = 0.0
+    max_fit_flops: float = 0.0  # the largest compute among the fitted points
     warnings: tuple[str, ...] = ()
     bootstrap: Bootstrap | None = None
+    laplace: Laplace | None = None
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    identifiability: Identifiability | None = None
     budgets: tuple[Budget, ...] = ()
+    outliers: tuple[str, ...] = ()  # runs whose residual exceeds 3 noise sigmas
     holdout: tuple[HeldOut, ...] = ()
     are: float | None = None  # mean over the held-out runs
 
@@ -542,10 +734,11 @@ class Fit:
             value = getattr(self, f.name)
             if f.name == "holdout":
                 value = {"runs": [asdict(r) for r in value]} if value else None
-            elif value is not None and f.name in ("allocation", "bootstrap"):
-                value = asdict(value)
             elif f.name == "budgets":
                 value = [asdict(b) for b in value] or None
+            elif value is not None and f.name in ("allocation", "bootstrap", "noise",
+                                                  "identifiability", "laplace"):
+                value = asdict(value)
             if value is not None:
                 out[f.name] = value
         return json.loads(json.dumps(out))  # tuples -> lists, as read back
@@ -559,14 +752,12 @@ class Fit:
         law = _field(raw, "law", str, where)
         if law not in _LAWS:
             raise FitError(f"{where}: law {law!r} is not one of {', '.join(LAWS)}")
-        spec = _LAWS[law]
         try:
-            holdout = tuple(HeldOut(**{**r, "interval": _pair(r.get("interval"))})
-                            for r in (raw.get("holdout") or {}).get("runs", []))
             alloc = raw["allocation"]
-            boot = raw.get("bootstrap")
+            boot, noise, ident, laplace = (raw.get(k) for k in ("bootstrap", "noise",
+                                                                "identifiability", "laplace"))
             return cls(
-                law=law, params={k: _field(raw, k, float, where) for k in spec.names},
+                law=law, params={k: _field(raw, k, float, where) for k in _LAWS[law].names},
                 objective=_field(raw, "objective", float, where),
                 converged=_field(raw, "converged", bool, where),
                 n_points=_field(raw, "n_points", int, where),
@@ -574,12 +765,27 @@ class Fit:
                 points_dropped=_field(raw, "points_dropped", int, where),
                 drop_early=_field(raw, "drop_early", float, where),
                 allocation=Allocation(**{**alloc, "examples": tuple(alloc.get("examples", ()))}),
+                loss=raw.get("loss", "huber"), huber_delta=raw.get("huber_delta"),
+                noise=Noise(**noise) if noise else None,
+                flops_per_token=raw.get("flops_per_token", {"coef": 6.0, "exponent": 1.0}),
+                annealed_only=bool(raw.get("annealed_only", False)),
+                min_tokens_per_param=float(raw.get("min_tokens_per_param", 0.0)),
+                max_fit_flops=float(raw.get("max_fit_flops", 0.0)),
                 warnings=tuple(raw.get("warnings", ())),
                 bootstrap=Bootstrap(**boot) if boot else None,
+                laplace=Laplace(tuple(laplace["mean"]), tuple(map(tuple, laplace["cov"])))
+                if laplace else None,
                 intervals={k: _pair(v) for k, v in raw.get("intervals", {}).items()},
+                identifiability=Identifiability(
+                    tuple(ident["e"]), tuple(ident["objective"]), _pair(ident["allowed"]),
+                    ident["identified"], tuple(ident.get("laws", ()))) if ident else None,
                 budgets=tuple(Budget(**{**b, "params_range": _pair(b["params_range"])})
                               for b in raw.get("budgets") or ()),
-                holdout=holdout, are=raw.get("are"))
+                outliers=tuple(raw.get("outliers", ())),
+                holdout=tuple(HeldOut(**{**r, "interval": _pair(r.get("interval")),
+                                         "law_interval": _pair(r.get("law_interval"))})
+                              for r in (raw.get("holdout") or {}).get("runs", [])),
+                are=raw.get("are"))
         except (KeyError, TypeError, AttributeError) as e:
             raise FitError(f"{where}: a field is missing or malformed ({type(e).__name__}: "
                            f"{e}); refit it with lm fit") from None
@@ -604,75 +810,249 @@ def _pair(value) -> tuple[float, float] | None:
 # ----------------------------------------------------------------------------- fit
 
 
-def _holdout_runs(points: Points, holdout: str | Collection[str] | None) -> np.ndarray:
+def _holdout_runs(points: Points, holdout: str | Collection[str] | None,
+                  above: float | None) -> np.ndarray:
+    final = points.select(points.final_mask())
+    held = set()
+    if above is not None:
+        held |= set(final.run[final.flops > above])
     if holdout is None:
-        return np.array([], dtype=str)
+        return np.array(sorted(held), dtype=str)
     if holdout == "largest":  # every run whose final compute ties (within 1%) with the largest
-        final = points.select(points.final_mask())
-        return final.run[final.flops >= 0.99 * final.flops.max()]
+        return np.array(sorted(held | set(final.run[final.flops >= 0.99 * final.flops.max()])),
+                        dtype=str)
     if isinstance(holdout, str):
         raise FitError(f"holdout={holdout!r}; "
-                         "expected None, 'largest' or a collection of run ids")
+                       "expected None, 'largest' or a collection of run ids")
     runs = np.unique(np.asarray(list(holdout), dtype=str))
     unknown = np.setdiff1d(runs, points.run)
     if unknown.size or not runs.size:
         raise FitError(f"holdout names no run or unknown runs {unknown.tolist()}; "
-                         f"runs are e.g. {np.unique(points.run)[:5].tolist()}")
-    return runs
+                       f"runs are e.g. {np.unique(points.run)[:5].tolist()}")
+    return np.array(sorted(held | set(runs.tolist())), dtype=str)
 
 
-def _bootstrap(points: Points, law: _Law, start: dict, n: int, seed: int) -> Bootstrap:
-    """Refit on ``n`` resamples of whole runs, each started from the point estimate."""
+def _fitted(points: Points, law: _Law, drop_early: float, min_tokens_per_param: float
+            ) -> tuple[Points, bool]:
+    """The points a fit uses, and whether they are annealed ends only: where the points say
+    which end a learning-rate decay, those; else all but the early ones. Never points with
+    fewer than `min_tokens_per_param` tokens per parameter. Finals-only laws take each run's
+    last, frontier laws the compute-efficient envelope."""
+    kept = points.select(points.tokens >= min_tokens_per_param * points.params)
+    annealed = bool(kept.annealed.any())
+    kept = kept.select(kept.annealed if annealed else ~kept.early_mask(drop_early))
+    if law.finals_only:
+        kept = kept.select(kept.final_mask())
+    if law.frontier:
+        kept = kept.select(kept.frontier_mask())
+    return kept, annealed
+
+
+def unused_mask(fit: Fit, points: Points) -> np.ndarray:
+    """True at the points of runs `fit` was fitted on that it left out: early, not annealed,
+    under-trained (held-out runs' points are not among them)."""
+    early = ~points.annealed if fit.annealed_only else points.early_mask(fit.drop_early)
+    return early | (points.tokens < fit.min_tokens_per_param * points.params)
+
+
+def check_design(points: Points, law: str = "chinchilla", drop_early: float = 0.1,
+                 min_tokens_per_param: float = 1.0) -> None:
+    """Refuse planned points (say, a sweep's, before it trains) that could not pin `law` down:
+    the same check a fit makes, made before any compute is spent."""
+    spec = _law(law)
+    spec.check(_fitted(points, spec, drop_early, min_tokens_per_param)[0])
+
+
+def _raw_fit(train: Points, law: _Law, delta: float, fpt, start=None
+             ) -> tuple[dict, float, bool, list]:
+    """(params, objective, converged, IsoFLOP budgets) of `law` on `train`."""
+    law.check(train)
+    if law.inputs is None:
+        return _isoflop(train, fpt)
+    return *_power_fit(train, law, delta, start), []
+
+
+def _residuals(law: _Law, params: Mapping, points: Points) -> np.ndarray:
+    return np.log(law.loss(params, points.params, points.tokens, points.flops) / points.loss)
+
+
+def fit(points: Points, law: str = "chinchilla", **options) -> Fit:
+    """Fit ``law`` to ``points``: see `_fit` for the options. Its many small linear-algebra
+    calls run on one BLAS thread: threads of their own, spinning for work this small, made
+    them ten times slower on a busy machine."""
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        return _fit(points, law, **options)
+
+
+def _fit(points: Points, law: str = "chinchilla", *,
+         holdout: str | Collection[str] | None = None, holdout_above: float | None = None,
+         bootstrap: int = 0, drop_early: float = 0.1, min_tokens_per_param: float = 1.0,
+         loss: str = "huber", huber_delta: float | None = None, seed: int = 0) -> Fit:
+    """Fit ``law`` to ``points``.
+
+    drop_early: drop points trained on less than this fraction of their run's final tokens
+        (points marked annealed are used instead, when there are any).
+    min_tokens_per_param: drop points of models that have seen fewer tokens than this many
+        per parameter: the transient of early training, not the law.
+    holdout: None, "largest" (the run(s) with the largest final compute) or run ids; with
+        holdout_above, the runs with more final FLOPs than that too. They are left out and
+        their final losses predicted (ARE).
+    bootstrap: refits on runs resampled with replacement, for 95% intervals (seeded by seed).
+    loss: "huber" on log L, its delta set from the noise unless huber_delta is given; "lsq".
+    """
+    spec = _law(law)
+    if not 0 <= drop_early < 1:
+        raise FitError(f"drop_early={drop_early}; expected a fraction in [0, 1)")
+    if bootstrap < 0:
+        raise FitError(f"bootstrap={bootstrap}; expected a number of refits >= 0")
+    if loss not in ("huber", "lsq"):
+        raise FitError(f"loss={loss!r}; expected huber or lsq")
+    held = _holdout_runs(points, holdout, holdout_above)
+    if held.size and spec.loss is None:
+        raise FitError(f"holdout needs a law that predicts loss "
+                       f"({', '.join(LOSS_LAWS)}), not {law}")
+    rest = points.select(~np.isin(points.run, held))
+    train, annealed = _fitted(rest, spec, drop_early, min_tokens_per_param)
+    if not len(train):
+        raise FitError(f"no point is left to fit: of {len(rest)}, every one is early "
+                       f"(drop_early={drop_early}) or has fewer than min_tokens_per_param="
+                       f"{min_tokens_per_param} tokens per parameter; lower them")
+    fpt = flops_per_token(train)
+    finals = train.select(train.final_mask())
+    noise = seed_noise(finals)
+    delta = math.inf if loss == "lsq" else huber_delta
+    if delta is None:  # from the noise: measured across seeds, else in a least-squares fit
+        if noise is None and spec.inputs is not None:
+            lsq = _raw_fit(train, spec, math.inf, fpt)[0]
+            noise = residual_noise(_residuals(spec, lsq, finals), len(spec.names))
+        delta = HUBER_K * noise.sigma if noise else math.inf
+    params, objective, converged, budgets = _raw_fit(train, spec, delta, fpt)
+    if noise is None and spec.loss is not None:
+        noise = residual_noise(_residuals(spec, params, finals), len(spec.names))
+    result = Fit(law=law, params=params, objective=objective, converged=converged,
+                 n_points=len(train), n_runs=len(np.unique(train.run)),
+                 points_dropped=len(rest) - len(train), drop_early=drop_early,
+                 allocation=Allocation(False), loss="huber" if math.isfinite(delta) else "lsq",
+                 huber_delta=float(delta) if math.isfinite(delta) else None, noise=noise,
+                 flops_per_token=fpt, annealed_only=annealed,
+                 min_tokens_per_param=min_tokens_per_param,
+                 max_fit_flops=float(train.flops.max()), budgets=tuple(budgets))
+    if spec.inputs is not None and not bootstrap:
+        result = replace(result, laplace=_laplace(train, spec, delta, params))
+    if bootstrap:
+        boot = _bootstrap(train, spec, delta, fpt, params, bootstrap, seed)
+        result = replace(result, bootstrap=boot, intervals={
+            k: tuple(np.percentile(v, [2.5, 97.5]).tolist())
+            for k, v in boot.samples.items() if v})
+    if spec.loss is not None:
+        result = replace(result, outliers=_outliers(result, spec, train),
+                         identifiability=_identifiability(result, spec, train, delta))
+    result = replace(result, allocation=_allocation(result))
+    if held.size:
+        result = score(result, points, held)
+    return replace(result, warnings=tuple(_warnings(result, train)))
+
+
+def _bootstrap(train: Points, law: _Law, delta: float, fpt, start: dict, n: int,
+               seed: int) -> Bootstrap:
+    """Refit on ``n`` resamples of whole runs, each from the grid of starts and the point
+    estimate, whichever is better; failed and unconverged refits are counted and left out."""
     rng = np.random.default_rng(seed)
     draws, failed, not_converged = [], 0, 0
     for _ in range(n):
         try:
-            params, diagnostics = law.fit(points.select(resample_runs(points.run, rng)), start)
-        except ValueError:  # a resample can lack enough distinct sizes to pin the law down
+            params, _, converged, _ = _raw_fit(train.select(resample_runs(train.run, rng)),
+                                               law, delta, fpt, start)
+        except (FitError, ArithmeticError):  # too few distinct sizes, or nothing to fit
             failed += 1
             continue
-        draws.append(params)
-        not_converged += not diagnostics["converged"]
+        if converged:
+            draws.append(params)
+        else:
+            not_converged += 1
     return Bootstrap(n, seed, failed, not_converged, {k: [d[k] for d in draws] for k in law.names})
 
 
-def _evaluate(fit: Fit, quantities: Callable[[dict], dict]) -> tuple[dict, dict]:
-    """Quantities at the point estimate, and their 95% intervals over the bootstrap samples.
-
-    ``quantities`` maps law parameters to arrays over 1-D inputs; samples enter as (S, 1)
-    columns so that one call evaluates every sample at every input.
-    """
-    point = quantities(fit.params)
-    samples = fit.bootstrap.samples if fit.bootstrap else {}
-    if not samples or not len(next(iter(samples.values()))):
-        return point, {}
-    with np.errstate(over="ignore", invalid="ignore"):  # a wild resample may overflow: ignore it
-        draws = quantities({k: np.asarray(v, dtype=float)[:, None] for k, v in samples.items()})
-    return point, {k: np.nanpercentile(v, [2.5, 97.5], axis=0) for k, v in draws.items()}
-
-
-def _points_loss(fit: Fit, points: Points) -> tuple[dict, dict]:
-    law = _law(fit.law)
-    if law.loss is None:
-        raise FitError(f"an {fit.law} fit predicts no loss; use chinchilla or kaplan")
-    # Each point's own FLOPs (not 6ND), so that kaplan sees the compute actually spent.
-    return _evaluate(fit, lambda p: {"loss": law.loss(p, points.params, points.tokens,
-                                                      points.flops)})
-
-
-def predicted_loss(fit: Fit, points: Points) -> np.ndarray:
-    """The law's loss at each point (point estimate)."""
-    return _points_loss(fit, points)[0]["loss"]
+def _laplace(train: Points, law: _Law, delta: float, params: dict) -> Laplace:
+    """theta ~ N(theta_hat, H^-1 M H^-1): H the Gauss-Newton curvature of the robust objective,
+    M the spread of its gradient summed run by run. Parameters at a bound are held there."""
+    p, mu = _problem(law.inputs(train), train.loss, delta)
+    theta = _centre(law.to_theta(params), mu)
+    t = p.terms(theta)
+    pred = theta[0] + t.sum(-1)
+    jac = np.column_stack([np.ones_like(pred), t, -t * p.xc]) / pred[:, None]  # d r / d theta
+    r = np.log(pred) - p.y
+    free = np.array([lo < x < hi for x, (lo, hi) in zip(theta, p.bounds())])
+    jac = jac[:, free]
+    inside = (np.abs(r) <= p.delta).astype(float)  # Huber's second derivative
+    h = jac.T @ (inside[:, None] * jac)
+    _, cluster = np.unique(train.run, return_inverse=True)
+    scores = np.zeros((cluster.max() + 1, jac.shape[1]))
+    np.add.at(scores, cluster, p.psi(r)[:, None] * jac)
+    h_inv = np.linalg.pinv(h)
+    cov = np.zeros((len(theta), len(theta)))
+    cov[np.ix_(free, free)] = h_inv @ (scores.T @ scores) @ h_inv
+    k = p.k
+    m = np.eye(len(theta))  # uncentring: a_j += alpha_j mu_j
+    m[1:k + 1, k + 1:] = np.diag(mu)
+    return Laplace(tuple(_uncentre(theta, mu).tolist()), tuple(map(tuple, (m @ cov @ m.T).tolist())))
 
 
-def _allocation(fit: Fit, law: _Law, max_flops: float) -> Allocation:
+def _outliers(fit: Fit, law: _Law, train: Points) -> tuple[str, ...]:
+    """Runs with a point more than 3 noise sigmas off the law (they weigh little under Huber,
+    but a reader should see them)."""
+    r = _residuals(law, fit.params, train)
+    far = np.abs(r) > 3 * max(fit.noise.sigma, 1e-12)
+    return tuple(sorted(set(train.run[far].tolist())))
+
+
+def _identifiability(fit: Fit, law: _Law, train: Points, delta: float) -> Identifiability:
+    """The objective profiled over E in [0, lowest loss), the other parameters refitted at
+    each E from their neighbour's optimum; the E whose deviance from the best stays under the
+    95% chi-squared cut, each run's points counted as one observation (points of one run are
+    correlated). The cut's crossings are found by bisection between the grid's points."""
+    p, mu = _problem(law.inputs(train), train.loss, delta)
+    best = _centre(law.to_theta(fit.params), mu)
+    cut = CHI2_95 * max(fit.noise.sigma, 1e-6) ** 2 / 2 * len(train) / len(np.unique(train.run))
+    profile: dict[float, tuple[float, np.ndarray]] = {fit.params["E"]: (fit.objective, best)}
+
+    def at(e: float, near: float) -> float:  # the profile at E = e, started from E = near's
+        res = _descend(p, np.r_[e, profile[near][1][1:]], p.bounds(e), ftol=1e-10)
+        profile[e] = (float(res.fun * p.scale), res.x)
+        return profile[e][0]
+
+    ends = []
+    for side in (np.linspace(fit.params["E"], p.e_max, 6)[1:],
+                 np.linspace(fit.params["E"], 0.0, 6)[1:]):  # outwards from the optimum
+        inside = fit.params["E"]
+        for e in side:
+            if at(e, inside) - fit.objective > cut:
+                for _ in range(4):  # the crossing, between the last E inside and e
+                    mid = (inside + e) / 2
+                    inside, e = (mid, e) if at(mid, inside) - fit.objective <= cut else (inside, mid)
+                break
+            inside = e
+        ends.append(inside)
+    allowed = (float(min(ends)), float(max(ends)))
+    grid = sorted(profile)
+    laws = tuple(law.from_theta(_uncentre(profile[e][1], mu)) for e in grid
+                 if allowed[0] <= e <= allowed[1])
+    # Not identified: the data cannot tell the law from a pure power law (E = 0), or allow
+    # E over half its range.
+    identified = allowed[0] > 0 and allowed[1] - allowed[0] < E_FLAT * p.e_max
+    return Identifiability(tuple(grid), tuple(profile[e][0] for e in grid), allowed,
+                           identified, laws)
+
+
+def _allocation(fit: Fit) -> Allocation:
     """N_opt = coef * C^exponent for params and tokens, with examples from the data's largest
     compute decade upwards."""
-    if law.allocation is None:
+    coefs = _allocation_coefs(fit.law, fit.params, fit.flops_per_token)
+    if coefs is None:
         return Allocation(False, "loss against compute alone does not say how to split it into "
                                  "N and D")
-    k_n, a, k_d, b = map(float, law.allocation(fit.params))
-    decade = math.ceil(math.log10(max_flops))
+    k_n, a, k_d, b = map(float, coefs)
+    decade = math.ceil(math.log10(fit.max_fit_flops))
     examples = predict(fit, flops=10.0 ** np.arange(decade, decade + 4))
     keys = [k for k in ("flops", "params", "tokens", "loss") if k in examples]
     return Allocation(True, params={"coef": k_n, "exponent": a},
@@ -680,85 +1060,131 @@ def _allocation(fit: Fit, law: _Law, max_flops: float) -> Allocation:
                       examples=tuple(dict(zip(keys, v)) for v in zip(*(examples[k] for k in keys))))
 
 
-def _holdout(fit: Fit, points: Points, held: np.ndarray) -> tuple[tuple[HeldOut, ...], float]:
-    """Each held-out run's final loss against the law's prediction, and their mean ARE."""
-    final = points.select(points.final_mask() & np.isin(points.run, held))
-    point, intervals = _points_loss(fit, final)
-    are = np.abs(point["loss"] - final.loss) / final.loss
-    bounds = list(zip(*intervals["loss"])) if intervals else [None] * len(final)
-    runs = tuple(HeldOut(str(r), float(n), float(d), float(c), float(l), float(p), float(e),
-                         None if i is None else (float(i[0]), float(i[1])))
-                 for r, n, d, c, l, p, e, i in zip(final.run, final.params, final.tokens,
-                                                    final.flops, final.loss, point["loss"], are,
-                                                    bounds))
-    return runs, float(are.mean())
+# ----------------------------------------------------------------------------- predictions
 
 
-def _fitted(points: Points, law: _Law, drop_early: float) -> Points:
-    """The points a fit uses: no early ones; for finals-only laws, each run's last."""
-    kept = points.select(~points.early_mask(drop_early))
-    return kept.select(kept.final_mask()) if law.finals_only else kept
+def _draws(fit: Fit) -> dict[str, np.ndarray] | None:
+    """The law's parameters [S] in each converged bootstrap refit, or drawn from its Laplace
+    approximation; None when it has neither."""
+    law = _law(fit.law)
+    if fit.bootstrap and fit.bootstrap.samples[law.names[0]]:
+        return {k: np.asarray(v, dtype=float) for k, v in fit.bootstrap.samples.items()}
+    if fit.laplace is None:
+        return None
+    thetas = np.random.default_rng(0).multivariate_normal(
+        fit.laplace.mean, fit.laplace.cov, size=LAPLACE_DRAWS, method="eigh")
+    k = (thetas.shape[1] - 1) // 2
+    thetas[:, 0] = np.maximum(thetas[:, 0], 0.0)  # E >= 0
+    thetas[:, k + 1:] = np.maximum(thetas[:, k + 1:], 1e-9)  # exponents > 0
+    return law.from_theta(thetas.T)
 
 
-def check_design(points: Points, law: str = "chinchilla", drop_early: float = 0.1) -> None:
-    """Refuse planned points (say, a sweep's, before it trains) that could not pin `law` down:
-    the same check a fit makes, made before any compute is spent."""
-    spec = _law(law)
-    spec.check(_fitted(points, spec, drop_early))
+def _law_losses(fit: Fit, n, d, c) -> tuple[np.ndarray, np.ndarray | None]:
+    """The law's loss at (N, D, C) [m], and in each of its draws [S, m] (None without)."""
+    law = _law(fit.law)
+    point = np.asarray(law.loss(fit.params, n, d, c), dtype=float)
+    draws = _draws(fit)
+    if draws is None:
+        return point, None
+    with np.errstate(over="ignore", invalid="ignore"):  # a wild draw may overflow: dropped
+        losses = np.asarray(law.loss({k: v[:, None] for k, v in draws.items()}, n, d, c),
+                            dtype=float)
+    return point, losses[np.all(np.isfinite(losses), axis=1)]
 
 
-def fit(points: Points, law: str = "chinchilla", *, holdout: str | Collection[str] | None = None,
-        bootstrap: int = 0, drop_early: float = 0.1, seed: int = 0) -> Fit:
-    """Fit ``law`` to ``points``.
+def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
+    """95% intervals [m, 2] for the final loss of an actual run: the law's uncertainty (its
+    bootstrap draws) and the run's own noise (Student t with the noise's degrees of freedom),
+    combined in log space."""
+    law = np.log(point)[None] if draws is None or not len(draws) else np.log(draws)
+    rng = np.random.default_rng(0)
+    reps = max(1, 20_000 // len(law))
+    noise = fit.noise.sigma * rng.standard_t(fit.noise.df, size=(len(law) * reps, 1))
+    total = np.repeat(law, reps, axis=0) + noise
+    return np.exp(np.percentile(total, [2.5, 97.5], axis=0)).T
 
-    drop_early: drop points trained on less than this fraction of their run's final tokens.
-    holdout: None, "largest" (the run(s) with the largest final compute) or run ids; these are
-        left out and their final losses predicted (ARE). bootstrap: number of refits on runs
-        resampled with replacement, giving 95% percentile intervals (seeded by ``seed``).
-    """
-    spec = _law(law)
-    if not 0 <= drop_early < 1:
-        raise FitError(f"drop_early={drop_early}; expected a fraction in [0, 1)")
-    if bootstrap < 0:
-        raise FitError(f"bootstrap={bootstrap}; expected a number of refits >= 0")
-    held = _holdout_runs(points, holdout)
-    if held.size and spec.loss is None:
-        raise FitError(f"holdout needs a law that predicts loss "
-                       f"({', '.join(LOSS_LAWS)}), not {law}")
-    early = points.early_mask(drop_early)
-    train = _fitted(points.select(~np.isin(points.run, held)), spec, drop_early)
-    params, diagnostics = spec.fit(train, None)
-    boot = _bootstrap(train, spec, params, bootstrap, seed) if bootstrap else None
-    intervals = {k: tuple(np.percentile(v, [2.5, 97.5]).tolist())
-                 for k, v in boot.samples.items()} if boot and boot.samples[spec.names[0]] else {}
-    result = Fit(law=law, params=params, objective=diagnostics["objective"],
-                 converged=diagnostics["converged"], n_points=len(train),
-                 n_runs=len(np.unique(train.run)), points_dropped=int(early.sum()),
-                 drop_early=drop_early, allocation=Allocation(False), bootstrap=boot,
-                 intervals=intervals, budgets=tuple(diagnostics.get("budgets", ())))
-    result = replace(result, allocation=_allocation(result, spec, train.flops.max()),
-                     warnings=tuple(_warnings(result, train)))
-    return score(result, points, held) if held.size else result
+
+def _run_flops(fit: Fit, n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The FLOPs of a run of N parameters on D tokens, by the points' FLOPs per token."""
+    return fit.flops_per_token["coef"] * n ** fit.flops_per_token["exponent"] * d
 
 
 def score(fit: Fit, points: Points, held: Collection[str]) -> Fit:
     """`fit` with the final losses of the runs `held` (left out of it) set against what it
-    predicted for them: their ARE."""
-    runs, are = _holdout(fit, points, np.asarray(sorted(held), dtype=str))
-    return replace(fit, holdout=runs, are=are)
+    predicts for them: their ARE, and whether each falls in its interval for an actual run."""
+    law = _law(fit.law)
+    if law.loss is None:
+        raise FitError(f"an {fit.law} fit predicts no loss; use chinchilla or kaplan")
+    final = points.select(points.final_mask() & np.isin(points.run, list(held)))
+    point, draws = _law_losses(fit, final.params, final.tokens, final.flops)
+    runs = _run_interval(fit, point, draws)
+    laws = np.percentile(draws, [2.5, 97.5], axis=0).T if draws is not None and len(draws) \
+        else [None] * len(final)
+    are = np.abs(point - final.loss) / final.loss
+    ratio = final.flops / fit.max_fit_flops
+    held_out = tuple(HeldOut(str(r), float(n), float(d), float(c), float(q), float(p), float(l),
+                             float(e), (float(i[0]), float(i[1])),
+                             None if w is None else (float(w[0]), float(w[1])))
+                     for r, n, d, c, q, p, l, e, i, w in zip(
+                         final.run, final.params, final.tokens, final.flops, ratio, point,
+                         final.loss, are, runs, laws))
+    return replace(fit, holdout=held_out, are=float(are.mean()))
+
+
+def predicted_loss(fit: Fit, points: Points) -> np.ndarray:
+    """The law's loss at each point (point estimate)."""
+    law = _law(fit.law)
+    if law.loss is None:
+        raise FitError(f"an {fit.law} fit predicts no loss; use chinchilla or kaplan")
+    return np.asarray(law.loss(fit.params, points.params, points.tokens, points.flops), float)
+
+
+def held_out_range(fit: Fit, run: HeldOut) -> tuple[float, float] | None:
+    """How far the prediction for `run` moves across the E the data allow."""
+    ident = fit.identifiability
+    if not ident or not ident.laws:
+        return None
+    law = _law(fit.law)
+    losses = [float(law.loss(p, run.params, run.tokens, run.flops)) for p in ident.laws]
+    return min(losses), max(losses)
 
 
 def _warnings(fit: Fit, train: Points) -> list[str]:
-    """What makes a converged fit untrustworthy for extrapolation."""
+    """What makes a fit untrustworthy for extrapolation, each with what to do about it."""
     out = []
-    if "E" in fit.params and fit.params["E"] < 1e-3 * train.loss.min():
-        out.append("E ~ 0: the points do not pin down the irreducible loss, so the law is a pure "
-                   "power law that keeps falling; extrapolations will overshoot. Add model sizes "
-                   "or token budgets, or seeds to average the runs' noise")
+    if not fit.converged:
+        out.append("the optimiser did not meet its tolerance; the fit may not be the best one")
+    need = {"chinchilla": ("params", "tokens"), "kaplan": ("flops",)}.get(fit.law, ("params",))
+    few = [f"{len(np.unique(getattr(train, k)))} distinct {_NOUNS[k]}" for k in need
+           if len(np.unique(getattr(train, k))) < 4]
+    if few:
+        out.append(f"only {' and '.join(few)}: fewer than 4 cannot test the law's shape; add "
+                   "sizes or budgets")
+    ident = fit.identifiability
+    if ident and not ident.identified:
+        moves = [f"{r.run}: {lo:.4g}..{hi:.4g}" for r in fit.holdout
+                 if (span := held_out_range(fit, r)) for lo, hi in [span]]
+        out.append(f"E is not identified: the fit is as good, within the noise, for E from "
+                   f"{ident.allowed[0]:.3g} to {ident.allowed[1]:.3g}"
+                   + (f"; held-out predictions across that range: {'; '.join(moves)}" if moves
+                      else "") + ". Add model sizes or budgets over a wider range, or seeds")
+    span = np.log10(train.flops.max() / train.flops.min())
+    for r in fit.holdout:
+        if np.log10(r.compute_ratio) > max(span, 1.0):
+            out.append(f"{r.run} uses {r.compute_ratio:.0f}x the largest fitting run's compute, "
+                       f"farther than the fitted points span ({10 ** span:.0f}x): trust its "
+                       "prediction less")
+    for b in fit.budgets:
+        if not b.inside:
+            out.append(f"the IsoFLOP minimum at C={b.flops:.3g} lies outside the sizes tried; "
+                       "add sizes on its far side")
+    if fit.bootstrap and (bad := fit.bootstrap.failed + fit.bootstrap.not_converged):
+        out.append(f"{bad} of {fit.bootstrap.n} bootstrap refits failed or did not converge and "
+                   "are left out of the intervals")
+    if fit.outliers:
+        out.append(f"{len(fit.outliers)} run(s) lie more than 3 noise sigmas off the law: "
+                   f"{', '.join(fit.outliers[:5])}{' ...' if len(fit.outliers) > 5 else ''}")
     return out
-
-
-# ----------------------------------------------------------------------------- predict
 
 
 def _positive_array(value: Any, name: str) -> np.ndarray:
@@ -769,44 +1195,67 @@ def _positive_array(value: Any, name: str) -> np.ndarray:
 
 
 def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
-    """Evaluate a fit: ``params`` and ``tokens`` give the loss (kaplan: at C = 6ND); ``flops``
-    alone gives the compute-optimal N and D and the loss there, as far as the law determines
-    them. Scalars give floats, sequences give lists; ``intervals`` holds 95% bounds when the fit
-    was bootstrapped."""
-    name = fit.law
-    law = _law(name)
+    """Evaluate a fit. ``params`` and ``tokens`` give the loss of such a run (at ``flops``
+    when given: a run's exact compute, which kaplan's L(C) needs; else the points' FLOPs per
+    token); ``flops`` alone gives the compute-optimal N and D and the loss there, as far as the
+    law determines them. Scalars give floats, sequences give lists. ``intervals`` holds the
+    law's 95% bounds when the fit was bootstrapped; ``run_interval`` a 95% interval for the
+    loss of an actual run, which adds the run's own noise."""
+    law = _law(fit.law)
     query = {"params": params, "tokens": tokens, "flops": flops}
     given = [k for k, v in query.items() if v is not None]
-    if given == ["params", "tokens"]:
+    if {"params", "tokens"} <= set(given):
         if law.loss is None:
-            raise FitError(f"an {name} fit gives the compute-optimal allocation, not a loss; "
+            raise FitError(f"an {fit.law} fit gives the compute-optimal allocation, not a loss; "
                            "call predict with flops= alone")
         n, d = np.broadcast_arrays(_positive_array(params, "params"),
                                    _positive_array(tokens, "tokens"))
-        inputs = {"params": n, "tokens": d, "flops": 6 * n * d}
-        quantities = lambda p: {"loss": law.loss(p, n, d, 6 * n * d)}  # noqa: E731
+        c = _run_flops(fit, n, d) if flops is None else np.broadcast_to(
+            _positive_array(flops, "flops"), n.shape)
+        inputs = {"params": n, "tokens": d, "flops": c}
     elif given == ["flops"]:
         c = _positive_array(flops, "flops")
+        coefs = _allocation_coefs(fit.law, fit.params, fit.flops_per_token)
         inputs = {"flops": c}
-
-        def quantities(p):
-            out = {}
-            if law.allocation is not None:
-                k_n, a, k_d, b = law.allocation(p)
-                out = {"params": k_n * c ** a, "tokens": k_d * c ** b}
-            if law.loss is not None:
-                out["loss"] = law.loss(p, out.get("params"), out.get("tokens"), c)
-            return out
+        if coefs is not None:
+            k_n, a, k_d, b = coefs
+            inputs |= {"params": k_n * c ** a, "tokens": k_d * c ** b}
+        n, d = inputs.get("params"), inputs.get("tokens")
     else:
         raise FitError(f"predict needs params and tokens (for the loss) or flops alone (for the "
                        f"compute-optimal allocation); got {', '.join(given) or 'none of them'}")
-    point, intervals = _evaluate(fit, quantities)
+    out, intervals = dict(inputs), {}
+    if law.loss is not None:
+        point, draws = _law_losses(fit, n, d, c)
+        out["loss"] = point
+        if draws is not None and len(draws):
+            intervals["loss"] = np.percentile(draws, [2.5, 97.5], axis=0)
+        if fit.noise:
+            out["run_interval"] = _run_interval(fit, point, draws).T
+    if given == ["flops"]:
+        for k, v in _allocation_draws(fit, c).items():
+            intervals[k] = np.percentile(v, [2.5, 97.5], axis=0)
     scalar = all(np.ndim(query[k]) == 0 for k in given)
-    plain = (lambda x: float(x[0])) if scalar else (lambda x: np.asarray(x, dtype=float).tolist())
-    out = {"law": name, "given": given, **{k: plain(v) for k, v in {**inputs, **point}.items()}}
+    plain = (lambda x: float(np.asarray(x).reshape(-1)[0])) if scalar else \
+        (lambda x: np.asarray(x, dtype=float).tolist())
+    result = {"law": fit.law, "given": given,
+              **{k: plain(v) for k, v in out.items() if k != "run_interval"}}
     if intervals:
-        out["intervals"] = {k: [plain(lo), plain(hi)] for k, (lo, hi) in intervals.items()}
-    return out
+        result["intervals"] = {k: [plain(lo), plain(hi)] for k, (lo, hi) in intervals.items()}
+    if "run_interval" in out:
+        result["run_interval"] = [plain(out["run_interval"][0]), plain(out["run_interval"][1])]
+    return result
+
+
+def _allocation_draws(fit: Fit, c: np.ndarray) -> dict[str, np.ndarray]:
+    """N_opt and D_opt at compute `c` in each of the law's draws [S, m]."""
+    draws = _draws(fit)
+    if draws is None or _allocation_coefs(fit.law, fit.params, fit.flops_per_token) is None:
+        return {}
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        k_n, a, k_d, b = (np.asarray(x, dtype=float)[:, None] for x in _allocation_coefs(
+            fit.law, draws, fit.flops_per_token))
+        return {"params": k_n * c ** a, "tokens": k_d * c ** b}
 
 
 # ----------------------------------------------------------------------------- text
@@ -816,17 +1265,27 @@ def format_fit(fit: Fit) -> str:
     """A few lines for the terminal."""
     law = _law(fit.law)
     status = "converged" if fit.converged else "NOT CONVERGED"
+    used = "annealed ends of runs" if fit.annealed_only else (
+        f"{fit.points_dropped} points dropped (early or under-trained)")
+    robust = ("least squares" if fit.loss == "lsq" else f"Huber delta {fit.huber_delta:.3g}")
     lines = [f"{fit.law} fit: {law.formula}",
-             f"  {fit.n_points} points from {fit.n_runs} runs ({fit.points_dropped} early "
-             f"points dropped); objective {fit.objective:.6g}, {status}"]
+             f"  {fit.n_points} points from {fit.n_runs} runs ({used}); {robust} on log L; "
+             f"objective {fit.objective:.6g}, {status}"]
+    if fit.noise:
+        lines.append(f"  run-to-run noise {fit.noise.sigma:.2%} of the loss (from "
+                     f"{fit.noise.source}, {fit.noise.df} degrees of freedom)")
     for k in law.names:
         interval = (f" 95% [{fit.intervals[k][0]:.4g}, {fit.intervals[k][1]:.4g}]"
                     if k in fit.intervals else "")
         lines.append(f"  {k:<6} {fit.params[k]:<10.5g}{interval}".rstrip())
+    if fit.identifiability:
+        i = fit.identifiability
+        lines.append(f"  E the data allow: [{i.allowed[0]:.4g}, {i.allowed[1]:.4g}] "
+                     f"({'identified' if i.identified else 'NOT identified'})")
     if fit.bootstrap:
         b = fit.bootstrap
-        lines.append(f"  intervals from {b.n - b.failed} bootstrap refits over runs "
-                     f"({b.failed} failed, {b.not_converged} not converged)")
+        lines.append(f"  intervals from {b.n - b.failed - b.not_converged} bootstrap refits over "
+                     f"runs ({b.failed} failed, {b.not_converged} not converged, left out)")
     for m in fit.budgets:
         outside = "" if m.inside else ", minimum outside the sizes tried"
         lines.append(f"  budget C={m.flops:.3g}: N_opt={m.params:.3g}, D_opt={m.tokens:.3g}, "
@@ -835,7 +1294,9 @@ def format_fit(fit: Fit) -> str:
     if alloc.determined:
         n, d = alloc.params, alloc.tokens
         lines.append(f"  compute-optimal: N_opt = {n['coef']:.4g} C^{n['exponent']:.4f}, "
-                     f"D_opt = {d['coef']:.4g} C^{d['exponent']:.4f}")
+                     f"D_opt = {d['coef']:.4g} C^{d['exponent']:.4f} (C in FLOPs, "
+                     f"{fit.flops_per_token['coef']:.3g} N^{fit.flops_per_token['exponent']:.3f} "
+                     "per token)")
         lines += [f"    C={e['flops']:.0e}: N={e['params']:.3g}, D={e['tokens']:.3g}"
                   + (f", L={e['loss']:.4g}" if "loss" in e else "") for e in alloc.examples]
     else:
@@ -843,8 +1304,10 @@ def format_fit(fit: Fit) -> str:
     lines += [f"  WARNING {w}" for w in fit.warnings]
     if fit.holdout:
         lines.append(f"  held-out ARE {fit.are:.2%} (mean over {len(fit.holdout)} runs)")
-        lines += [f"    run {r.run}: predicted {r.predicted:.4g}, actual {r.loss:.4g}, "
-                  f"ARE {r.are:.2%}" for r in fit.holdout]
+        lines += [f"    run {r.run} ({r.compute_ratio:.1f}x the largest fitting run): predicted "
+                  f"{r.predicted:.4g}" + (f" [{r.interval[0]:.4g}, {r.interval[1]:.4g}]"
+                                          if r.interval else "")
+                  + f", actual {r.loss:.4g}, ARE {r.are:.2%}" for r in fit.holdout]
     return "\n".join(lines)
 
 
@@ -854,6 +1317,7 @@ def format_prediction(pred: Mapping) -> str:
     values = {k: column(pred[k]) for k in ("params", "tokens", "flops", "loss") if k in pred}
     bounds = {k: list(zip(column(lo), column(hi)))
               for k, (lo, hi) in pred.get("intervals", {}).items()}
+    runs = list(zip(*map(column, pred["run_interval"]))) if "run_interval" in pred else None
 
     def show(k, i):
         interval = f" [{bounds[k][i][0]:.4g}, {bounds[k][i][1]:.4g}]" if k in bounds else ""
@@ -863,4 +1327,5 @@ def format_prediction(pred: Mapping) -> str:
     outputs = [k for k in values if k not in pred["given"]]
     return "\n".join(f"{pred['law']}: {' '.join(show(k, i) for k in inputs)} -> "
                      f"{' '.join(show(k, i) for k in outputs)}"
+                     + (f"; an actual run: [{runs[i][0]:.4g}, {runs[i][1]:.4g}]" if runs else "")
                      for i in range(len(values[inputs[0]])))

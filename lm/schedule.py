@@ -23,3 +23,9 @@ def learning_rate(o: OptimConfig, steps: int, step: int) -> float:
     if o.schedule == "linear":
         return o.lr - (o.lr - floor) * progress
     return o.lr
+
+
+def annealed(o: OptimConfig, steps: int, step: int) -> bool:
+    """Whether step `step` of a run of `steps` ends a decay of the learning rate, so that its
+    loss is the loss a run of that length reaches (a point a scaling law can use as it is)."""
+    return step == steps and o.schedule != "constant" and o.final_lr_ratio < 1

@@ -14,7 +14,7 @@ from typing import Literal
 
 import yaml
 
-from lm import config as config_lib, flops, rundir, scaling
+from lm import config as config_lib, flops, rundir, scaling, schedule
 from lm.config import Config
 from lm.errors import ConfigError
 
@@ -45,9 +45,11 @@ class HoldoutSpec:
 @dataclasses.dataclass(frozen=True)
 class FitSpec:
     law: Literal["chinchilla", "kaplan", "isoflop"] = "chinchilla"
-    drop_early: float = 0.1
+    drop_early: float = 0.1  # of each learning curve; annealed points (run ends) need none
     bootstrap: int = 100
     params: Literal["total", "non_embedding"] = "total"
+    metric: str = "val"  # the validation set whose loss is fitted (data.val_sets names more)
+    min_tokens_per_param: float = 1.0  # points of models that saw fewer are not fitted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,11 +184,15 @@ def plan(spec: SweepSpec) -> list[Trial]:
                 "or holdout.size")
     names = [t.name for t in trials]
     duplicates = sorted({n for n in names if names.count(n) > 1})
+    sets = trials[0].cfg.data.set_names
+    if spec.fit.metric not in sets:
+        raise ConfigError(f"fit.metric={spec.fit.metric!r} is not a validation set of the "
+                          f"trials; choose one of {sets} (data.val_sets names more)")
     if duplicates:
         raise ConfigError(f"the sweep repeats trials {duplicates}: sizes and budgets must differ")
     try:
         scaling.check_design(planned_points([t for t in trials if t.role == "fit"], spec),
-                             spec.fit.law, spec.fit.drop_early)
+                             spec.fit.law, spec.fit.drop_early, spec.fit.min_tokens_per_param)
     except ValueError as e:
         raise ConfigError(f"the sweep as planned cannot be fitted: {e}; add sizes or budgets")
     return trials
@@ -200,7 +206,8 @@ def planned_points(trials: list[Trial], spec: SweepSpec) -> scaling.Points:
         params = facts["params"] if spec.fit.params == "total" else facts["params_non_embedding"]
         for step in sorted(rundir.eval_steps(t.cfg) or {t.cfg.train.steps}):
             rows.append({"params": params, "tokens": step * per_step, "loss": 1.0, "run": t.name,
-                         "flops": step * per_step * facts["flops_per_token"], "step": step})
+                         "flops": step * per_step * facts["flops_per_token"], "step": step,
+                         "annealed": schedule.annealed(t.cfg.optim, t.cfg.train.steps, step)})
     return scaling.Points.from_rows(rows)
 
 

@@ -32,8 +32,13 @@ SQLITE = "store.sqlite"
 FINAL = ("done", "failed")  # a failed trial is final once it failed the same way MAX_FAILURES times
 MAX_FAILURES = 3
 
-# Version 1 (the first runner's) had `trials` and `points` without the columns marked v2.
-SCHEMA = """
+POINTS = """CREATE TABLE IF NOT EXISTS points (
+    trial TEXT NOT NULL REFERENCES trials(name), step INTEGER NOT NULL,
+    "set" TEXT NOT NULL DEFAULT 'val', tokens BIGINT, flops DOUBLE PRECISION,
+    train_loss DOUBLE PRECISION, val_loss DOUBLE PRECISION, val_loss_sem DOUBLE PRECISION,
+    bpb DOUBLE PRECISION, annealed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (trial, step, "set"))"""
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sweep (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
     name TEXT PRIMARY KEY, role TEXT NOT NULL, config TEXT NOT NULL,
@@ -41,18 +46,19 @@ CREATE TABLE IF NOT EXISTS trials (
     params BIGINT, params_non_embedding BIGINT, tokens BIGINT, flops_per_token DOUBLE PRECISION,
     flops DOUBLE PRECISION, flops_6nd DOUBLE PRECISION, wall_s DOUBLE PRECISION,
     updated DOUBLE PRECISION);
-CREATE TABLE IF NOT EXISTS points (
-    trial TEXT NOT NULL REFERENCES trials(name), step INTEGER NOT NULL, tokens BIGINT,
-    flops DOUBLE PRECISION, train_loss DOUBLE PRECISION, val_loss DOUBLE PRECISION,
-    val_loss_sem DOUBLE PRECISION, bpb DOUBLE PRECISION,
-    PRIMARY KEY (trial, step));
+{POINTS};
 CREATE TABLE IF NOT EXISTS prediction (
     id INTEGER PRIMARY KEY, made DOUBLE PRECISION NOT NULL, body TEXT NOT NULL);
 """
+# Version 1 (the first runner's) had no `sweep` or `prediction` table, and `trials` and
+# `points` without the columns below.
 V2_COLUMNS = {  # added to `trials` by the upgrade from version 1
     "worker": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0",
     "failures": "INTEGER NOT NULL DEFAULT 0", "heartbeat": "DOUBLE PRECISION",
     "timings": "TEXT"}
+# A version-1 `points` table lacks the validation set (named sets came later) and whether a
+# point ends a learning-rate decay; it is copied into the version-2 table.
+V1_POINTS = ("trial", "step", "tokens", "flops", "train_loss", "val_loss", "val_loss_sem", "bpb")
 
 
 def worker_name(pid: int | None = None) -> str:
@@ -180,9 +186,18 @@ class Store:
                 for column, kind in V2_COLUMNS.items():
                     if column not in have:
                         self.db.execute(f"ALTER TABLE trials ADD COLUMN {column} {kind}")
+                if "set" not in self.db.columns("points"):
+                    self._upgrade_points()
                 self._set("version", str(VERSION))
         except (sqlite3.DatabaseError, ValueError) as e:
             raise StoreError(self._not_a_store(str(e))) from None
+
+    def _upgrade_points(self) -> None:
+        columns = ", ".join(V1_POINTS)
+        self.db.execute("ALTER TABLE points RENAME TO points_v1")
+        self.db.execute(POINTS)
+        self.db.execute(f"INSERT INTO points ({columns}) SELECT {columns} FROM points_v1")
+        self.db.execute("DROP TABLE points_v1")
 
     def _not_a_store(self, why: str) -> str:
         return (f"{self.path} is not a sweep store ({why}); move it away and rebuild it from the "
@@ -280,10 +295,11 @@ class Store:
             self.db.execute("DELETE FROM points WHERE trial=?", (name,))
             for p in points:
                 self.db.execute(
-                    "INSERT INTO points (trial, step, tokens, flops, train_loss, val_loss, "
-                    "val_loss_sem, bpb) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, p["step"], p["tokens"], p["flops"], p["train_loss"], p["val_loss"],
-                     p["val_loss_sem"], p["bpb"]))
+                    'INSERT INTO points (trial, step, "set", tokens, flops, train_loss, '
+                    "val_loss, val_loss_sem, bpb, annealed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, p["step"], p.get("set", "val"), p["tokens"], p["flops"],
+                     p["train_loss"], p["val_loss"], p["val_loss_sem"], p["bpb"],
+                     int(p.get("annealed", False))))
             self.db.execute("UPDATE trials SET status='done', error=NULL, wall_s=?, timings=?, "
                             "updated=? WHERE name=?",
                             (wall_s, json.dumps(timings or {}), time.time(), name))
@@ -327,27 +343,35 @@ class Store:
     def trials(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM trials ORDER BY flops, name")]
 
-    def points(self, params: str = "total") -> list[dict]:
-        """Every evaluation of every finished trial, as rows for scaling.Points."""
+    def points(self, params: str = "total", metric: str = "val") -> list[dict]:
+        """Every evaluation on validation set `metric` of every finished trial, as rows for
+        scaling.Points."""
         column = "params" if params == "total" else "params_non_embedding"
         rows = self.db.execute(
             f"SELECT t.name AS run, t.role, t.{column} AS params, p.tokens, p.flops, "
-            "p.val_loss AS loss, p.step FROM points p JOIN trials t ON p.trial = t.name "
-            "WHERE t.status = 'done' ORDER BY t.name, p.step")
+            "p.val_loss AS loss, p.step, p.annealed FROM points p JOIN trials t ON "
+            "p.trial = t.name WHERE t.status = 'done' AND p.\"set\" = ? ORDER BY t.name, p.step",
+            (metric,))
         return [dict(r) for r in rows]
 
-    def points_of(self, params: str = "total", roles=("fit", "holdout"),
-                  names=None) -> scaling.Points:
+    def points_of(self, params: str = "total", roles=("fit", "holdout"), names=None,
+                  metric: str = "val") -> scaling.Points:
         """The points of the finished trials of `roles` (and of `names`, if given)."""
-        rows = [r for r in self.points(params)
+        rows = [r for r in self.points(params, metric)
                 if r["role"] in roles and (names is None or r["run"] in names)]
         if not rows:
-            raise StoreError(f"no finished {'/'.join(roles)} trials in {self.path} to fit")
+            raise StoreError(f"no finished {'/'.join(roles)} trials in {self.path} with "
+                             f"evaluations on {metric!r} to fit")
         return scaling.Points.from_rows(rows)
 
-    def last_losses(self) -> dict[str, float]:
-        """Each trial's latest validation loss."""
-        rows = self.db.execute("SELECT trial, val_loss FROM points ORDER BY step")
+    def sets(self) -> list[str]:
+        """The validation sets the store has evaluations on."""
+        return sorted(r["s"] for r in self.db.execute('SELECT DISTINCT "set" AS s FROM points'))
+
+    def last_losses(self, metric: str = "val") -> dict[str, float]:
+        """Each trial's latest loss on validation set `metric`."""
+        rows = self.db.execute('SELECT trial, val_loss FROM points WHERE "set" = ? ORDER BY step',
+                               (metric,))
         return {r["trial"]: r["val_loss"] for r in rows}
 
 
@@ -365,17 +389,21 @@ def _same_config(stored: str, cfg: Config) -> bool:
     return config_lib.replace(old, train={"run_dir": cfg.train.run_dir}) == cfg
 
 
-def load_points(source: str | Path, ignore_columns: bool = False
-                ) -> tuple[scaling.Points, list[str]]:
+def load_points(source: str | Path, ignore_columns: bool = False, metric: str = "val",
+                params: str = "total") -> tuple[scaling.Points, list[str]]:
     """Points from a sweep (directory, store file or PostgreSQL URL) or a CSV, and the
-    designated held-out runs (a sweep's `holdout` trials; none for a CSV)."""
+    designated held-out runs (a sweep's `holdout` trials; none for a CSV). A sweep's points are
+    its evaluations on validation set `metric`, with N counted as `params` (total or
+    non_embedding)."""
     source = str(source)
     if Path(source).is_dir():
         source = str(Path(source) / SQLITE)
     if not source.startswith("postgres") and not source.endswith(".sqlite"):
         return scaling.load_csv(source, ignore_columns), []
-    rows = Store(source, create=False).points()
+    store = Store(source, create=False)
+    rows = store.points(params, metric)
     if not rows:
-        raise StoreError(f"{source} holds no finished trials yet")
+        raise StoreError(f"{source} holds no finished trials with evaluations on {metric!r} "
+                         f"yet (its sets: {', '.join(store.sets()) or 'none'})")
     held = sorted({r["run"] for r in rows if r["role"] == "holdout"})
     return scaling.Points.from_rows(rows), held

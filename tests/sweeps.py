@@ -12,10 +12,11 @@ SIZES = [{"model.d_model": 16, "model.n_layers": 1, "model.n_heads": 2},
 
 def spec_file(tmp_path, **changes):
     spec = {"name": "t", "base": "tiny", "dir": str(tmp_path / "sweep"), "overrides": BASE,
-            "sizes": SIZES, "tokens": [8192], "recipe": {"eval_points": 6, "lr": 1e-2},
+            "sizes": SIZES, "tokens": [5120, 8192, 12288],
+            "recipe": {"eval_points": 6, "lr": 1e-2},
             "holdout": {"size": {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2},
-                        "tokens": 16384},
-            "fit": {"bootstrap": 5, "drop_early": 0.1}}
+                        "tokens": 32768},
+            "fit": {"bootstrap": 5, "drop_early": 0.1, "min_tokens_per_param": 0}}
     spec.update(changes)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))

@@ -26,13 +26,6 @@ def lm(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
-def sweep_spec(tmp_path, **changes):
-    return spec_file(tmp_path, **{"tokens": [5120, 8192, 12288],
-                                  "holdout": {"size": {"model.d_model": 64, "model.n_layers": 2,
-                                                       "model.n_heads": 2}, "tokens": 32768},
-                                  **changes})
-
-
 def final_losses(store_url) -> dict[str, float]:
     return Store(store_url).last_losses()
 
@@ -42,7 +35,7 @@ def finished(tmp_path_factory):
     """A sweep run to its end by one worker, after its runner was killed with SIGKILL once its
     first trial was done: (spec path, the second run's output)."""
     tmp_path = tmp_path_factory.mktemp("sweep")
-    path = sweep_spec(tmp_path, sizes=SIZES + [DIVERGES])
+    path = spec_file(tmp_path, sizes=SIZES + [DIVERGES])
     args = ["sweep", str(path), "--workers", "1", "--cpu-devices", "1"]
     first = subprocess.Popen([sys.executable, "-m", "lm.cli", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -83,15 +76,22 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
     fitting = [t.name for t in spec_lib.plan(spec_lib.load_spec(path)) if t.role == "fit"]
     assert registered["fitted_runs"] == sorted(set(fitting) - {n for n in fitting if "d24" in n})
     fit = json.loads((sweep_dir / "fit.json").read_text())
-    (held,) = registered["runs"].values()
-    assert held["loss"] == pytest.approx(fit["holdout"]["runs"][0]["predicted"], rel=1e-9)
+    (held,) = registered["runs"]
+    (scored,) = fit["holdout"]["runs"]
+    assert held["run"] == scored["run"] and held["loss"] is None and held["are"] is None
+    for key in ("params", "tokens", "flops", "compute_ratio", "predicted", "interval"):
+        assert held[key] == pytest.approx(scored[key], rel=1e-9), key
+    assert held["compute_ratio"] > 4 and held["flops_6nd"] < held["flops"]
+    lo, hi = held["interval"]
+    assert lo < held["predicted"] < hi and scored["loss"] > 0
     report = (sweep_dir / "report.md").read_text()
     for part in ("Held-out prediction (registered)", "Where the time went", "Study MFU",
                  "| steps |", "plots/holdout.png"):
         assert part in report, part
     assert "Refit after registration" not in report
     assert "held-out" in out.stdout and "ARE" in out.stdout
-    refit = lm("fit", str(sweep_dir), "--out", str(path.parent / "refit.json"))
+    refit = lm("fit", str(sweep_dir), "--out", str(path.parent / "refit.json"),
+               "--min-tokens-per-param", "0")
     assert refit.returncode == 0, refit.stderr
     assert json.loads((path.parent / "refit.json").read_text())["are"] == pytest.approx(fit["are"])
 
@@ -138,7 +138,7 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
     with psycopg.connect(postgres, autocommit=True) as con:
         con.execute("CREATE DATABASE shared")
     url = postgres.replace("/postgres?", "/shared?")
-    spec = sweep_spec(tmp_path)  # the same trials, without the one that fails
+    spec = spec_file(tmp_path)  # the same trials, without the one that fails
     args = ["sweep", str(spec), "--worker", "--store", url, "--cpu-devices", "1",
             "--stale-after", "6"]
     workers = [subprocess.Popen([sys.executable, "-m", "lm.cli", *args],
@@ -169,14 +169,14 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
 
 def test_bad_stores_fail_before_any_training(finished, postgres, tmp_path):
     path, _, _ = finished
-    spec = sweep_spec(tmp_path, name="other")
+    spec = spec_file(tmp_path, name="other")
     for url, message in [("postgresql://lm@127.0.0.1:1/postgres", "cannot reach the store"),
                          (postgres.replace("lm@", "intruder@"), "cannot reach the store"),
                          (str(path.parent / "sweep" / "store.sqlite"), "holds sweep 't'")]:
         out = lm("sweep", str(spec), "--store", url, "--cpu-devices", "1")
         assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
         assert not (tmp_path / "sweep" / "trials").exists()
-    other = sweep_spec(tmp_path, tokens=[5120, 8192, 16384])  # the same sweep, planned otherwise
+    other = spec_file(tmp_path, tokens=[5120, 8192, 16384])  # the same sweep, planned otherwise
     store_copy = tmp_path / "copy.sqlite"
     shutil.copy(path.parent / "sweep" / "store.sqlite", store_copy)
     Store(store_copy).db.execute("UPDATE sweep SET value='t' WHERE key='name'")

@@ -9,11 +9,11 @@ from sweeps import BASE, SIZES, spec_file
 
 
 def test_plan_applies_the_recipe(tmp_path):
-    spec = spec_lib.load_spec(spec_file(tmp_path, tokens=[8192, 16384],
+    spec = spec_lib.load_spec(spec_file(tmp_path, tokens=[8192, 16384, 24576],
                                      recipe={"lr": 1e-2, "lr_ref_width": 32, "lr_power": 1.0,
                                              "warmup_tokens_per_param": 0.5}))
     trials = spec_lib.plan(spec)
-    assert len(trials) == 7 and [t.role for t in trials].count("holdout") == 1
+    assert len(trials) == 10 and [t.role for t in trials].count("holdout") == 1
     by_width = {(t.cfg.model.d_model, t.cfg.train.steps): t for t in trials}
     assert by_width[16, 32].cfg.optim.lr == pytest.approx(2e-2)  # 1e-2 * 32/16
     assert by_width[48, 64].cfg.optim.lr == pytest.approx(1e-2 * 32 / 48)
@@ -26,9 +26,9 @@ def test_plan_applies_the_recipe(tmp_path):
 
 def test_a_held_out_run_may_be_a_small_size_trained_longer(tmp_path):
     trials = spec_lib.plan(spec_lib.load_spec(spec_file(
-        tmp_path, holdout={"size": SIZES[0], "tokens": 100_000})))
+        tmp_path, holdout={"size": SIZES[0], "tokens": 400_000})))
     (held,) = [t for t in trials if t.role == "holdout"]
-    assert held.cfg.model.d_model == 16 and held.facts()["tokens"] == pytest.approx(1e5, rel=0.01)
+    assert held.cfg.model.d_model == 16 and held.facts()["tokens"] == pytest.approx(4e5, rel=0.01)
     assert held.facts()["flops"] > max(t.facts()["flops"] for t in trials if t.role == "fit")
 
 
@@ -50,8 +50,8 @@ def test_isoflop_plan_spends_each_budget(tmp_path):
     ({"tokens": [8192], "isoflop": [1e10]}, "exactly one"),
     ({"sizes": SIZES[:2]}, "3 distinct model sizes"),
     ({"recipe": {"lr": 1e-2, "warmup": 3}}, "recipe.warmup"),
-    ({"overrides": {**BASE, "train.batch_size": 2**22}, "tokens": [2**22 * 32 * 25],
-      "holdout": {}}, "GiB"),
+    ({"overrides": {**BASE, "train.batch_size": 2**22},
+      "tokens": [2**22 * 32 * k for k in (25, 30, 35)], "holdout": {}}, "GiB"),
 ])
 def test_bad_specs_fail_before_any_compute(tmp_path, changes, message):
     path = spec_file(tmp_path, **changes)
