@@ -87,9 +87,11 @@ def _remove(path: Path, why: str, step: int | None = None) -> None:
 
 
 def kept(steps: list[int], cfg: CheckpointConfig) -> set[int]:
-    """The steps the policy keeps: the newest `keep`, and every `keep_every`-th."""
+    """The steps the policy keeps: the newest `keep`, every `keep_every`-th, and those of
+    `checkpoint.steps`."""
     steps = sorted(steps)
-    return set(steps[-cfg.keep:]) | {s for s in steps if cfg.keep_every and s % cfg.keep_every == 0}
+    return set(steps[-cfg.keep:]) | {s for s in steps if cfg.keep_every and s % cfg.keep_every == 0
+                                     or s in cfg.steps}
 
 
 def save(mngr: ocp.CheckpointManager, state: dict, meta: dict, cfg: CheckpointConfig) -> None:

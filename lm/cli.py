@@ -65,17 +65,20 @@ class _Progress(logging.Handler):
 @contextlib.contextmanager
 def _log_to_stderr():
     """While a command runs: lm's INFO records on stderr, and not again through the root
-    logger's handlers (orbax installs one when imported)."""
-    logger = logging.getLogger("lm")
-    handler, before = _Progress(), (logger.level, logger.propagate)
+    logger's handlers (orbax installs one when imported); of absl's (orbax's), errors only:
+    its warnings narrate routine reads ("Given directory is read only") that lm reports
+    itself."""
+    logger, absl = logging.getLogger("lm"), logging.getLogger("absl")
+    handler, before = _Progress(), (logger.level, logger.propagate, absl.level)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    absl.setLevel(logging.ERROR)
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.level, logger.propagate = before
+        logger.level, logger.propagate, absl.level = before
 
 
 # --------------------------------------------------------------------------- commands
@@ -170,21 +173,32 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lm import export
+
+    done = export.export_hf(args.run_dir, args.out, args.step, args.overrides, args.max_shard_gb)
+    tokenizer = "" if done["tokenizer"] else "; no tokenizer: the run trained on synthetic tokens"
+    print(f"exported step {done['step']} of {args.run_dir} ({done['parameters']:,} parameters) "
+          f"as {done['architecture']} to {done['out']}: {', '.join(done['files'])}{tokenizer}")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from lm import runner
 
+    spec, o = args.spec, args.overrides
     if args.plan:
-        print(runner.plan_text(args.spec, args.cpu_devices))
+        print(runner.plan_text(spec, args.cpu_devices, o))
     elif args.status:
-        rows = runner.status(args.spec, args.store)
-        print(json.dumps(rows) if args.json else runner.status_text(args.spec, args.store))
+        rows = runner.status(spec, args.store, o)
+        print(json.dumps(rows) if args.json else runner.status_text(spec, args.store, o))
     elif args.rebuild_store:
-        print(runner.rebuild_store(args.spec, args.store))
+        print(runner.rebuild_store(spec, args.store, o))
     elif args.worker:
-        runner.work(args.spec, args.store, args.stale_after)
+        runner.work(spec, args.store, args.stale_after, o)
     else:
-        runner.run(args.spec, workers=args.workers, cpu_devices=args.cpu_devices, url=args.store,
-                   stale_s=args.stale_after)
+        runner.run(spec, workers=args.workers, cpu_devices=args.cpu_devices, url=args.store,
+                   stale_s=args.stale_after, overrides=o)
     return 0
 
 
@@ -294,11 +308,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_at_least(float, 0), default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=_at_least(int, 0), default=0, help="0: the whole vocabulary")
     p.add_argument("--seed", type=int, default=0)
+    p = command("export", cmd_export, "write a checkpoint as a Hugging Face model directory "
+                "(safetensors, config.json, tokenizer) for transformers and lm-evaluation-harness",
+                first="run_dir")
+    p.add_argument("--step", type=int, help="this checkpoint (default: the newest)")
+    p.add_argument("--format", choices=["hf"], default="hf",
+                   help="hf: transformers' LlamaForCausalLM (Qwen3ForCausalLM with qk_norm)")
+    p.add_argument("--out", required=True, help="a new or empty directory")
+    p.add_argument("--max-shard-gb", type=_at_least(float, 1e-9), default=5.0, metavar="GB",
+                   help="split the weights into safetensors files of at most this size")
 
     p = sub.add_parser("sweep", parents=[common], help="run a scaling sweep, fit, predict, report",
                        description="train every trial of a sweep (resuming), fit the law, "
                        "predict the held-out run before training it, and write a report")
     p.add_argument("spec", help="sweep YAML (see experiments/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the spec, e.g. seed=1 (another study, in "
+                   "SWEEP_DIR-seed1) or recipe.lr=3e-3")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="list trials, FLOPs, estimated time")
     mode.add_argument("--status", action="store_true", help="show progress")
@@ -327,8 +353,9 @@ def parser() -> argparse.ArgumentParser:
                    "none; designated (default): a sweep's held-out runs")
     p.add_argument("--holdout-above", type=_at_least(float, 0), metavar="FLOPS",
                    help="also hold out every run with more FLOPs than this")
-    p.add_argument("--bootstrap", type=_at_least(int, 0), default=0, metavar="B",
-                   help="B bootstrap refits over runs, for intervals (0: from the curvature)")
+    p.add_argument("--bootstrap", type=_at_least(int, 0), default=100, metavar="B",
+                   help="B bootstrap refits over runs, for intervals (0: from the curvature, "
+                   "which understates them when E is not identified)")
     p.add_argument("--drop-early", type=float, default=0.1, metavar="F",
                    help="drop points before this fraction of each run's tokens (not needed for "
                    "points marked annealed: when there are any, only they are fitted)")

@@ -44,6 +44,11 @@ class ModelConfig:
     # einsum: written-out backward pass (fastest on CPU); dot_product: jax.nn.dot_product_attention
     # (cuDNN flash attention on GPUs); auto: einsum on CPU, dot_product elsewhere
     attention: Literal["auto", "einsum", "dot_product"] = "auto"
+    # mup: the maximal update parametrisation (lm.flops.MUP), so that hyperparameters tuned at
+    # d_model = base_width hold at every width; sp: the standard one
+    parametrization: Literal["sp", "mup"] = "sp"
+    base_width: int = 0  # muP: the width its hyperparameters were tuned at
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys, before RoPE
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -68,13 +73,24 @@ class MeshConfig:
 class OptimConfig:
     lr: float = 3e-3
     warmup_steps: int = 20
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    final_lr_ratio: float = 0.1  # decay floor, as a fraction of lr
+    # wsd: warmup, stable, decay over the final decay_fraction (Hagele et al. 2024)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    final_lr_ratio: float | None = None  # decay floor, a fraction of lr; None: 0 for wsd, else 0.1
+    decay_fraction: float = 0.2  # wsd: the final fraction of the run whose rate decays
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # wsd: the decay's shape
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0  # 0 disables clipping
+    z_loss: float = 0.0  # weight of the auxiliary loss mean(log(Z)^2) on the output logits
+
+    @property
+    def floor(self) -> float:
+        """The learning rate's floor as a fraction of lr: final_lr_ratio, or its default."""
+        if self.final_lr_ratio is not None:
+            return self.final_lr_ratio
+        return 0.0 if self.schedule == "wsd" else 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +107,15 @@ class SpikeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A jax.profiler trace of `steps` training steps, the first of them step `start_step` + 1,
+    written to RUN_DIR/plugins/profile (TensorBoard's profile plugin, XProf, Perfetto)."""
+
+    start_step: int = 10  # the steps before it compile and warm up
+    steps: int = 0  # 0: no trace
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 200
     batch_size: int = 16  # global, in sequences
@@ -101,6 +126,16 @@ class TrainConfig:
     progress: bool = True
     peak_flops: float = 0.0  # FLOP/s of all devices in use, for MFU; 0: data sheet or measured
     spikes: SpikeConfig = SpikeConfig()
+    # a cooldown branch: start from step branch_step of the run in branch_from (its checkpoint
+    # there), instead of from scratch, when this run has no checkpoint of its own
+    branch_from: str = ""
+    branch_step: int = 0
+    # metrics rows gain max_attention_logit and output_logit_rms (computed in the step)
+    log_stability: bool = False
+    # where metrics and evaluations go: metrics.jsonl and eval.jsonl (the run's record: always
+    # listed), TensorBoard event files in the run directory, Weights & Biases (lm.trackers)
+    trackers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl",)
+    profile: ProfileConfig = ProfileConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +147,7 @@ class MixtureSource:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "default"  # default (the embedded corpus) | synthetic | files/globs, comma-separated
+    seed: int | None = None  # the order of the training data; None: train.seed's
     # the validation set `val` from these files/globs, instead of holding out part of data.source
     val_source: str = ""
     # more validation sets, name -> files/globs: each evaluated and reported on its own
@@ -144,6 +180,8 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
     keep: int = 3  # the newest K are kept ...
     keep_every: int = 0  # ... plus every M-th step, permanently (0: none)
+    steps: tuple[int, ...] = ()  # ... plus these, saved and kept (cooldown branches start there)
+    every_seconds: float = 0.0  # also save at the first log point this long after the last save
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +209,12 @@ class Config:
     def vocab_size(self) -> int:
         """Tokens the data can contain (the model's table may be padded beyond it)."""
         return self.data.vocab_size or self.model.vocab_size
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the training data's order: data.seed, else train.seed. Runs that share
+        it see the same batches, whatever their models' seeds."""
+        return self.train.seed if self.data.seed is None else self.data.seed
 
     @property
     def tokens_per_step(self) -> int:
@@ -346,6 +390,9 @@ def check(cfg: Config) -> None:
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
              f"must divide model.n_heads={m.n_heads}")
     _require(m.loss_chunk >= 0, "model.loss_chunk", m.loss_chunk, "0 (off) or a positive chunk")
+    _require(m.parametrization == "sp" or m.base_width > 0, "model.base_width", m.base_width,
+             "model.parametrization=mup needs the width its hyperparameters were tuned at, "
+             "e.g. model.base_width=32")
     _require(cfg.seq_len <= m.context, "data.seq_len", cfg.seq_len,
              f"must not exceed model.context={m.context}")
     _require(cfg.seq_len > 0, "data.seq_len", cfg.seq_len, "must be positive")
@@ -371,6 +418,12 @@ def check(cfg: Config) -> None:
         _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be positive")
     _require(t.batch_size % t.micro_batches == 0, "train.micro_batches", t.micro_batches,
              f"must divide train.batch_size={t.batch_size}")
+    _require("jsonl" in t.trackers and len(set(t.trackers)) == len(t.trackers), "train.trackers",
+             list(t.trackers), "list each tracker once, jsonl among them: metrics.jsonl is the "
+             "run's record, which resuming and sweeps read")
+    for key in ("start_step", "steps"):
+        _require(getattr(t.profile, key) >= 0, f"train.profile.{key}", getattr(t.profile, key),
+                 "must be >= 0 (steps=0: no trace)")
     s = t.spikes
     _require(s.factor == 0 or s.factor > 1, "train.spikes.factor", s.factor,
              "0 (only non-finite losses are spikes) or > 1")
@@ -381,8 +434,23 @@ def check(cfg: Config) -> None:
              s.max_spikes, "rolling back needs checkpoints: set checkpoint.every_steps")
     _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    _require(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio", o.final_lr_ratio, "must be in [0, 1]")
+    _require(o.final_lr_ratio is None or 0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio",
+             o.final_lr_ratio, "must be in [0, 1]")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,
+             "must be in (0, 1]")
+    _require(o.schedule != "wsd" or o.warmup_steps <= t.steps - round(o.decay_fraction * t.steps),
+             "optim.warmup_steps", o.warmup_steps, "must end before the wsd decay starts (at "
+             f"{t.steps - round(o.decay_fraction * t.steps)}); lower it or optim.decay_fraction")
+    _require((t.branch_step > 0) == bool(t.branch_from) and t.branch_step < t.steps,
+             "train.branch_step", t.branch_step, "a branch needs both train.branch_from (a run "
+             "directory) and a branch_step below train.steps")
+    _require(cfg.checkpoint.every_seconds >= 0, "checkpoint.every_seconds",
+             cfg.checkpoint.every_seconds, "must be >= 0 (0: off)")
+    for step in cfg.checkpoint.steps:
+        _require(0 < step <= t.steps, "checkpoint.steps", list(cfg.checkpoint.steps),
+                 f"must be steps within 1..train.steps={t.steps}")
     _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 disables)")
+    _require(o.z_loss >= 0, "optim.z_loss", o.z_loss, "must be >= 0 (0: off; 1e-4 is usual)")
     for section, keys in (("checkpoint", ("every_steps", "keep_every")),
                           ("eval", ("every_steps", "log_points", "batch_size"))):
         for key in keys:
@@ -438,7 +506,8 @@ def mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
         if size == -1:
             _require(n_devices % fixed == 0, f"mesh.{axis}", -1,
                      f"the other axes use {fixed} devices, which does not divide the "
-                     f"{n_devices} available")
+                     f"{n_devices} available; give the other axes sizes that do (e.g. "
+                     f"mesh.model=1), or use --cpu-devices {fixed} on a CPU")
             sizes[axis] = n_devices // fixed
     total = math.prod(sizes.values())
     _require(total == n_devices, "mesh", sizes,

@@ -37,7 +37,7 @@ class Synthetic:
     """A learnable built-in language for fast tests: a fixed sparse Markov chain in which each
     token has `branching` possible successors. Its entropy floor is log(branching)."""
 
-    LANGUAGE_SEED = 1234  # the language is fixed; train.seed only picks the samples
+    LANGUAGE_SEED = 1234  # the language is fixed; the data seed only picks the samples
     VALIDATION_STEP = 2**62  # validation rows are those of a step no training run reaches
     branching = 4
 
@@ -152,9 +152,9 @@ def source(cfg: Config) -> Source:
     """The training rows of `cfg`, preparing its datasets on first use."""
     t = cfg.train
     if cfg.data.source == "synthetic":
-        return Synthetic(cfg.vocab_size, cfg.seq_len, t.seed)
+        return Synthetic(cfg.vocab_size, cfg.seq_len, cfg.data_seed)
     dataset = corpus.prepare(cfg)
-    streams = [Packed(dataset.tokens(name, cfg.seq_len), cfg.seq_len, t.batch_size, t.seed)
+    streams = [Packed(dataset.tokens(name, cfg.seq_len), cfg.seq_len, t.batch_size, cfg.data_seed)
                for name in dataset.splits("train")]
     mixture = cfg.data.mixture
     if not mixture:

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import checkpoint, config as config_lib, data, rundir, sharding, state as state_lib
+from lm import (checkpoint, config as config_lib, data, rundir, sharding, state as state_lib,
+                trackers)
 from lm.errors import CheckpointError, ConfigError
 from lm.model import init_cache
 from lm.processes import is_primary
@@ -125,10 +126,12 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
         return []
     lay = state_lib.layout(cfg, devices)
     ev = evaluator(lay)
-    log = rundir.Log(run_dir, writes=is_primary())  # one row a set, however many processes
     rows = []
     newest = step is None and not every  # the newest that restores, if the newest does not
-    with rundir.locked(run_dir) if is_primary() else contextlib.nullcontext():
+    with (rundir.locked(run_dir) if is_primary() else contextlib.nullcontext(),
+          trackers.opened(cfg, run_dir, writes=is_primary()) as tracked):
+        # one row a set, however many processes
+        log = rundir.Log(run_dir, writes=is_primary(), sinks=[tracked])
         for s in chosen:
             restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, ("params",),
                                                  steps=available if newest else [s])

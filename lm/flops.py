@@ -2,7 +2,9 @@
 allocated, nothing here imports JAX).
 
 `parameters` is the one table of parameter shapes and logical axes: the model builds itself
-from it, `lm info` prints it, and the counts below sum it.
+from it, `lm info` prints it, and the counts below sum it. Each parameter's role decides its
+initialisation and, under muP (`MUP`), how its initialisation, learning rate and output scale
+with width.
 
 FLOPs count multiply-adds as 2 and follow the matmul shapes the model really runs:
 projections, attention scores and values over the full T x T square (the causal mask halves
@@ -28,6 +30,47 @@ class Param(NamedTuple):
     role: str
 
 
+class Rule(NamedTuple):
+    """How a role's parameters scale with width: their initial std, their Adam learning rate,
+    and the output they produce (the logits, for the output head) are multiplied by these."""
+
+    init: float
+    lr: float
+    output: float
+
+
+# The maximal update parametrisation (muP; Yang et al. 2022, "Tensor Programs V", Table 3 for
+# Adam; the output layer in its equivalent multiplier form, as the `mup` package's MuReadout)
+# as exponents of the width multiplier m = d_model / base_width. It assumes that every hidden
+# size grows with d_model (d_ff and n_heads * head_dim as multiples of it), so that each
+# matrix's fan-in grows as m. At m = 1 it is SP but for the attention scale (1/head_dim).
+# Weight decay is decoupled and scaled with each parameter's LR (lm.state.optimizer).
+MUP = {
+    EMBEDDING: Rule(init=0, lr=0, output=0),  # fan-in is the vocabulary: input-layer rules
+    # the head's logits x 1/m with init and Adam LR kept: the same as init std 1/fan_in and
+    # LR 1/fan_in (Table 3), and consistent with a tied head, which *is* the embedding
+    UNEMBEDDING: Rule(init=0, lr=0, output=-1),
+    NORM: Rule(init=0, lr=0, output=0),  # scales are vectors, like biases
+    HIDDEN: Rule(init=-0.5, lr=-1, output=0),  # matrices: std 1/sqrt(fan_in), Adam LR 1/fan_in
+    RESIDUAL_OUT: Rule(init=-0.5, lr=-1, output=0),  # as hidden (the depth scaling stays)
+}
+SP = Rule(init=1.0, lr=1.0, output=1.0)
+
+
+def scales(m: ModelConfig, role: str) -> Rule:
+    """The multipliers of a role's parameters at this width: all 1 under SP."""
+    if m.parametrization == "sp":
+        return SP
+    width = m.d_model / m.base_width
+    return Rule(*(width ** e for e in MUP[role]))
+
+
+def attention_scale(m: ModelConfig) -> float:
+    """What q.k is multiplied by: 1/head_dim under muP (q and k become correlated as they
+    train, so q.k grows as head_dim, not its square root), 1/sqrt(head_dim) under SP."""
+    return 1 / m.head_dim if m.parametrization == "mup" else m.head_dim ** -0.5
+
+
 def parameters(m: ModelConfig) -> dict[str, Param]:
     """Every parameter by its path in the model (`blocks.wq`): shape, logical axes and role.
     Layers are stacked along a leading `layers` axis."""
@@ -36,6 +79,8 @@ def parameters(m: ModelConfig) -> dict[str, Param]:
         "attn_norm": Param((d,), ("embed",), NORM),
         "wq": Param((d, h, k), ("embed", "heads", "kv"), HIDDEN),
         "wk": Param((d, g, k), ("embed", "kv_heads", "kv"), HIDDEN),
+        **({"q_norm": Param((k,), ("kv",), NORM), "k_norm": Param((k,), ("kv",), NORM)}
+           if m.qk_norm else {}),  # per-head RMSNorm scales, shared by the heads
         "wv": Param((d, g, k), ("embed", "kv_heads", "kv"), HIDDEN),
         "wo": Param((h, k, d), ("heads", "kv", "embed"), RESIDUAL_OUT),
         "mlp_norm": Param((d,), ("embed",), NORM),
@@ -85,11 +130,14 @@ def six_n(m: ModelConfig) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- peaks and MFU
 
-# Dense bf16 peak FLOP/s per chip, by jax `device_kind` prefix (vendor data sheets).
+# Dense bf16 peak FLOP/s per chip, by jax `device_kind` prefix (vendor data sheets); the
+# longest matching prefix wins. JAX calls a v5e "TPU v5 lite", a v5p "TPU v5", a v6e "TPU v6
+# lite"; an SXM H100 "NVIDIA H100 80GB HBM3".
 PEAKS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
     "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+    "NVIDIA H200": 989e12, "NVIDIA GH200": 989e12, "NVIDIA H100": 989e12,
+    "NVIDIA H100 NVL": 835e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA A100": 312e12,
     "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
 }
 
@@ -138,6 +186,20 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 3) -> float:
 _measured: dict[str, float] = {}
 
 
+def data_sheet_entry(kind: str) -> str:
+    """The PEAKS entry of a jax device kind: its longest matching prefix."""
+    matches = [prefix for prefix in PEAKS if kind.startswith(prefix)]
+    if not matches:
+        raise KeyError(f"no peak FLOP/s known for device kind {kind!r}; set train.peak_flops")
+    return max(matches, key=len)
+
+
+def peak_name(devices) -> str:
+    """Which peak `peak_flops_per_s` takes for `devices`: a PEAKS entry, or `measured cpu`."""
+    return "measured cpu" if devices[0].platform == "cpu" else data_sheet_entry(
+        devices[0].device_kind)
+
+
 def peak_flops_per_s(devices) -> float:
     """Peak FLOP/s of `devices`: the data-sheet figure per accelerator; on CPU a measured
     fp32 matmul (once per process) times the processes that own `devices`."""
@@ -149,7 +211,4 @@ def peak_flops_per_s(devices) -> float:
         # so it counts once per process, not per device. In a multi-process run each process
         # (a host) has its own cores: assume each measures about what this one does.
         return _measured["cpu"] * len({d.process_index for d in devices})
-    for prefix, peak in PEAKS.items():
-        if kind.startswith(prefix):
-            return peak * len(devices)
-    raise KeyError(f"no peak FLOP/s known for device kind {kind!r}; set train.peak_flops")
+    return PEAKS[data_sheet_entry(kind)] * len(devices)

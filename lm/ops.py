@@ -82,6 +82,18 @@ def attention(q_bthk, k_bsgk, v_bsgk, positions_t, scale: float, path: str = "au
     return masked_attention(q_btgrk, k_bsgk, v_bsgk, mask_ts).reshape(b, t, h, k)
 
 
+def max_attention_logit(q_bthk, k_bsgk, positions_t, scale: float):
+    """The largest |scale * q.k| over the pairs the causal mask allows, outside the gradient:
+    its growth is the attention instability of Wortsman et al. 2023. It recomputes the scores
+    (about a quarter of attention's FLOPs), so the step computes it only when asked."""
+    b, t, h, k = q_bthk.shape
+    s, g = k_bsgk.shape[1], k_bsgk.shape[2]
+    q_btgrk = jax.lax.stop_gradient(q_bthk).reshape(b, t, g, h // g, k)
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, jax.lax.stop_gradient(k_bsgk))
+    mask_ts = jnp.arange(s)[None, :] <= positions_t[:, None]
+    return jnp.max(jnp.where(mask_ts, jnp.abs(scores.astype(F32)), 0.0)) * scale
+
+
 def _attention_probs(q_btgrk, k_bsgk, mask_ts):
     """Softmax probabilities [b, g, r, t, s] over the allowed keys, and their log-sum-exp."""
     scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk).astype(F32)
@@ -127,24 +139,32 @@ masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
 def cross_entropy(x_btd, head_dv, targets_bt, chunk: int = 0):
-    """Per-token cross-entropy [n = b*t] of logits x @ head against targets (fp32 log-sum-exp).
+    """Per-token cross-entropy [n = b*t] of logits x @ head against targets (fp32 log-sum-exp)."""
+    return logit_terms(x_btd, head_dv, targets_bt, chunk)[0]
+
+
+def logit_terms(x_btd, head_dv, targets_bt, chunk: int = 0):
+    """Per token [n = b*t], from the logits x @ head (fp32): the cross-entropy against targets,
+    the log-sum-exp log Z (the z-loss's term) and the mean square logit. Under jit what the
+    caller leaves unused is never computed.
 
     With `chunk` > 0 the n tokens are processed `chunk` at a time under remat (c chunks), so
     neither the forward nor the backward pass holds more than one chunk's logits."""
     head_dv = head_dv.astype(x_btd.dtype)
 
-    def token_losses(x_nd, y_n):
+    def terms(x_nd, y_n):
         logits_nv = linear("nd,dv->nv", x_nd, head_dv).astype(F32)
         picked = jnp.take_along_axis(logits_nv, y_n[:, None], axis=-1)[:, 0]
-        return jax.nn.logsumexp(logits_nv, axis=-1) - picked
+        lse_n = jax.nn.logsumexp(logits_nv, axis=-1)
+        return lse_n - picked, lse_n, jnp.mean(jnp.square(logits_nv), axis=-1)
 
     x_nd = x_btd.reshape(-1, x_btd.shape[-1])
     y_n = targets_bt.reshape(-1)
     n = y_n.shape[0]
     if chunk <= 0 or chunk >= n:
-        return token_losses(x_nd, y_n)
+        return terms(x_nd, y_n)
     pad = -n % chunk
     x_cnd = jnp.pad(x_nd, ((0, pad), (0, 0))).reshape(-1, chunk, x_nd.shape[-1])
     y_cn = jnp.pad(y_n, (0, pad)).reshape(-1, chunk)
-    losses_cn = jax.lax.map(lambda xy: jax.checkpoint(token_losses)(*xy), (x_cnd, y_cn))
-    return losses_cn.reshape(-1)[:n]
+    terms_cn = jax.lax.map(lambda xy: jax.checkpoint(terms)(*xy), (x_cnd, y_cn))
+    return tuple(t_cn.reshape(-1)[:n] for t_cn in terms_cn)

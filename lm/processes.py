@@ -31,6 +31,14 @@ def primary_first(make):
     return out if is_primary() else make()
 
 
+def agree(flag: bool) -> bool:
+    """Process 0's `flag`, in every process (a decision all must take together, say to save
+    now because its clock says so)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 class StopSignals:
     """SIGTERM/SIGINT ask the loop to save and stop after the current step; a second one
     aborts at once. Only the main thread can own signal handlers."""

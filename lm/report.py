@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from lm import plots, scaling
-from lm.scaling import Fit, Points
+from lm.points import Points
+from lm.scaling import Fit
 
 PHASES = ("startup", "compile", "data", "restore", "steps", "eval", "checkpoint")
 
@@ -33,7 +34,7 @@ class Timing:
         for t in ran:
             phases.update(json.loads(t.get("timings") or "{}"))
         wall = self.ended - self.started
-        done_flops = sum(t["flops"] for t in ran if t["status"] == "done")
+        done_flops = sum(t["spent_flops"] or t["flops"] for t in ran if t["status"] == "done")
         return {"wall_s": wall, "workers": self.workers, "trials": len(ran),
                 "phases": {p: phases.get(p, 0.0) for p in PHASES},
                 "idle_s": max(self.workers * wall - sum(phases.values()), 0.0),
@@ -54,6 +55,7 @@ class Results:
     orphans: list[str]  # trials in the store the spec no longer has
     timing: dict
     sensitivity: dict | None = None  # the law refitted with N counted the other way
+    noise: list[dict] = dataclasses.field(default_factory=list)  # per size, across seeds
 
 
 def _interval(interval) -> str:
@@ -132,6 +134,13 @@ def _trust(r: Results) -> list[str]:
         lines.append(f"- With N counted as {s['params'].replace('_', '-')} parameters: E "
                      f"{s['E']:.3f}, alpha {s['alpha']:.3f}, beta {s['beta']:.3f}"
                      + (f"; held-out {moved}" if moved else "") + ".")
+    if r.noise:
+        lines += ["", "Run-to-run noise by model size (std of the final log loss across seeds, "
+                  "pooled over budgets), against the evaluation's own standard error:", "",
+                  "| params | seed std | d.o.f. | eval SEM | fitted |", "|---:|---:|---:|---:|---|"]
+        lines += [f"| {n['params']:,.0f} | {n['seed_std']:.2%} | {n['df']} | {n['eval_sem']:.2%} "
+                  f"| {'no: too noisy (fit.max_noise)' if n['left_out'] else 'yes'} |"
+                  for n in r.noise]
     return lines + [""]
 
 

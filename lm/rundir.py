@@ -5,6 +5,8 @@
     metrics.jsonl   one JSON row per logged step, and `event` rows (loss-spike rollbacks)
     eval.jsonl      one JSON row per evaluation
     checkpoints/    orbax checkpoints, one directory per step
+    events.out.tfevents.*, wandb/   the same rows for TensorBoard and W&B (train.trackers)
+    plugins/profile/  jax.profiler traces (train.profile), where TensorBoard looks for them
     .lock           held by the process that trains or evaluates the run, with its name
 
 Everything a fit needs is in these files. Also here: the steps at which a run evaluates and
@@ -138,11 +140,13 @@ def evals(run_dir: str | Path) -> list[dict]:
 
 class Log:
     """A run's metrics.jsonl and eval.jsonl: one JSON row per line, written by one process
-    (`writes`: process 0 of a multi-process run), and rewound with the run."""
+    (`writes`: process 0 of a multi-process run), and rewound with the run. Each of `sinks`
+    (`lm.trackers`) gets every row and every rewind too."""
 
-    def __init__(self, run_dir: Path, writes: bool = True):
+    def __init__(self, run_dir: Path, writes: bool = True, sinks=()):
         self.paths = {"metrics": run_dir / METRICS, "eval": run_dir / EVALS}
         self.writes = writes
+        self.sinks = sinks
 
     def rewind(self, through: int, skipped) -> None:
         """Keep what a run resumed from the checkpoint of step `through`, with `skipped`, would
@@ -157,11 +161,15 @@ class Log:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
                 tmp.replace(path)
+            for sink in self.sinks:
+                sink.rewind(through)
 
     def append(self, name: str, row: dict) -> None:
         if self.writes:
             with open(self.paths[name], "a") as f:
                 f.write(json.dumps(row) + "\n")
+            for sink in self.sinks:
+                sink.append(name, row)
 
     def last_metrics(self) -> dict:
         return (read_rows(self.paths["metrics"]) or [{}])[-1]
@@ -182,7 +190,8 @@ def eval_steps(cfg: Config) -> set[int]:
 
 
 def save_steps(cfg: Config) -> set[int]:
-    """Steps at which a run saves a checkpoint: every `checkpoint.every_steps` and the last."""
-    every = cfg.checkpoint.every_steps
-    return set(range(every, cfg.train.steps, every)) | {cfg.train.steps} if every else {
-        cfg.train.steps}
+    """Steps at which a run saves a checkpoint: every `checkpoint.every_steps`, those of
+    `checkpoint.steps`, and the last."""
+    every, steps = cfg.checkpoint.every_steps, cfg.train.steps
+    regular = set(range(every, steps, every)) if every else set()
+    return regular | set(cfg.checkpoint.steps) | {steps}

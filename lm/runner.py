@@ -31,10 +31,12 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from lm import config as config_lib, flops, report, rundir, scaling, schedule, spec as spec_lib
 from lm.errors import Busy, FitError, Interrupted, LMError, StoreError
+from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
 from lm.store import FINAL, SQLITE, Store, worker_name
@@ -63,9 +65,11 @@ def device_memory(cpu_devices: int | None) -> int:
     return host if platform == "cpu" else int(limit)
 
 
-def planned(spec_path: str | Path, cpu_devices: int | None) -> tuple[SweepSpec, list[Trial]]:
-    """The spec and its trials, checked to fit the devices' memory."""
-    spec = spec_lib.load_spec(spec_path)
+def planned(spec_path: str | Path, cpu_devices: int | None, overrides=()
+            ) -> tuple[SweepSpec, list[Trial]]:
+    """The spec (with its dotted `overrides`) and its trials, checked to fit the devices'
+    memory."""
+    spec = spec_lib.load_spec(spec_path, overrides)
     trials = spec_lib.plan(spec)
     spec_lib.check_memory(trials, device_memory(cpu_devices))
     return spec, trials
@@ -104,9 +108,10 @@ def exclusive(sweep_dir: Path):
 
 def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit:
     """The law of the finished fitting trials among `names` (the current plan's), with N
-    counted as `params` (default: the spec's)."""
+    counted as `params` (default: the spec's), without the sizes too noisy to fit."""
     f = spec.fit
     points = store.points_of(params or f.params, roles=("fit",), names=names, metric=f.metric)
+    points = points.select(~np.isin(points.params, list(too_noisy(spec, points))))
     try:
         return scaling.fit(points, f.law, bootstrap=f.bootstrap, drop_early=f.drop_early,
                            min_tokens_per_param=f.min_tokens_per_param)
@@ -114,6 +119,15 @@ def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit
         raise FitError(f"the fit of the finished fitting runs failed ({type(e).__name__}: {e})"
                        "; add sizes or token budgets (fit.law needs them spread over more "
                        "than a factor of a few), or check the failed trials") from None
+
+
+def too_noisy(spec: SweepSpec, points: Points) -> dict[float, scaling.Noise]:
+    """The sizes whose final losses spread across seeds by more than fit.max_noise: the rule,
+    fixed in the spec, by which they leave the fit."""
+    finals = points.select(points.final_mask() & points.annealed) if points.annealed.any() \
+        else points.select(points.final_mask())
+    return {n: noise for n, noise in scaling.noise_by_size(finals).items()
+            if spec.fit.max_noise and noise.sigma > spec.fit.max_noise}
 
 
 def registration(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
@@ -246,11 +260,12 @@ def _spent(session) -> dict:
     return spent
 
 
-def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S) -> None:
+def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S,
+         overrides=()) -> None:
     """A worker: claim trials and train them until every trial of the sweep has ended. A
     trial whose worker has not been heard of for `stale_s` is taken over."""
     started = time.perf_counter()
-    spec = spec_lib.load_spec(spec_path)
+    spec = spec_lib.load_spec(spec_path, overrides)
     trials = {t.name: t for t in spec_lib.plan(spec)}
     store = Store(store_url(spec, url))
     store.sync(spec.name, plan_digest(list(trials.values())), list(trials.values()))
@@ -269,6 +284,7 @@ def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S
         if register_when_ready(spec, list(trials.values()), store):
             continue
         store.reclaim(stale_s)
+        store.fail_orphans()
         if all(r["status"] in FINAL for r in store.trials() if r["name"] in trials):
             return
         time.sleep(POLL_S)
@@ -288,9 +304,10 @@ def _compilation_cache() -> None:
 # --------------------------------------------------------------------------- the runner
 
 
-def _spawn(spec_path, url: str, cpu_devices: int | None, stale_s: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lm.cli", "sweep", str(spec_path), "--worker", "--store", url,
-           "--stale-after", str(stale_s)]
+def _spawn(spec_path, overrides, url: str, cpu_devices: int | None, stale_s: float
+           ) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lm.cli", "sweep", str(spec_path), *overrides, "--worker",
+           "--store", url, "--stale-after", str(stale_s)]
     if cpu_devices:
         cmd += ["--cpu-devices", str(cpu_devices)]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
@@ -306,12 +323,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _supervise(spec_path, url: str, workers: int, cpu_devices: int | None, stale_s: float,
-               names: set[str], store: Store) -> None:
+def _supervise(spec_path, overrides, url: str, workers: int, cpu_devices: int | None,
+               stale_s: float, names: set[str], store: Store) -> None:
     """Start `workers` worker processes and keep that many alive until every trial has ended.
     A worker that dies (a kill, running out of memory) has its trial put back at once, and
     another takes its place."""
-    procs = [_spawn(spec_path, url, cpu_devices, stale_s) for _ in range(workers)]
+    procs = [_spawn(spec_path, overrides, url, cpu_devices, stale_s) for _ in range(workers)]
     restarts = 0
     try:
         while any(p.poll() is None for p in procs):
@@ -327,7 +344,7 @@ def _supervise(spec_path, url: str, workers: int, cpu_devices: int | None, stale
                               if r["name"] in names)
                 if pending and restarts < 2 * workers:
                     restarts += 1
-                    procs[i] = _spawn(spec_path, url, cpu_devices, stale_s)
+                    procs[i] = _spawn(spec_path, overrides, url, cpu_devices, stale_s)
                 else:
                     procs[i].returncode = 0  # let it rest
     finally:  # interrupted: workers save a checkpoint of their trial, then stop
@@ -339,10 +356,10 @@ def _supervise(spec_path, url: str, workers: int, cpu_devices: int | None, stale
 
 
 def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
-        url: str | None = None, stale_s: float = STALE_S) -> Fit | None:
+        url: str | None = None, stale_s: float = STALE_S, overrides=()) -> Fit | None:
     """Run (or resume) a sweep with `workers` local workers, then write fit.json,
     prediction.json (registered before the held-out runs train), plots and report.md."""
-    spec, trials = planned(spec_path, cpu_devices)
+    spec, trials = planned(spec_path, cpu_devices, overrides)
     url = store_url(spec, url)
     with exclusive(spec.path):
         store = Store(url)
@@ -355,7 +372,7 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
         names = {t.name for t in trials}
         wall = time.time()
         peak = flops.numpy_matmul_flops_per_s(2048)
-        _supervise(spec_path, url, workers, cpu_devices, stale_s, names, store)
+        _supervise(spec_path, overrides, url, workers, cpu_devices, stale_s, names, store)
         return _report(spec, trials, store, report.Timing(workers, wall, time.time(), peak))
 
 
@@ -406,9 +423,27 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
     timing = clock.summary(rows)
     report.write(spec.path, report.Results(
         spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
-        _sensitivity(spec, store, fitting, trained) if fit else None))
+        _sensitivity(spec, store, fitting, trained) if fit else None,
+        _noise_table(spec, store, fitting)))
     _print_summary(spec, fit, prior, error, timing)
     return fit
+
+
+def _noise_table(spec: SweepSpec, store: Store, fitting: list[str]) -> list[dict]:
+    """Per model size: the spread of its final losses across seeds, the evaluation's own
+    standard error, and whether the size was left out of the fit as too noisy."""
+    try:
+        points = store.points_of(spec.fit.params, roles=("fit",), names=fitting,
+                                 metric=spec.fit.metric)
+    except LMError:
+        return []
+    finals = points.select(points.final_mask())
+    sems = store.last_sems(spec.fit.metric)
+    noisy = too_noisy(spec, points)
+    return [{"params": n, "seed_std": noise.sigma, "df": noise.df,
+             "eval_sem": float(np.median([sems[r] for r in finals.run[finals.params == n]])),
+             "left_out": n in noisy}
+            for n, noise in sorted(scaling.noise_by_size(finals).items())]
 
 
 def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: list[str]
@@ -445,14 +480,14 @@ def _print_summary(spec, fit, prior, error, timing) -> None:
 # --------------------------------------------------------------------------- plan, status
 
 
-def plan_text(spec_path: str | Path, cpu_devices: int | None = None) -> str:
-    spec, trials = planned(spec_path, cpu_devices)
+def plan_text(spec_path: str | Path, cpu_devices: int | None = None, overrides=()) -> str:
+    spec, trials = planned(spec_path, cpu_devices, overrides)
     return spec_lib.plan_text(spec, trials, flops.numpy_matmul_flops_per_s())
 
 
-def status(spec_path: str | Path, url: str | None = None) -> list[dict]:
+def status(spec_path: str | Path, url: str | None = None, overrides=()) -> list[dict]:
     """Every trial of the sweep: name, role, status, worker, attempts, wall_s, loss."""
-    spec = spec_lib.load_spec(spec_path)
+    spec = spec_lib.load_spec(spec_path, overrides)
     url = store_url(spec, url)
     if not url.startswith("postgres") and not Path(url).is_file():
         return []
@@ -462,9 +497,9 @@ def status(spec_path: str | Path, url: str | None = None) -> list[dict]:
     return [{**{k: r[k] for k in keys}, "loss": last.get(r["name"])} for r in store.trials()]
 
 
-def status_text(spec_path: str | Path, url: str | None = None) -> str:
-    spec = spec_lib.load_spec(spec_path)
-    rows = status(spec_path, url)
+def status_text(spec_path: str | Path, url: str | None = None, overrides=()) -> str:
+    spec = spec_lib.load_spec(spec_path, overrides)
+    rows = status(spec_path, url, overrides)
     if not rows:
         return f"sweep {spec.name} has not started (no store at {store_url(spec, url)})"
     counts = {s: sum(r["status"] == s for r in rows)
@@ -483,10 +518,10 @@ def status_text(spec_path: str | Path, url: str | None = None) -> str:
 # --------------------------------------------------------------------------- repair
 
 
-def rebuild_store(spec_path: str | Path, url: str | None = None) -> str:
+def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -> str:
     """A new store from the trials' run directories: a damaged one is moved aside, every trial
     whose run finished is recorded done with its evaluations, the others pending."""
-    spec, trials = planned(spec_path, cpu_devices=1)
+    spec, trials = planned(spec_path, 1, overrides)
     path = Path(store_url(spec, url))
     if url and url.startswith("postgres"):
         raise StoreError("--rebuild-store rebuilds a SQLite store; for PostgreSQL, drop the "

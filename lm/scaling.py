@@ -27,12 +27,10 @@ Everything here is numpy/scipy; the result is a frozen `Fit` with a JSON round-t
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,226 +38,12 @@ import threadpoolctl
 from scipy.optimize import minimize
 
 from lm.errors import FitError
+from lm.points import BUDGET_TOL, Points, group_budgets, resample_runs
 
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
-BUDGET_TOL = 0.05  # FLOPs within 5% of each other belong to one IsoFLOP budget
 E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or span half its range
 CHI2_95 = 3.841  # 95% quantile of chi-squared with 1 degree of freedom: the profile's cut
 LAPLACE_DRAWS = 400
-_COLUMNS = "params, tokens, loss (optional: flops, run, step, annealed)"
-_FIELDS = ("params", "tokens", "loss", "flops", "run", "step", "annealed")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _own_run(i: int) -> str:
-    """Run id of a point that names none: it is a run of its own."""
-    return f"#{i}"
-
-
-@dataclass(frozen=True, eq=False)
-class Points:
-    """Observed points, one per (run, step): parallel numpy arrays of one length.
-
-    ``flops`` defaults to 6·N·D, ``run`` to one run per point, ``step`` to -1 (unknown),
-    ``annealed`` to False: whether the point ends a learning-rate decay (a cosine run's end, a
-    WSD cooldown branch's end), so that it sits on the loss a run of that length reaches.
-    """
-
-    params: np.ndarray
-    tokens: np.ndarray
-    loss: np.ndarray
-    flops: np.ndarray | None = None
-    run: np.ndarray | None = None
-    step: np.ndarray | None = None
-    annealed: np.ndarray | None = None
-
-    def __post_init__(self):
-        def put(name, value):
-            object.__setattr__(self, name, value)
-
-        for name in ("params", "tokens", "loss"):
-            put(name, np.asarray(getattr(self, name), dtype=float).reshape(-1))
-        n = len(self.params)
-        put("flops", 6 * self.params * self.tokens if self.flops is None
-            else np.asarray(self.flops, dtype=float).reshape(-1))
-        put("run", np.array([_own_run(i) for i in range(n)]) if self.run is None
-            else np.asarray(self.run, dtype=str).reshape(-1))
-        put("step", np.full(n, -1) if self.step is None
-            else np.asarray(self.step, dtype=int).reshape(-1))
-        put("annealed", np.zeros(n, bool) if self.annealed is None
-            else np.asarray(self.annealed, dtype=bool).reshape(-1))
-        lengths = {f.name: len(getattr(self, f.name)) for f in fields(self)}
-        if len(set(lengths.values())) != 1:
-            raise FitError(f"Points arrays differ in length: {lengths}")
-        for name in ("params", "tokens", "loss", "flops"):
-            values = getattr(self, name)
-            bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
-            if bad.size:
-                raise FitError(f"Points.{name}[{bad[0]}] = {values[bad[0]]}; "
-                               "expected a positive finite number")
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> Points:
-        """Points from dicts (or sqlite3.Rows) with keys params, tokens, loss and optional
-        flops, run, step, annealed."""
-        if not rows:
-            raise FitError(f"no rows; expected dicts with keys {_COLUMNS}")
-        return _parse([dict(row) for row in rows], lambda i: f"row {i}")
-
-    def __len__(self) -> int:
-        return len(self.loss)
-
-    def select(self, index: np.ndarray) -> Points:
-        """The points picked by a boolean mask or an index array (indices may repeat)."""
-        return Points(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    def _run_groups(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each point's run as an integer, and each run's final tokens."""
-        _, inv = np.unique(self.run, return_inverse=True)
-        last = np.zeros(len(inv))
-        np.maximum.at(last, inv, self.tokens)
-        return inv, last
-
-    def final_mask(self) -> np.ndarray:
-        """True at each run's last point (most tokens, then highest step)."""
-        inv, _ = self._run_groups()
-        order = np.lexsort((self.step, self.tokens, inv))
-        is_last = np.r_[inv[order][1:] != inv[order][:-1], True]
-        mask = np.zeros(len(self), dtype=bool)
-        mask[order[is_last]] = True
-        return mask
-
-    def early_mask(self, fraction: float) -> np.ndarray:
-        """True at points trained on less than ``fraction`` of their run's final tokens.
-
-        Progress is measured in tokens rather than logged steps so that the cut does not depend
-        on how densely a run was logged; a run's final point is never early.
-        """
-        inv, last = self._run_groups()
-        return self.tokens < fraction * last[inv]
-
-    def frontier_mask(self) -> np.ndarray:
-        """True at the compute-efficient frontier: points with a lower loss than every point
-        that used less compute (the lower envelope of loss against compute over all runs)."""
-        order = np.argsort(self.flops, kind="stable")
-        best_before = np.minimum.accumulate(np.r_[np.inf, self.loss[order][:-1]])
-        mask = np.zeros(len(self), dtype=bool)
-        mask[order] = self.loss[order] < best_before
-        return mask
-
-
-def _blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _positive(value: Any, where: str) -> float:
-    if _blank(value):
-        raise FitError(f"{where}: missing value; expected a positive finite number")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise FitError(f"{where}: {value!r} is not a number; "
-                       "expected a positive finite number") from None
-    if not (math.isfinite(x) and x > 0):
-        raise FitError(f"{where}: {value!r} is not a positive finite number")
-    return x
-
-
-def _step(value: Any, where: str) -> int:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        x = math.nan
-    if not (x.is_integer() and x >= 0):
-        raise FitError(f"{where}: {value!r} is not a step; expected an integer >= 0 (or empty)")
-    return int(x)
-
-
-def _flag(value: Any, where: str) -> bool:
-    text = str(value).strip().lower()
-    if _blank(value) or text in ("0", "false", "no"):
-        return False
-    if text in ("1", "true", "yes"):
-        return True
-    raise FitError(f"{where}: {value!r} is not a flag; expected 1/0 or true/false (or empty)")
-
-
-def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -> Points:
-    """Records of cells (strings or numbers) → Points; each error names the record and column."""
-    cols: dict[str, list] = {f.name: [] for f in fields(Points)}
-    for i, rec in enumerate(records):
-        where = lambda name: f"{locate(i)}, column '{name}'"  # noqa: E731
-        row = {k: _positive(rec.get(k), where(k)) for k in ("params", "tokens", "loss")}
-        flops, run, step = (rec.get(k) for k in ("flops", "run", "step"))
-        row["flops"] = (6 * row["params"] * row["tokens"] if _blank(flops)
-                        else _positive(flops, where("flops")))
-        row["run"] = _own_run(i) if _blank(run) else str(run).strip()
-        row["step"] = -1 if _blank(step) else _step(step, where("step"))
-        row["annealed"] = _flag(rec.get("annealed"), where("annealed"))
-        for k, v in row.items():
-            cols[k].append(v)
-    return Points(**cols)
-
-
-def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
-    """Points from a CSV with columns params, tokens, loss and optional flops, run, step,
-    annealed.
-
-    A column of another name is an error (a misspelt `run` would silently make every row a
-    run of its own) unless `ignore_columns`. A CSV without ``run`` makes each row its own run.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FitError(f"{path}: no such file; expected a CSV with columns {_COLUMNS}")
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no name
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise FitError(f"{path}: empty file; expected a header line with columns {_COLUMNS}")
-        reader.fieldnames = header = [h.strip() for h in reader.fieldnames]
-        missing = [c for c in ("params", "tokens", "loss") if c not in header]
-        if missing:
-            raise FitError(f"{path}, line 1: missing column(s) {', '.join(missing)}; "
-                           f"found {', '.join(header)}; expected {_COLUMNS}")
-        unknown = [c for c in header if c not in _FIELDS]
-        if unknown and not ignore_columns:
-            raise FitError(f"{path}, line 1: unknown column(s) {', '.join(unknown)}; the columns "
-                           f"are {_COLUMNS}: rename a misspelt one, or ignore the others "
-                           "(lm fit --ignore-columns)")
-        records, lines = [], []
-        for rec in reader:
-            records.append(rec)
-            lines.append(reader.line_num)
-    if not records:
-        raise FitError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
-    return _parse(records, lambda i: f"{path}, line {lines[i]}")
-
-
-def resample_runs(run: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Point indices of one bootstrap sample: as many runs as there are, drawn with
-    replacement, each contributing all of its points."""
-    _, inv, counts = np.unique(run, return_inverse=True, return_counts=True)
-    order = np.argsort(inv, kind="stable")  # points grouped by run
-    starts = np.cumsum(counts) - counts
-    drawn = rng.integers(len(counts), size=len(counts))
-    lengths = counts[drawn]
-    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return order[np.repeat(starts[drawn], lengths) + within]
-
-
-def group_budgets(flops: np.ndarray, tol: float = BUDGET_TOL) -> np.ndarray:
-    """Budget label per point. Sweeping up from the smallest FLOPs, each budget takes every point
-    within ``tol`` of its first, so no budget spans more than ``tol`` (no chaining)."""
-    order = np.argsort(flops)
-    sorted_flops = flops[order]
-    labels = np.empty(len(flops), dtype=int)
-    start, label = 0, 0
-    while start < len(flops):
-        end = np.searchsorted(sorted_flops, sorted_flops[start] * (1 + tol), side="right")
-        labels[order[start:end]] = label
-        start, label = end, label + 1
-    return labels
 
 
 # ----------------------------------------------------------------------------- noise
@@ -287,6 +71,16 @@ def seed_noise(finals: Points) -> Noise | None:
     if df < 1:
         return None
     return Noise(float(np.sqrt(np.sum((y - means[group]) ** 2) / df)), df, "seeds")
+
+
+def noise_by_size(finals: Points) -> dict[float, Noise]:
+    """The seed noise of each model size (pooled over its token budgets), where it has seeds."""
+    out = {}
+    for n in np.unique(finals.params):
+        noise = seed_noise(finals.select(finals.params == n))
+        if noise:
+            out[float(n)] = noise
+    return out
 
 
 def residual_noise(residuals: np.ndarray, n_params: int) -> Noise:
@@ -603,11 +397,12 @@ def _allocation_coefs(law: str, p: Mapping[str, float], fpt: Mapping[str, float]
     if law != "chinchilla":
         return None
     k, g = fpt["coef"], fpt["exponent"]
-    s = p["alpha"] + g * p["beta"]
-    a = p["beta"] / s
-    big_g = (p["alpha"] * p["A"] / (g * p["beta"] * p["B"])) ** (1 / s)
-    k_n = big_g * k ** -a
-    return k_n, a, 1 / (k * k_n ** g), 1 - g * a
+    alpha, beta, big_a, big_b = (np.asarray(p[n], dtype=float) for n in ("alpha", "beta", "A", "B"))
+    with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+        s = alpha + g * beta
+        a = beta / s
+        k_n = (alpha * big_a / (g * beta * big_b)) ** (1 / s) * k ** -a
+        return k_n, a, 1 / (k * k_n ** g), 1 - g * a
 
 
 # ----------------------------------------------------------------------------- the result
@@ -623,10 +418,10 @@ class HeldOut:
     params: float
     tokens: float
     flops: float
-    compute_ratio: float  # its FLOPs over the largest fitting run's
     predicted: float
     loss: float
     are: float
+    compute_ratio: float | None = None  # its FLOPs over the largest fitting run's
     interval: tuple[float, float] | None = None
     law_interval: tuple[float, float] | None = None
 
@@ -1052,6 +847,9 @@ def _allocation(fit: Fit) -> Allocation:
         return Allocation(False, "loss against compute alone does not say how to split it into "
                                  "N and D")
     k_n, a, k_d, b = map(float, coefs)
+    if not all(np.isfinite([k_n, a, k_d, b])) or min(k_n, k_d) <= 0:
+        return Allocation(False, f"the exponents (alpha {fit.params['alpha']:.3g}, beta "
+                                 f"{fit.params['beta']:.3g}) put the optimum out of reach")
     decade = math.ceil(math.log10(fit.max_fit_flops))
     examples = predict(fit, flops=10.0 ** np.arange(decade, decade + 4))
     keys = [k for k in ("flops", "params", "tokens", "loss") if k in examples]
@@ -1122,8 +920,8 @@ def score(fit: Fit, points: Points, held: Collection[str]) -> Fit:
         else [None] * len(final)
     are = np.abs(point - final.loss) / final.loss
     ratio = final.flops / fit.max_fit_flops
-    held_out = tuple(HeldOut(str(r), float(n), float(d), float(c), float(q), float(p), float(l),
-                             float(e), (float(i[0]), float(i[1])),
+    held_out = tuple(HeldOut(str(r), float(n), float(d), float(c), float(p), float(l), float(e),
+                             float(q), (float(i[0]), float(i[1])),
                              None if w is None else (float(w[0]), float(w[1])))
                      for r, n, d, c, q, p, l, e, i, w in zip(
                          final.run, final.params, final.tokens, final.flops, ratio, point,
@@ -1161,6 +959,9 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
         out.append(f"only {' and '.join(few)}: fewer than 4 cannot test the law's shape; add "
                    "sizes or budgets")
     ident = fit.identifiability
+    if ident and not ident.identified and fit.laplace is not None:
+        out.append("intervals from the fit's curvature understate the law's uncertainty when E "
+                   "is not identified; bootstrap (lm fit --bootstrap 100)")
     if ident and not ident.identified:
         moves = [f"{r.run}: {lo:.4g}..{hi:.4g}" for r in fit.holdout
                  if (span := held_out_range(fit, r)) for lo, hi in [span]]

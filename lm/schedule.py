@@ -2,6 +2,11 @@
 
 It is an input of the compiled train step, not a constant inside it, so that one compiled
 program serves runs of every length and learning rate (seeds, token budgets, sweeps).
+
+WSD (warmup-stable-decay, Hägele et al. 2024) holds the rate constant after warmup and decays
+it over the final `decay_fraction` of the run only. Before the decay, runs of every length
+follow the same rates: a cooldown *branch* that starts from a longer run's checkpoint at its
+own decay start trains exactly as a run of its length from scratch would.
 """
 
 from __future__ import annotations
@@ -11,21 +16,34 @@ import math
 from lm.config import OptimConfig
 
 
+def decay_start(o: OptimConfig, steps: int) -> int:
+    """The first step of a wsd run's decay (the steps before it hold the peak rate)."""
+    return steps - round(o.decay_fraction * steps)
+
+
 def learning_rate(o: OptimConfig, steps: int, step: int) -> float:
     """The learning rate of step index `step` (0-based) of a run of `steps` steps: linear
-    warmup to `lr`, then cosine/linear decay to `lr * final_lr_ratio` at `steps`."""
+    warmup to `lr`, then cosine/linear decay to `lr * floor` at `steps`, or wsd's plateau
+    and final decay (linear or 1-sqrt) to it."""
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    floor = o.lr * o.final_lr_ratio
+    floor = o.lr * o.floor
+    if o.schedule == "constant":
+        return o.lr
+    if o.schedule == "wsd":
+        start = decay_start(o, steps)
+        if step < start:
+            return o.lr
+        progress = (step - start) / (steps - start)
+        shape = progress if o.decay_shape == "linear" else math.sqrt(progress)
+        return floor + (o.lr - floor) * (1 - shape)
     progress = min(max((step - o.warmup_steps) / max(steps - o.warmup_steps, 1), 0.0), 1.0)
     if o.schedule == "cosine":
         return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if o.schedule == "linear":
-        return o.lr - (o.lr - floor) * progress
-    return o.lr
+    return o.lr - (o.lr - floor) * progress
 
 
 def annealed(o: OptimConfig, steps: int, step: int) -> bool:
     """Whether step `step` of a run of `steps` ends a decay of the learning rate, so that its
     loss is the loss a run of that length reaches (a point a scaling law can use as it is)."""
-    return step == steps and o.schedule != "constant" and o.final_lr_ratio < 1
+    return step == steps and o.schedule != "constant" and o.floor < 1

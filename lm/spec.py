@@ -17,6 +17,7 @@ import yaml
 from lm import config as config_lib, flops, rundir, scaling, schedule
 from lm.config import Config
 from lm.errors import ConfigError
+from lm.points import Points
 
 
 # --------------------------------------------------------------------------- the spec
@@ -34,6 +35,12 @@ class Recipe:
     max_warmup_fraction: float = 0.25
     eval_points: int = 8  # log-spaced evaluations per trial: its learning curve
     min_steps: int = 20  # shorter budgets are an error, not a silently useless run
+    # cosine: every budget a run of its own; wsd: per size and seed, one stable run to the
+    # largest budget's decay start, and a cooldown branch from it for each budget
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # wsd
+    save_every_seconds: float = 60.0  # a killed worker loses at most this much of a run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +57,8 @@ class FitSpec:
     params: Literal["total", "non_embedding"] = "total"
     metric: str = "val"  # the validation set whose loss is fitted (data.val_sets names more)
     min_tokens_per_param: float = 1.0  # points of models that saw fewer are not fitted
+    # sizes whose seeds spread by more than this (std of log loss) leave the fit; 0: none do
+    max_noise: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +71,25 @@ class SweepSpec:
     tokens: tuple[float, ...] = ()  # token budgets: every size trains on each
     isoflop: tuple[float, ...] = ()  # or compute budgets C: sizes around the optimum of each
     isoflop_points: int = 4
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0,)  # a size may say how many it needs: {..., seeds: 3}
+    # Every trial of a study reads its training data in one order, set by `seed` (common
+    # random numbers: sizes and budgets are compared on the same batches); seeds vary the
+    # models' initialisation, offset by `seed` too. `lm sweep SPEC seed=1` reruns the study
+    # afresh, in SWEEP_DIR-seed1.
+    seed: int = 0
     recipe: Recipe = Recipe()
     holdout: HoldoutSpec = HoldoutSpec()
     fit: FitSpec = FitSpec()
 
     @property
     def path(self) -> Path:
-        return Path(self.dir or f"runs/sweeps/{self.name}")
+        """The sweep directory; another seed offset is another study, in another directory."""
+        path = self.dir or f"runs/sweeps/{self.name}"
+        return Path(f"{path}-seed{self.seed}" if self.seed else path)
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def load_spec(path: str | Path, overrides=()) -> SweepSpec:
+    """A sweep spec from YAML, with dotted `overrides` (e.g. seed=1, recipe.lr=3e-3)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep spec {path} not found")
@@ -80,7 +97,10 @@ def load_spec(path: str | Path) -> SweepSpec:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    spec = config_lib.build(SweepSpec, raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep spec must be a mapping, got {type(raw).__name__}")
+    spec = config_lib.build(SweepSpec, config_lib.merge(
+        raw, config_lib.parse_overrides(list(overrides))))
     if not spec.sizes:
         raise ConfigError(f"{path}: `sizes` is empty; list model shapes, e.g. "
                           "[{model.d_model: 64, model.n_layers: 2}]")
@@ -98,21 +118,28 @@ def load_spec(path: str | Path) -> SweepSpec:
 @dataclasses.dataclass(frozen=True)
 class Trial:
     name: str
-    role: Literal["fit", "holdout"]
+    role: Literal["fit", "holdout", "stable"]  # stable: a wsd run its branches start from
     cfg: Config
 
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.train.run_dir)
 
+    @property
+    def parent(self) -> str | None:
+        """The trial a cooldown branch starts from (its run directory's name)."""
+        return Path(self.cfg.train.branch_from).name if self.cfg.train.branch_from else None
+
     def facts(self) -> dict:
-        """What a fit needs to know of the trial, from its config alone."""
-        m, counts = self.cfg.model, flops.param_counts(self.cfg.model)
-        tokens = self.cfg.train.steps * self.cfg.tokens_per_step
+        """What a fit needs to know of the trial, from its config alone: the run's N, D and
+        FLOPs (a branch's count from step 0), and the FLOPs the trial itself spends."""
+        t, m, counts = self.cfg.train, self.cfg.model, flops.param_counts(self.cfg.model)
+        tokens = t.steps * self.cfg.tokens_per_step
         per_token = flops.train_flops_per_token(m, self.cfg.seq_len)
         return {"params": counts["total"], "params_non_embedding": counts["non_embedding"],
                 "tokens": tokens, "flops_per_token": per_token, "flops": per_token * tokens,
-                "flops_6nd": 6 * counts["total"] * tokens}
+                "flops_6nd": 6 * counts["total"] * tokens,
+                "spent_flops": per_token * (t.steps - t.branch_step) * self.cfg.tokens_per_step}
 
 
 def _dotted(mapping: dict) -> list[str]:
@@ -124,33 +151,65 @@ def _size_config(spec: SweepSpec, size: dict) -> Config:
     return config_lib.load(spec.base, _dotted(spec.overrides) + _dotted(size))
 
 
-def _name(cfg: Config, tokens: int, seed: int) -> str:
+def _name(cfg: Config, tokens: int, seed: int, kind: str = "") -> str:
     m = cfg.model
-    return f"d{m.d_model}-l{m.n_layers}-h{m.n_heads}-t{tokens:.3g}-s{seed}".replace("+", "")
+    return f"d{m.d_model}-l{m.n_layers}-h{m.n_heads}-{kind}t{tokens:.3g}-s{seed}".replace("+", "")
 
 
-def _trial(spec: SweepSpec, size: dict, tokens: float, seed: int, role: str) -> Trial:
-    """One run of `size` on about `tokens` tokens, with the recipe's per-size LR and warmup."""
-    base, r = _size_config(spec, size), spec.recipe
-    per_step = base.tokens_per_step
-    steps = round(tokens / per_step)
-    if steps < r.min_steps:
+def _steps(spec: SweepSpec, base: Config, size: dict, tokens: float) -> int:
+    steps = round(tokens / base.tokens_per_step)
+    if steps < spec.recipe.min_steps:
         raise ConfigError(
-            f"a budget of {tokens:.3g} tokens is {steps} steps of {per_step} tokens for size "
-            f"{size}; recipe.min_steps={r.min_steps}: raise the budget or lower train.batch_size")
+            f"a budget of {tokens:.3g} tokens is {steps} steps of {base.tokens_per_step} tokens "
+            f"for size {size}; recipe.min_steps={spec.recipe.min_steps}: raise the budget or "
+            "lower train.batch_size")
+    return steps
+
+
+def _warmup(spec: SweepSpec, base: Config, shortest: int) -> int:
+    """Warmup in proportion to the model's size, within the recipe's bounds, and no longer than
+    its share of the shortest run it must serve."""
+    r = spec.recipe
     n = flops.param_counts(base.model)["total"]
-    warmup = round(r.warmup_tokens_per_param * n / per_step)
-    warmup = min(max(warmup, r.min_warmup_steps), int(r.max_warmup_fraction * steps))
+    warmup = round(r.warmup_tokens_per_param * n / base.tokens_per_step)
+    return min(max(warmup, r.min_warmup_steps), int(r.max_warmup_fraction * shortest))
+
+
+def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup: int,
+           schedule: str, kind: str = "", **settings) -> Trial:
+    """One run of `size` for `steps` steps, with the recipe's per-size LR."""
+    base, r = _size_config(spec, size), spec.recipe
     lr = r.lr * (r.lr_ref_width / base.model.d_model) ** r.lr_power if r.lr_ref_width else r.lr
-    name = _name(base, steps * per_step, seed)
-    settings = {"train.steps": steps, "train.seed": seed, "optim.warmup_steps": warmup,
-                "train.run_dir": str(spec.path / "trials" / name), "train.progress": False,
-                "eval.log_points": r.eval_points,
-                "checkpoint.every_steps": max(steps // 4, 1)}  # resumable, not too chatty
+    name = _name(base, steps * base.tokens_per_step, seed, kind)
+    settings = {"train.steps": steps, "train.seed": seed, "data.seed": spec.seed,
+                "optim.warmup_steps": warmup,
+                "optim.schedule": schedule, "optim.decay_fraction": r.decay_fraction,
+                "optim.decay_shape": r.decay_shape, "train.run_dir": str(spec.path / "trials" / name),
+                "train.progress": False, "eval.log_points": r.eval_points,
+                "checkpoint.every_seconds": r.save_every_seconds, **settings}
     if "optim.lr" not in size:  # a size may state its own tuned LR
         settings["optim.lr"] = lr
     cfg = config_lib.load(spec.base, _dotted(spec.overrides) + _dotted(size) + _dotted(settings))
     return Trial(name, role, cfg)
+
+
+def _runs(spec: SweepSpec, size: dict, budgets: list[float], seed: int, role: str
+          ) -> list[Trial]:
+    """The trials that give `size` its loss at each token budget: a cosine run each, or one
+    stable run to the largest budget's decay start with a cooldown branch per budget, each
+    starting from its own decay start."""
+    base = _size_config(spec, size)
+    steps = sorted(_steps(spec, base, size, tokens) for tokens in budgets)
+    warmup = _warmup(spec, base, steps[0])
+    if spec.recipe.schedule == "cosine":
+        return [_trial(spec, size, s, seed, role, warmup, "cosine") for s in steps]
+    o = dataclasses.replace(base.optim, decay_fraction=spec.recipe.decay_fraction)
+    starts = [schedule.decay_start(o, s) for s in steps]
+    stable = _trial(spec, size, starts[-1], seed, "stable", warmup, "constant", "stable-",
+                    **{"checkpoint.steps": sorted(set(starts))})
+    return [stable] + [_trial(spec, size, s, seed, role, warmup, "wsd", **{
+        "train.branch_from": str(stable.run_dir), "train.branch_step": start})
+        for s, start in zip(steps, starts)]
 
 
 def _isoflop_sizes(spec: SweepSpec, budget: float) -> list[tuple[dict, float]]:
@@ -167,15 +226,34 @@ def _isoflop_sizes(spec: SweepSpec, budget: float) -> list[tuple[dict, float]]:
             for size, c in cfgs[lo:lo + k]]
 
 
+def _seeds(spec: SweepSpec, size: dict) -> tuple[dict, list[int]]:
+    """A size's overrides without its `seeds` count, and its seeds (offset by spec.seed)."""
+    size = dict(size)
+    count = size.pop("seeds", None)
+    seeds = range(count) if count is not None else spec.seeds
+    return size, [spec.seed + s for s in seeds]
+
+
 def plan(spec: SweepSpec) -> list[Trial]:
-    """Every trial of the sweep: the fitting grid, then the held-out run(s)."""
-    grid = ([(size, tokens) for size in spec.sizes for tokens in spec.tokens] if spec.tokens
-            else [pair for budget in spec.isoflop for pair in _isoflop_sizes(spec, budget)])
-    trials = [_trial(spec, size, tokens, seed, "fit") for size, tokens in grid
-              for seed in spec.seeds]
+    """Every trial of the sweep: the fitting grid (with wsd, stable runs and their branches),
+    then the held-out run(s)."""
+    grid: dict[str, tuple[dict, list[float]]] = {}  # budgets by size
+    if spec.tokens:
+        for size in spec.sizes:
+            grid[json.dumps(size, sort_keys=True)] = (size, list(spec.tokens))
+    for budget in spec.isoflop:
+        for size, tokens in _isoflop_sizes(spec, budget):
+            grid.setdefault(json.dumps(size, sort_keys=True), (size, []))[1].append(tokens)
+    trials = []
+    for size, budgets in grid.values():
+        size, seeds = _seeds(spec, size)
+        trials += [t for seed in seeds for t in _runs(spec, size, budgets, seed, "fit")]
     if spec.holdout.size:
-        trials.append(_trial(spec, spec.holdout.size, spec.holdout.tokens, spec.seeds[0],
-                             "holdout"))
+        held, seeds = _seeds(spec, spec.holdout.size)
+        base = _size_config(spec, held)
+        steps = _steps(spec, base, held, spec.holdout.tokens)
+        trials.append(_trial(spec, held, steps, seeds[0], "holdout", _warmup(spec, base, steps),
+                             spec.recipe.schedule))
         largest = max(t.facts()["flops"] for t in trials if t.role == "fit")
         if trials[-1].facts()["flops"] <= largest:
             raise ConfigError(
@@ -184,12 +262,12 @@ def plan(spec: SweepSpec) -> list[Trial]:
                 "or holdout.size")
     names = [t.name for t in trials]
     duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"the sweep repeats trials {duplicates}: sizes and budgets must differ")
     sets = trials[0].cfg.data.set_names
     if spec.fit.metric not in sets:
         raise ConfigError(f"fit.metric={spec.fit.metric!r} is not a validation set of the "
                           f"trials; choose one of {sets} (data.val_sets names more)")
-    if duplicates:
-        raise ConfigError(f"the sweep repeats trials {duplicates}: sizes and budgets must differ")
     try:
         scaling.check_design(planned_points([t for t in trials if t.role == "fit"], spec),
                              spec.fit.law, spec.fit.drop_early, spec.fit.min_tokens_per_param)
@@ -198,17 +276,18 @@ def plan(spec: SweepSpec) -> list[Trial]:
     return trials
 
 
-def planned_points(trials: list[Trial], spec: SweepSpec) -> scaling.Points:
+def planned_points(trials: list[Trial], spec: SweepSpec) -> Points:
     """The evaluations the trials will make, with a placeholder loss: what a fit will see."""
     rows = []
     for t in trials:
         facts, per_step = t.facts(), t.cfg.tokens_per_step
         params = facts["params"] if spec.fit.params == "total" else facts["params_non_embedding"]
-        for step in sorted(rundir.eval_steps(t.cfg) or {t.cfg.train.steps}):
+        evaluated = rundir.eval_steps(t.cfg) or {t.cfg.train.steps}
+        for step in sorted(s for s in evaluated if s > t.cfg.train.branch_step):
             rows.append({"params": params, "tokens": step * per_step, "loss": 1.0, "run": t.name,
                          "flops": step * per_step * facts["flops_per_token"], "step": step,
                          "annealed": schedule.annealed(t.cfg.optim, t.cfg.train.steps, step)})
-    return scaling.Points.from_rows(rows)
+    return Points.from_rows(rows)
 
 
 def memory_bytes(cfg: Config) -> int:
@@ -235,21 +314,26 @@ def check_memory(trials: list[Trial], limit: int) -> None:
 
 
 def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
-    """The `lm sweep --plan` table: every trial with its size, tokens, FLOPs and an estimated
-    time at a typical small-model MFU of a measured `peak`."""
+    """The `lm sweep --plan` table: every trial with its size, tokens, the FLOPs it spends and
+    an estimated time at a typical small-model MFU of a measured `peak`; the study's FLOPs, and
+    what cooldown branches save against training every budget from scratch."""
     mfu, compile_s = 0.25, 15.0  # typical of small models on CPU; compile per trial
     lines = [f"sweep {spec.name}: {len(trials)} trials into {spec.path} (time assumes "
              f"{mfu:.0%} of a measured {peak / 1e9:.0f} GFLOP/s, +{compile_s:.0f} s per trial)",
-             f"{'trial':<34} {'role':<8} {'params':>10} {'tokens':>10} {'FLOPs':>10} "
+             f"{'trial':<40} {'role':<8} {'params':>10} {'tokens':>10} {'FLOPs':>10} "
              f"{'steps':>6} {'lr':>8} {'~time':>8}"]
     total = 0.0
     for t in trials:
         f = t.facts()
-        seconds = f["flops"] / (mfu * peak) + compile_s
+        seconds = f["spent_flops"] / (mfu * peak) + compile_s
         total += seconds
-        lines.append(f"{t.name:<34} {t.role:<8} {f['params']:>10,} {f['tokens']:>10.3g} "
-                     f"{f['flops']:>10.3g} {t.cfg.train.steps:>6} {t.cfg.optim.lr:>8.2e} "
+        steps = t.cfg.train.steps - t.cfg.train.branch_step
+        lines.append(f"{t.name:<40} {t.role:<8} {f['params']:>10,} {f['tokens']:>10.3g} "
+                     f"{f['spent_flops']:>10.3g} {steps:>6} {t.cfg.optim.lr:>8.2e} "
                      f"{seconds / 60:>7.1f}m")
-    lines.append(f"total: {sum(t.facts()['flops'] for t in trials):.3g} FLOPs, about "
-                 f"{total / 60:.0f} minutes on this machine with one worker")
+    spent = sum(t.facts()["spent_flops"] for t in trials)
+    scratch = sum(t.facts()["flops"] for t in trials if t.role != "stable")
+    lines.append(f"total: {spent:.3g} FLOPs ({scratch:.3g} if every budget trained from "
+                 f"scratch: {1 - spent / scratch:+.0%} saved), about {total / 60:.0f} minutes on "
+                 "this machine with one worker")
     return "\n".join(lines)

@@ -14,24 +14,37 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lm import sharding
+from lm import flops, sharding
 from lm.config import Config
 from lm.model import Transformer
 
 
-def _decays(path, _) -> bool:
-    """Weight decay applies to matrices, not to norm scales."""
-    return not any(str(getattr(k, "key", "")).endswith("norm") for k in path)
+def _name(path) -> str:
+    """A parameter's name in `lm.flops.parameters` (`blocks.wq`) from its path in the state."""
+    return ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _by_name(fn, tree):
+    """`fn(name, leaf)` for every leaf of a tree of parameters (or of their updates)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(_name(path), x), tree)
 
 
 def optimizer(cfg: Config) -> optax.GradientTransformation:
     """AdamW without its learning rate: the update direction (clipping, Adam, decoupled weight
-    decay), which the step scales by the step's learning rate, an input of the step."""
-    o = cfg.optim
+    decay, not on norm scales), which the step scales by the step's learning rate, an input of
+    the step. Under muP each parameter's direction is then multiplied by its role's LR
+    multiplier (`lm.flops.MUP`): the decay too, so that it scales with the LR as in AdamW with
+    per-group learning rates (the `mup` package's MuAdamW)."""
+    o, table = cfg.optim, flops.parameters(cfg.model)
+    decays = {name: p.role != flops.NORM for name, p in table.items()}
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
     parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-              optax.add_decayed_weights(o.weight_decay, mask=lambda params: jax.tree_util
-                                        .tree_map_with_path(_decays, params))]
+              optax.add_decayed_weights(o.weight_decay, mask=lambda params: _by_name(
+                  lambda name, _: decays[name], params))]
+    if cfg.model.parametrization == "mup":
+        lr = {name: flops.scales(cfg.model, p.role).lr for name, p in table.items()}
+        parts.append(optax.stateless(lambda updates, _: _by_name(
+            lambda name, u: u * lr[name], updates)))
     return optax.chain(*parts)
 
 

@@ -22,9 +22,10 @@ import sqlite3
 import time
 from pathlib import Path
 
-from lm import config as config_lib, scaling
+from lm import config as config_lib
 from lm.config import Config
 from lm.errors import ConfigError, StoreError
+from lm.points import Points, load_csv
 from lm.spec import Trial
 
 VERSION = 2
@@ -55,10 +56,15 @@ CREATE TABLE IF NOT EXISTS prediction (
 V2_COLUMNS = {  # added to `trials` by the upgrade from version 1
     "worker": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0",
     "failures": "INTEGER NOT NULL DEFAULT 0", "heartbeat": "DOUBLE PRECISION",
-    "timings": "TEXT"}
+    "timings": "TEXT", "parent": "TEXT", "spent_flops": "DOUBLE PRECISION"}
 # A version-1 `points` table lacks the validation set (named sets came later) and whether a
 # point ends a learning-rate decay; it is copied into the version-2 table.
 V1_POINTS = ("trial", "step", "tokens", "flops", "train_loss", "val_loss", "val_loss_sem", "bpb")
+
+
+# A pending trial whose parent (the stable run a cooldown branch starts from), if any, is done.
+CLAIMABLE = ("status='pending' AND (parent IS NULL OR parent IN (SELECT name FROM trials "
+             "WHERE status='done'))")
 
 
 def worker_name(pid: int | None = None) -> str:
@@ -75,10 +81,11 @@ class _SQLite:
     def __init__(self, path: Path):
         self.where = str(path)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             self.con = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit
             self.con.row_factory = sqlite3.Row
             self.con.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as e:
+        except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{path}: cannot open the store ({e})") from None
 
     @contextlib.contextmanager
@@ -103,8 +110,8 @@ class _SQLite:
 
     def claim_sql(self) -> str:
         return ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
-                "updated=? WHERE name = (SELECT name FROM trials WHERE status='pending' "
-                "ORDER BY flops DESC, name LIMIT 1) RETURNING name")
+                "updated=? WHERE name = (SELECT name FROM trials WHERE " + CLAIMABLE + " "
+                "ORDER BY COALESCE(spent_flops, flops) DESC, name LIMIT 1) RETURNING name")
 
 
 class _Postgres:
@@ -146,8 +153,8 @@ class _Postgres:
 
     def claim_sql(self) -> str:
         return ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
-                "updated=? WHERE name = (SELECT name FROM trials WHERE status='pending' "
-                "ORDER BY flops DESC, name LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING name")
+                "updated=? WHERE name = (SELECT name FROM trials WHERE " + CLAIMABLE + " "
+                "ORDER BY COALESCE(spent_flops, flops) DESC, name LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING name")
 
 
 def _connect(url: str):
@@ -242,12 +249,13 @@ class Store:
                     self.db.execute(
                         "INSERT INTO trials (name, role, config, status, params, "
                         "params_non_embedding, tokens, flops_per_token, flops, flops_6nd, "
-                        "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "spent_flops, parent, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                        "?, ?)",
                         (t.name, t.role, _config_json(t.cfg),
                          "blocked" if t.role == "holdout" and not registered else "pending",
                          facts["params"], facts["params_non_embedding"], facts["tokens"],
                          facts["flops_per_token"], facts["flops"], facts["flops_6nd"],
-                         time.time()))
+                         facts["spent_flops"], t.parent, time.time()))
                 elif not _same_config(old["config"], t.cfg):
                     raise ConfigError(
                         f"trial {t.name} in {self.path} was planned with another config; the "
@@ -282,6 +290,18 @@ class Store:
                                     "name=? AND status='running'", (r["name"],))
                     reclaimed.append(r["name"])
         return reclaimed
+
+    def fail_orphans(self) -> list[str]:
+        """Branches whose stable run failed for good cannot start: they fail too."""
+        with self.db.transaction():
+            rows = self.db.execute("SELECT c.name, c.parent FROM trials c JOIN trials p ON "
+                                   "c.parent = p.name WHERE p.status = 'failed' AND c.status IN "
+                                   "('pending', 'blocked')").fetchall()
+            for r in rows:
+                self.db.execute("UPDATE trials SET status='failed', error=?, updated=? WHERE "
+                                "name=?", (f"its stable run {r['parent']} failed",
+                                           time.time(), r["name"]))
+        return [r["name"] for r in rows]
 
     def release(self, name: str, worker: str) -> None:
         """A worker stopped (a signal) before `name` ended: pending again, for anyone."""
@@ -345,7 +365,7 @@ class Store:
 
     def points(self, params: str = "total", metric: str = "val") -> list[dict]:
         """Every evaluation on validation set `metric` of every finished trial, as rows for
-        scaling.Points."""
+        Points."""
         column = "params" if params == "total" else "params_non_embedding"
         rows = self.db.execute(
             f"SELECT t.name AS run, t.role, t.{column} AS params, p.tokens, p.flops, "
@@ -355,18 +375,25 @@ class Store:
         return [dict(r) for r in rows]
 
     def points_of(self, params: str = "total", roles=("fit", "holdout"), names=None,
-                  metric: str = "val") -> scaling.Points:
+                  metric: str = "val") -> Points:
         """The points of the finished trials of `roles` (and of `names`, if given)."""
         rows = [r for r in self.points(params, metric)
                 if r["role"] in roles and (names is None or r["run"] in names)]
         if not rows:
             raise StoreError(f"no finished {'/'.join(roles)} trials in {self.path} with "
                              f"evaluations on {metric!r} to fit")
-        return scaling.Points.from_rows(rows)
+        return Points.from_rows(rows)
 
     def sets(self) -> list[str]:
         """The validation sets the store has evaluations on."""
         return sorted(r["s"] for r in self.db.execute('SELECT DISTINCT "set" AS s FROM points'))
+
+    def last_sems(self, metric: str = "val") -> dict[str, float]:
+        """Each trial's standard error of its latest loss on `metric`, relative to the loss:
+        the evaluation's own noise, to set against the runs' noise."""
+        rows = self.db.execute('SELECT trial, val_loss, val_loss_sem FROM points WHERE "set" = ? '
+                               "ORDER BY step", (metric,))
+        return {r["trial"]: (r["val_loss_sem"] or 0.0) / r["val_loss"] for r in rows}
 
     def last_losses(self, metric: str = "val") -> dict[str, float]:
         """Each trial's latest loss on validation set `metric`."""
@@ -380,17 +407,24 @@ def _config_json(cfg: Config) -> str:
 
 
 def _same_config(stored: str, cfg: Config) -> bool:
-    """Whether a stored trial config is `cfg`, read with today's defaults (a key added to lm
-    since the sweep started does not orphan its trials), wherever the sweep directory is now."""
+    """Whether a stored trial config is `cfg` in all that decides its losses: read with today's
+    defaults (a key added to lm since the sweep started does not orphan its trials), wherever
+    the sweep directory is now, however often it checkpoints or logs."""
     try:
         old = config_lib.from_dict(json.loads(stored))
     except ConfigError:  # a key that no longer exists
         return False
-    return config_lib.replace(old, train={"run_dir": cfg.train.run_dir}) == cfg
+    t = cfg.train
+    kept = {"run_dir": t.run_dir, "log_every": t.log_every, "progress": t.progress,
+            "peak_flops": t.peak_flops}  # and a branch's parent, one directory over:
+    if Path(old.train.branch_from).name == Path(t.branch_from).name:
+        kept["branch_from"] = t.branch_from
+    return config_lib.replace(old, train=kept, checkpoint=config_lib.to_dict(cfg)["checkpoint"]
+                              ) == cfg
 
 
 def load_points(source: str | Path, ignore_columns: bool = False, metric: str = "val",
-                params: str = "total") -> tuple[scaling.Points, list[str]]:
+                params: str = "total") -> tuple[Points, list[str]]:
     """Points from a sweep (directory, store file or PostgreSQL URL) or a CSV, and the
     designated held-out runs (a sweep's `holdout` trials; none for a CSV). A sweep's points are
     its evaluations on validation set `metric`, with N counted as `params` (total or
@@ -399,11 +433,11 @@ def load_points(source: str | Path, ignore_columns: bool = False, metric: str = 
     if Path(source).is_dir():
         source = str(Path(source) / SQLITE)
     if not source.startswith("postgres") and not source.endswith(".sqlite"):
-        return scaling.load_csv(source, ignore_columns), []
+        return load_csv(source, ignore_columns), []
     store = Store(source, create=False)
     rows = store.points(params, metric)
     if not rows:
         raise StoreError(f"{source} holds no finished trials with evaluations on {metric!r} "
                          f"yet (its sets: {', '.join(store.sets()) or 'none'})")
     held = sorted({r["run"] for r in rows if r["role"] == "holdout"})
-    return scaling.Points.from_rows(rows), held
+    return Points.from_rows(rows), held

@@ -19,11 +19,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import (checkpoint, config as config_lib, data, evaluate, flops, rundir, schedule,
-                sharding, spikes, state as state_lib)
+from lm import (checkpoint, config as config_lib, data, evaluate, flops, profiling, rundir,
+                schedule, sharding, spikes, state as state_lib, trackers)
 from lm.config import Config
-from lm.errors import Interrupted
-from lm.processes import StopSignals, is_primary, primary_first, sync
+from lm.errors import CheckpointError, Interrupted
+from lm.processes import StopSignals, agree, is_primary, primary_first, sync
 
 log = logging.getLogger("lm")
 
@@ -32,7 +32,9 @@ log = logging.getLogger("lm")
 
 
 def accumulate(grad_fn, params, tokens_bt1, n: int):
-    """Mean loss and gradient over `n` equal micro-batches: the same as one full batch.
+    """`grad_fn`'s value (a loss, or a loss and a dict of metrics) and gradient over `n` equal
+    micro-batches: their mean, the same as one full batch's, but for metrics named `max_*`,
+    which take the largest.
 
     Micro-batch i takes rows i, i+n, i+2n, ..., so each device's contiguous block of rows
     feeds every micro-batch and nothing moves between devices."""
@@ -41,31 +43,45 @@ def accumulate(grad_fn, params, tokens_bt1, n: int):
     b = tokens_bt1.shape[0]
     micro_mbt = tokens_bt1.reshape(b // n, n, -1).swapaxes(0, 1)
 
+    def is_max(path) -> bool:
+        return str(getattr(path[-1], "key", "")).startswith("max_")
+
+    def combine(path, total, value):
+        return jnp.maximum(total, value) if is_max(path) else total + value
+
     def add(total, tokens_bt1):
         value = grad_fn(params, sharding.constrain(tokens_bt1, ("batch", None)))
-        return jax.tree.map(jnp.add, total, value), None
+        return jax.tree_util.tree_map_with_path(combine, total, value), None
 
-    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    shapes = jax.eval_shape(grad_fn, params, micro_mbt[0])
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     total, _ = jax.lax.scan(add, zero, micro_mbt)
-    return jax.tree.map(lambda x: x / n, total)
+    return jax.tree_util.tree_map_with_path(lambda path, x: x if is_max(path) else x / n, total)
 
 
 def make_step(lay: state_lib.Layout):
     """(state, tokens [b, t+1], learning rate) -> (state, metrics). The learning rate is an
-    input, so that one compiled step serves runs of any length, schedule and peak rate."""
+    input, so that one compiled step serves runs of any length, schedule and peak rate. The
+    metrics: loss (the cross-entropy, without the z-loss), grad_norm, lr, and with
+    `train.log_stability` max_attention_logit and output_logit_rms."""
     cfg = lay.cfg
 
     def loss_fn(params, tokens_bt1):
         model = nnx.merge(lay.graphdef, params)
-        return model.loss(tokens_bt1[:, :-1], tokens_bt1[:, 1:])
+        return model.objective(tokens_bt1[:, :-1], tokens_bt1[:, 1:], cfg.optim.z_loss,
+                               cfg.train.log_stability)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, tokens_bt1, lr):
-        loss, grads = accumulate(grad_fn, state["params"], tokens_bt1, cfg.train.micro_batches)
+        (_, aux), grads = accumulate(grad_fn, state["params"], tokens_bt1,
+                                     cfg.train.micro_batches)
         direction, opt = lay.tx.update(grads, state["opt"], state["params"])
         updates = jax.tree.map(lambda u: -lr * u, direction)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        metrics = {"loss": aux["loss"], "grad_norm": optax.tree.norm(grads), "lr": lr}
+        if cfg.train.log_stability:  # the logits' mean square over micro-batches, then its root
+            metrics |= {"max_attention_logit": aux["max_attention_logit"],
+                        "output_logit_rms": jnp.sqrt(aux["output_logit_ms"])}
         new = {"params": optax.apply_updates(state["params"], updates), "opt": opt,
                "step": state["step"] + 1}
         return new, metrics
@@ -92,8 +108,8 @@ def compiled_key(cfg: Config) -> tuple:
     """What a compiled step depends on: runs that agree on it share one program, whatever
     their length, learning rate, schedule, seed, data or run directory."""
     o, t = cfg.optim, cfg.train
-    return (cfg.model, cfg.mesh, t.batch_size, t.micro_batches, cfg.seq_len,
-            (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm))
+    return (cfg.model, cfg.mesh, t.batch_size, t.micro_batches, cfg.seq_len, t.log_stability,
+            (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm, o.z_loss))
 
 
 def compile_program(cfg: Config, devices=None) -> Program:
@@ -124,6 +140,8 @@ class _Run:
     log: rundir.Log
     evaluator: evaluate.Evaluators | None
     peak: float
+    peak_name: str  # which peak: a data-sheet entry, `measured cpu` or `train.peak_flops`
+    trace: profiling.Trace
     stop: StopSignals
     bar: object  # tqdm
     state: dict
@@ -133,6 +151,7 @@ class _Run:
     row: dict  # the last metrics row
     session: Session
     clock: float = 0.0
+    saved_at: float = dataclasses.field(default_factory=time.perf_counter)
     logged: int = 0  # the last step logged
 
 
@@ -141,10 +160,29 @@ def _resume(cfg: Config, program: Program, mngr) -> tuple[dict, int, list, colle
     state, the step, the data positions skipped so far and the losses of the steps before."""
     lay = program.layout
     restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, aside=True)
-    state, meta = restored or (program.init(cfg.train.seed), {"step": 0})
+    state, meta = restored or _start(cfg, program)
     state["step"] = jax.device_put(np.int32(meta["step"]), lay.shardings["step"])
     return (state, meta["step"], [tuple(r) for r in meta.get("skipped", [])],
             collections.deque(meta.get("recent_losses", []), maxlen=cfg.train.spikes.window))
+
+
+def _start(cfg: Config, program: Program) -> tuple[dict, dict]:
+    """A run's first state and meta: fresh at step 0, or a cooldown branch's, from its parent's
+    checkpoint at the branch step (the same state the parent had there, bit for bit)."""
+    t, lay = cfg.train, program.layout
+    if not t.branch_from:
+        return program.init(t.seed), {"step": 0}
+    parent = checkpoint.manager(t.branch_from, read_only=True)
+    if t.branch_step not in parent.all_steps():
+        raise CheckpointError(
+            f"train.branch_from={t.branch_from} has no checkpoint at train.branch_step="
+            f"{t.branch_step} (it has {sorted(parent.all_steps())}); train that run first, with "
+            f"checkpoint.steps including {t.branch_step}")
+    log.info("branching from step %d of %s", t.branch_step, t.branch_from)
+    return checkpoint.restore(parent, t.branch_step, lay.abstract, lay.shardings)
+
+
+STABILITY = ("max_attention_logit", "output_logit_rms")  # train.log_stability's metrics
 
 
 def _log_metrics(run: _Run, step: int, metrics: dict, epoch: float) -> None:
@@ -161,7 +199,10 @@ def _log_metrics(run: _Run, step: int, metrics: dict, epoch: float) -> None:
         "tokens_per_s": cfg.tokens_per_step / seconds,
         "model_flops_per_s": flops.step_flops(cfg) / seconds,
         "mfu": flops.mfu(cfg, seconds, run.peak),
+        "peak": run.peak_name,
+        "peak_flops_per_s": run.peak,
         "epoch": epoch,  # passes over the training data so far: > 1 means it repeats
+        **{key: float(metrics[key]) for key in STABILITY if key in metrics},
         **data.realised(run.source, step),  # a mixture's shares of the rows so far
     }
     run.log.append("metrics", run.row)
@@ -184,6 +225,7 @@ def _evaluate(run: _Run, step: int) -> None:
 def _save(run: _Run, step: int) -> None:
     with run.session.timed("checkpoint"):
         _save_now(run, step)
+    run.saved_at = time.perf_counter()
 
 
 def _save_now(run: _Run, step: int) -> None:
@@ -197,10 +239,11 @@ def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
     """Everything the loop does after step `step`: check the losses since the last check,
     log, evaluate, save and stop, as their schedules say. Returns a spike, found before any
     of that happened."""
-    t = run.cfg.train
+    t, every = run.cfg.train, run.cfg.checkpoint.every_seconds
     log_now = step % t.log_every == 0 or step == t.steps
     stopping = run.stop.agreed(can_sync=log_now)
-    save_now = step in to_save or stopping
+    overdue = log_now and every > 0 and agree(time.perf_counter() - run.saved_at >= every)
+    save_now = step in to_save or stopping or overdue
     if log_now or save_now:  # the host waits for the device only here
         checked = jax.device_get(pending)
         pending.clear()
@@ -232,11 +275,14 @@ def _segment(run: _Run) -> spikes.Spike | None:
     batches = data.batches(src, lay.batch_sharding, lay.batch_shape, run.start, cfg.train.steps)
     with contextlib.closing(batches), run.session.timed("steps"):
         for index, tokens in batches:
+            run.trace.before_step(index, run.state)
             lr = np.float32(schedule.learning_rate(cfg.optim, cfg.train.steps, index))
             run.state, metrics = run.program.step(run.state, tokens, lr)
             pending.append(metrics)
             if spike := _after_step(run, index + 1, pending, src, to_eval, to_save):
+                run.trace.end()
                 return spike
+    run.trace.end()
     return None
 
 
@@ -314,6 +360,7 @@ def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
     that led to it. The ranges skipped live in every checkpoint's meta, so a resumed run reads
     the same batches as an uninterrupted one."""
     run_dir = rundir.checked(cfg.train.run_dir)
+    trackers.require(cfg.train.trackers)
     with rundir.locked(run_dir) if is_primary() else contextlib.nullcontext():
         sync("run directory locked")  # by every process, before process 0 writes into it
         return _train(cfg, run_dir, session or Session(devices))
@@ -333,15 +380,19 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
     with session.timed("restore"):
         mngr = checkpoint.manager(run_dir)
         state, start, skipped, recent = _resume(cfg, program, mngr)
-    run_log = rundir.Log(run_dir, writes=is_primary())
-    run_log.rewind(start, skipped)
     evaluator = session.evaluator(cfg) if rundir.eval_steps(cfg) else None
-    peak = t.peak_flops or flops.peak_flops_per_s(list(lay.mesh.devices.flat))
+    devices = list(lay.mesh.devices.flat)
+    peak = t.peak_flops or flops.peak_flops_per_s(devices)
+    peak_name = "train.peak_flops" if t.peak_flops else flops.peak_name(devices)
     with (StopSignals() as stop,
           tqdm(initial=start, total=t.steps, disable=not (t.progress and is_primary()),
-               unit="step") as bar):
-        run = _Run(cfg, program, mngr, source, run_log, evaluator, peak, stop, bar, state, start,
-                   skipped, recent, run_log.last_metrics(), session)
+               unit="step") as bar,
+          trackers.opened(cfg, run_dir, writes=is_primary()) as tracked):
+        run_log = rundir.Log(run_dir, writes=is_primary(), sinks=[tracked])
+        run_log.rewind(start, skipped)
+        run = _Run(cfg, program, mngr, source, run_log, evaluator, peak, peak_name,
+                   profiling.Trace(t.profile, run_dir), stop, bar, state, start, skipped, recent,
+                   run_log.last_metrics(), session)
         while (spike := _segment(run)) is not None:
             _roll_back(run, spike)
         with session.timed("checkpoint"):

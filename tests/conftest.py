@@ -4,7 +4,9 @@ jax is imported.
 
 The environment set here reaches the `lm` subprocesses that tests start, too."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from lm.devices import simulate_cpu_devices  # imports no JAX
@@ -14,6 +16,7 @@ simulate_cpu_devices(8)
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # Identical programs (same shapes, any seed) compile once per session, across processes.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lm-test-xla-")
+atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import pytest  # noqa: E402
@@ -53,7 +56,6 @@ def prepared(cache):
 def _postgres_bin(name: str) -> str:
     """A PostgreSQL server program: on PATH, or in Debian's /usr/lib/postgresql/*/bin."""
     import glob
-    import shutil
 
     found = shutil.which(name) or next(iter(sorted(glob.glob(
         f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
@@ -67,7 +69,6 @@ def postgres():
     """A PostgreSQL server of this test session's own, on a Unix socket in a fresh directory
     under /tmp, stopped at the end: its URL. As root it runs as `nobody` (initdb refuses
     root)."""
-    import shutil
     import subprocess
 
     root = tempfile.mkdtemp(prefix="lm-pg-", dir="/tmp")

@@ -47,6 +47,9 @@ def test_resolved_config_round_trips(tmp_path):
     (["optim.warmup_steps=-1"], "optim.warmup_steps"),
     (["data.seq_len=4096"], "data.seq_len"),
     (["mesh.data=-1", "mesh.model=-1"], "mesh"),
+    (["model.parametrization=mup"], "model.base_width"),  # muP needs the width it was tuned at
+    (["model.parametrization=mu"], "model.parametrization"),
+    (["optim.z_loss=-1e-4"], "optim.z_loss"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -17,6 +17,8 @@ VARIANTS = {  # every way the parameter tree can change shape
     "gelu-untied-gqa": ["model.mlp=gelu", "model.tie_embeddings=false", "model.n_kv_heads=2"],
     "gqa-odd-sizes": ["model.n_kv_heads=1", "model.d_ff=72", "model.n_layers=3",
                       "model.vocab_size=100"],
+    "gelu-qk-norm-mup": ["model.mlp=gelu", "model.qk_norm=true", "model.parametrization=mup",
+                         "model.base_width=16"],
 }
 
 
@@ -69,7 +71,10 @@ def counted_flops(cfg) -> float:
 @pytest.mark.parametrize("overrides", [
     ["model.n_layers=2"],
     ["model.n_layers=2", "model.mlp=gelu", "model.n_kv_heads=2", "model.tie_embeddings=false"],
-], ids=["swiglu-tied", "gelu-gqa-untied"])
+    # norms, multipliers and the z-loss add no matmul
+    ["model.n_layers=2", "model.qk_norm=true", "model.parametrization=mup",
+     "model.base_width=32", "optim.z_loss=1e-4"],
+], ids=["swiglu-tied", "gelu-gqa-untied", "mup-qk-norm-z-loss"])
 def test_train_flops_agree_with_xla_on_unrolled_layers(overrides):
     cfg = small(*XLA_BASE, *overrides, "model.scan_layers=false")
     ratio = xla_flops(cfg) / counted_flops(cfg)
@@ -128,3 +133,21 @@ def test_accelerator_peak_comes_from_the_table():
     assert flops.peak_flops_per_s(fake_devices("gpu", "NVIDIA H100 80GB HBM3", 2)) == 8 * 989e12
     with pytest.raises(KeyError, match="train.peak_flops"):
         flops.peak_flops_per_s(fake_devices("gpu", "Mystery GPU", 1))
+
+
+@pytest.mark.parametrize("platform, kind, entry, peak", [  # device_kind as JAX reports it
+    ("gpu", "NVIDIA H200", "NVIDIA H200", 989e12),
+    ("gpu", "NVIDIA H100 80GB HBM3", "NVIDIA H100", 989e12),
+    ("gpu", "NVIDIA H100 PCIe", "NVIDIA H100 PCIe", 756e12),
+    ("gpu", "NVIDIA A100-SXM4-80GB", "NVIDIA A100", 312e12),
+    ("tpu", "TPU v4", "TPU v4", 275e12),
+    ("tpu", "TPU v5 lite", "TPU v5 lite", 197e12),  # v5e
+    ("tpu", "TPU v5", "TPU v5", 459e12),  # v5p
+    ("tpu", "TPU v6 lite", "TPU v6 lite", 918e12),  # v6e
+    ("cpu", "cpu", "measured cpu", 1e11),
+])
+def test_each_chip_has_its_peak_and_says_which(monkeypatch, platform, kind, entry, peak):
+    monkeypatch.setitem(flops._measured, "cpu", 1e11)
+    devices = fake_devices(platform, kind, 1, per_process=1)
+    assert flops.peak_name(devices) == entry
+    assert flops.peak_flops_per_s(devices) == peak

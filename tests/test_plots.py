@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lm import plots, scaling
-from lm.scaling import Points
+from lm.points import Points
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -30,12 +30,15 @@ def final_losses(store_url) -> dict[str, float]:
     return Store(store_url).last_losses()
 
 
+WSD = {"eval_points": 6, "lr": 1e-2, "schedule": "wsd"}  # stable runs and cooldown branches
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A sweep run to its end by one worker, after its runner was killed with SIGKILL once its
-    first trial was done: (spec path, the second run's output)."""
+    """A wsd sweep run to its end by one worker, after its runner was killed with SIGKILL once
+    its first trial was done: (spec path, the second run's output)."""
     tmp_path = tmp_path_factory.mktemp("sweep")
-    path = spec_file(tmp_path, sizes=SIZES + [DIVERGES])
+    path = spec_file(tmp_path, sizes=SIZES + [DIVERGES], recipe=WSD)
     args = ["sweep", str(path), "--workers", "1", "--cpu-devices", "1"]
     first = subprocess.Popen([sys.executable, "-m", "lm.cli", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -60,12 +63,17 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(finished):
     for name in done_before:
         assert f"trains {name}" not in out.stderr
     trials = {t["name"]: t for t in Store(path.parent / "sweep" / "store.sqlite").trials()}
-    assert sum(t["status"] == "done" for t in trials.values()) == 10
-    failed = [t for t in trials.values() if t["status"] == "failed"]
-    assert len(failed) == 3  # the diverging size, at each budget
-    for t in failed:
-        assert "non-finite" in t["error"] and t["attempts"] == 3  # then given up
-        assert out.stderr.count(f"FAILED {t['name']}") == 3  # the worker went on each time
+    assert sum(t["status"] == "done" for t in trials.values()) == 13  # 3 sizes x 4, held out
+    (failed,) = [t for t in trials.values() if t["status"] == "failed" and t["role"] == "stable"]
+    assert "non-finite" in failed["error"] and failed["attempts"] == 3  # then given up
+    assert out.stderr.count(f"FAILED {failed['name']}") == 3  # the worker went on each time
+    orphans = [t for t in trials.values() if t["parent"] == failed["name"]]
+    assert len(orphans) == 3 and all(t["status"] == "failed" and t["attempts"] == 0 and
+                                     "stable run" in t["error"] for t in orphans)
+    for t in trials.values():  # every branch trained after its stable run, from its checkpoint
+        if t["parent"] and t["status"] == "done":
+            assert "branching from step" in (Path(path.parent / "sweep" / "trials" / t["name"] /
+                                                   "train.log").read_text())
 
 
 def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
@@ -74,7 +82,7 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
     registered = json.loads((sweep_dir / "prediction.json").read_text())
     assert registered == Store(sweep_dir / "store.sqlite").prediction()
     fitting = [t.name for t in spec_lib.plan(spec_lib.load_spec(path)) if t.role == "fit"]
-    assert registered["fitted_runs"] == sorted(set(fitting) - {n for n in fitting if "d24" in n})
+    assert registered["fitted_runs"] == sorted(n for n in fitting if "d24" not in n)
     fit = json.loads((sweep_dir / "fit.json").read_text())
     (held,) = registered["runs"]
     (scored,) = fit["holdout"]["runs"]
@@ -100,10 +108,10 @@ def test_status_lists_every_trial_as_json(finished, capsys):
     path, _, _ = finished
     assert cli.main(["sweep", "--status", str(path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 13
+    assert len(rows) == 17
     for row in rows:
         assert {"name", "role", "status", "worker", "attempts", "wall_s"} <= set(row)
-        assert row["attempts"] >= 1 and row["worker"]
+        assert row["status"] == "failed" or row["attempts"] >= 1 and row["worker"]
 
 
 def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
@@ -138,7 +146,7 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
     with psycopg.connect(postgres, autocommit=True) as con:
         con.execute("CREATE DATABASE shared")
     url = postgres.replace("/postgres?", "/shared?")
-    spec = spec_file(tmp_path)  # the same trials, without the one that fails
+    spec = spec_file(tmp_path, recipe=WSD)  # the same trials, without the ones that fail
     args = ["sweep", str(spec), "--worker", "--store", url, "--cpu-devices", "1",
             "--stale-after", "6"]
     workers = [subprocess.Popen([sys.executable, "-m", "lm.cli", *args],
@@ -148,9 +156,9 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
     victim = None
     deadline = time.time() + 300
     while victim is None and time.time() < deadline:
-        for row in store.trials():  # a trial far enough in to have saved a checkpoint
+        for row in store.trials():  # a trial far enough in to have logged steps
             if row["status"] == "running" and row["worker"].endswith(f":{workers[0].pid}") \
-                    and (tmp_path / "sweep" / "trials" / row["name"] / "checkpoints").exists():
+                    and (tmp_path / "sweep" / "trials" / row["name"] / "metrics.jsonl").exists():
                 victim = row["name"]
         time.sleep(0.1)
     assert victim, "worker 0 never got a trial"
@@ -194,7 +202,7 @@ def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path)
     out = lm("sweep", "--status", str(tmp_path / "s.yaml"))
     assert out.returncode == 2 and "not a sweep store" in out.stderr and "--rebuild-store" in out.stderr
     out = lm("sweep", str(tmp_path / "s.yaml"), "--rebuild-store")
-    assert out.returncode == 0 and "10 of 13 trials done" in out.stdout, out.stderr
+    assert out.returncode == 0 and "13 of 17 trials done" in out.stdout, out.stderr
     assert final_losses(sweep_dir / "store.sqlite") == final_losses(
         path.parent / "sweep" / "store.sqlite")
     assert Store(sweep_dir / "store.sqlite").prediction() is not None  # from prediction.json

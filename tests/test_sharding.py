@@ -1,8 +1,10 @@
+import json
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lm import sharding, state, train
+from lm import cli, config, flops, sharding, state, train
 
 from conftest import small
 
@@ -43,6 +45,29 @@ def test_parameters_are_sharded_by_the_rules(fsdp):
     # Adam moments mirror the parameters' layout
     mu = fresh["opt"][1].mu  # chain(clip, scale_by_adam, add_decayed_weights)
     assert mu["blocks"]["w_up"][...].sharding.spec == expected["w_up"]
+
+
+def test_qk_norm_scales_are_replicated_and_lm_info_lists_them(capsys):
+    """Under muP with QK-norm the per-head norm scales (and their Adam moments) are whole on
+    every device, the matrices sharded as ever; `lm info` counts and lists them."""
+    overrides = ["model.qk_norm=true", "model.parametrization=mup", "model.base_width=16",
+                 "model.d_model=64", "model.n_heads=8", "mesh.data=2", "mesh.model=4",
+                 "mesh.fsdp=true"]
+    lay = state.layout(small(*overrides))
+    mu = lay.shardings["opt"][1].mu  # chain(clip, scale_by_adam, add_decayed_weights, muP)
+    for tree in (lay.shardings["params"], mu):
+        for name in ("q_norm", "k_norm"):
+            assert tree["blocks"][name].get_value().spec == P(None, None), name
+        assert tree["blocks"]["wq"].get_value().spec == P(None, "data", "model", None)
+    base = ["info", "tiny", "--json", *overrides[:3]]
+    assert cli.main(base) == 0
+    info = json.loads(capsys.readouterr().out)
+    specs = {p["name"]: p["spec"] for p in info["params"]}
+    assert specs["blocks.q_norm"] == specs["blocks.k_norm"] == str(P(None, None))
+    tiny = config.load("tiny", overrides[:3])
+    assert info["params_total"] == flops.param_counts(tiny.model)["total"]
+    assert info["params_total"] - flops.param_counts(config.load("tiny").model)["total"] == (
+        2 * tiny.model.n_layers * tiny.model.head_dim)
 
 
 def test_replica_axis_only_splits_the_batch():

@@ -9,16 +9,17 @@ from sweeps import BASE, SIZES, spec_file
 
 
 def test_plan_applies_the_recipe(tmp_path):
-    spec = spec_lib.load_spec(spec_file(tmp_path, tokens=[8192, 16384, 24576],
+    spec = spec_lib.load_spec(spec_file(tmp_path, tokens=[16384, 32768, 49152],
                                      recipe={"lr": 1e-2, "lr_ref_width": 32, "lr_power": 1.0,
-                                             "warmup_tokens_per_param": 0.5}))
+                                             "warmup_tokens_per_param": 0.1}))
     trials = spec_lib.plan(spec)
     assert len(trials) == 10 and [t.role for t in trials].count("holdout") == 1
     by_width = {(t.cfg.model.d_model, t.cfg.train.steps): t for t in trials}
-    assert by_width[16, 32].cfg.optim.lr == pytest.approx(2e-2)  # 1e-2 * 32/16
-    assert by_width[48, 64].cfg.optim.lr == pytest.approx(1e-2 * 32 / 48)
-    warm = [by_width[w, 64].cfg.optim.warmup_steps for w in (16, 32, 48)]
+    assert by_width[16, 64].cfg.optim.lr == pytest.approx(2e-2)  # 1e-2 * 32/16
+    assert by_width[48, 128].cfg.optim.lr == pytest.approx(1e-2 * 32 / 48)
+    warm = [by_width[w, 128].cfg.optim.warmup_steps for w in (16, 32, 48)]
     assert warm == sorted(warm) and warm[0] < warm[-1]  # warmup grows with model size
+    assert {t.cfg.optim.warmup_steps for t in trials if t.cfg.model.d_model == 48} == {warm[-1]}
     facts = trials[0].facts()
     assert facts["tokens"] == trials[0].cfg.train.steps * 8 * 32
     assert facts["flops"] > facts["flops_6nd"] * 0.9 and facts["params_non_embedding"] > 0
@@ -60,7 +61,7 @@ def test_bad_specs_fail_before_any_compute(tmp_path, changes, message):
     assert not (tmp_path / "sweep").exists()
 
 
-@pytest.mark.parametrize("name", ["quick", "stdlib-chinchilla"])
+@pytest.mark.parametrize("name", ["quick", "stdlib-chinchilla", "stdlib-chinchilla-mup"])
 def test_committed_experiments_plan(name):
     """The README's main job and the fuller study stay valid sweeps as the code moves, and hold
     out a run with at least 4x the compute of the largest fitting run."""
@@ -71,3 +72,27 @@ def test_committed_experiments_plan(name):
         flops[t.role].append(t.facts()["flops"])
     assert len(flops["fit"]) >= 12 and len(flops["holdout"]) == 1
     assert min(flops["holdout"]) >= 4 * max(flops["fit"])
+
+
+def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
+    spec = spec_lib.load_spec(spec_file(tmp_path, seeds=[0, 1], sizes=SIZES[:2] + [
+        {**SIZES[2], "seeds": 1}], recipe={"lr": 1e-2, "schedule": "wsd", "decay_fraction": 0.25}),
+        ["seed=3"])
+    trials = spec_lib.plan(spec)
+    stables = [t for t in trials if t.role == "stable"]
+    assert len(stables) == 2 + 2 + 1  # per size and seed; the last size asks for one seed
+    assert {t.cfg.train.seed for t in trials} == {3, 4} and spec.path.name == "sweep-seed3"
+    for stable in stables:
+        branches = [t for t in trials if t.parent == stable.name]
+        assert len(branches) == 3 and stable.cfg.optim.schedule == "constant"
+        starts = [b.cfg.train.branch_step for b in branches]
+        assert stable.cfg.train.steps == max(starts)  # to the largest budget's decay start
+        assert sorted(stable.cfg.checkpoint.steps) == sorted(starts)
+        for b in branches:
+            t = b.cfg.train
+            assert b.cfg.optim.schedule == "wsd" and t.branch_step == t.steps - round(0.25 * t.steps)
+            assert b.cfg.optim.warmup_steps == stable.cfg.optim.warmup_steps  # one warmup a size
+            assert b.facts()["spent_flops"] == pytest.approx(
+                b.facts()["flops"] * (t.steps - t.branch_step) / t.steps)
+    text = spec_lib.plan_text(spec, trials, peak=1e11)
+    assert "if every budget trained from scratch" in text and "saved" in text

@@ -13,17 +13,18 @@ import time
 from pathlib import Path
 
 from lm import scaling
+from lm.points import Points
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "chinchilla_fig4_epoch.csv"
 
 
-def epoch_points(drop_highest: int = 5) -> scaling.Points:
+def epoch_points(drop_highest: int = 5) -> Points:
     with DATA.open(newline="") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["loss"]))
     rows = rows[:len(rows) - drop_highest]
     n = [float(r["Model Size"]) for r in rows]
     c = [float(r["Training FLOP"]) for r in rows]
-    return scaling.Points(params=n, tokens=[ci / (6 * ni) for ci, ni in zip(c, n)],
+    return Points(params=n, tokens=[ci / (6 * ni) for ci, ni in zip(c, n)],
                           loss=[float(r["loss"]) for r in rows], flops=c)
 
 

@@ -1,0 +1,96 @@
+import sqlite3
+
+import numpy as np
+import pytest
+
+from lm import points
+from lm.points import Points, load_csv
+
+
+def test_resample_runs_draws_whole_runs():
+    run = np.array(["a"] * 3 + ["b"] * 5 + ["c"] + ["d"] * 2)
+    sizes = {r: np.sum(run == r) for r in np.unique(run)}
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        idx = points.resample_runs(run, rng)
+        copies = {r: np.sum(run[idx] == r) / sizes[r] for r in sizes}
+        assert sum(copies.values()) == len(sizes)  # as many runs as there are
+        for r, m in copies.items():  # a run drawn m times brings each of its points m times
+            assert np.all(np.bincount(idx, minlength=len(run))[run == r] == m)
+
+
+def write(tmp_path, text, name="points.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_load_csv_reads_optional_columns(tmp_path):
+    path = write(tmp_path, "run,step,params,tokens,loss,flops,annealed,note\n"
+                           "a,10,1e8,1e9,3.5,,0,x\n"
+                           "a,20,1e8,2e9,3.1,1.3e18,1,y\n"
+                           "b,,2e8,4e9,2.9,,true,z\n")
+    points = load_csv(path, ignore_columns=True)  # `note` is not one of lm's
+    assert list(points.run) == ["a", "a", "b"] and list(points.step) == [10, 20, -1]
+    assert points.flops.tolist() == [6e17, 1.3e18, pytest.approx(4.8e18)]
+    assert points.annealed.tolist() == [False, True, True]
+    no_runs = load_csv(write(tmp_path, "params,tokens,loss\n1e8,1e9,3\n2e8,1e9,2.9\n", "plain.csv"))
+    assert len(np.unique(no_runs.run)) == 2  # each row its own run
+
+
+HEADER = "params,tokens,loss\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty file; expected a header line with columns params, tokens, loss"),
+    (HEADER, "no data rows"),
+    ("params,tokens,foo\n1,2,3\n", r"line 1: missing column\(s\) loss; found params, tokens, foo"),
+    (HEADER + "1e8,1e9,3\n1e8,1e9,abc\n", r"line 3, column 'loss': 'abc' is not a number"),
+    (HEADER + "-5,1e9,3\n", r"line 2, column 'params': '-5' is not a positive finite number"),
+    (HEADER + "1e8,inf,3\n", r"line 2, column 'tokens': 'inf' is not a positive finite number"),
+    (HEADER + "1e8,1e9,nan\n", r"line 2, column 'loss': 'nan' is not a positive finite number"),
+    (HEADER + "1e8,,3\n", r"line 2, column 'tokens': missing value"),
+    ("params,tokens,loss,step\n1e8,1e9,3,1.5\n", r"line 2, column 'step': '1.5' is not a step"),
+    ("params,tokens,loss,annealed\n1e8,1e9,3,maybe\n", r"column 'annealed': 'maybe' is not a flag"),
+])
+def test_bad_csv_errors_say_where_and_what(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as err:
+        load_csv(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_csv_and_bad_rows():
+    with pytest.raises(ValueError, match="no such file"):
+        load_csv("/nonexistent/points.csv")
+    with pytest.raises(ValueError, match="row 1, column 'loss': missing value"):
+        Points.from_rows([{"params": 1e8, "tokens": 1e9, "loss": 3.0},
+                          {"params": 1e8, "tokens": 2e9}])
+    points = Points.from_rows([{"params": 1e8, "tokens": 1e9, "loss": 3.0, "run": "r",
+                                "step": None}])
+    assert points.run[0] == "r" and points.step[0] == -1 and points.flops[0] == pytest.approx(6e17)
+
+
+def test_csv_with_a_byte_order_mark_and_misspelt_columns(tmp_path):
+    text = "run,params,tokens,loss\na,1e8,1e9,3.0\na,1e8,2e9,2.9\nb,2e8,1e9,2.8\n"
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Excel writes it
+    assert sorted(set(load_csv(path).run)) == ["a", "b"]
+    misspelt = write(tmp_path, text.replace("run,", "runs,"), "misspelt.csv")
+    with pytest.raises(ValueError, match=r"unknown column\(s\) runs; .*--ignore-columns"):
+        load_csv(misspelt)
+    assert len(np.unique(load_csv(misspelt, ignore_columns=True).run)) == 3
+
+
+def test_group_budgets_does_not_chain():
+    labels = points.group_budgets(np.array([1.12, 1.0, 1.04, 1.08, 3.0]))
+    assert labels.tolist() == [1, 0, 0, 1, 2]
+
+
+def test_from_rows_accepts_sqlite_rows():
+    con = sqlite3.connect(":memory:")
+    con.row_factory = sqlite3.Row
+    con.execute("create table results (run text, step int, params real, tokens real, loss real)")
+    con.execute("insert into results values ('a', 100, 1e8, 1e9, 3.0)")
+    points = Points.from_rows(con.execute("select * from results").fetchall())
+    assert points.run.tolist() == ["a"] and points.step.tolist() == [100]

@@ -1,0 +1,93 @@
+"""Step time, tokens/s and MFU of a config with each attention path, model.attention=einsum
+and dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs), on one device;
+ends with one JSON line.
+
+    python tools/gpu_bench.py [CONFIG] [key=value ...] [--steps N] [--cpu-devices N]
+
+CONFIG defaults to gpt2-small (123.6M parameters: d_model 768, 12 layers, context 1024, bf16).
+Each path trains `--steps` timed steps on one resident synthetic batch after two warm-up steps,
+from the same initial state, and reports its median and best step time, tokens/s and MFU
+against the peak lm.flops names (the data sheet's on a GPU or TPU, a measured fp32 matmul on a
+CPU), whether XLA called cuDNN's fused attention, and its loss after the steps (the two paths
+should agree to bf16 rounding). Anything runs it; check it on a CPU with a tiny override:
+
+    python tools/gpu_bench.py model.n_layers=1 model.d_model=64 model.n_heads=2 \\
+        model.d_ff=128 model.context=64 model.vocab_size=256 train.batch_size=2 --steps 2
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+PATHS = ("einsum", "dot_product")
+
+
+def time_path(cfg, steps: int) -> dict:
+    """Time `steps` training steps of `cfg` on one device and one resident batch."""
+    import jax
+    import numpy as np
+
+    from lm import data, flops, train
+
+    program = train.compile_program(cfg, jax.devices()[:1])
+    lay = program.layout
+    state = program.init()
+    batch = data.global_batch(data.source(cfg), 0, lay.batch_sharding, lay.batch_shape)
+    lr = np.float32(cfg.optim.lr)
+    for _ in range(2):  # warm-up: allocation, autotuning
+        state, metrics = program.step(state, batch, lr)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = program.step(state, batch, lr)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"step_time_s": median, "step_time_best_s": min(times),
+            "tokens_per_s": cfg.tokens_per_step / median,
+            "model_flops_per_s": flops.step_flops(cfg) / median,
+            "cudnn_fmha": "__cudnn$fmha" in program.step.as_text(),
+            "loss": float(metrics["loss"])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("config", nargs="?", default="gpt2-small")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--cpu-devices", type=int, help="simulate N CPU devices")
+    args = p.parse_intermixed_args()
+    if "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = "gpt2-small"
+    if args.cpu_devices:
+        from lm.devices import simulate_cpu_devices  # imports no JAX: must come first
+
+        simulate_cpu_devices(args.cpu_devices)
+    import jax
+
+    from lm import config, flops
+
+    fixed = ["mesh.data=1", "mesh.model=1", "data.source=synthetic"]
+    configs = {path: config.load(args.config, args.overrides + fixed + [f"model.attention={path}"])
+               for path in PATHS}
+    cfg, device = configs["einsum"], jax.devices()[0]
+    peak = cfg.train.peak_flops or flops.peak_flops_per_s([device])
+    result = {"config": args.config, "overrides": args.overrides, "steps": args.steps,
+              "device": device.device_kind,
+              "peak": "train.peak_flops" if cfg.train.peak_flops else flops.peak_name([device]),
+              "peak_flops_per_s": peak, "params": flops.param_counts(cfg.model)["total"],
+              "tokens_per_step": cfg.tokens_per_step, "dtype": cfg.model.dtype}
+    for path, path_cfg in configs.items():
+        result[path] = time_path(path_cfg, args.steps)
+        result[path]["mfu"] = result[path]["model_flops_per_s"] / peak
+    result["dot_product_speedup"] = (result["einsum"]["step_time_s"]
+                                     / result["dot_product"]["step_time_s"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
