@@ -124,7 +124,7 @@ def plot_isoflops(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     fig.colorbar(colour, ax=ax, label="compute C (FLOPs)")
     for b, c in zip(budgets, centres):
         ax.scatter(b.params, b.loss, color=colour.to_rgba(c), s=14)
-        if fit.law == "chinchilla":
+        if fit.law in scaling.ND_LAWS:
             n = np.geomspace(b.params.min() / 1.5, b.params.max() * 1.5, 100)
             law = scaling.predict(fit, params=n, tokens=c / (6 * n))["loss"]
             ax.plot(n, law, "--", color=colour.to_rgba(c), lw=1)

@@ -5,6 +5,10 @@ Three laws:
 * ``chinchilla``: L = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Approach 3), fitted on
   log L with a Huber loss summed over points (Besiroglu et al. 2024), E bounded to
   [0, lowest loss observed).
+* ``kaplan-nd``: L = E + ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D (Kaplan et al. 2020,
+  eq. 1.5, with a floor E). Unlike Chinchilla's sum, how much a model gains from more data
+  depends on its size: small models saturate in D while large ones keep gaining, which is what
+  small ladders that give every size the same token budgets show.
 * ``kaplan``: L = E + (C0/C)^alpha, fitted on the compute-efficient frontier (the lower envelope
   of loss against compute over all runs, as Kaplan et al. 2020 define it); it says nothing about
   how to split C between N and D.
@@ -100,12 +104,16 @@ def residual_noise(residuals: np.ndarray, n_params: int) -> Noise:
 
 @dataclass(frozen=True)
 class _Problem:
-    """A power-sum fit: centred log inputs xc [n, k], log losses y [n], the robust loss."""
+    """A power-sum fit, L = E + S or (with `outer`) L = E + S^p, S = sum_j exp(a_j - g_j x_j):
+    centred log inputs xc [n, k], log losses y [n], the robust loss. theta = [E, a_1..a_k,
+    g_1..g_k] (+ [p]). With `outer` the last input's exponent is 1 (Kaplan's D_c/D): the
+    outer power sets the law's slope in it."""
 
     xc: np.ndarray
     y: np.ndarray
     delta: float  # Huber's delta in log-loss units; inf: least squares
     e_max: float
+    outer: bool = False
 
     @property
     def k(self) -> int:
@@ -114,8 +122,10 @@ class _Problem:
     def bounds(self, e: float | None = None) -> list[tuple[float, float]]:
         """E in [0, lowest loss) (or fixed at `e`); each term's level and exponent bounded so
         that nothing overflows."""
-        return ([(0.0, self.e_max) if e is None else (e, e)]
-                + [(-30.0, 10.0)] * self.k + [(0.0, 4.0)] * self.k)
+        exponents = [(0.0, 4.0)] * self.k
+        if self.outer:
+            exponents = exponents[:-1] + [(1.0, 1.0), (0.01, 2.0)]
+        return [(0.0, self.e_max) if e is None else (e, e)] + [(-30.0, 10.0)] * self.k + exponents
 
     def psi(self, r: np.ndarray) -> np.ndarray:
         """The robust loss's derivative: r, clipped to [-delta, delta] for Huber."""
@@ -132,39 +142,60 @@ class _Problem:
         return min(self.delta, 0.05) ** 2
 
     def terms(self, theta: np.ndarray) -> np.ndarray:
-        """exp(a_j - alpha_j x_j) [..., n, k] for theta [..., 1+2k]; the bounds on a and alpha
+        """exp(a_j - g_j x_j) [..., n, k] for theta [..., 1+2k(+1)]; the bounds on a and g
         keep it finite."""
-        return np.exp(theta[..., None, 1:self.k + 1] - theta[..., None, self.k + 1:] * self.xc)
+        k = self.k
+        return np.exp(theta[..., None, 1:k + 1] - theta[..., None, k + 1:2 * k + 1] * self.xc)
+
+    def predicted(self, theta: np.ndarray) -> np.ndarray:
+        s = self.terms(theta).sum(-1)
+        return theta[..., :1] + (s ** theta[..., -1:] if self.outer else s)
 
     def residuals(self, theta: np.ndarray) -> np.ndarray:
-        return np.log(theta[..., :1] + self.terms(theta).sum(-1)) - self.y
+        return np.log(self.predicted(theta)) - self.y
 
     def objective(self, theta: np.ndarray) -> np.ndarray:
         """Sum of rho over points, for one theta or a stack of them."""
         return self.rho(self.residuals(theta)).sum(-1)
 
-    def objective_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+    def jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The predicted losses [n] and their derivatives in theta [n, len(theta)]."""
         t = self.terms(theta)
-        pred = theta[0] + t.sum(-1)
+        s = t.sum(-1)
+        if not self.outer:
+            return theta[0] + s, np.column_stack([np.ones_like(s), t, -t * self.xc])
+        p = theta[-1]
+        sp = s ** p
+        inner = (p * sp / s)[:, None]  # d S^p / d S
+        return theta[0] + sp, np.column_stack([np.ones_like(s), inner * t,
+                                               -inner * t * self.xc, sp * np.log(s)])
+
+    def objective_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        pred, jac = self.jacobian(theta)
         r = np.log(pred) - self.y
         psi = self.psi(r)
-        w = psi / pred  # d rho / d pred
-        grad = np.concatenate([[w.sum()], w @ t, -(w @ (t * self.xc))])
+        grad = (psi / pred) @ jac  # d rho / d pred, chained
         return float(psi @ (r - 0.5 * psi)) / self.scale, grad / self.scale
 
 
 _ALPHAS = np.array([0.1, 0.25, 0.5, 0.8, 1.2])
 _LEVELS = np.array([0.03, 0.1, 0.3, 0.6])  # of the median loss, for each term at the centre
 _E_FRACTIONS = np.array([0.0, 0.25, 0.5, 0.75, 0.95])  # of the lowest loss
+_POWERS = np.array([0.1, 0.25, 0.5, 1.0])  # outer powers
 _N_STARTS = 6
 
 
 def _grid(p: _Problem) -> np.ndarray:
-    """Every combination of starting E, term levels and exponents."""
+    """Every combination of starting E, term levels and exponents (and outer powers: each
+    term's level is then that of S^p), within the bounds."""
     levels = np.log(_LEVELS * np.exp(np.median(p.y)))
-    axes = np.meshgrid(_E_FRACTIONS * p.e_max, *[levels] * p.k, *[_ALPHAS] * p.k,
-                       indexing="ij")
-    return np.stack(axes, -1).reshape(-1, 1 + 2 * p.k)
+    axes = [_E_FRACTIONS * p.e_max, *[levels] * p.k, *[_ALPHAS] * p.k]
+    grid = np.stack(np.meshgrid(*axes, *[_POWERS] * p.outer, indexing="ij"), -1)
+    grid = grid.reshape(-1, grid.shape[-1])
+    if p.outer:
+        grid[:, 1:p.k + 1] /= grid[:, -1:]
+    lo, hi = np.array(p.bounds()).T
+    return np.unique(np.clip(grid, lo, hi), axis=0)
 
 
 def _starts(p: _Problem, extra: Sequence[np.ndarray] = ()) -> np.ndarray:
@@ -207,20 +238,22 @@ def _solve(p: _Problem, extra: Sequence[np.ndarray] = ()):
     return best.x, float(best.fun * p.scale), _converged(best, p, bounds)
 
 
-def _problem(logx: np.ndarray, loss: np.ndarray, delta: float) -> tuple[_Problem, np.ndarray]:
+def _problem(law: _Law, points: Points, delta: float) -> tuple[_Problem, np.ndarray]:
+    logx = law.inputs(points)
     mu = logx.mean(0)
-    return _Problem(logx - mu, np.log(loss), delta, float(loss.min()) * (1 - 1e-6)), mu
+    return _Problem(logx - mu, np.log(points.loss), delta, float(points.loss.min()) * (1 - 1e-6),
+                    law.outer), mu
 
 
 def _uncentre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    """a_j + alpha_j mu_j: the log coefficient of term j in the raw inputs."""
+    """a_j + g_j mu_j: the log coefficient of term j in the raw inputs."""
     k = len(mu)
-    return np.r_[theta[:1], theta[1:k + 1] + theta[k + 1:] * mu, theta[k + 1:]]
+    return np.r_[theta[:1], theta[1:k + 1] + theta[k + 1:2 * k + 1] * mu, theta[k + 1:]]
 
 
 def _centre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
     k = len(mu)
-    return np.r_[theta[:1], theta[1:k + 1] - theta[k + 1:] * mu, theta[k + 1:]]
+    return np.r_[theta[:1], theta[1:k + 1] - theta[k + 1:2 * k + 1] * mu, theta[k + 1:]]
 
 
 # ----------------------------------------------------------------------------- laws
@@ -262,6 +295,18 @@ def _to_theta_chinchilla(p: Mapping[str, float]) -> np.ndarray:
     return np.array([p["E"], math.log(p["A"]), math.log(p["B"]), p["alpha"], p["beta"]])
 
 
+def _from_theta_kaplan_nd(theta) -> dict:
+    # (N_c/N)^g = exp(g log N_c - g log N); D_c/D = exp(log D_c - log D); alpha_D = p
+    e, a_n, a_d, g, _, p = theta
+    return {"E": _plain(e), "N_c": _plain(np.exp(a_n / g)), "D_c": _plain(np.exp(a_d)),
+            "alpha_N": _plain(g * p), "alpha_D": _plain(p)}
+
+
+def _to_theta_kaplan_nd(p: Mapping[str, float]) -> np.ndarray:
+    g = p["alpha_N"] / p["alpha_D"]
+    return np.array([p["E"], g * math.log(p["N_c"]), math.log(p["D_c"]), g, 1.0, p["alpha_D"]])
+
+
 def _from_theta_kaplan(theta) -> dict:
     # (C0/C)^alpha = exp(alpha log C0 - alpha log C): coefficient alpha log C0
     e, k, alpha = theta
@@ -273,8 +318,8 @@ def _to_theta_kaplan(p: Mapping[str, float]) -> np.ndarray:
     return np.array([p["E"], p["alpha"] * math.log(p["C0"]), p["alpha"]])
 
 
-def _check_chinchilla(points: Points) -> None:
-    _require_distinct(points, "chinchilla", params=3, tokens=3)
+def _check_nd(law: str) -> Callable[[Points], None]:
+    return lambda points: _require_distinct(points, law, params=3, tokens=3)
 
 
 def _check_kaplan(points: Points) -> None:
@@ -305,6 +350,10 @@ def _chinchilla_loss(p, n, d, c):
     return p["E"] + p["A"] * n ** -p["alpha"] + p["B"] * d ** -p["beta"]
 
 
+def _kaplan_nd_loss(p, n, d, c):
+    return p["E"] + ((p["N_c"] / n) ** (p["alpha_N"] / p["alpha_D"]) + p["D_c"] / d) ** p["alpha_D"]
+
+
 def _kaplan_loss(p, n, d, c):
     return p["E"] + (p["C0"] / c) ** p["alpha"]
 
@@ -320,12 +369,17 @@ class _Law:
     loss: Callable | None = None  # (params, N, D, C) -> L
     finals_only: bool = False  # IsoFLOP curves compare runs at their end, not along the way
     frontier: bool = False  # Kaplan's L(C) is the envelope of all runs' points
+    outer: bool = False  # E + S^p rather than E + S (see _Problem)
 
 
 _LAWS = {
     "chinchilla": _Law("L = E + A/N^alpha + B/D^beta", ("E", "A", "B", "alpha", "beta"),
-                       _check_chinchilla, _inputs_chinchilla, _from_theta_chinchilla,
+                       _check_nd("chinchilla"), _inputs_chinchilla, _from_theta_chinchilla,
                        _to_theta_chinchilla, _chinchilla_loss),
+    "kaplan-nd": _Law("L = E + ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D",
+                      ("E", "N_c", "D_c", "alpha_N", "alpha_D"), _check_nd("kaplan-nd"),
+                      _inputs_chinchilla, _from_theta_kaplan_nd, _to_theta_kaplan_nd,
+                      _kaplan_nd_loss, outer=True),
     "kaplan": _Law("L = E + (C0/C)^alpha", ("E", "C0", "alpha"), _check_kaplan,
                    _inputs_kaplan, _from_theta_kaplan, _to_theta_kaplan, _kaplan_loss,
                    frontier=True),
@@ -334,6 +388,7 @@ _LAWS = {
 }
 LAWS = tuple(_LAWS)
 LOSS_LAWS = tuple(name for name, law in _LAWS.items() if law.loss is not None)
+ND_LAWS = ("chinchilla", "kaplan-nd")  # laws of N and D: they say how to split compute
 
 
 def _law(name: str) -> _Law:
@@ -354,7 +409,7 @@ def flops_per_token(points: Points) -> dict[str, float]:
 
 def _power_fit(points: Points, law: _Law, delta: float, start: Mapping | None = None):
     """(params, objective, converged) of a power-sum law."""
-    p, mu = _problem(law.inputs(points), points.loss, delta)
+    p, mu = _problem(law, points, delta)
     extra = [] if start is None else [_centre(law.to_theta(start), mu)]
     theta, objective, converged = _solve(p, extra)
     return law.from_theta(_uncentre(theta, mu)), objective, converged
@@ -391,12 +446,21 @@ def _isoflop(points: Points, fpt: Mapping[str, float]) -> tuple[dict, float, boo
 def _allocation_coefs(law: str, p: Mapping[str, float], fpt: Mapping[str, float]):
     """(k_N, a, k_D, b): N_opt = k_N C^a, D_opt = k_D C^b, or None when the law says
     nothing about the split. Chinchilla: minimising L(N, C / f(N)) with f(N) = k N^g gives
-    N_opt^(alpha + g beta) = alpha A / (g beta B) (C/k)^beta (g = 1, k = 6: Hoffmann et al.)."""
+    N_opt^(alpha + g beta) = alpha A / (g beta B) (C/k)^beta (g = 1, k = 6: Hoffmann et al.).
+    Kaplan's L(N, D) is least where (N_c/N)^r + D_c k N^g / C is, r = alpha_N / alpha_D:
+    N_opt^(r + g) = r N_c^r C / (g D_c k)."""
     if law == "isoflop":
         return p["k_N"], p["a"], p["k_D"], p["b"]
-    if law != "chinchilla":
+    if law not in ND_LAWS:
         return None
     k, g = fpt["coef"], fpt["exponent"]
+    if law == "kaplan-nd":
+        r, n_c, d_c = (np.asarray(p[n] if n != "r" else p["alpha_N"] / p["alpha_D"], dtype=float)
+                       for n in ("r", "N_c", "D_c"))
+        with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+            a = 1 / (r + g)
+            k_n = (r * n_c ** r / (g * d_c * k)) ** a
+            return k_n, a, 1 / (k * k_n ** g), 1 - g * a
     alpha, beta, big_a, big_b = (np.asarray(p[n], dtype=float) for n in ("alpha", "beta", "A", "B"))
     with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
         s = alpha + g * beta
@@ -771,11 +835,10 @@ def _bootstrap(train: Points, law: _Law, delta: float, fpt, start: dict, n: int,
 def _laplace(train: Points, law: _Law, delta: float, params: dict) -> Laplace:
     """theta ~ N(theta_hat, H^-1 M H^-1): H the Gauss-Newton curvature of the robust objective,
     M the spread of its gradient summed run by run. Parameters at a bound are held there."""
-    p, mu = _problem(law.inputs(train), train.loss, delta)
+    p, mu = _problem(law, train, delta)
     theta = _centre(law.to_theta(params), mu)
-    t = p.terms(theta)
-    pred = theta[0] + t.sum(-1)
-    jac = np.column_stack([np.ones_like(pred), t, -t * p.xc]) / pred[:, None]  # d r / d theta
+    pred, jac = p.jacobian(theta)
+    jac = jac / pred[:, None]  # d r / d theta
     r = np.log(pred) - p.y
     free = np.array([lo < x < hi for x, (lo, hi) in zip(theta, p.bounds())])
     jac = jac[:, free]
@@ -788,8 +851,8 @@ def _laplace(train: Points, law: _Law, delta: float, params: dict) -> Laplace:
     cov = np.zeros((len(theta), len(theta)))
     cov[np.ix_(free, free)] = h_inv @ (scores.T @ scores) @ h_inv
     k = p.k
-    m = np.eye(len(theta))  # uncentring: a_j += alpha_j mu_j
-    m[1:k + 1, k + 1:] = np.diag(mu)
+    m = np.eye(len(theta))  # uncentring: a_j += g_j mu_j
+    m[1:k + 1, k + 1:2 * k + 1] = np.diag(mu)
     return Laplace(tuple(_uncentre(theta, mu).tolist()), tuple(map(tuple, (m @ cov @ m.T).tolist())))
 
 
@@ -806,7 +869,7 @@ def _identifiability(fit: Fit, law: _Law, train: Points, delta: float) -> Identi
     each E from their neighbour's optimum; the E whose deviance from the best stays under the
     95% chi-squared cut, each run's points counted as one observation (points of one run are
     correlated). The cut's crossings are found by bisection between the grid's points."""
-    p, mu = _problem(law.inputs(train), train.loss, delta)
+    p, mu = _problem(law, train, delta)
     best = _centre(law.to_theta(fit.params), mu)
     cut = CHI2_95 * max(fit.noise.sigma, 1e-6) ** 2 / 2 * len(train) / len(np.unique(train.run))
     profile: dict[float, tuple[float, np.ndarray]] = {fit.params["E"]: (fit.objective, best)}
@@ -848,8 +911,9 @@ def _allocation(fit: Fit) -> Allocation:
                                  "N and D")
     k_n, a, k_d, b = map(float, coefs)
     if not all(np.isfinite([k_n, a, k_d, b])) or min(k_n, k_d) <= 0:
-        return Allocation(False, f"the exponents (alpha {fit.params['alpha']:.3g}, beta "
-                                 f"{fit.params['beta']:.3g}) put the optimum out of reach")
+        exponents = ", ".join(f"{k} {v:.3g}" for k, v in fit.params.items() if "alpha" in k
+                              or k == "beta")
+        return Allocation(False, f"the exponents ({exponents}) put the optimum out of reach")
     decade = math.ceil(math.log10(fit.max_fit_flops))
     examples = predict(fit, flops=10.0 ** np.arange(decade, decade + 4))
     keys = [k for k in ("flops", "params", "tokens", "loss") if k in examples]
@@ -952,7 +1016,8 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
     out = []
     if not fit.converged:
         out.append("the optimiser did not meet its tolerance; the fit may not be the best one")
-    need = {"chinchilla": ("params", "tokens"), "kaplan": ("flops",)}.get(fit.law, ("params",))
+    need = (("params", "tokens") if fit.law in ND_LAWS else
+            {"kaplan": ("flops",)}.get(fit.law, ("params",)))
     few = [f"{len(np.unique(getattr(train, k)))} distinct {_NOUNS[k]}" for k in need
            if len(np.unique(getattr(train, k))) < 4]
     if few:

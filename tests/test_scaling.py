@@ -1,5 +1,6 @@
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -178,8 +179,8 @@ def test_noise_comes_from_seeds_else_from_residuals_and_sets_delta():
 
 
 def test_converged_means_the_tolerance_was_met():
-    p, _ = scaling._problem(np.log([[1e6, 1e8], [2e6, 3e8], [4e6, 5e8]]), np.array([3.0, 2.8, 2.7]),
-                            0.01)
+    points = Points(params=[1e6, 2e6, 4e6], tokens=[1e8, 3e8, 5e8], loss=[3.0, 2.8, 2.7])
+    p, _ = scaling._problem(scaling._law("chinchilla"), points, 0.01)
 
     class Stopped:  # what L-BFGS-B returns at its iteration limit
         x, jac, fun, status = np.array([1.0, 0.0, 0.0, 0.3, 0.3]), np.zeros(5), 1.0, 1
@@ -197,6 +198,47 @@ def test_chinchilla_recovers_synthetic_law():
     assert result.converged
     for name in ("E", "alpha", "beta"):
         assert within(result.params[name], TRUE[name], 0.03), (name, result.params[name])
+
+
+KAPLAN_ND = {"E": 0.5, "N_c": 2e6, "D_c": 5e7, "alpha_N": 0.2, "alpha_D": 0.3}
+
+
+def kaplan_nd(n, d, p=KAPLAN_ND):
+    inner = (p["N_c"] / n) ** (p["alpha_N"] / p["alpha_D"]) + p["D_c"] / d
+    return p["E"] + inner ** p["alpha_D"]
+
+
+def test_kaplan_nd_gradient_is_exact():
+    points = Points(params=[1e6, 3e6, 1e7, 2e6], tokens=[1e8, 3e7, 5e8, 2e9],
+                    loss=[3.0, 2.9, 2.5, 2.6])
+    p, _ = scaling._problem(scaling._law("kaplan-nd"), points, 0.02)
+    theta = np.array([0.4, -1.0, 0.5, 0.6, 1.0, 0.35])
+    _, grad = p.objective_and_grad(theta)
+    eps = 1e-6
+    numeric = [(p.objective_and_grad(theta + eps * e)[0]
+                - p.objective_and_grad(theta - eps * e)[0]) / (2 * eps) for e in np.eye(len(theta))]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
+
+
+def test_kaplan_nd_recovers_its_law_and_allocates_compute():
+    """Kaplan et al.'s L(N, D), where a model's gain from more data depends on its size: the
+    fit recovers it from noisy runs, and its compute-optimal split minimises its loss."""
+    rng = np.random.default_rng(3)
+    n, d = (a.ravel() for a in np.meshgrid(np.geomspace(1e6, 1e8, 6),
+                                           np.geomspace(1e8, 1e10, 5)))
+    loss = kaplan_nd(n, d) * np.exp(0.002 * rng.standard_normal(n.size))
+    points = Points(params=n, tokens=d, loss=loss, annealed=np.ones(n.size, bool))
+    result = fit(points, "kaplan-nd", min_tokens_per_param=0)
+    assert result.converged and result.law == "kaplan-nd"
+    for name in ("alpha_N", "alpha_D"):
+        assert within(result.params[name], KAPLAN_ND[name], 0.1), (name, result.params)
+    assert abs(result.params["E"] - KAPLAN_ND["E"]) <= 0.15
+    pred = predict(replace(result, flops_per_token=SIX), flops=1e20)
+    assert 6 * pred["params"] * pred["tokens"] == pytest.approx(1e20)
+    m = pred["params"] * np.array([0.8, 1.25])
+    assert np.all(kaplan_nd(m, 1e20 / (6 * m), result.params) > pred["loss"])
+    again = scaling.Fit.from_json(json.loads(json.dumps(result.to_json())), "fit.json")
+    assert again.params == result.params
 
 
 def test_kaplan_fits_the_compute_efficient_frontier():
