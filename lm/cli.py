@@ -256,6 +256,7 @@ def _at_least(kind: type, low: float):
 
 
 def parser() -> argparse.ArgumentParser:
+    """The `lm` command line: the run commands here, the study's in functions of their own."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cpu-devices", type=int, metavar="N",
                         help="simulate N CPU devices (e.g. 8 for a 2x4 mesh on a laptop; "
@@ -318,6 +319,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=_at_least(float, 1e-9), default=5.0, metavar="GB",
                    help="split the weights into safetensors files of at most this size")
 
+    _add_sweep(sub, common)
+    _add_fit(sub)
+    _add_predict(sub)
+    return top
+
+
+def _add_sweep(sub, common) -> None:
     p = sub.add_parser("sweep", parents=[common], help="run a scaling sweep, fit, predict, report",
                        description="train every trial of a sweep (resuming), fit the law, "
                        "predict the held-out run before training it, and write a report")
@@ -342,12 +350,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --status: one JSON list")
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_fit(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law to a sweep store or a CSV",
                        description="fit a scaling law to a sweep (its directory, store.sqlite or "
                        "a postgresql:// URL) or a CSV with columns params, tokens, loss [, flops, "
                        "run, step, annealed]")
     p.add_argument("source")
-    p.add_argument("--law", choices=["chinchilla", "kaplan", "isoflop"], default="chinchilla")
+    p.add_argument("--law", choices=["chinchilla", "kaplan-nd", "kaplan", "isoflop"],
+                   default="chinchilla")
     p.add_argument("--holdout", default="designated",
                    help="largest: hold out the largest-compute run; RUN[,RUN...]: those runs; "
                    "none; designated (default): a sweep's held-out runs")
@@ -375,13 +386,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="fit.json")
     p.set_defaults(func=cmd_fit, cpu_devices=None)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predicted loss (and allocation) from a fit.json")
     p.add_argument("fit")
     p.add_argument("--params", type=float, metavar="N")
     p.add_argument("--tokens", type=float, metavar="D")
     p.add_argument("--flops", type=float, metavar="C", help="compute-optimal N, D and loss at C")
     p.set_defaults(func=cmd_predict, cpu_devices=None)
-    return top
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -380,7 +380,12 @@ def _require(ok: bool, key: str, value, valid: str) -> None:
 
 def check(cfg: Config) -> None:
     """Checks that need no devices: shapes and settings that can never work."""
-    m, t, o = cfg.model, cfg.train, cfg.optim
+    for part in (_check_model, _check_data, _check_train, _check_optim, _check_saves_and_mesh):
+        part(cfg)
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "context"):
         _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
     _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
@@ -398,6 +403,9 @@ def check(cfg: Config) -> None:
     _require(cfg.seq_len > 0, "data.seq_len", cfg.seq_len, "must be positive")
     _require(cfg.vocab_size <= m.vocab_size, "data.vocab_size", cfg.vocab_size,
              f"must not exceed model.vocab_size={m.vocab_size} (the embedding table)")
+
+
+def _check_data(cfg: Config) -> None:
     d = cfg.data
     _require(d.source.strip(" ,") != "", "data.source", d.source,
              "give synthetic, default, or comma-separated files/globs")
@@ -414,6 +422,13 @@ def check(cfg: Config) -> None:
     _require(d.val_sequences > 0, "data.val_sequences", d.val_sequences, "must be positive")
     _require(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0: all)")
     _require(d.workers >= 0, "data.workers", d.workers, "must be >= 0 (0: one per CPU)")
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    _require((t.branch_step > 0) == bool(t.branch_from) and t.branch_step < t.steps,
+             "train.branch_step", t.branch_step, "a branch needs both train.branch_from (a run "
+             "directory) and a branch_step below train.steps")
     for key in ("steps", "batch_size", "micro_batches", "log_every"):
         _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be positive")
     _require(t.batch_size % t.micro_batches == 0, "train.micro_batches", t.micro_batches,
@@ -432,6 +447,12 @@ def check(cfg: Config) -> None:
         _require(getattr(s, key) >= 0, f"train.spikes.{key}", getattr(s, key), "must be >= 0")
     _require(not s.max_spikes or cfg.checkpoint.every_steps > 0, "train.spikes.max_spikes",
              s.max_spikes, "rolling back needs checkpoints: set checkpoint.every_steps")
+
+
+def _check_optim(cfg: Config) -> None:
+    o, t = cfg.optim, cfg.train
+    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 disables)")
+    _require(o.z_loss >= 0, "optim.z_loss", o.z_loss, "must be >= 0 (0: off; 1e-4 is usual)")
     _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(o.final_lr_ratio is None or 0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio",
@@ -441,16 +462,15 @@ def check(cfg: Config) -> None:
     _require(o.schedule != "wsd" or o.warmup_steps <= t.steps - round(o.decay_fraction * t.steps),
              "optim.warmup_steps", o.warmup_steps, "must end before the wsd decay starts (at "
              f"{t.steps - round(o.decay_fraction * t.steps)}); lower it or optim.decay_fraction")
-    _require((t.branch_step > 0) == bool(t.branch_from) and t.branch_step < t.steps,
-             "train.branch_step", t.branch_step, "a branch needs both train.branch_from (a run "
-             "directory) and a branch_step below train.steps")
+
+
+def _check_saves_and_mesh(cfg: Config) -> None:
+    t = cfg.train
     _require(cfg.checkpoint.every_seconds >= 0, "checkpoint.every_seconds",
              cfg.checkpoint.every_seconds, "must be >= 0 (0: off)")
     for step in cfg.checkpoint.steps:
         _require(0 < step <= t.steps, "checkpoint.steps", list(cfg.checkpoint.steps),
                  f"must be steps within 1..train.steps={t.steps}")
-    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 disables)")
-    _require(o.z_loss >= 0, "optim.z_loss", o.z_loss, "must be >= 0 (0: off; 1e-4 is usual)")
     for section, keys in (("checkpoint", ("every_steps", "keep_every")),
                           ("eval", ("every_steps", "log_points", "batch_size"))):
         for key in keys:

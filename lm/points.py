@@ -80,6 +80,16 @@ class Points:
     def __len__(self) -> int:
         return len(self.loss)
 
+    def write_csv(self, path: str | Path) -> None:
+        """The points as a CSV that `load_csv` (and `lm fit`) reads back."""
+        names = [f.name for f in fields(Points)]
+        cols = {n: getattr(self, n).tolist() for n in names}
+        cols["step"] = ["" if s < 0 else s for s in cols["step"]]  # -1: unknown
+        with Path(path).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(names)
+            w.writerows(zip(*cols.values()))
+
     def select(self, index: np.ndarray) -> Points:
         """The points picked by a boolean mask or an index array (indices may repeat)."""
         return Points(**{f.name: getattr(self, f.name)[index] for f in fields(self)})

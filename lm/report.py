@@ -131,8 +131,8 @@ def _trust(r: Results) -> list[str]:
     if s:
         moved = "; ".join(f"{run}: {h['predicted']:.4f} (ARE {h['are']:.2%})"
                           for run, h in s["held_out"].items())
-        lines.append(f"- With N counted as {s['params'].replace('_', '-')} parameters: E "
-                     f"{s['E']:.3f}, alpha {s['alpha']:.3f}, beta {s['beta']:.3f}"
+        law = ", ".join(f"{k} {v:.4g}" for k, v in s.items() if k not in ("params", "held_out"))
+        lines.append(f"- With N counted as {s['params'].replace('_', '-')} parameters: {law}"
                      + (f"; held-out {moved}" if moved else "") + ".")
     if r.noise:
         lines += ["", "Run-to-run noise by model size (std of the final log loss across seeds, "
@@ -186,8 +186,10 @@ def render(r: Results, figures: list[Path]) -> str:
 
 
 def write(sweep_dir: Path, r: Results) -> None:
-    """fit.json (when there is a fit), plots/ and report.md into `sweep_dir`."""
+    """fit.json (when there is a fit), points.csv, plots/ and report.md into `sweep_dir`."""
     figures = []
+    if r.points is not None:
+        r.points.write_csv(sweep_dir / "points.csv")
     if r.fit:
         (sweep_dir / "fit.json").write_text(json.dumps(r.fit.to_json(), indent=1))
         figures = plots.plot_all(r.points, r.fit, sweep_dir / "plots")

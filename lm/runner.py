@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lm import config as config_lib, flops, report, rundir, scaling, schedule, spec as spec_lib
+from lm import (config as config_lib, flops, report, rundir, scaling, schedule,
+                spec as spec_lib, trackers)
 from lm.errors import Busy, FitError, Interrupted, LMError, StoreError
 from lm.points import Points
 from lm.scaling import Fit
@@ -425,8 +426,23 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
         spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
         _sensitivity(spec, store, fitting, trained) if fit else None,
         _noise_table(spec, store, fitting)))
+    tracked = [n for n in trials[0].cfg.train.trackers if n != "jsonl"]
+    if tracked:  # where the trials' metrics went, the sweep's summary goes too
+        trackers.write_summary(tracked, spec.path, _summary(prior or fit, timing))
     _print_summary(spec, fit, prior, error, timing)
     return fit
+
+
+def _summary(fit: Fit | None, timing: dict) -> dict[str, float]:
+    """A sweep in scalars: the law's parameters, each held-out run's prediction and error
+    (registered, where there is a registration), the wall time and the study MFU."""
+    out = {"wall_s": timing["wall_s"], "mfu": timing["mfu"]}
+    if fit:
+        out.update({f"law/{k}": v for k, v in fit.params.items()})
+        for r in fit.holdout:
+            out[f"{r.run}/predicted"], out[f"{r.run}/actual"] = r.predicted, r.loss
+            out[f"{r.run}/are"] = r.are
+    return out
 
 
 def _noise_table(spec: SweepSpec, store: Store, fitting: list[str]) -> list[dict]:
@@ -450,7 +466,7 @@ def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: lis
                  ) -> dict | None:
     """The law refitted with N counted the other way (with or without embeddings), and what
     it predicts for the held-out runs: how much the conclusions hang on that choice."""
-    if spec.fit.law != "chinchilla":
+    if spec.fit.law not in scaling.ND_LAWS:
         return None
     other = "non_embedding" if spec.fit.params == "total" else "total"
     try:
@@ -460,7 +476,7 @@ def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: lis
         return None
     if trained:
         fit = scaling.score(fit, store.points_of(other, metric=spec.fit.metric), trained)
-    return {"params": other, **{k: fit.params[k] for k in ("E", "alpha", "beta")},
+    return {"params": other, **fit.params,
             "held_out": {r.run: {"predicted": r.predicted, "are": r.are} for r in fit.holdout}}
 
 

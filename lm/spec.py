@@ -45,13 +45,13 @@ class Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class HoldoutSpec:
-    size: dict = dataclasses.field(default_factory=dict)  # empty: no held-out run
+    size: dict = dataclasses.field(default_factory=dict)
     tokens: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class FitSpec:
-    law: Literal["chinchilla", "kaplan", "isoflop"] = "chinchilla"
+    law: Literal["chinchilla", "kaplan-nd", "kaplan", "isoflop"] = "chinchilla"
     drop_early: float = 0.1  # of each learning curve; annealed points (run ends) need none
     bootstrap: int = 100
     params: Literal["total", "non_embedding"] = "total"
@@ -69,6 +69,9 @@ class SweepSpec:
     overrides: dict = dataclasses.field(default_factory=dict)  # dotted keys for every trial
     sizes: tuple[dict, ...] = ()  # model shapes, each a dict of dotted overrides
     tokens: tuple[float, ...] = ()  # token budgets: every size trains on each
+    # or budgets in proportion to each size: r * N tokens for each r (N counted as fit.params),
+    # which keeps every size at like tokens per parameter, where one law describes them all
+    tokens_per_param: tuple[float, ...] = ()
     isoflop: tuple[float, ...] = ()  # or compute budgets C: sizes around the optimum of each
     isoflop_points: int = 4
     seeds: tuple[int, ...] = (0,)  # a size may say how many it needs: {..., seeds: 3}
@@ -78,7 +81,7 @@ class SweepSpec:
     # afresh, in SWEEP_DIR-seed1.
     seed: int = 0
     recipe: Recipe = Recipe()
-    holdout: HoldoutSpec = HoldoutSpec()
+    holdout: tuple[HoldoutSpec, ...] = ()  # held-out runs (YAML: one mapping or a list)
     fit: FitSpec = FitSpec()
 
     @property
@@ -99,13 +102,16 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep spec must be a mapping, got {type(raw).__name__}")
-    spec = config_lib.build(SweepSpec, config_lib.merge(
-        raw, config_lib.parse_overrides(list(overrides))))
+    raw = config_lib.merge(raw, config_lib.parse_overrides(list(overrides)))
+    if isinstance(raw.get("holdout"), dict):  # one held-out run; {}: none
+        raw["holdout"] = [raw["holdout"]] if raw["holdout"] else []
+    spec = config_lib.build(SweepSpec, raw)
     if not spec.sizes:
         raise ConfigError(f"{path}: `sizes` is empty; list model shapes, e.g. "
                           "[{model.d_model: 64, model.n_layers: 2}]")
-    if bool(spec.tokens) == bool(spec.isoflop):
-        raise ConfigError(f"{path}: give exactly one of `tokens` (budgets per size) or "
+    if sum(map(bool, (spec.tokens, spec.tokens_per_param, spec.isoflop))) != 1:
+        raise ConfigError(f"{path}: give exactly one of `tokens` (budgets for every size), "
+                          "`tokens_per_param` (budgets in proportion to each size) or "
                           "`isoflop` (compute budgets)")
     if spec.fit.law == "isoflop" and not spec.isoflop:
         raise ConfigError(f"{path}: fit.law=isoflop needs `isoflop` compute budgets")
@@ -215,7 +221,7 @@ def _runs(spec: SweepSpec, size: dict, budgets: list[float], seed: int, role: st
 def _isoflop_sizes(spec: SweepSpec, budget: float) -> list[tuple[dict, float]]:
     """`isoflop_points` sizes around the expected optimum of `budget` (D = 20 N, Chinchilla's
     rule of thumb), each with the tokens that spend the budget exactly."""
-    cfgs = [(size, _size_config(spec, size)) for size in spec.sizes]
+    cfgs = [(size, _size_config(spec, _seeds(spec, size)[0])) for size in spec.sizes]
     cfgs.sort(key=lambda sc: flops.param_counts(sc[1].model)["total"])
     guess = math.sqrt(budget / (6 * 20))
     logs = [abs(math.log(flops.param_counts(c.model)["total"] / guess)) for _, c in cfgs]
@@ -238,9 +244,11 @@ def plan(spec: SweepSpec) -> list[Trial]:
     """Every trial of the sweep: the fitting grid (with wsd, stable runs and their branches),
     then the held-out run(s)."""
     grid: dict[str, tuple[dict, list[float]]] = {}  # budgets by size
-    if spec.tokens:
-        for size in spec.sizes:
-            grid[json.dumps(size, sort_keys=True)] = (size, list(spec.tokens))
+    key = "total" if spec.fit.params == "total" else "non_embedding"
+    for size in spec.sizes if spec.tokens or spec.tokens_per_param else ():
+        n = flops.param_counts(_size_config(spec, _seeds(spec, size)[0]).model)[key]
+        grid[json.dumps(size, sort_keys=True)] = (
+            size, list(spec.tokens) or [r * n for r in spec.tokens_per_param])
     for budget in spec.isoflop:
         for size, tokens in _isoflop_sizes(spec, budget):
             grid.setdefault(json.dumps(size, sort_keys=True), (size, []))[1].append(tokens)
@@ -248,18 +256,21 @@ def plan(spec: SweepSpec) -> list[Trial]:
     for size, budgets in grid.values():
         size, seeds = _seeds(spec, size)
         trials += [t for seed in seeds for t in _runs(spec, size, budgets, seed, "fit")]
-    if spec.holdout.size:
-        held, seeds = _seeds(spec, spec.holdout.size)
+    largest = max(t.facts()["flops"] for t in trials if t.role == "fit")
+    for i, h in enumerate(spec.holdout):
+        if not h.size or h.tokens <= 0:
+            raise ConfigError(f"holdout[{i}] needs a `size` (dotted model overrides) and "
+                              f"`tokens` > 0, got {h}")
+        held, seeds = _seeds(spec, h.size)
         base = _size_config(spec, held)
-        steps = _steps(spec, base, held, spec.holdout.tokens)
+        steps = _steps(spec, base, held, h.tokens)
         trials.append(_trial(spec, held, steps, seeds[0], "holdout", _warmup(spec, base, steps),
                              spec.recipe.schedule))
-        largest = max(t.facts()["flops"] for t in trials if t.role == "fit")
         if trials[-1].facts()["flops"] <= largest:
             raise ConfigError(
-                f"the held-out run ({trials[-1].facts()['flops']:.3g} FLOPs) must use more "
-                f"compute than the largest fitting run ({largest:.3g}); raise holdout.tokens "
-                "or holdout.size")
+                f"held-out run {trials[-1].name} ({trials[-1].facts()['flops']:.3g} FLOPs) must "
+                f"use more compute than the largest fitting run ({largest:.3g}); raise its "
+                "tokens or size")
     names = [t.name for t in trials]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

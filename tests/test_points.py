@@ -36,6 +36,10 @@ def test_load_csv_reads_optional_columns(tmp_path):
     assert points.annealed.tolist() == [False, True, True]
     no_runs = load_csv(write(tmp_path, "params,tokens,loss\n1e8,1e9,3\n2e8,1e9,2.9\n", "plain.csv"))
     assert len(np.unique(no_runs.run)) == 2  # each row its own run
+    points.write_csv(tmp_path / "again.csv")  # what a sweep writes beside its report
+    again = load_csv(tmp_path / "again.csv")
+    for name in ("params", "tokens", "loss", "flops", "run", "step", "annealed"):
+        assert getattr(again, name).tolist() == getattr(points, name).tolist(), name
 
 
 HEADER = "params,tokens,loss\n"

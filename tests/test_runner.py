@@ -15,7 +15,8 @@ import yaml
 from lm import cli, runner, spec as spec_lib
 from lm.store import Store
 
-from sweeps import SIZES, spec_file
+from sweeps import BASE, SIZES, spec_file
+from test_trackers import read_scalars
 
 DIVERGES = {"model.d_model": 24, "model.n_layers": 1, "model.n_heads": 2,
             "model.init_std": 1e20}  # its loss is non-finite at once: a trial that fails
@@ -38,7 +39,8 @@ def finished(tmp_path_factory):
     """A wsd sweep run to its end by one worker, after its runner was killed with SIGKILL once
     its first trial was done: (spec path, the second run's output)."""
     tmp_path = tmp_path_factory.mktemp("sweep")
-    path = spec_file(tmp_path, sizes=SIZES + [DIVERGES], recipe=WSD)
+    path = spec_file(tmp_path, sizes=SIZES + [DIVERGES], recipe=WSD,
+                     overrides={**BASE, "train.trackers": ["jsonl", "tensorboard"]})
     args = ["sweep", str(path), "--workers", "1", "--cpu-devices", "1"]
     first = subprocess.Popen([sys.executable, "-m", "lm.cli", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -56,6 +58,15 @@ def finished(tmp_path_factory):
     second = lm(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     return path, second, done_before
+
+
+def test_the_sweep_summary_goes_where_the_trials_metrics_went(finished):
+    path, _, _ = finished
+    scalars = read_scalars(path.parent / "sweep")
+    registered = json.loads((path.parent / "sweep" / "prediction.json").read_text())
+    (held,) = registered["runs"]
+    assert scalars[f"summary/{held['run']}/predicted"][0] == pytest.approx(held["predicted"])
+    assert {"summary/law/E", "summary/wall_s", "summary/mfu"} <= set(scalars)
 
 
 def test_a_killed_sweep_resumes_without_redoing_finished_trials(finished):

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lm import spec as spec_lib
@@ -25,17 +26,37 @@ def test_plan_applies_the_recipe(tmp_path):
     assert facts["flops"] > facts["flops_6nd"] * 0.9 and facts["params_non_embedding"] > 0
 
 
-def test_a_held_out_run_may_be_a_small_size_trained_longer(tmp_path):
+def test_held_out_runs_may_be_several_and_a_small_size_trained_longer(tmp_path):
+    large = {"size": {**SIZES[2], "model.d_model": 64}, "tokens": 32768}
     trials = spec_lib.plan(spec_lib.load_spec(spec_file(
-        tmp_path, holdout={"size": SIZES[0], "tokens": 400_000})))
-    (held,) = [t for t in trials if t.role == "holdout"]
-    assert held.cfg.model.d_model == 16 and held.facts()["tokens"] == pytest.approx(4e5, rel=0.01)
-    assert held.facts()["flops"] > max(t.facts()["flops"] for t in trials if t.role == "fit")
+        tmp_path, holdout=[{"size": SIZES[0], "tokens": 400_000}, large])))
+    small, held = [t for t in trials if t.role == "holdout"]
+    assert small.cfg.model.d_model == 16 and small.facts()["tokens"] == pytest.approx(4e5, rel=0.01)
+    assert held.cfg.model.d_model == 64 and held.facts()["tokens"] == 32768
+    assert min(small.facts()["flops"], held.facts()["flops"]) > max(
+        t.facts()["flops"] for t in trials if t.role == "fit")
+
+
+@pytest.mark.parametrize("params", ["total", "non_embedding"])
+def test_budgets_in_proportion_to_each_size(tmp_path, params):
+    spec = spec_lib.load_spec(spec_file(
+        tmp_path, tokens=[], tokens_per_param=[2, 4, 8], holdout={},
+        fit={"params": params, "min_tokens_per_param": 0}))
+    key = "params" if params == "total" else "params_non_embedding"
+    ratios = {}
+    for t in spec_lib.plan(spec):
+        if t.role == "fit":
+            f = t.facts()
+            ratios.setdefault(f[key], []).append(f["tokens"] / f[key])
+    assert len(ratios) == 3
+    for n, r in ratios.items():  # r * N tokens, to a step of 256
+        assert np.allclose(sorted(r), [2, 4, 8], atol=256 / n), (n, r)
 
 
 def test_isoflop_plan_spends_each_budget(tmp_path):
     sizes = [{"model.d_model": d, "model.n_layers": 1, "model.n_heads": 2}
-             for d in (16, 24, 32, 48, 64)]
+             for d in (16, 24, 32, 48)] + [
+             {"model.d_model": 64, "model.n_layers": 1, "model.n_heads": 2, "seeds": 1}]
     spec = spec_lib.load_spec(spec_file(tmp_path, tokens=[], isoflop=[3e10, 1e11], sizes=sizes,
                                      isoflop_points=3, holdout={}, fit={"law": "isoflop"}))
     trials = spec_lib.plan(spec)
@@ -47,8 +68,10 @@ def test_isoflop_plan_spends_each_budget(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"tokens": [100]}, "recipe.min_steps"),
     ({"holdout": {"size": SIZES[0], "tokens": 8192}}, "held-out run"),
+    ({"holdout": [{"size": SIZES[0]}]}, r"holdout\[0\] needs"),
     ({"sizes": []}, "sizes"),
     ({"tokens": [8192], "isoflop": [1e10]}, "exactly one"),
+    ({"tokens": [8192], "tokens_per_param": [4]}, "exactly one"),
     ({"sizes": SIZES[:2]}, "3 distinct model sizes"),
     ({"recipe": {"lr": 1e-2, "warmup": 3}}, "recipe.warmup"),
     ({"overrides": {**BASE, "train.batch_size": 2**22},
@@ -61,17 +84,18 @@ def test_bad_specs_fail_before_any_compute(tmp_path, changes, message):
     assert not (tmp_path / "sweep").exists()
 
 
-@pytest.mark.parametrize("name", ["quick", "stdlib-chinchilla", "stdlib-chinchilla-mup"])
-def test_committed_experiments_plan(name):
-    """The README's main job and the fuller study stay valid sweeps as the code moves, and hold
-    out a run with at least 4x the compute of the largest fitting run."""
+@pytest.mark.parametrize("name, ratio", [("quick", 4), ("reference", 30)])
+def test_committed_experiments_plan(name, ratio):
+    """The README's main job and the studies stay valid sweeps as the code moves: >= 6 sizes
+    over >= 10x in parameters, and a held-out run with `ratio` x the compute of the largest
+    fitting run."""
     spec_path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml"
     trials = spec_lib.plan(spec_lib.load_spec(spec_path))
-    flops = {t.role: [] for t in trials}
-    for t in trials:
-        flops[t.role].append(t.facts()["flops"])
-    assert len(flops["fit"]) >= 12 and len(flops["holdout"]) == 1
-    assert min(flops["holdout"]) >= 4 * max(flops["fit"])
+    fit = [t.facts() for t in trials if t.role == "fit"]
+    held = [t.facts()["flops"] for t in trials if t.role == "holdout"]
+    params = sorted({f["params"] for f in fit})
+    assert len(fit) >= 12 and len(params) >= 6 and params[-1] >= 10 * params[0]
+    assert max(held) >= ratio * max(f["flops"] for f in fit)
 
 
 def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
