@@ -4,11 +4,11 @@
                                   [--out DIR] [lm sweep flags, e.g. --workers 2]
 
 For each multiplier m, the sweep SPEC's fitting trials (the sizes chosen, every token budget;
-no held-out run, no bootstrap) train with the recipe's rule scaled by m (recipe.lr * m, the width
-rule unchanged), as an ordinary sweep in DIR/runs/m<m> whose spec is kept beside it. The table
-gives, per size, budget and multiplier, the seed-mean final validation loss and the seeds' spread (std
-of log loss). The rule holds at a size where m = 1 has the best seed-mean, or is within the
-seeds' noise of it, with a small spread. Written to DIR: results.csv, results.md and
+no held-out run, no bootstrap) train with the recipe's rule scaled by m (recipe.lr * m, the
+width rule unchanged), as an ordinary sweep in DIR/runs/m<m> whose spec is kept in DIR/specs.
+The table gives, per size, budget and multiplier, the seed-mean final validation loss and the
+seeds' spread (std of log loss). The rule holds at a size where m = 1 has the best seed-mean,
+or is within the seeds' noise of it, with a small spread. Written to DIR: results.csv, results.md and
 loss_vs_lr.png. Trials already finished are read, not trained again.
 """
 
@@ -30,8 +30,8 @@ from lm.store import Store
 
 def derived_spec(raw: dict, m: float, sizes: list[int] | None, seeds: int, out: Path) -> dict:
     """The spec of multiplier m's sweep: SPEC's recipe scaled, reduced to what is compared."""
-    raw = dict(raw, name=f"{raw.get('name', 'sweep')}-lr-m{m:g}", dir=str(out / "runs" / f"m{m:g}"),
-               holdout={}, fit=dict(raw.get("fit", {}), bootstrap=0))
+    raw = dict(raw, name=f"{raw.get('name', 'sweep')}-lr-m{m:g}", holdout={},
+               dir=str(out / "runs" / f"m{m:g}"), fit=dict(raw.get("fit", {}), bootstrap=0))
     chosen = [raw["sizes"][i] for i in sizes] if sizes else raw["sizes"]
     raw["sizes"] = [dict(s, seeds=seeds) for s in chosen]
     raw["recipe"] = dict(raw.get("recipe", {}))
@@ -44,9 +44,10 @@ def results(spec_path: Path, m: float) -> list[dict]:
     spec = spec_lib.load_spec(spec_path)
     losses = Store(spec.path / "store.sqlite", create=False).last_losses()
     return [{"size": f"d{t.cfg.model.d_model}-l{t.cfg.model.n_layers}", "m": m,
-             "params": t.facts()["params"], "tokens": t.facts()["tokens"], "lr": t.cfg.optim.lr, "seed": t.cfg.train.seed,
-             "loss": losses[t.name]}
-            for t in spec_lib.plan(spec) if t.role == "fit" and t.name in losses]
+             "params": facts["params"], "tokens": facts["tokens"], "lr": t.cfg.optim.lr,
+             "seed": t.cfg.train.seed, "loss": losses[t.name]}
+            for t in spec_lib.plan(spec) if t.role == "fit" and t.name in losses
+            for facts in [t.facts()]]
 
 
 def table(rows: list[dict]) -> tuple[list[dict], str]:
@@ -54,7 +55,8 @@ def table(rows: list[dict]) -> tuple[list[dict], str]:
     groups = defaultdict(list)
     for r in rows:
         groups[(r["params"], r["tokens"], r["size"], r["m"])].append(r)
-    summary = [{"size": size, "params": n, "tokens": d, "m": m, "lr": rs[0]["lr"], "seeds": len(rs),
+    summary = [{"size": size, "params": n, "tokens": d, "m": m, "lr": rs[0]["lr"],
+                "seeds": len(rs),
                 "mean_loss": float(np.mean([r["loss"] for r in rs])),
                 "seed_spread": float(np.std(np.log([r["loss"] for r in rs]), ddof=1))
                 if len(rs) > 1 else float("nan")}
@@ -66,7 +68,8 @@ def table(rows: list[dict]) -> tuple[list[dict], str]:
         cells = {s["m"]: s for s in summary if (s["size"], s["tokens"]) == (size, d)}
         best = min(cells.values(), key=lambda s: s["mean_loss"])
         lines.append(f"| {size} | {best['params']:,} | {d:.3g} | " + " | ".join(
-            f"{cells[m]['mean_loss']:.4f} ± {cells[m]['seed_spread']:.2%} (lr {cells[m]['lr']:.2e})"
+            f"{cells[m]['mean_loss']:.4f} ± {cells[m]['seed_spread']:.2%} "
+            f"(lr {cells[m]['lr']:.2e})"
             if m in cells else "" for m in ms) + f" | x{best['m']:g} |")
     return summary, "\n".join(lines)
 
