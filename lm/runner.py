@@ -112,7 +112,7 @@ def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit
     counted as `params` (default: the spec's), without the sizes too noisy to fit."""
     f = spec.fit
     points = store.points_of(params or f.params, roles=("fit",), names=names, metric=f.metric)
-    points = points.select(~np.isin(points.params, list(too_noisy(spec, points))))
+    points = points.select(~np.isin(points.params, list(too_noisy(spec, size_noise(points)))))
     try:
         return scaling.fit(points, f.law, bootstrap=f.bootstrap, drop_early=f.drop_early,
                            min_tokens_per_param=f.min_tokens_per_param)
@@ -122,13 +122,16 @@ def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit
                        "than a factor of a few), or check the failed trials") from None
 
 
-def too_noisy(spec: SweepSpec, points: Points) -> dict[float, scaling.Noise]:
-    """The sizes whose final losses spread across seeds by more than fit.max_noise: the rule,
-    fixed in the spec, by which they leave the fit."""
-    finals = points.select(points.final_mask() & points.annealed) if points.annealed.any() \
-        else points.select(points.final_mask())
-    return {n: noise for n, noise in scaling.noise_by_size(finals).items()
-            if spec.fit.max_noise and noise.sigma > spec.fit.max_noise}
+def size_noise(points: Points) -> dict[float, scaling.Noise]:
+    """Each size's spread of final losses across seeds (annealed ends, where runs have them)."""
+    finals = points.final_mask() & (points.annealed if points.annealed.any() else True)
+    return scaling.noise_by_size(points.select(finals))
+
+
+def too_noisy(spec: SweepSpec, noise: dict[float, scaling.Noise]) -> set[float]:
+    """The sizes whose seeds spread by more than fit.max_noise: the rule, fixed in the spec, by
+    which they leave the fit."""
+    return {n for n, x in noise.items() if spec.fit.max_noise and x.sigma > spec.fit.max_noise}
 
 
 def registration(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
@@ -455,11 +458,12 @@ def _noise_table(spec: SweepSpec, store: Store, fitting: list[str]) -> list[dict
         return []
     finals = points.select(points.final_mask())
     sems = store.last_sems(spec.fit.metric)
-    noisy = too_noisy(spec, points)
-    return [{"params": n, "seed_std": noise.sigma, "df": noise.df,
+    noise = size_noise(points)
+    noisy = too_noisy(spec, noise)
+    return [{"params": n, "seed_std": x.sigma, "df": x.df,
              "eval_sem": float(np.median([sems[r] for r in finals.run[finals.params == n]])),
              "left_out": n in noisy}
-            for n, noise in sorted(scaling.noise_by_size(finals).items())]
+            for n, x in sorted(noise.items())]
 
 
 def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: list[str]

@@ -351,7 +351,8 @@ def _chinchilla_loss(p, n, d, c):
 
 
 def _kaplan_nd_loss(p, n, d, c):
-    return p["E"] + ((p["N_c"] / n) ** (p["alpha_N"] / p["alpha_D"]) + p["D_c"] / d) ** p["alpha_D"]
+    inner = (p["N_c"] / n) ** (p["alpha_N"] / p["alpha_D"]) + p["D_c"] / d
+    return p["E"] + inner ** p["alpha_D"]
 
 
 def _kaplan_loss(p, n, d, c):
@@ -454,18 +455,16 @@ def _allocation_coefs(law: str, p: Mapping[str, float], fpt: Mapping[str, float]
     if law not in ND_LAWS:
         return None
     k, g = fpt["coef"], fpt["exponent"]
-    if law == "kaplan-nd":
-        r, n_c, d_c = (np.asarray(p[n] if n != "r" else p["alpha_N"] / p["alpha_D"], dtype=float)
-                       for n in ("r", "N_c", "D_c"))
-        with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
-            a = 1 / (r + g)
-            k_n = (r * n_c ** r / (g * d_c * k)) ** a
-            return k_n, a, 1 / (k * k_n ** g), 1 - g * a
-    alpha, beta, big_a, big_b = (np.asarray(p[n], dtype=float) for n in ("alpha", "beta", "A", "B"))
+    q = {name: np.asarray(value, dtype=float) for name, value in p.items()}
     with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
-        s = alpha + g * beta
-        a = beta / s
-        k_n = (alpha * big_a / (g * beta * big_b)) ** (1 / s) * k ** -a
+        if law == "kaplan-nd":
+            r = q["alpha_N"] / q["alpha_D"]
+            a = 1 / (r + g)
+            k_n = (r * q["N_c"] ** r / (g * q["D_c"] * k)) ** a
+        else:
+            s = q["alpha"] + g * q["beta"]
+            a = q["beta"] / s
+            k_n = (q["alpha"] * q["A"] / (g * q["beta"] * q["B"])) ** (1 / s) * k ** -a
         return k_n, a, 1 / (k * k_n ** g), 1 - g * a
 
 

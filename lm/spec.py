@@ -244,9 +244,8 @@ def plan(spec: SweepSpec) -> list[Trial]:
     """Every trial of the sweep: the fitting grid (with wsd, stable runs and their branches),
     then the held-out run(s)."""
     grid: dict[str, tuple[dict, list[float]]] = {}  # budgets by size
-    key = "total" if spec.fit.params == "total" else "non_embedding"
     for size in spec.sizes if spec.tokens or spec.tokens_per_param else ():
-        n = flops.param_counts(_size_config(spec, _seeds(spec, size)[0]).model)[key]
+        n = flops.param_counts(_size_config(spec, _seeds(spec, size)[0]).model)[spec.fit.params]
         grid[json.dumps(size, sort_keys=True)] = (
             size, list(spec.tokens) or [r * n for r in spec.tokens_per_param])
     for budget in spec.isoflop:

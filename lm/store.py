@@ -62,9 +62,12 @@ V2_COLUMNS = {  # added to `trials` by the upgrade from version 1
 V1_POINTS = ("trial", "step", "tokens", "flops", "train_loss", "val_loss", "val_loss_sem", "bpb")
 
 
-# A pending trial whose parent (the stable run a cooldown branch starts from), if any, is done.
-CLAIMABLE = ("status='pending' AND (parent IS NULL OR parent IN (SELECT name FROM trials "
-             "WHERE status='done'))")
+# Take the largest pending trial whose parent (the stable run a cooldown branch starts from),
+# if any, is done; `{lock}` is the backend's row lock.
+CLAIM = ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
+         "updated=? WHERE name = (SELECT name FROM trials WHERE status='pending' AND (parent IS "
+         "NULL OR parent IN (SELECT name FROM trials WHERE status='done')) ORDER BY "
+         "COALESCE(spent_flops, flops) DESC, name LIMIT 1{lock}) RETURNING name")
 
 
 def worker_name(pid: int | None = None) -> str:
@@ -108,10 +111,7 @@ class _SQLite:
     def columns(self, table: str) -> set[str]:
         return {r["name"] for r in self.con.execute(f"PRAGMA table_info({table})")}
 
-    def claim_sql(self) -> str:
-        return ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
-                "updated=? WHERE name = (SELECT name FROM trials WHERE " + CLAIMABLE + " "
-                "ORDER BY COALESCE(spent_flops, flops) DESC, name LIMIT 1) RETURNING name")
+    lock = ""  # one writer at a time: the transaction is the lock
 
 
 class _Postgres:
@@ -151,10 +151,7 @@ class _Postgres:
                                 "table_name = %s", (table,))
         return {r["column_name"] for r in rows}
 
-    def claim_sql(self) -> str:
-        return ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
-                "updated=? WHERE name = (SELECT name FROM trials WHERE " + CLAIMABLE + " "
-                "ORDER BY COALESCE(spent_flops, flops) DESC, name LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING name")
+    lock = " FOR UPDATE SKIP LOCKED"  # workers on many machines pass over each other's row
 
 
 def _connect(url: str):
@@ -267,7 +264,7 @@ class Store:
         """The name of a pending trial, now running under `worker`; None if none is pending.
         The largest first: they take longest, so the sweep ends sooner."""
         now = time.time()
-        row = self.db.execute(self.db.claim_sql(), (worker, now, now)).fetchone()
+        row = self.db.execute(CLAIM.format(lock=self.db.lock), (worker, now, now)).fetchone()
         return row["name"] if row else None
 
     def beat(self, name: str, worker: str) -> bool:
