@@ -934,7 +934,7 @@ def _draws(fit: Fit) -> dict[str, np.ndarray] | None:
         return None
     thetas = np.random.default_rng(0).multivariate_normal(
         fit.laplace.mean, fit.laplace.cov, size=LAPLACE_DRAWS, method="eigh")
-    k = (thetas.shape[1] - 1) // 2
+    k = (thetas.shape[1] - 1 - law.outer) // 2  # E, k levels, k exponents (, outer power)
     thetas[:, 0] = np.maximum(thetas[:, 0], 0.0)  # E >= 0
     thetas[:, k + 1:] = np.maximum(thetas[:, k + 1:], 1e-9)  # exponents > 0
     return law.from_theta(thetas.T)
