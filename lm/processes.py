@@ -41,7 +41,9 @@ def agree(flag: bool) -> bool:
 
 class StopSignals:
     """SIGTERM/SIGINT ask the loop to save and stop after the current step; a second one
-    aborts at once. Only the main thread can own signal handlers."""
+    aborts at once. Only the main thread can own signal handlers. Nested (a run inside a
+    sweep's worker), a signal that came too late for the inner loop to act on (during its
+    final evaluation) is passed on to the outer one on leaving, not forgotten."""
 
     def __init__(self):
         self.signum = None
@@ -68,6 +70,9 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        outer = getattr(self._previous.get(self.signum), "__self__", None)
+        if exc_type is None and isinstance(outer, StopSignals):
+            outer._handle(self.signum, None)

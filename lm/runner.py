@@ -275,12 +275,22 @@ def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S
     store.sync(spec.name, plan_digest(list(trials.values())), list(trials.values()))
     _compilation_cache()
     from lm import train
+    from lm.processes import StopSignals
 
     for handler in logging.getLogger("lm").handlers:  # the terminal: the sweep, not each step
         handler.addFilter(lambda r: r.name == log.name or r.levelno >= logging.WARNING)
     session, worker = train.Session(), worker_name()
     session.seconds["startup"] = time.perf_counter() - started  # imports, devices, the store
-    while True:
+    with StopSignals() as stop:  # a stop between trials, or at a trial's very end, ends it here
+        _work(spec, trials, store, session, worker, stale_s, stop)
+    if stop.signum is not None:
+        raise Interrupted(f"worker {worker} stopped by {signal.Signals(stop.signum).name} "
+                          "between trials; the trials it finished are in the store", stop.signum)
+
+
+def _work(spec: SweepSpec, trials: dict[str, Trial], store: Store, session, worker: str,
+          stale_s: float, stop) -> None:
+    while stop.signum is None:
         name = store.claim(worker)
         if name is not None:
             _train_one(trials[name], session, store, worker, stale_s)

@@ -12,6 +12,7 @@ import pytest
 
 from lm import checkpoint, config, data, evaluate, rundir, state, train
 from lm.errors import CheckpointError, Interrupted
+from lm.processes import StopSignals
 
 from conftest import small
 
@@ -48,6 +49,18 @@ def test_restore_onto_other_meshes(tmp_path):
         for a, b in zip(jax.tree.leaves(values), jax.tree.leaves(reference[0])):
             np.testing.assert_array_equal(a, b)
         assert eval_loss == pytest.approx(reference[1], rel=1e-5)
+
+
+def test_a_stop_too_late_for_a_run_reaches_the_worker_around_it():
+    """A sweep's worker trains runs one after another: a SIGTERM during a run's final
+    evaluation, after its loop's last look at the signals, must still stop the worker."""
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as worker:
+        with StopSignals() as run:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # let the handler run
+        assert run.signum == signal.SIGTERM and worker.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch, caplog):
