@@ -64,12 +64,13 @@ def _interval(interval) -> str:
 
 def _held_out_table(fit: Fit) -> list[str]:
     """Each held-out run: its prediction with the 95% interval for an actual run (the law's
-    uncertainty and the run's own noise), and what it reached."""
+    uncertainty and the run's own noise), and what it reached; seeds of one run together."""
     rows = ["| run | params | tokens | FLOPs | x largest fitting run | predicted [95% for a run] | "
             "actual | ARE | inside |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in fit.holdout:
+    for r in fit.holdout + fit.holdout_means:
         inside = "yes" if r.interval and r.interval[0] <= r.loss <= r.interval[1] else "no"
-        rows.append(f"| {r.run} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
+        name = f"{r.run} (mean of {r.seeds} seeds)" if r.seeds > 1 else r.run
+        rows.append(f"| {name} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
                     f"{r.compute_ratio:.1f} | {r.predicted:.4f}{_interval(r.interval)} | "
                     f"{r.loss:.4f} | {r.are:.2%} | {inside} |")
     return rows + [""]

@@ -499,10 +499,12 @@ def _print_summary(spec, fit, prior, error, timing) -> None:
         print(scaling.format_fit(fit))
     if error:
         print(f"fit failed: {error}")
-    for r in (prior or fit).holdout if (prior or fit) else ():
+    scored = prior or fit
+    for r in scored.holdout + scored.holdout_means if scored else ():
         interval = f" [{r.interval[0]:.4f}, {r.interval[1]:.4f}]" if r.interval else ""
-        print(f"held-out {r.run}: predicted {r.predicted:.4f}{interval} (registered), actual "
-              f"{r.loss:.4f}, ARE {r.are:.2%}")
+        seeds = f" (mean of {r.seeds} seeds)" if r.seeds > 1 else ""
+        print(f"held-out {r.run}{seeds}: predicted {r.predicted:.4f}{interval} (registered), "
+              f"actual {r.loss:.4f}, ARE {r.are:.2%}")
     print(f"wall {timing['wall_s']:.0f} s, study MFU {timing['mfu']:.1%}; report: "
           f"{spec.path / 'report.md'}")
 

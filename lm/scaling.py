@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -487,6 +489,7 @@ class HeldOut:
     compute_ratio: float | None = None  # its FLOPs over the largest fitting run's
     interval: tuple[float, float] | None = None
     law_interval: tuple[float, float] | None = None
+    seeds: int = 1  # > 1: the mean loss of that many runs of one N and D (their interval too)
 
 
 @dataclass(frozen=True)
@@ -579,6 +582,9 @@ class Fit:
     outliers: tuple[str, ...] = ()  # runs whose residual exceeds 3 noise sigmas
     holdout: tuple[HeldOut, ...] = ()
     are: float | None = None  # mean over the held-out runs
+    # held-out runs of one N and D (seeds) together: the law predicts their expected loss,
+    # which their mean measures with a run's noise divided by sqrt(seeds)
+    holdout_means: tuple[HeldOut, ...] = ()
 
     @property
     def formula(self) -> str:
@@ -592,6 +598,8 @@ class Fit:
             value = getattr(self, f.name)
             if f.name == "holdout":
                 value = {"runs": [asdict(r) for r in value]} if value else None
+            elif f.name == "holdout_means":
+                value = [asdict(r) for r in value] or None
             elif f.name == "budgets":
                 value = [asdict(b) for b in value] or None
             elif value is not None and f.name in ("allocation", "bootstrap", "noise",
@@ -640,13 +648,16 @@ class Fit:
                 budgets=tuple(Budget(**{**b, "params_range": _pair(b["params_range"])})
                               for b in raw.get("budgets") or ()),
                 outliers=tuple(raw.get("outliers", ())),
-                holdout=tuple(HeldOut(**{**r, "interval": _pair(r.get("interval")),
-                                         "law_interval": _pair(r.get("law_interval"))})
-                              for r in (raw.get("holdout") or {}).get("runs", [])),
-                are=raw.get("are"))
+                holdout=_held_out((raw.get("holdout") or {}).get("runs", [])),
+                are=raw.get("are"), holdout_means=_held_out(raw.get("holdout_means") or []))
         except (KeyError, TypeError, AttributeError) as e:
             raise FitError(f"{where}: a field is missing or malformed ({type(e).__name__}: "
                            f"{e}); refit it with lm fit") from None
+
+
+def _held_out(rows: list) -> tuple[HeldOut, ...]:
+    return tuple(HeldOut(**{**r, "interval": _pair(r.get("interval")),
+                            "law_interval": _pair(r.get("law_interval"))}) for r in rows)
 
 
 def _field(raw: dict, key: str, kind: type, where: str):
@@ -953,14 +964,16 @@ def _law_losses(fit: Fit, n, d, c) -> tuple[np.ndarray, np.ndarray | None]:
     return point, losses[np.all(np.isfinite(losses), axis=1)]
 
 
-def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
-    """95% intervals [m, 2] for the final loss of an actual run: the law's uncertainty (its
-    bootstrap draws) and the run's own noise (Student t with the noise's degrees of freedom),
-    combined in log space."""
+def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None, seeds: int = 1
+                  ) -> np.ndarray:
+    """95% intervals [m, 2] for the final loss of an actual run (or the mean of `seeds` runs):
+    the law's uncertainty (its bootstrap draws) and the run's own noise (Student t with the
+    noise's degrees of freedom, over sqrt(seeds)), combined in log space."""
     law = np.log(point)[None] if draws is None or not len(draws) else np.log(draws)
     rng = np.random.default_rng(0)
     reps = max(1, 20_000 // len(law))
-    noise = fit.noise.sigma * rng.standard_t(fit.noise.df, size=(len(law) * reps, 1))
+    noise = fit.noise.sigma / math.sqrt(seeds) * rng.standard_t(fit.noise.df,
+                                                                size=(len(law) * reps, 1))
     total = np.repeat(law, reps, axis=0) + noise
     return np.exp(np.percentile(total, [2.5, 97.5], axis=0)).T
 
@@ -977,19 +990,45 @@ def score(fit: Fit, points: Points, held: Collection[str]) -> Fit:
     if law.loss is None:
         raise FitError(f"an {fit.law} fit predicts no loss; use chinchilla or kaplan")
     final = points.select(points.final_mask() & np.isin(points.run, list(held)))
+    held_out = _scored(fit, final)
+    seeds = _same_n_and_d(final)
+    means = replace(final.select(np.array([g[0] for g in seeds], dtype=int)),
+                    loss=np.array([final.loss[g].mean() for g in seeds]),
+                    run=np.array([_seeds_name(final.run[g]) for g in seeds]))
+    return replace(fit, holdout=held_out, are=float(np.mean([r.are for r in held_out])),
+                   holdout_means=_scored(fit, means, [len(g) for g in seeds]))
+
+
+def _scored(fit: Fit, final: Points, seeds: Sequence[int] | None = None) -> tuple[HeldOut, ...]:
+    """Each of `final`'s losses (of one run, or the mean of `seeds[i]` runs) against the law."""
+    seeds = [1] * len(final) if seeds is None else list(seeds)
     point, draws = _law_losses(fit, final.params, final.tokens, final.flops)
-    runs = _run_interval(fit, point, draws)
+    runs = [_run_interval(fit, point[[i]], None if draws is None else draws[:, [i]], k)[0]
+            for i, k in enumerate(seeds)]
     laws = np.percentile(draws, [2.5, 97.5], axis=0).T if draws is not None and len(draws) \
         else [None] * len(final)
     are = np.abs(point - final.loss) / final.loss
     ratio = final.flops / fit.max_fit_flops
-    held_out = tuple(HeldOut(str(r), float(n), float(d), float(c), float(p), float(l), float(e),
-                             float(q), (float(i[0]), float(i[1])),
-                             None if w is None else (float(w[0]), float(w[1])))
-                     for r, n, d, c, q, p, l, e, i, w in zip(
-                         final.run, final.params, final.tokens, final.flops, ratio, point,
-                         final.loss, are, runs, laws))
-    return replace(fit, holdout=held_out, are=float(are.mean()))
+    return tuple(HeldOut(str(r), float(n), float(d), float(c), float(p), float(l), float(e),
+                         float(q), (float(i[0]), float(i[1])),
+                         None if w is None else (float(w[0]), float(w[1])), k)
+                 for r, n, d, c, q, p, l, e, i, w, k in zip(
+                     final.run, final.params, final.tokens, final.flops, ratio, point,
+                     final.loss, are, runs, laws, seeds))
+
+
+def _same_n_and_d(final: Points) -> list[list[int]]:
+    """Indices of the runs that share N and D, where more than one does (seeds)."""
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, key in enumerate(zip(final.params, final.tokens)):
+        groups.setdefault(key, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _seeds_name(runs: Sequence[str]) -> str:
+    """Runs d80-...-s0, d80-...-s1 together: d80-... (their common stem), else all names."""
+    stem = re.sub(r"[-_]s?$", "", os.path.commonprefix([str(r) for r in runs]))
+    return stem or "+".join(map(str, runs))
 
 
 def predicted_loss(fit: Fit, points: Points) -> np.ndarray:
@@ -1173,6 +1212,9 @@ def format_fit(fit: Fit) -> str:
                   f"{r.predicted:.4g}" + (f" [{r.interval[0]:.4g}, {r.interval[1]:.4g}]"
                                           if r.interval else "")
                   + f", actual {r.loss:.4g}, ARE {r.are:.2%}" for r in fit.holdout]
+        lines += [f"    mean of {r.seeds} seeds of {r.run}: predicted {r.predicted:.4g} "
+                  f"[{r.interval[0]:.4g}, {r.interval[1]:.4g}], actual {r.loss:.4g}, ARE "
+                  f"{r.are:.2%}" for r in fit.holdout_means]
     return "\n".join(lines)
 
 

@@ -81,7 +81,9 @@ class SweepSpec:
     # afresh, in SWEEP_DIR-seed1.
     seed: int = 0
     recipe: Recipe = Recipe()
-    holdout: tuple[HoldoutSpec, ...] = ()  # held-out runs (YAML: one mapping or a list)
+    # held-out runs (YAML: one mapping or a list); one seed unless its size says `seeds: k`,
+    # and then their mean is scored too: what the law predicts is a size's expected loss
+    holdout: tuple[HoldoutSpec, ...] = ()
     fit: FitSpec = FitSpec()
 
     @property
@@ -263,8 +265,9 @@ def plan(spec: SweepSpec) -> list[Trial]:
         held, seeds = _seeds(spec, h.size)
         base = _size_config(spec, held)
         steps = _steps(spec, base, held, h.tokens)
-        trials.append(_trial(spec, held, steps, seeds[0], "holdout", _warmup(spec, base, steps),
-                             spec.recipe.schedule))
+        trials += [_trial(spec, held, steps, seed, "holdout", _warmup(spec, base, steps),
+                          spec.recipe.schedule)
+                   for seed in (seeds if "seeds" in h.size else seeds[:1])]
         if trials[-1].facts()["flops"] <= largest:
             raise ConfigError(
                 f"held-out run {trials[-1].name} ({trials[-1].facts()['flops']:.3g} FLOPs) must "

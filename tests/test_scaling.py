@@ -33,13 +33,15 @@ def curves(seed=0, noise=0.005, sizes=np.geomspace(1e6, 1e10, 9), ratios=(4, 16,
 
 
 def study(rng, noise=0.005, truth=TRUE, sizes=np.geomspace(1e6, 1e7, 6), ratios=(5, 10, 20, 40),
-          seeds=2, held_ratio=4.0):
+          seeds=2, held_ratio=4.0, held_seeds=1):
     """A sweep's annealed final losses from `truth`: every size at every tokens-per-param
-    ratio, `seeds` runs each, and a held-out run with `held_ratio` x the largest one's compute."""
+    ratio, `seeds` runs each, and a held-out run with `held_ratio` x the largest one's compute
+    ("held", or with `held_seeds` seeds "held-s0", "held-s1", ...)."""
     rows = [{"params": n, "tokens": n * r, "run": f"{n:.3g}-{r}-{s}", "annealed": True}
             for n in sizes for r in ratios for s in range(seeds)]
     n_held = sizes[-1] * np.sqrt(held_ratio)
-    rows.append({"params": n_held, "tokens": n_held * ratios[-1], "run": "held", "annealed": True})
+    rows += [{"params": n_held, "tokens": n_held * ratios[-1], "annealed": True,
+              "run": "held" if held_seeds == 1 else f"held-s{s}"} for s in range(held_seeds)]
     for row in rows:
         row["loss"] = law(row["params"], row["tokens"], truth) * np.exp(
             noise * rng.standard_normal())
@@ -136,6 +138,25 @@ def test_prediction_intervals_cover_actual_runs_in_simulated_studies():
         (held,) = fit(study(rng), holdout=["held"]).holdout
         covered += held.interval[0] <= held.loss <= held.interval[1]
     assert covered >= 88, covered
+
+
+def test_seeds_of_a_held_out_run_are_scored_together_in_a_narrower_interval():
+    """What the law predicts is a size's expected loss; the mean of a held-out size's seeds
+    measures it with a run's noise / sqrt(seeds). Its 95% interval, from bootstrap refits as
+    a sweep's are, holds it in >= 22 of 25 simulated studies (measured 38 of 40; with the
+    Laplace approximation instead, 173 of 200), and is narrower than one run's."""
+    rng = np.random.default_rng(11)
+    covered = 0
+    for _ in range(25):
+        result = fit(study(rng, held_seeds=2), holdout=["held-s0", "held-s1"], bootstrap=30)
+        (mean,) = result.holdout_means
+        one, two = result.holdout
+        assert mean.run == "held" and mean.seeds == 2 and one.seeds == 1
+        assert mean.loss == pytest.approx((one.loss + two.loss) / 2)
+        assert mean.interval[1] - mean.interval[0] < one.interval[1] - one.interval[0]
+        covered += mean.interval[0] <= mean.loss <= mean.interval[1]
+    assert covered >= 22, covered
+    assert scaling.Fit.from_json(result.to_json()).holdout_means == result.holdout_means
 
 
 # ----------------------------------------------------------------------------- E, noise

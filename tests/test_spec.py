@@ -35,6 +35,9 @@ def test_held_out_runs_may_be_several_and_a_small_size_trained_longer(tmp_path):
     assert held.cfg.model.d_model == 64 and held.facts()["tokens"] == 32768
     assert min(small.facts()["flops"], held.facts()["flops"]) > max(
         t.facts()["flops"] for t in trials if t.role == "fit")
+    seeded = spec_lib.plan(spec_lib.load_spec(spec_file(
+        tmp_path, seed=3, holdout={"size": {**large["size"], "seeds": 2}, "tokens": 32768})))
+    assert [t.cfg.train.seed for t in seeded if t.role == "holdout"] == [3, 4]  # from spec.seed
 
 
 @pytest.mark.parametrize("params", ["total", "non_embedding"])
