@@ -152,7 +152,7 @@ def _timing(t: dict) -> list[str]:
              f"{t['workers']} worker(s). Study MFU {t['mfu']:.1%}: {t['flops']:.3g} model FLOPs "
              f"over the wall time and a measured peak of {t['peak_flops_per_s'] / 1e9:.0f} "
              "GFLOP/s.", "", "| phase | seconds (all workers) | share |", "|---|---:|---:|"]
-    rows = [*t["phases"].items(), ("idle", t["idle_s"])]
+    rows = [*t["phases"].items(), ("idle (a worker waiting)", t["idle_s"])]
     lines += [f"| {phase} | {s:.1f} | {s / total:.1%} |" for phase, s in rows if total > 0]
     return lines + [""]
 
