@@ -335,13 +335,17 @@ def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
              f"{mfu:.0%} of a measured {peak / 1e9:.0f} GFLOP/s, +{compile_s:.0f} s per trial)",
              f"{'trial':<40} {'role':<8} {'params':>10} {'tokens':>10} {'FLOPs':>10} "
              f"{'steps':>6} {'lr':>8} {'~time':>8}"]
-    total = 0.0
+    total, unfitted = 0.0, 0
     for t in trials:
         f = t.facts()
         seconds = f["spent_flops"] / (mfu * peak) + compile_s
         total += seconds
         steps = t.cfg.train.steps - t.cfg.train.branch_step
-        lines.append(f"{t.name:<40} {t.role:<8} {f['params']:>10,} {f['tokens']:>10.3g} "
+        n = f["params"] if spec.fit.params == "total" else f["params_non_embedding"]
+        role = t.role
+        if role == "fit" and f["tokens"] < spec.fit.min_tokens_per_param * n:
+            role, unfitted = "fit*", unfitted + 1
+        lines.append(f"{t.name:<40} {role:<8} {f['params']:>10,} {f['tokens']:>10.3g} "
                      f"{f['spent_flops']:>10.3g} {steps:>6} {t.cfg.optim.lr:>8.2e} "
                      f"{seconds / 60:>7.1f}m")
     spent = sum(t.facts()["spent_flops"] for t in trials)
@@ -349,4 +353,8 @@ def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
     lines.append(f"total: {spent:.3g} FLOPs ({scratch:.3g} if every budget trained from "
                  f"scratch: {1 - spent / scratch:+.0%} saved), about {total / 60:.0f} minutes on "
                  "this machine with one worker")
+    if unfitted:
+        lines.append(f"fit*: {unfitted} trials under fit.min_tokens_per_param="
+                     f"{spec.fit.min_tokens_per_param:g} tokens per parameter train and are "
+                     "reported, but the fit leaves them out")
     return "\n".join(lines)

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,8 @@ def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
                 b.facts()["flops"] * (t.steps - t.branch_step) / t.steps)
     text = spec_lib.plan_text(spec, trials, peak=1e11)
     assert "if every budget trained from scratch" in text and "saved" in text
+    assert "fit*" not in text  # min_tokens_per_param 0: every fitting trial is fitted
+    strict = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, min_tokens_per_param=1e9))
+    fitting = sum(t.role == "fit" for t in trials)
+    assert f"fit*: {fitting} trials under fit.min_tokens_per_param" in spec_lib.plan_text(
+        strict, trials, peak=1e11)
