@@ -30,8 +30,11 @@ from lm.store import Store
 
 def derived_spec(raw: dict, m: float, sizes: list[int] | None, seeds: int, out: Path) -> dict:
     """The spec of multiplier m's sweep: SPEC's recipe scaled, reduced to what is compared."""
+    # the losses are compared, not fitted: every trial counts towards the design the sweep's
+    # own check asks for (a spec's fit.min_tokens_per_param would leave some out)
     raw = dict(raw, name=f"{raw.get('name', 'sweep')}-lr-m{m:g}", holdout={},
-               dir=str(out / "runs" / f"m{m:g}"), fit=dict(raw.get("fit", {}), bootstrap=0))
+               dir=str(out / "runs" / f"m{m:g}"),
+               fit=dict(raw.get("fit", {}), bootstrap=0, min_tokens_per_param=0))
     chosen = [raw["sizes"][i] for i in sizes] if sizes else raw["sizes"]
     raw["sizes"] = [dict(s, seeds=seeds) for s in chosen]
     raw["recipe"] = dict(raw.get("recipe", {}))
