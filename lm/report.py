@@ -69,8 +69,7 @@ def _held_out_table(fit: Fit) -> list[str]:
             "actual | ARE | inside |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in fit.holdout + fit.holdout_means:
         inside = "yes" if r.interval and r.interval[0] <= r.loss <= r.interval[1] else "no"
-        name = f"{r.run} (mean of {r.seeds} seeds)" if r.seeds > 1 else r.run
-        rows.append(f"| {name} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
+        rows.append(f"| {r.label} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
                     f"{r.compute_ratio:.1f} | {r.predicted:.4f}{_interval(r.interval)} | "
                     f"{r.loss:.4f} | {r.are:.2%} | {inside} |")
     return rows + [""]

@@ -141,7 +141,7 @@ def registration(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
     runs = []
     for t in held:
         facts = t.facts()
-        n = facts["params"] if spec.fit.params == "total" else facts["params_non_embedding"]
+        n = spec_lib.fit_params(spec, facts)
         p = scaling.predict(fit, params=n, tokens=facts["tokens"], flops=facts["flops"])
         runs.append({"run": t.name, "params": n, "tokens": facts["tokens"],
                      "flops": facts["flops"], "flops_6nd": facts["flops_6nd"],
@@ -452,7 +452,7 @@ def _summary(fit: Fit | None, timing: dict) -> dict[str, float]:
     out = {"wall_s": timing["wall_s"], "mfu": timing["mfu"]}
     if fit:
         out.update({f"law/{k}": v for k, v in fit.params.items()})
-        for r in fit.holdout:
+        for r in fit.holdout + fit.holdout_means:
             out[f"{r.run}/predicted"], out[f"{r.run}/actual"] = r.predicted, r.loss
             out[f"{r.run}/are"] = r.are
     return out
@@ -502,8 +502,7 @@ def _print_summary(spec, fit, prior, error, timing) -> None:
     scored = prior or fit
     for r in scored.holdout + scored.holdout_means if scored else ():
         interval = f" [{r.interval[0]:.4f}, {r.interval[1]:.4f}]" if r.interval else ""
-        seeds = f" (mean of {r.seeds} seeds)" if r.seeds > 1 else ""
-        print(f"held-out {r.run}{seeds}: predicted {r.predicted:.4f}{interval} (registered), "
+        print(f"held-out {r.label}: predicted {r.predicted:.4f}{interval} (registered), "
               f"actual {r.loss:.4f}, ARE {r.are:.2%}")
     print(f"wall {timing['wall_s']:.0f} s, study MFU {timing['mfu']:.1%}; report: "
           f"{spec.path / 'report.md'}")

@@ -491,6 +491,10 @@ class HeldOut:
     law_interval: tuple[float, float] | None = None
     seeds: int = 1  # > 1: the mean loss of that many runs of one N and D (their interval too)
 
+    @property
+    def label(self) -> str:
+        return f"{self.run} (mean of {self.seeds} seeds)" if self.seeds > 1 else self.run
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -707,7 +711,7 @@ def _fitted(points: Points, law: _Law, drop_early: float, min_tokens_per_param: 
     which end a learning-rate decay, those; else all but the early ones. Never points with
     fewer than `min_tokens_per_param` tokens per parameter. Finals-only laws take each run's
     last, frontier laws the compute-efficient envelope."""
-    kept = points.select(points.tokens >= min_tokens_per_param * points.params)
+    kept = points.select(~too_few_tokens(points.tokens, points.params, min_tokens_per_param))
     annealed = bool(kept.annealed.any())
     kept = kept.select(kept.annealed if annealed else ~kept.early_mask(drop_early))
     if law.finals_only:
@@ -721,7 +725,13 @@ def unused_mask(fit: Fit, points: Points) -> np.ndarray:
     """True at the points of runs `fit` was fitted on that it left out: early, not annealed,
     under-trained (held-out runs' points are not among them)."""
     early = ~points.annealed if fit.annealed_only else points.early_mask(fit.drop_early)
-    return early | (points.tokens < fit.min_tokens_per_param * points.params)
+    return early | too_few_tokens(points.tokens, points.params, fit.min_tokens_per_param)
+
+
+def too_few_tokens(tokens, params, min_tokens_per_param: float):
+    """Whether a model of `params` parameters saw too few `tokens` to be fitted: the early
+    transient, not the law."""
+    return np.asarray(tokens) < min_tokens_per_param * np.asarray(params)
 
 
 def check_design(points: Points, law: str = "chinchilla", drop_early: float = 0.1,
@@ -964,16 +974,17 @@ def _law_losses(fit: Fit, n, d, c) -> tuple[np.ndarray, np.ndarray | None]:
     return point, losses[np.all(np.isfinite(losses), axis=1)]
 
 
-def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None, seeds: int = 1
+def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None, seeds=1
                   ) -> np.ndarray:
-    """95% intervals [m, 2] for the final loss of an actual run (or the mean of `seeds` runs):
-    the law's uncertainty (its bootstrap draws) and the run's own noise (Student t with the
-    noise's degrees of freedom, over sqrt(seeds)), combined in log space."""
+    """95% intervals [m, 2] for the final loss of an actual run (or the mean of `seeds` runs,
+    one count or one per column): the law's uncertainty (its bootstrap draws) and the run's
+    own noise (Student t with the noise's degrees of freedom, over sqrt(seeds)), combined in
+    log space."""
     law = np.log(point)[None] if draws is None or not len(draws) else np.log(draws)
     rng = np.random.default_rng(0)
     reps = max(1, 20_000 // len(law))
-    noise = fit.noise.sigma / math.sqrt(seeds) * rng.standard_t(fit.noise.df,
-                                                                size=(len(law) * reps, 1))
+    noise = fit.noise.sigma / np.sqrt(seeds) * rng.standard_t(fit.noise.df,
+                                                              size=(len(law) * reps, 1))
     total = np.repeat(law, reps, axis=0) + noise
     return np.exp(np.percentile(total, [2.5, 97.5], axis=0)).T
 
@@ -1003,8 +1014,7 @@ def _scored(fit: Fit, final: Points, seeds: Sequence[int] | None = None) -> tupl
     """Each of `final`'s losses (of one run, or the mean of `seeds[i]` runs) against the law."""
     seeds = [1] * len(final) if seeds is None else list(seeds)
     point, draws = _law_losses(fit, final.params, final.tokens, final.flops)
-    runs = [_run_interval(fit, point[[i]], None if draws is None else draws[:, [i]], k)[0]
-            for i, k in enumerate(seeds)]
+    runs = _run_interval(fit, point, draws, np.asarray(seeds, dtype=float))
     laws = np.percentile(draws, [2.5, 97.5], axis=0).T if draws is not None and len(draws) \
         else [None] * len(final)
     are = np.abs(point - final.loss) / final.loss
@@ -1212,9 +1222,9 @@ def format_fit(fit: Fit) -> str:
                   f"{r.predicted:.4g}" + (f" [{r.interval[0]:.4g}, {r.interval[1]:.4g}]"
                                           if r.interval else "")
                   + f", actual {r.loss:.4g}, ARE {r.are:.2%}" for r in fit.holdout]
-        lines += [f"    mean of {r.seeds} seeds of {r.run}: predicted {r.predicted:.4g} "
-                  f"[{r.interval[0]:.4g}, {r.interval[1]:.4g}], actual {r.loss:.4g}, ARE "
-                  f"{r.are:.2%}" for r in fit.holdout_means]
+        lines += [f"    {r.label}: predicted {r.predicted:.4g} [{r.interval[0]:.4g}, "
+                  f"{r.interval[1]:.4g}], actual {r.loss:.4g}, ARE {r.are:.2%}"
+                  for r in fit.holdout_means]
     return "\n".join(lines)
 
 

@@ -289,12 +289,17 @@ def plan(spec: SweepSpec) -> list[Trial]:
     return trials
 
 
+def fit_params(spec: SweepSpec, facts: dict) -> int:
+    """A trial's N as the spec's fit counts it (fit.params: total or non-embedding)."""
+    return facts["params"] if spec.fit.params == "total" else facts["params_non_embedding"]
+
+
 def planned_points(trials: list[Trial], spec: SweepSpec) -> Points:
     """The evaluations the trials will make, with a placeholder loss: what a fit will see."""
     rows = []
     for t in trials:
         facts, per_step = t.facts(), t.cfg.tokens_per_step
-        params = facts["params"] if spec.fit.params == "total" else facts["params_non_embedding"]
+        params = fit_params(spec, facts)
         evaluated = rundir.eval_steps(t.cfg) or {t.cfg.train.steps}
         for step in sorted(s for s in evaluated if s > t.cfg.train.branch_step):
             rows.append({"params": params, "tokens": step * per_step, "loss": 1.0, "run": t.name,
@@ -341,9 +346,9 @@ def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
         seconds = f["spent_flops"] / (mfu * peak) + compile_s
         total += seconds
         steps = t.cfg.train.steps - t.cfg.train.branch_step
-        n = f["params"] if spec.fit.params == "total" else f["params_non_embedding"]
         role = t.role
-        if role == "fit" and f["tokens"] < spec.fit.min_tokens_per_param * n:
+        if role == "fit" and scaling.too_few_tokens(f["tokens"], fit_params(spec, f),
+                                                    spec.fit.min_tokens_per_param):
             role, unfitted = "fit*", unfitted + 1
         lines.append(f"{t.name:<40} {role:<8} {f['params']:>10,} {f['tokens']:>10.3g} "
                      f"{f['spent_flops']:>10.3g} {steps:>6} {t.cfg.optim.lr:>8.2e} "
