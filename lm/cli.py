@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from lm.devices import simulate_cpu_devices
+from lm.devices import keep_freed_memory, simulate_cpu_devices
 from lm.errors import LMError
 
 
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         top.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides += extra
+    keep_freed_memory()
     _use_cpu_devices(args.cpu_devices)
     _join_processes(args)
     try:

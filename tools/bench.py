@@ -56,9 +56,10 @@ def main() -> None:
     mesh = tuple(map(int, args.mesh_ratio.split(","))) if args.mesh_ratio else None
     if mesh and not args.cpu_devices:
         args.cpu_devices = mesh[0] * mesh[1]
-    if args.cpu_devices:
-        from lm.devices import simulate_cpu_devices  # imports no JAX: must come first
+    from lm.devices import keep_freed_memory, simulate_cpu_devices  # no JAX: must come first
 
+    keep_freed_memory()  # as `lm` does
+    if args.cpu_devices:
         simulate_cpu_devices(args.cpu_devices)
     import jax
     import jax.numpy as jnp
