@@ -5,7 +5,7 @@ import ctypes
 import os
 
 # glibc's mallopt parameters
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD = -1, -2
 
 
 def simulate_cpu_devices(n: int) -> None:
@@ -27,16 +27,15 @@ def simulate_cpu_devices(n: int) -> None:
 def keep_freed_memory() -> None:
     """Make glibc's malloc keep the memory a step frees for the next step.
 
-    XLA's CPU runtime allocates each step's buffers afresh. By default glibc returns freed
-    memory at the heap's top to the kernel and serves blocks over a moving threshold with
-    fresh mappings, so every step touches new pages: the main job's d64 step took 9,500 minor
-    page faults and a quarter of its time in them. Heap blocks up to 32 MiB, a heap grown 64
-    MiB at a time and never trimmed: ~100-1,500 faults and 1.3-1.4x faster steps for the
-    largest sizes (tools/bench.py). The process keeps its peak heap, which a training process
-    reaches every step anyway. Nothing happens where malloc is not glibc's."""
+    XLA's CPU runtime allocates each step's buffers afresh, and by default glibc returns the
+    freed top of its heap to the kernel, so the next step faults the pages in again: the main
+    job's d64 step took 9,500 minor page faults. A heap that grows 64 MiB at a time and is not
+    trimmed below 1 GiB of free memory: ~300-2,000 faults, steps 1.3-1.5x faster at the two
+    largest sizes, the same within noise at the small ones (tools/malloc_bench.py). The process
+    keeps its peak heap, which a training process reaches every step anyway. Nothing happens
+    where malloc is not glibc's."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return
-    for param, value in ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30),
-                         (_M_TOP_PAD, 64 << 20)):
-        mallopt(param, value)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(_M_TOP_PAD, 64 << 20)
