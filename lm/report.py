@@ -67,7 +67,7 @@ def _held_out_table(fit: Fit) -> list[str]:
     uncertainty and the run's own noise), and what it reached; seeds of one run together."""
     rows = ["| run | params | tokens | FLOPs | x largest fitting run | predicted [95% for a run] | "
             "actual | ARE | inside |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in fit.holdout + fit.holdout_means:
+    for r in fit.scored:
         inside = "yes" if r.interval and r.interval[0] <= r.loss <= r.interval[1] else "no"
         rows.append(f"| {r.label} | {r.params:,.0f} | {r.tokens:.3g} | {r.flops:.3g} | "
                     f"{r.compute_ratio:.1f} | {r.predicted:.4f}{_interval(r.interval)} | "

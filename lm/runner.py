@@ -452,7 +452,7 @@ def _summary(fit: Fit | None, timing: dict) -> dict[str, float]:
     out = {"wall_s": timing["wall_s"], "mfu": timing["mfu"]}
     if fit:
         out.update({f"law/{k}": v for k, v in fit.params.items()})
-        for r in fit.holdout + fit.holdout_means:
+        for r in fit.scored:
             out[f"{r.run}/predicted"], out[f"{r.run}/actual"] = r.predicted, r.loss
             out[f"{r.run}/are"] = r.are
     return out
@@ -499,8 +499,7 @@ def _print_summary(spec, fit, prior, error, timing) -> None:
         print(scaling.format_fit(fit))
     if error:
         print(f"fit failed: {error}")
-    scored = prior or fit
-    for r in scored.holdout + scored.holdout_means if scored else ():
+    for r in (prior or fit).scored if (prior or fit) else ():
         interval = f" [{r.interval[0]:.4f}, {r.interval[1]:.4f}]" if r.interval else ""
         print(f"held-out {r.label}: predicted {r.predicted:.4f}{interval} (registered), "
               f"actual {r.loss:.4f}, ARE {r.are:.2%}")

@@ -591,6 +591,11 @@ class Fit:
     holdout_means: tuple[HeldOut, ...] = ()
 
     @property
+    def scored(self) -> tuple[HeldOut, ...]:
+        """Every held-out row: each run, then each mean of a size's seeds."""
+        return self.holdout + self.holdout_means
+
+    @property
     def formula(self) -> str:
         return _law(self.law).formula
 
@@ -1218,13 +1223,10 @@ def format_fit(fit: Fit) -> str:
     lines += [f"  WARNING {w}" for w in fit.warnings]
     if fit.holdout:
         lines.append(f"  held-out ARE {fit.are:.2%} (mean over {len(fit.holdout)} runs)")
-        lines += [f"    run {r.run} ({r.compute_ratio:.1f}x the largest fitting run): predicted "
-                  f"{r.predicted:.4g}" + (f" [{r.interval[0]:.4g}, {r.interval[1]:.4g}]"
-                                          if r.interval else "")
-                  + f", actual {r.loss:.4g}, ARE {r.are:.2%}" for r in fit.holdout]
-        lines += [f"    {r.label}: predicted {r.predicted:.4g} [{r.interval[0]:.4g}, "
-                  f"{r.interval[1]:.4g}], actual {r.loss:.4g}, ARE {r.are:.2%}"
-                  for r in fit.holdout_means]
+        lines += [f"    run {r.label} ({r.compute_ratio:.1f}x the largest fitting run): "
+                  f"predicted {r.predicted:.4g}" + (f" [{r.interval[0]:.4g}, {r.interval[1]:.4g}]"
+                                                    if r.interval else "")
+                  + f", actual {r.loss:.4g}, ARE {r.are:.2%}" for r in fit.scored]
     return "\n".join(lines)
 
 
