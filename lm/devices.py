@@ -30,8 +30,8 @@ def keep_freed_memory() -> None:
     XLA's CPU runtime allocates each step's buffers afresh, and by default glibc returns the
     freed top of its heap to the kernel, so the next step faults the pages in again: the main
     job's d64 step took 9,500 minor page faults. A heap that grows 64 MiB at a time and is not
-    trimmed below 1 GiB of free memory: ~300-2,000 faults, steps 1.3-1.5x faster at the two
-    largest sizes, the same within noise at the small ones (tools/malloc_bench.py). The process
+    trimmed below 1 GiB of free memory: a few hundred to a few thousand faults, steps 1.2-1.6x
+    faster at the two largest sizes, 1.0-1.07x at the small ones (tools/malloc_bench.py). The process
     keeps its peak heap, which a training process reaches every step anyway. Nothing happens
     where malloc is not glibc's."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
