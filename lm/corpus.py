@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -82,14 +83,15 @@ class BadFile(DataError):
         self.path, self.reason = path, reason
 
 
-def default_corpus() -> list[tuple[str, Path]]:
+@functools.cache  # walking the tree takes ~1 s, paid by every trial of a sweep's worker
+def default_corpus() -> tuple[tuple[str, Path], ...]:
     """The embedded corpus: every *.py file of this interpreter's standard library (without
     site-packages), keyed and sorted by relative path. Real text (code, comments, docstrings),
     about 30 MB on CPython 3.11, present wherever Python is."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = ((p.relative_to(root).as_posix(), p) for p in root.rglob("*.py") if p.is_file())
-    return sorted((key, p) for key, p in files
-                  if not {"site-packages", "dist-packages"} & set(key.split("/")))
+    return tuple(sorted((key, p) for key, p in files
+                        if not {"site-packages", "dist-packages"} & set(key.split("/"))))
 
 
 def corpus_files(spec: str, key: str = "data.source") -> list[tuple[str, Path]]:
@@ -99,7 +101,7 @@ def corpus_files(spec: str, key: str = "data.source") -> list[tuple[str, Path]]:
     directories (a named file or dataset: its name), so that moving a corpus keeps every
     document in its split."""
     if spec == "default":
-        return default_corpus()
+        return list(default_corpus())
     found: dict[Path, tuple[str, Path]] = {}  # by real path
     for item in filter(None, (part.strip() for part in spec.split(","))):
         pattern = Path(os.path.expanduser(item))

@@ -222,6 +222,8 @@ def _trial_log(run_dir: Path):
 
 def _train_one(trial: Trial, session, store: Store, worker: str, stale_s: float) -> None:
     """Train `trial` in this process and record how it ended."""
+    import jax
+
     from lm import train
 
     beat = _Heartbeat(store.url, trial.name, worker, stale_s / BEATS)
@@ -230,8 +232,8 @@ def _train_one(trial: Trial, session, store: Store, worker: str, stale_s: float)
     try:
         with _trial_log(trial.run_dir):
             config_lib.dump(trial.cfg, trial.run_dir / "trial.yaml")  # to rerun it by hand
-            log.info("sweep: %s trains %s (%s, %.3g FLOPs)", worker, trial.name, trial.role,
-                     trial.facts()["flops"])
+            log.info("sweep: %s trains %s (%s, %.3g FLOPs) on %d device(s)", worker,
+                     trial.name, trial.role, trial.facts()["flops"], jax.device_count())
             train.train(trial.cfg, session=session)
     except Interrupted:
         store.release(trial.name, worker)
