@@ -293,7 +293,7 @@ def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S
 def _work(spec: SweepSpec, trials: dict[str, Trial], store: Store, session, worker: str,
           stale_s: float, stop) -> None:
     while stop.signum is None:
-        name = store.claim(worker)
+        name = claim(store, worker, trials, session.compiled)
         if name is not None:
             _train_one(trials[name], session, store, worker, stale_s)
             continue
@@ -304,6 +304,21 @@ def _work(spec: SweepSpec, trials: dict[str, Trial], store: Store, session, work
         if all(r["status"] in FINAL for r in store.trials() if r["name"] in trials):
             return
         time.sleep(POLL_S)
+
+
+def claim(store: Store, worker: str, trials: dict[str, Trial], compiled) -> str | None:
+    """The largest pending trial of a shape this worker has compiled (`compiled(cfg)`), else
+    of a shape no other worker is training, else the largest: each worker compiles fewer
+    shapes. (Two workers that took a size's two seeds at once compiled its programs twice,
+    side by side.)"""
+    shape = {n: (t.cfg.model, t.cfg.train.batch_size) for n, t in trials.items()}
+    busy = {shape[r["name"]] for r in store.trials()
+            if r["status"] == "running" and r["name"] in shape}
+    for among in ([n for n, t in trials.items() if compiled(t.cfg)],
+                  [n for n in trials if shape[n] not in busy], None):
+        if (name := store.claim(worker, among)) is not None:
+            return name
+    return None
 
 
 def _compilation_cache() -> None:

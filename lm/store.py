@@ -20,6 +20,7 @@ import re
 import socket
 import sqlite3
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from lm import config as config_lib
@@ -62,11 +63,11 @@ V2_COLUMNS = {  # added to `trials` by the upgrade from version 1
 V1_POINTS = ("trial", "step", "tokens", "flops", "train_loss", "val_loss", "val_loss_sem", "bpb")
 
 
-# Take the largest pending trial whose parent (the stable run a cooldown branch starts from),
-# if any, is done; `{lock}` is the backend's row lock.
+# Take the largest pending trial (`{among}`: of some names) whose parent (the stable run a
+# cooldown branch starts from), if any, is done; `{lock}` is the backend's row lock.
 CLAIM = ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
-         "updated=? WHERE name = (SELECT name FROM trials WHERE status='pending' AND (parent IS "
-         "NULL OR parent IN (SELECT name FROM trials WHERE status='done')) ORDER BY "
+         "updated=? WHERE name = (SELECT name FROM trials WHERE status='pending'{among} AND "
+         "(parent IS NULL OR parent IN (SELECT name FROM trials WHERE status='done')) ORDER BY "
          "COALESCE(spent_flops, flops) DESC, name LIMIT 1{lock}) RETURNING name")
 
 
@@ -260,11 +261,17 @@ class Store:
 
     # ----------------------------------------------------------------------- workers
 
-    def claim(self, worker: str) -> str | None:
-        """The name of a pending trial, now running under `worker`; None if none is pending.
-        The largest first: they take longest, so the sweep ends sooner."""
+    def claim(self, worker: str, among: Collection[str] | None = None) -> str | None:
+        """The name of a pending trial (one of `among`, if given), now running under `worker`;
+        None if none is pending. The largest first: they take longest, so the sweep ends
+        sooner."""
+        names = sorted(among or ())
+        if among is not None and not names:
+            return None
+        where = f" AND name IN ({', '.join('?' * len(names))})" if among is not None else ""
         now = time.time()
-        row = self.db.execute(CLAIM.format(lock=self.db.lock), (worker, now, now)).fetchone()
+        row = self.db.execute(CLAIM.format(lock=self.db.lock, among=where),
+                              (worker, now, now, *names)).fetchone()
         return row["name"] if row else None
 
     def beat(self, name: str, worker: str) -> bool:

@@ -341,6 +341,10 @@ class Session:
                 self._programs[key] = compile_program(cfg, self.devices)
         return self._programs[key]
 
+    def compiled(self, cfg: Config) -> bool:
+        """Whether this process has compiled `cfg`'s shape."""
+        return compiled_key(cfg) in self._programs
+
     def evaluator(self, cfg: Config) -> evaluate.Evaluator:
         key = (compiled_key(cfg), cfg.data, cfg.eval.batch_size)
         if key not in self._evaluators:

@@ -32,6 +32,28 @@ def trials(tmp_path):
     return spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path)))
 
 
+def test_workers_keep_to_the_shapes_they_compiled_and_spread_over_the_others(url, trials):
+    """Workers starting together take different sizes, not one size's two budgets; with every
+    size busy, the largest trial; a worker takes the trials of a size it has compiled first."""
+    from lm import runner
+
+    store = Store(url)
+    store.sync("t", "plan1", trials)
+    plan = {t.name: t for t in trials}
+    width = {n: t.cfg.model.d_model for n, t in plan.items()}
+    flops = {n: t.facts()["flops"] for n, t in plan.items()}
+    fitting = [n for n, t in plan.items() if t.role == "fit"]
+    none = lambda cfg: False  # noqa: E731 - nothing compiled yet
+    w1, w2, w3, w4 = (runner.claim(store, f"w{i}", plan, none) for i in range(1, 5))
+    assert flops[w1] == max(flops[n] for n in fitting)  # the largest first
+    assert sorted([width[w1], width[w2], width[w3]]) == [16, 32, 48]  # then a size each
+    assert width[w4] == 48 and flops[w4] > flops[w2]  # every size busy: the largest
+    pending = [r["name"] for r in store.trials() if r["status"] == "pending"]
+    got = runner.claim(store, "w3", plan, lambda cfg: cfg.model.d_model == 16)
+    assert width[got] == 16 and flops[got] == max(flops[n] for n in pending if width[n] == 16)
+    assert flops[got] < max(flops[n] for n in pending)  # over larger trials of other sizes
+
+
 def test_claims_heartbeats_failures_and_the_prediction(url, trials):
     store = Store(url)
     store.sync("t", "plan1", trials)
