@@ -311,7 +311,9 @@ def claim(store: Store, worker: str, trials: dict[str, Trial], compiled) -> str 
     of a shape no other worker is training, else the largest: each worker compiles fewer
     shapes. (Two workers that took a size's two seeds at once compiled its programs twice,
     side by side.)"""
-    shape = {n: (t.cfg.model, t.cfg.train.batch_size) for n, t in trials.items()}
+    from lm.train import compiled_key
+
+    shape = {n: compiled_key(t.cfg) for n, t in trials.items()}
     busy = {shape[r["name"]] for r in store.trials()
             if r["status"] == "running" and r["name"] in shape}
     for among in ([n for n, t in trials.items() if compiled(t.cfg)],
@@ -516,7 +518,8 @@ def _print_summary(spec, fit, prior, error, timing) -> None:
         print(scaling.format_fit(fit))
     if error:
         print(f"fit failed: {error}")
-    for r in (prior or fit).scored if (prior or fit) else ():
+    shown = prior or fit
+    for r in shown.scored if shown else ():
         interval = f" [{r.interval[0]:.4f}, {r.interval[1]:.4f}]" if r.interval else ""
         print(f"held-out {r.label}: predicted {r.predicted:.4f}{interval} (registered), "
               f"actual {r.loss:.4f}, ARE {r.are:.2%}")
