@@ -112,8 +112,7 @@ def _trust(r: Results) -> list[str]:
         return []
     ident, noise = fit.identifiability, fit.noise
     lines = ["## How far to trust it", "",
-             f"- Run-to-run noise: {noise.sigma:.2%} of the loss, measured from {noise.source} "
-             f"({noise.df} degrees of freedom); the Huber loss's delta is set from it.",
+             f"- Run-to-run noise: {noise.describe()}; the Huber loss's delta is set from it.",
              f"- Irreducible loss: the fit is as good, within that noise, for E from "
              f"{ident.allowed[0]:.3f} to {ident.allowed[1]:.3f}; E is "
              + ("identified." if ident.identified else

@@ -23,7 +23,9 @@ Error is reported the way Choshen et al. 2024 advise: the absolute relative erro
 held-out run's final loss. The law's uncertainty comes from a bootstrap over whole runs (points
 of one learning curve are correlated), each refit started afresh from a grid; an interval for an
 *actual* run adds that run's own noise, measured across seeds where the points have them (runs
-of one N and D), else from the residuals. The Huber delta is set from the same noise. Whether
+of one N and D), else from the residuals. The Huber delta is set from the same noise. Where the
+seeds show the noise trending in N and D (short runs of small models are far noisier than long
+ones), each point is weighted by its inverse (weighted least squares within Huber). Whether
 the points pin E down at all is checked by profiling the objective over E.
 
 Everything here is numpy/scipy; the result is a frozen `Fit` with a JSON round-trip (fit.json).
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 import threadpoolctl
 from scipy.optimize import minimize
+from scipy.special import digamma, polygamma
 
 from lm.errors import FitError
 from lm.points import BUDGET_TOL, Points, group_budgets, resample_runs
@@ -49,6 +52,7 @@ from lm.points import BUDGET_TOL, Points, group_budgets, resample_runs
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
 E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or span half its range
 CHI2_95 = 3.841  # 95% quantile of chi-squared with 1 degree of freedom: the profile's cut
+CHI2_95_2DF = 5.991  # ... with 2: the noise trend's test
 LAPLACE_DRAWS = 400
 
 
@@ -59,24 +63,80 @@ LAPLACE_DRAWS = 400
 class Noise:
     """Run-to-run noise of a final loss, as a standard deviation of log L (a relative error),
     with its degrees of freedom and where it was measured: `seeds` (runs of one N and D) or
-    `residuals` (of the fit, when no two runs share N and D)."""
+    `residuals` (of the fit, when no two runs share N and D). `trend`, where the seeds measure
+    one: (c0, c_N, c_D) of log sigma = c0 + c_N log N + c_D log D (short runs of small models
+    are far noisier than long ones)."""
 
     sigma: float
     df: int
     source: str
+    trend: tuple[float, float, float] | None = None
+
+    def at(self, params, tokens) -> np.ndarray:
+        """The noise of a run of `params` on `tokens`: by the trend, else `sigma` everywhere."""
+        params, tokens = np.broadcast_arrays(np.asarray(params, float), np.asarray(tokens, float))
+        if self.trend is None:
+            return np.full(params.shape, self.sigma)
+        c0, c_n, c_d = self.trend
+        return np.exp(c0 + c_n * np.log(params) + c_d * np.log(tokens))
+
+    def describe(self) -> str:
+        """E.g. '0.80% of the loss (from seeds, 12 degrees of freedom), as N^+0.22 D^-1.08:
+        points weighted by its inverse'."""
+        trend = (f", as N^{self.trend[1]:+.2f} D^{self.trend[2]:+.2f}: points weighted by its "
+                 "inverse" if self.trend else "")
+        return (f"{self.sigma:.2%} of the loss (from {self.source}, {self.df} degrees of "
+                f"freedom){trend}")
+
+    def weights(self, points: Points) -> np.ndarray:
+        """Each point's weight in the fit, sigma / its own noise: a point twice as noisy as
+        the pooled noise counts half in log-loss units (1 everywhere without a trend)."""
+        return self.sigma / self.at(points.params, points.tokens)
+
+
+def _seed_groups(finals: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Over the groups of runs that share N and D: each group's first run, its number of
+    runs, and the sum of squares of its log losses about their mean."""
+    keys = np.stack([np.round(np.log(finals.params), 6), np.round(np.log(finals.tokens), 6)], 1)
+    _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    group, y = group.reshape(-1), np.log(finals.loss)
+    sizes = np.bincount(group)
+    means = np.bincount(group, y) / sizes
+    return first, sizes, np.bincount(group, (y - means[group]) ** 2)
 
 
 def seed_noise(finals: Points) -> Noise | None:
-    """The pooled spread of log L over runs that share N and D (seeds), if any do."""
-    keys = np.stack([np.round(np.log(finals.params), 6), np.round(np.log(finals.tokens), 6)], 1)
-    _, group = np.unique(keys, axis=0, return_inverse=True)
-    y = np.log(finals.loss)
-    sizes = np.bincount(group)
-    means = np.bincount(group, y) / sizes
+    """The pooled spread of log L over runs that share N and D (seeds), if any do, with its
+    trend in N and D where the seeds measure one."""
+    _, sizes, ss = _seed_groups(finals)
     df = int(np.sum(sizes - 1))
     if df < 1:
         return None
-    return Noise(float(np.sqrt(np.sum((y - means[group]) ** 2) / df)), df, "seeds")
+    return Noise(float(np.sqrt(np.sum(ss) / df)), df, "seeds", noise_trend(finals))
+
+
+def noise_trend(finals: Points) -> tuple[float, float, float] | None:
+    """(c0, c_N, c_D) of log sigma = c0 + c_N log N + c_D log D, from the seed variance s^2 of
+    each group of runs that share N and D: a regression of log s^2, less its known bias
+    (E log(chi^2_k / k) = digamma(k/2) - log(k/2)), weighted by its known inverse variance
+    (1 / trigamma(k/2)). None unless at least 5 groups with seeds, over 2 sizes and 2 budgets,
+    show one: the slopes must differ from 0 at 95% (a chi-squared test), else weights drawn
+    from noise would only add noise to the fit."""
+    first, sizes, ss = _seed_groups(finals)
+    seeded = (sizes > 1) & (ss > 0)
+    logn, logd = np.log(finals.params[first[seeded]]), np.log(finals.tokens[first[seeded]])
+    if seeded.sum() < 5 or np.ptp(logn) < 1e-9 or np.ptp(logd) < 1e-9:
+        return None
+    k = sizes[seeded] - 1
+    log_s2 = np.log(ss[seeded] / k) - (digamma(k / 2) - np.log(k / 2))
+    x = np.column_stack([np.ones_like(logn), logn - logn.mean(), logd - logd.mean()])
+    w = 1 / polygamma(1, k / 2)
+    cov = np.linalg.inv(x.T @ (x * w[:, None]))
+    coef = cov @ (x.T @ (log_s2 * w))
+    if coef[1:] @ np.linalg.solve(cov[1:, 1:], coef[1:]) < CHI2_95_2DF:
+        return None
+    c0 = coef[0] - coef[1] * logn.mean() - coef[2] * logd.mean()
+    return float(c0 / 2), float(coef[1] / 2), float(coef[2] / 2)
 
 
 def noise_by_size(finals: Points) -> dict[float, Noise]:
@@ -107,12 +167,13 @@ def residual_noise(residuals: np.ndarray, n_params: int) -> Noise:
 @dataclass(frozen=True)
 class _Problem:
     """A power-sum fit, L = E + S or (with `outer`) L = E + S^p, S = sum_j exp(a_j - g_j x_j):
-    centred log inputs xc [n, k], log losses y [n], the robust loss. theta = [E, a_1..a_k,
-    g_1..g_k] (+ [p]). With `outer` the last input's exponent is 1 (Kaplan's D_c/D): the
-    outer power sets the law's slope in it."""
+    centred log inputs xc [n, k], log losses y [n], their weights w [n] (`Noise.weights`),
+    the robust loss. theta = [E, a_1..a_k, g_1..g_k] (+ [p]). With `outer` the last input's
+    exponent is 1 (Kaplan's D_c/D): the outer power sets the law's slope in it."""
 
     xc: np.ndarray
     y: np.ndarray
+    w: np.ndarray
     delta: float  # Huber's delta in log-loss units; inf: least squares
     e_max: float
     outer: bool = False
@@ -154,7 +215,7 @@ class _Problem:
         return theta[..., :1] + (s ** theta[..., -1:] if self.outer else s)
 
     def residuals(self, theta: np.ndarray) -> np.ndarray:
-        return np.log(self.predicted(theta)) - self.y
+        return (np.log(self.predicted(theta)) - self.y) * self.w
 
     def objective(self, theta: np.ndarray) -> np.ndarray:
         """Sum of rho over points, for one theta or a stack of them."""
@@ -174,9 +235,9 @@ class _Problem:
 
     def objective_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         pred, jac = self.jacobian(theta)
-        r = np.log(pred) - self.y
+        r = (np.log(pred) - self.y) * self.w
         psi = self.psi(r)
-        grad = (psi / pred) @ jac  # d rho / d pred, chained
+        grad = (psi * self.w / pred) @ jac  # d rho / d pred, chained
         return float(psi @ (r - 0.5 * psi)) / self.scale, grad / self.scale
 
 
@@ -240,11 +301,13 @@ def _solve(p: _Problem, extra: Sequence[np.ndarray] = ()):
     return best.x, float(best.fun * p.scale), _converged(best, p, bounds)
 
 
-def _problem(law: _Law, points: Points, delta: float) -> tuple[_Problem, np.ndarray]:
+def _problem(law: _Law, points: Points, delta: float, noise: Noise | None = None
+             ) -> tuple[_Problem, np.ndarray]:
     logx = law.inputs(points)
     mu = logx.mean(0)
-    return _Problem(logx - mu, np.log(points.loss), delta, float(points.loss.min()) * (1 - 1e-6),
-                    law.outer), mu
+    w = noise.weights(points) if noise else np.ones(len(points))
+    return _Problem(logx - mu, np.log(points.loss), w, delta,
+                    float(points.loss.min()) * (1 - 1e-6), law.outer), mu
 
 
 def _uncentre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -410,9 +473,10 @@ def flops_per_token(points: Points) -> dict[str, float]:
     return {"coef": float(np.exp(log_coef)), "exponent": float(exponent)}
 
 
-def _power_fit(points: Points, law: _Law, delta: float, start: Mapping | None = None):
+def _power_fit(points: Points, law: _Law, delta: float, noise: Noise | None,
+               start: Mapping | None = None):
     """(params, objective, converged) of a power-sum law."""
-    p, mu = _problem(law, points, delta)
+    p, mu = _problem(law, points, delta, noise)
     extra = [] if start is None else [_centre(law.to_theta(start), mu)]
     theta, objective, converged = _solve(p, extra)
     return law.from_theta(_uncentre(theta, mu)), objective, converged
@@ -641,7 +705,7 @@ class Fit:
                 drop_early=_field(raw, "drop_early", float, where),
                 allocation=Allocation(**{**alloc, "examples": tuple(alloc.get("examples", ()))}),
                 loss=raw.get("loss", "huber"), huber_delta=raw.get("huber_delta"),
-                noise=Noise(**noise) if noise else None,
+                noise=Noise(**{**noise, "trend": _triple(noise.get("trend"))}) if noise else None,
                 flops_per_token=raw.get("flops_per_token", {"coef": 6.0, "exponent": 1.0}),
                 annealed_only=bool(raw.get("annealed_only", False)),
                 min_tokens_per_param=float(raw.get("min_tokens_per_param", 0.0)),
@@ -679,6 +743,10 @@ def _field(raw: dict, key: str, kind: type, where: str):
         raise FitError(f"{where}: field {key!r} is {'missing' if key not in raw else repr(value)}"
                        f"; expected {kind.__name__}. Refit with lm fit")
     return kind(value)
+
+
+def _triple(value) -> tuple[float, float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]), float(value[2]))
 
 
 def _pair(value) -> tuple[float, float] | None:
@@ -747,13 +815,14 @@ def check_design(points: Points, law: str = "chinchilla", drop_early: float = 0.
     spec.check(_fitted(points, spec, drop_early, min_tokens_per_param)[0])
 
 
-def _raw_fit(train: Points, law: _Law, delta: float, fpt, start=None
+def _raw_fit(train: Points, law: _Law, delta: float, noise: Noise | None, fpt, start=None
              ) -> tuple[dict, float, bool, list]:
-    """(params, objective, converged, IsoFLOP budgets) of `law` on `train`."""
+    """(params, objective, converged, IsoFLOP budgets) of `law` on `train`, each point weighted
+    by `noise` (where it has a trend)."""
     law.check(train)
     if law.inputs is None:
         return _isoflop(train, fpt)
-    return *_power_fit(train, law, delta, start), []
+    return *_power_fit(train, law, delta, noise, start), []
 
 
 def _residuals(law: _Law, params: Mapping, points: Points) -> np.ndarray:
@@ -807,10 +876,10 @@ def _fit(points: Points, law: str = "chinchilla", *,
     delta = math.inf if loss == "lsq" else huber_delta
     if delta is None:  # from the noise: measured across seeds, else in a least-squares fit
         if noise is None and spec.inputs is not None:
-            lsq = _raw_fit(train, spec, math.inf, fpt)[0]
+            lsq = _raw_fit(train, spec, math.inf, None, fpt)[0]
             noise = residual_noise(_residuals(spec, lsq, finals), len(spec.names))
         delta = HUBER_K * noise.sigma if noise else math.inf
-    params, objective, converged, budgets = _raw_fit(train, spec, delta, fpt)
+    params, objective, converged, budgets = _raw_fit(train, spec, delta, noise, fpt)
     if noise is None and spec.loss is not None:
         noise = residual_noise(_residuals(spec, params, finals), len(spec.names))
     result = Fit(law=law, params=params, objective=objective, converged=converged,
@@ -822,9 +891,9 @@ def _fit(points: Points, law: str = "chinchilla", *,
                  min_tokens_per_param=min_tokens_per_param,
                  max_fit_flops=float(train.flops.max()), budgets=tuple(budgets))
     if spec.inputs is not None and not bootstrap:
-        result = replace(result, laplace=_laplace(train, spec, delta, params))
+        result = replace(result, laplace=_laplace(train, spec, delta, noise, params))
     if bootstrap:
-        boot = _bootstrap(train, spec, delta, fpt, params, bootstrap, seed)
+        boot = _bootstrap(train, spec, delta, noise, fpt, params, bootstrap, seed)
         result = replace(result, bootstrap=boot, intervals={
             k: tuple(np.percentile(v, [2.5, 97.5]).tolist())
             for k, v in boot.samples.items() if v})
@@ -837,8 +906,8 @@ def _fit(points: Points, law: str = "chinchilla", *,
     return replace(result, warnings=tuple(_warnings(result, train)))
 
 
-def _bootstrap(train: Points, law: _Law, delta: float, fpt, start: dict, n: int,
-               seed: int) -> Bootstrap:
+def _bootstrap(train: Points, law: _Law, delta: float, noise: Noise | None, fpt, start: dict,
+               n: int, seed: int) -> Bootstrap:
     """Refit on ``n`` resamples of whole runs, each from the grid of starts and the point
     estimate, whichever is better; failed and unconverged refits are counted and left out."""
     rng = np.random.default_rng(seed)
@@ -846,7 +915,7 @@ def _bootstrap(train: Points, law: _Law, delta: float, fpt, start: dict, n: int,
     for _ in range(n):
         try:
             params, _, converged, _ = _raw_fit(train.select(resample_runs(train.run, rng)),
-                                               law, delta, fpt, start)
+                                               law, delta, noise, fpt, start)
         except (FitError, ArithmeticError):  # too few distinct sizes, or nothing to fit
             failed += 1
             continue
@@ -857,14 +926,15 @@ def _bootstrap(train: Points, law: _Law, delta: float, fpt, start: dict, n: int,
     return Bootstrap(n, seed, failed, not_converged, {k: [d[k] for d in draws] for k in law.names})
 
 
-def _laplace(train: Points, law: _Law, delta: float, params: dict) -> Laplace:
+def _laplace(train: Points, law: _Law, delta: float, noise: Noise | None, params: dict
+             ) -> Laplace:
     """theta ~ N(theta_hat, H^-1 M H^-1): H the Gauss-Newton curvature of the robust objective,
     M the spread of its gradient summed run by run. Parameters at a bound are held there."""
-    p, mu = _problem(law, train, delta)
+    p, mu = _problem(law, train, delta, noise)
     theta = _centre(law.to_theta(params), mu)
     pred, jac = p.jacobian(theta)
-    jac = jac / pred[:, None]  # d r / d theta
-    r = np.log(pred) - p.y
+    jac = jac * (p.w / pred)[:, None]  # d r / d theta
+    r = p.residuals(theta)
     free = np.array([lo < x < hi for x, (lo, hi) in zip(theta, p.bounds())])
     jac = jac[:, free]
     inside = (np.abs(r) <= p.delta).astype(float)  # Huber's second derivative
@@ -882,10 +952,10 @@ def _laplace(train: Points, law: _Law, delta: float, params: dict) -> Laplace:
 
 
 def _outliers(fit: Fit, law: _Law, train: Points) -> tuple[str, ...]:
-    """Runs with a point more than 3 noise sigmas off the law (they weigh little under Huber,
-    but a reader should see them)."""
+    """Runs with a point more than 3 noise sigmas (its own) off the law (they weigh little
+    under Huber, but a reader should see them)."""
     r = _residuals(law, fit.params, train)
-    far = np.abs(r) > 3 * max(fit.noise.sigma, 1e-12)
+    far = np.abs(r) > 3 * np.maximum(fit.noise.at(train.params, train.tokens), 1e-12)
     return tuple(sorted(set(train.run[far].tolist())))
 
 
@@ -894,7 +964,7 @@ def _identifiability(fit: Fit, law: _Law, train: Points, delta: float) -> Identi
     each E from their neighbour's optimum; the E whose deviance from the best stays under the
     95% chi-squared cut, each run's points counted as one observation (points of one run are
     correlated). The cut's crossings are found by bisection between the grid's points."""
-    p, mu = _problem(law, train, delta)
+    p, mu = _problem(law, train, delta, fit.noise)
     best = _centre(law.to_theta(fit.params), mu)
     cut = CHI2_95 * max(fit.noise.sigma, 1e-6) ** 2 / 2 * len(train) / len(np.unique(train.run))
     profile: dict[float, tuple[float, np.ndarray]] = {fit.params["E"]: (fit.objective, best)}
@@ -1191,8 +1261,7 @@ def format_fit(fit: Fit) -> str:
              f"  {fit.n_points} points from {fit.n_runs} runs ({used}); {robust} on log L; "
              f"objective {fit.objective:.6g}, {status}"]
     if fit.noise:
-        lines.append(f"  run-to-run noise {fit.noise.sigma:.2%} of the loss (from "
-                     f"{fit.noise.source}, {fit.noise.df} degrees of freedom)")
+        lines.append(f"  run-to-run noise {fit.noise.describe()}")
     for k in law.names:
         interval = (f" 95% [{fit.intervals[k][0]:.4g}, {fit.intervals[k][1]:.4g}]"
                     if k in fit.intervals else "")
