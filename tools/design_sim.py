@@ -5,7 +5,8 @@
 
 Takes the sweep's planned trials (their N and D, seeds included), draws their final losses
 from the law in FIT.json (a fit of an earlier study: the truth, for this simulation) with
-log-normal run-to-run noise of standard deviation --noise, fits them as the sweep will, and
+log-normal run-to-run noise: of standard deviation --noise, or by default the noise that fit
+measured, with its trend in N and D where it found one. It fits them as the sweep will, and
 predicts the held-out runs; over --studies such draws it prints how often E collapses or is
 not identified, the held-out ARE's median and 95th percentile, the share of studies within 2%,
 and how often the 95% interval for an actual run holds the run's loss.
@@ -26,7 +27,8 @@ def main() -> None:
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--law", required=True, help="a fit.json whose law plays the truth")
-    p.add_argument("--noise", type=float, default=0.005, help="std of log final loss")
+    p.add_argument("--noise", type=float,
+                   help="std of log final loss (default: FIT.json's noise and its trend)")
     p.add_argument("--studies", type=int, default=200)
     p.add_argument("--bootstrap", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -41,10 +43,12 @@ def main() -> None:
     c = np.array([f["flops"] for f in facts], float)
     mean = scaling.predicted_loss(truth, Points(params=n, tokens=d, loss=np.ones_like(n), flops=c))
     held = [t.name for t in trials if t.role == "holdout"]
+    noise = (truth.noise.at(n, d) if args.noise is None and truth.noise
+             else np.full(len(n), 0.005 if args.noise is None else args.noise))
     rng = np.random.default_rng(args.seed)
     are, covered, collapsed, unidentified = [], 0, 0, 0
     for _ in range(args.studies):
-        loss = mean * np.exp(args.noise * rng.standard_normal(len(mean)))
+        loss = mean * np.exp(noise * rng.standard_normal(len(mean)))
         points = Points(params=n, tokens=d, loss=loss, flops=c, run=[t.name for t in trials],
                         annealed=np.ones(len(n), bool))
         fit = scaling.fit(points, spec.fit.law, holdout=held, bootstrap=args.bootstrap,
@@ -55,8 +59,8 @@ def main() -> None:
         unidentified += bool(fit.identifiability and not fit.identifiability.identified)
     are = np.array(are)
     k = args.studies
-    print(f"{len(trials) - len(held)} fitting runs, held-out {held}; noise {args.noise:.2%}; "
-          f"{k} studies")
+    print(f"{len(trials) - len(held)} fitting runs, held-out {held}; noise {noise.min():.2%} to "
+          f"{noise.max():.2%}; {k} studies")
     print(f"E collapsed in {collapsed / k:.0%}, not identified in {unidentified / k:.0%}")
     print(f"held-out ARE: median {np.median(are):.2%}, 95th percentile "
           f"{np.percentile(are, 95):.2%}; within 2% in {np.mean(are <= 0.02):.0%}")
