@@ -59,8 +59,9 @@ def main() -> None:
         unidentified += bool(fit.identifiability and not fit.identifiability.identified)
     are = np.array(are)
     k = args.studies
-    print(f"{len(trials) - len(held)} fitting runs, held-out {held}; noise {noise.min():.2%} to "
-          f"{noise.max():.2%}; {k} studies")
+    spread = f"{noise.min():.2%}" + (f" to {noise.max():.2%}" if np.ptp(noise) else "")
+    print(f"{len(trials) - len(held)} fitting runs, held-out {held}; noise {spread}; "
+          f"{k} studies")
     print(f"E collapsed in {collapsed / k:.0%}, not identified in {unidentified / k:.0%}")
     print(f"held-out ARE: median {np.median(are):.2%}, 95th percentile "
           f"{np.percentile(are, 95):.2%}; within 2% in {np.mean(are <= 0.02):.0%}")
