@@ -203,12 +203,19 @@ def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup
 
 def _runs(spec: SweepSpec, size: dict, budgets: list[float], seed: int, role: str
           ) -> list[Trial]:
-    """The trials that give `size` its loss at each token budget: a cosine run each, or one
-    stable run to the largest budget's decay start with a cooldown branch per budget, each
-    starting from its own decay start."""
+    """The trials that give `size` its loss at each token budget the fit will use: a cosine
+    run each, or one stable run to the largest budget's decay start with a cooldown branch per
+    budget, each starting from its own decay start. A budget of fewer tokens per parameter than
+    fit.min_tokens_per_param trains nothing, but still bounds the size's warmup, so that the
+    runs that do train follow the recipe whatever the fit leaves out."""
     base = _size_config(spec, size)
     steps = sorted(_steps(spec, base, size, tokens) for tokens in budgets)
     warmup = _warmup(spec, base, steps[0])
+    n = flops.param_counts(base.model)[spec.fit.params]
+    steps = [s for s in steps if not scaling.too_few_tokens(s * base.tokens_per_step, n,
+                                                             spec.fit.min_tokens_per_param)]
+    if not steps:
+        return []
     if spec.recipe.schedule == "cosine":
         return [_trial(spec, size, s, seed, role, warmup, "cosine") for s in steps]
     o = dataclasses.replace(base.optim, decay_fraction=spec.recipe.decay_fraction)
@@ -257,6 +264,10 @@ def plan(spec: SweepSpec) -> list[Trial]:
     for size, budgets in grid.values():
         size, seeds = _seeds(spec, size)
         trials += [t for seed in seeds for t in _runs(spec, size, budgets, seed, "fit")]
+    if not trials:
+        raise ConfigError("the sweep as planned cannot be fitted: every budget gives its size "
+                          f"fewer than fit.min_tokens_per_param={spec.fit.min_tokens_per_param:g}"
+                          " tokens per parameter; lower it or raise the budgets")
     largest = max(t.facts()["flops"] for t in trials if t.role == "fit")
     for i, h in enumerate(spec.holdout):
         if not h.size or h.tokens <= 0:
@@ -340,17 +351,13 @@ def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
              f"{mfu:.0%} of a measured {peak / 1e9:.0f} GFLOP/s, +{compile_s:.0f} s per trial)",
              f"{'trial':<40} {'role':<8} {'params':>10} {'tokens':>10} {'FLOPs':>10} "
              f"{'steps':>6} {'lr':>8} {'~time':>8}"]
-    total, unfitted = 0.0, 0
+    total = 0.0
     for t in trials:
         f = t.facts()
         seconds = f["spent_flops"] / (mfu * peak) + compile_s
         total += seconds
         steps = t.cfg.train.steps - t.cfg.train.branch_step
-        role = t.role
-        if role == "fit" and scaling.too_few_tokens(f["tokens"], fit_params(spec, f),
-                                                    spec.fit.min_tokens_per_param):
-            role, unfitted = "fit*", unfitted + 1
-        lines.append(f"{t.name:<40} {role:<8} {f['params']:>10,} {f['tokens']:>10.3g} "
+        lines.append(f"{t.name:<40} {t.role:<8} {f['params']:>10,} {f['tokens']:>10.3g} "
                      f"{f['spent_flops']:>10.3g} {steps:>6} {t.cfg.optim.lr:>8.2e} "
                      f"{seconds / 60:>7.1f}m")
     spent = sum(t.facts()["spent_flops"] for t in trials)
@@ -358,8 +365,4 @@ def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
     lines.append(f"total: {spent:.3g} FLOPs ({scratch:.3g} if every budget trained from "
                  f"scratch: {1 - spent / scratch:+.0%} saved), about {total / 60:.0f} minutes on "
                  "this machine with one worker")
-    if unfitted:
-        lines.append(f"fit*: {unfitted} trials under fit.min_tokens_per_param="
-                     f"{spec.fit.min_tokens_per_param:g} tokens per parameter train and are "
-                     "reported, but the fit leaves them out")
     return "\n".join(lines)

@@ -124,8 +124,28 @@ def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
                 b.facts()["flops"] * (t.steps - t.branch_step) / t.steps)
     text = spec_lib.plan_text(spec, trials, peak=1e11)
     assert "if every budget trained from scratch" in text and "saved" in text
-    assert "fit*" not in text  # min_tokens_per_param 0: every fitting trial is fitted
-    strict = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, min_tokens_per_param=1e9))
-    fitting = sum(t.role == "fit" for t in trials)
-    assert f"fit*: {fitting} trials under fit.min_tokens_per_param" in spec_lib.plan_text(
-        strict, trials, peak=1e11)
+
+
+def test_budgets_the_fit_leaves_out_train_nothing_and_change_no_other_run(tmp_path):
+    spec = spec_lib.load_spec(spec_file(tmp_path, recipe={"lr": 1e-2, "schedule": "wsd"}))
+    every = {t.name: t for t in spec_lib.plan(spec)}
+    fitting = [t.facts() for t in every.values() if t.role == "fit"]
+    shortest = min(f["tokens"] for f in fitting)
+    largest = max(f["params"] for f in fitting)  # its shortest budget falls under the rule
+    strict = dataclasses.replace(spec, fit=dataclasses.replace(
+        spec.fit, min_tokens_per_param=1.01 * shortest / largest))
+    kept = spec_lib.plan(strict)
+    dropped = set(every) - {t.name for t in kept}
+    assert dropped and all(every[name].role == "fit" for name in dropped)
+    assert all(every[name].facts()["tokens"] < 1.01 * shortest / largest
+               * every[name].facts()["params"] for name in dropped)
+    for t in kept:  # the same runs, warmup included; a stable run saves fewer branch points
+        assert t.name in every and dataclasses.replace(
+            t.cfg, checkpoint=every[t.name].cfg.checkpoint) == every[t.name].cfg
+        if t.role == "stable":
+            assert sorted(t.cfg.checkpoint.steps) == sorted(
+                b.cfg.train.branch_step for b in kept if b.parent == t.name)
+    none_left = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit,
+                                                                  min_tokens_per_param=1e9))
+    with pytest.raises(ConfigError, match="cannot be fitted"):
+        spec_lib.plan(none_left)
