@@ -132,13 +132,12 @@ def test_budgets_the_fit_leaves_out_train_nothing_and_change_no_other_run(tmp_pa
     fitting = [t.facts() for t in every.values() if t.role == "fit"]
     shortest = min(f["tokens"] for f in fitting)
     largest = max(f["params"] for f in fitting)  # its shortest budget falls under the rule
-    strict = dataclasses.replace(spec, fit=dataclasses.replace(
-        spec.fit, min_tokens_per_param=1.01 * shortest / largest))
+    rule = 1.01 * shortest / largest
+    strict = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, min_tokens_per_param=rule))
     kept = spec_lib.plan(strict)
-    dropped = set(every) - {t.name for t in kept}
-    assert dropped and all(every[name].role == "fit" for name in dropped)
-    assert all(every[name].facts()["tokens"] < 1.01 * shortest / largest
-               * every[name].facts()["params"] for name in dropped)
+    under = {name for name, t in every.items()
+             if t.role == "fit" and t.facts()["tokens"] < rule * t.facts()["params"]}
+    assert under and set(every) - {t.name for t in kept} == under
     for t in kept:  # the same runs, warmup included; a stable run saves fewer branch points
         assert t.name in every and dataclasses.replace(
             t.cfg, checkpoint=every[t.name].cfg.checkpoint) == every[t.name].cfg
