@@ -141,7 +141,7 @@ def registration(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
     runs = []
     for t in held:
         facts = t.facts()
-        n = spec_lib.fit_params(spec, facts)
+        n = spec_lib.fit_params(spec, t.cfg)
         p = scaling.predict(fit, params=n, tokens=facts["tokens"], flops=facts["flops"])
         runs.append({"run": t.name, "params": n, "tokens": facts["tokens"],
                      "flops": facts["flops"], "flops_6nd": facts["flops_6nd"],

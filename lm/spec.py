@@ -211,7 +211,7 @@ def _runs(spec: SweepSpec, size: dict, budgets: list[float], seed: int, role: st
     base = _size_config(spec, size)
     steps = sorted(_steps(spec, base, size, tokens) for tokens in budgets)
     warmup = _warmup(spec, base, steps[0])
-    n = flops.param_counts(base.model)[spec.fit.params]
+    n = fit_params(spec, base)
     steps = [s for s in steps if not scaling.too_few_tokens(s * base.tokens_per_step, n,
                                                              spec.fit.min_tokens_per_param)]
     if not steps:
@@ -254,9 +254,11 @@ def plan(spec: SweepSpec) -> list[Trial]:
     then the held-out run(s)."""
     grid: dict[str, tuple[dict, list[float]]] = {}  # budgets by size
     for size in spec.sizes if spec.tokens or spec.tokens_per_param else ():
-        n = flops.param_counts(_size_config(spec, _seeds(spec, size)[0]).model)[spec.fit.params]
-        grid[json.dumps(size, sort_keys=True)] = (
-            size, list(spec.tokens) or [r * n for r in spec.tokens_per_param])
+        base = _size_config(spec, _seeds(spec, size)[0])
+        n, per_step = fit_params(spec, base), base.tokens_per_step
+        # whole steps, rounded up: a budget of exactly fit.min_tokens_per_param stays in the fit
+        grid[json.dumps(size, sort_keys=True)] = (size, list(spec.tokens) or [
+            math.ceil(r * n / per_step) * per_step for r in spec.tokens_per_param])
     for budget in spec.isoflop:
         for size, tokens in _isoflop_sizes(spec, budget):
             grid.setdefault(json.dumps(size, sort_keys=True), (size, []))[1].append(tokens)
@@ -300,9 +302,9 @@ def plan(spec: SweepSpec) -> list[Trial]:
     return trials
 
 
-def fit_params(spec: SweepSpec, facts: dict) -> int:
-    """A trial's N as the spec's fit counts it (fit.params: total or non-embedding)."""
-    return facts["params"] if spec.fit.params == "total" else facts["params_non_embedding"]
+def fit_params(spec: SweepSpec, cfg: Config) -> int:
+    """A config's N as the spec's fit counts it (fit.params: total or non-embedding)."""
+    return flops.param_counts(cfg.model)[spec.fit.params]
 
 
 def planned_points(trials: list[Trial], spec: SweepSpec) -> Points:
@@ -310,7 +312,7 @@ def planned_points(trials: list[Trial], spec: SweepSpec) -> Points:
     rows = []
     for t in trials:
         facts, per_step = t.facts(), t.cfg.tokens_per_step
-        params = fit_params(spec, facts)
+        params = fit_params(spec, t.cfg)
         evaluated = rundir.eval_steps(t.cfg) or {t.cfg.train.steps}
         for step in sorted(s for s in evaluated if s > t.cfg.train.branch_step):
             rows.append({"params": params, "tokens": step * per_step, "loss": 1.0, "run": t.name,

@@ -37,8 +37,7 @@ def main() -> None:
     truth = scaling.Fit.from_json(json.loads(open(args.law).read()), args.law)
     trials = [t for t in spec_lib.plan(spec) if t.role in ("fit", "holdout")]
     facts = [t.facts() for t in trials]
-    key = "params" if spec.fit.params == "total" else "params_non_embedding"
-    n = np.array([f[key] for f in facts], float)
+    n = np.array([spec_lib.fit_params(spec, t.cfg) for t in trials], float)
     d = np.array([f["tokens"] for f in facts], float)
     c = np.array([f["flops"] for f in facts], float)
     mean = scaling.predicted_loss(truth, Points(params=n, tokens=d, loss=np.ones_like(n), flops=c))
