@@ -201,9 +201,14 @@ class _Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        store = Store(self.url)  # a connection of its own: the main thread's is busy
-        while not self.stopped.wait(self.every):
-            store.beat(self.name, self.worker)
+        store = None  # a connection of its own (the main thread's is busy), made afresh after
+        while not self.stopped.wait(self.every):  # a failure: a lost beat is no lost trial
+            try:
+                store = store or Store(self.url)
+                store.beat(self.name, self.worker)
+            except Exception as e:  # noqa: BLE001 - either backend's: logged, then again
+                log.warning("sweep: a heartbeat of %s failed (%s); trying again", self.name, e)
+                store = None
 
 
 @contextlib.contextmanager
@@ -310,14 +315,14 @@ def claim(store: Store, worker: str, trials: dict[str, Trial], compiled) -> str 
     """The largest pending trial of a shape this worker has compiled (`compiled(cfg)`), else
     of a shape no other worker is training, else the largest: each worker compiles fewer
     shapes. (Two workers that took a size's two seeds at once compiled its programs twice,
-    side by side.)"""
+    side by side.) Only trials of `trials`: a store keeps those of an edited spec's old plan."""
     from lm.train import compiled_key
 
     shape = {n: compiled_key(t.cfg) for n, t in trials.items()}
     busy = {shape[r["name"]] for r in store.trials()
             if r["status"] == "running" and r["name"] in shape}
     for among in ([n for n, t in trials.items() if compiled(t.cfg)],
-                  [n for n in trials if shape[n] not in busy], None):
+                  [n for n in trials if shape[n] not in busy], list(trials)):
         if (name := store.claim(worker, among)) is not None:
             return name
     return None

@@ -30,6 +30,7 @@ from lm.points import Points, load_csv
 from lm.spec import Trial
 
 VERSION = 2
+SCHEMA_LOCK = 0x6C6D  # PostgreSQL advisory lock key ("lm") held while the schema changes
 SQLITE = "store.sqlite"
 FINAL = ("done", "failed")  # a failed trial is final once it failed the same way MAX_FAILURES times
 MAX_FAILURES = 3
@@ -64,8 +65,9 @@ V1_POINTS = ("trial", "step", "tokens", "flops", "train_loss", "val_loss", "val_
 
 
 # Take the largest pending trial (`{among}`: of some names) whose parent (the stable run a
-# cooldown branch starts from), if any, is done; `{lock}` is the backend's row lock.
-CLAIM = ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat=?, "
+# cooldown branch starts from), if any, is done; `{lock}` is the backend's row lock. Heartbeats
+# are stamped and judged by the database's clock (`{now}`): workers' clocks may disagree.
+CLAIM = ("UPDATE trials SET status='running', worker=?, attempts=attempts+1, heartbeat={now}, "
          "updated=? WHERE name = (SELECT name FROM trials WHERE status='pending'{among} AND "
          "(parent IS NULL OR parent IN (SELECT name FROM trials WHERE status='done')) ORDER BY "
          "COALESCE(spent_flops, flops) DESC, name LIMIT 1{lock}) RETURNING name")
@@ -112,7 +114,11 @@ class _SQLite:
     def columns(self, table: str) -> set[str]:
         return {r["name"] for r in self.con.execute(f"PRAGMA table_info({table})")}
 
+    def lock_schema(self) -> None:
+        """Nothing to do: SQLite's write lock already serialises schema changes."""
+
     lock = ""  # one writer at a time: the transaction is the lock
+    now = "((julianday('now') - 2440587.5) * 86400.0)"  # Unix seconds
 
 
 class _Postgres:
@@ -144,15 +150,22 @@ class _Postgres:
 
     def executescript(self, sql: str) -> None:
         with self.con.transaction():
+            self.lock_schema()
             for statement in filter(str.strip, sql.split(";")):
                 self.con.execute(statement)
 
     def columns(self, table: str) -> set[str]:
         rows = self.con.execute("SELECT column_name FROM information_schema.columns WHERE "
-                                "table_name = %s", (table,))
+                                "table_name = %s AND table_schema = current_schema()", (table,))
         return {r["column_name"] for r in rows}
 
+    def lock_schema(self) -> None:
+        """Serialise schema changes until this transaction ends: workers started at once on an
+        empty database would otherwise create or alter the same tables side by side."""
+        self.con.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+
     lock = " FOR UPDATE SKIP LOCKED"  # workers on many machines pass over each other's row
+    now = "EXTRACT(EPOCH FROM clock_timestamp())"
 
 
 def _connect(url: str):
@@ -187,6 +200,7 @@ class Store:
                 raise StoreError(f"{self.path} was written by a newer lm (store version "
                                  f"{version}, this lm reads up to {VERSION}); upgrade lm")
             with self.db.transaction():
+                self.db.lock_schema()
                 have = self.db.columns("trials")
                 for column, kind in V2_COLUMNS.items():
                     if column not in have:
@@ -269,31 +283,27 @@ class Store:
         if among is not None and not names:
             return None
         where = f" AND name IN ({', '.join('?' * len(names))})" if among is not None else ""
-        now = time.time()
-        row = self.db.execute(CLAIM.format(lock=self.db.lock, among=where),
-                              (worker, now, now, *names)).fetchone()
+        row = self.db.execute(CLAIM.format(lock=self.db.lock, among=where, now=self.db.now),
+                              (worker, time.time(), *names)).fetchone()
         return row["name"] if row else None
 
     def beat(self, name: str, worker: str) -> bool:
         """Say `worker` is still training `name`; False if the trial is no longer its own."""
-        cur = self.db.execute("UPDATE trials SET heartbeat=? WHERE name=? AND worker=? AND "
-                              "status='running'", (time.time(), name, worker))
+        cur = self.db.execute(f"UPDATE trials SET heartbeat={self.db.now} WHERE name=? AND "
+                              "worker=? AND status='running'", (name, worker))
         return cur.rowcount == 1
 
     def reclaim(self, stale_s: float, dead_workers=()) -> list[str]:
         """Running trials whose worker stopped beating `stale_s` ago (or is known dead) go back
-        to the queue; they resume from their checkpoints."""
-        cutoff = time.time() - stale_s
-        reclaimed = []
-        with self.db.transaction():
-            rows = self.db.execute("SELECT name, worker, heartbeat FROM trials WHERE "
-                                   "status='running'").fetchall()
-            for r in rows:
-                if r["worker"] in dead_workers or (r["heartbeat"] or 0) < cutoff:
-                    self.db.execute("UPDATE trials SET status='pending', worker=NULL WHERE "
-                                    "name=? AND status='running'", (r["name"],))
-                    reclaimed.append(r["name"])
-        return reclaimed
+        to the queue; they resume from their checkpoints. One statement, so that a heartbeat
+        that lands meanwhile keeps its trial."""
+        dead = list(dead_workers)
+        of_dead = f" OR worker IN ({', '.join('?' * len(dead))})" if dead else ""
+        rows = self.db.execute(
+            "UPDATE trials SET status='pending', worker=NULL WHERE status='running' AND "
+            f"(COALESCE(heartbeat, 0) < {self.db.now} - ?{of_dead}) RETURNING name",
+            (stale_s, *dead)).fetchall()
+        return sorted(r["name"] for r in rows)
 
     def fail_orphans(self) -> list[str]:
         """Branches whose stable run failed for good cannot start: they fail too."""

@@ -161,3 +161,51 @@ def test_garbage_or_a_foreign_database_is_not_a_store(tmp_path):
 def test_an_unreachable_or_unauthorised_postgres_url_says_so(postgres, make_url, message):
     with pytest.raises(StoreError, match=message):
         Store(make_url(postgres))
+
+
+def test_a_worker_claims_only_trials_of_its_own_plan(url, trials):
+    """An edited spec leaves its old plan's trials pending in the store; a worker of the new
+    plan must not take them (it would not know their config)."""
+    from lm import runner
+
+    store = Store(url)
+    store.sync("t", "plan1", trials)
+    fitting = [t for t in trials if t.role == "fit"]
+    plan = {t.name: t for t in fitting[:2]}
+    got = [runner.claim(store, "w1", plan, lambda cfg: False) for _ in range(3)]
+    assert sorted(got[:2]) == sorted(plan) and got[2] is None
+    assert sum(r["status"] == "pending" for r in store.trials()) == len(fitting) - 2
+
+
+def test_heartbeats_keep_the_database_clock_and_stores_open_side_by_side(url, trials,
+                                                                          monkeypatch):
+    """A worker whose clock runs 1000 s behind keeps its trial: heartbeats are stamped and
+    judged by the database's clock. Workers started at once on an empty database all open it
+    (PostgreSQL would otherwise create and alter the same tables side by side)."""
+    import threading
+
+    import lm.store
+
+    opened, errors = [], []
+
+    def open_store():
+        try:
+            opened.append(Store(url))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(opened) == 4
+    store, other = Store(url), Store(url)  # SQLite's connections stay in their own thread
+    store.sync("t", "plan1", trials)
+    behind = time.time() - 1000
+    monkeypatch.setattr(lm.store.time, "time", lambda: behind)
+    name = store.claim("late")
+    assert store.beat(name, "late")
+    monkeypatch.undo()
+    assert other.reclaim(60.0) == []
+    assert other.reclaim(60.0, dead_workers=["late"]) == [name]
