@@ -53,7 +53,10 @@ HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, ro
 E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or span half its range
 CHI2_95 = 3.841  # 95% quantile of chi-squared with 1 degree of freedom: the profile's cut
 CHI2_95_2DF = 5.991  # ... with 2: the noise trend's test
+MAX_TREND_CORRELATION = 0.99  # |corr(log N, log D)| over the seed groups beyond which N and D
+# cannot be told apart in the noise trend
 LAPLACE_DRAWS = 400
+MIN_BOOTSTRAP_SHARE = 0.5  # of bootstrap refits that must converge for their intervals to count
 
 
 # ----------------------------------------------------------------------------- noise
@@ -110,7 +113,7 @@ def seed_noise(finals: Points) -> Noise | None:
     trend in N and D where the seeds measure one."""
     _, sizes, ss = _seed_groups(finals)
     df = int(np.sum(sizes - 1))
-    if df < 1:
+    if df < 1 or not np.sum(ss) > 0:  # seeds that agree exactly measure no noise (copies)
         return None
     return Noise(float(np.sqrt(np.sum(ss) / df)), df, "seeds", noise_trend(finals))
 
@@ -119,13 +122,15 @@ def noise_trend(finals: Points) -> tuple[float, float, float] | None:
     """(c0, c_N, c_D) of log sigma = c0 + c_N log N + c_D log D, from the seed variance s^2 of
     each group of runs that share N and D: a regression of log s^2, less its known bias
     (E log(chi^2_k / k) = digamma(k/2) - log(k/2)), weighted by its known inverse variance
-    (1 / trigamma(k/2)). None unless at least 5 groups with seeds, over 2 sizes and 2 budgets,
+    (1 / trigamma(k/2)). None unless at least 5 groups with seeds, over 2 sizes and 2 budgets
+    that do not move together (budgets in proportion to size cannot tell N's part from D's),
     show one: the slopes must differ from 0 at 95% (a chi-squared test), else weights drawn
     from noise would only add noise to the fit."""
     first, sizes, ss = _seed_groups(finals)
     seeded = (sizes > 1) & (ss > 0)
     logn, logd = np.log(finals.params[first[seeded]]), np.log(finals.tokens[first[seeded]])
-    if seeded.sum() < 5 or np.ptp(logn) < 1e-9 or np.ptp(logd) < 1e-9:
+    if seeded.sum() < 5 or np.ptp(logn) < 1e-9 or np.ptp(logd) < 1e-9 or \
+            abs(np.corrcoef(logn, logd)[0, 1]) > MAX_TREND_CORRELATION:
         return None
     k = sizes[seeded] - 1
     log_s2 = np.log(ss[seeded] / k) - (digamma(k / 2) - np.log(k / 2))
@@ -582,6 +587,12 @@ class Bootstrap:
     not_converged: int  # refits whose optimiser did not meet its tolerance
     samples: dict[str, list[float]]  # law parameter -> its value in each converged refit
 
+    @property
+    def usable(self) -> bool:
+        """Whether the converged refits may stand for the law's uncertainty: when most
+        resamples fail, those left are the ones that happened to fit, not a sample of it."""
+        return self.n - self.failed - self.not_converged >= MIN_BOOTSTRAP_SHARE * self.n
+
 
 @dataclass(frozen=True)
 class Laplace:
@@ -890,13 +901,14 @@ def _fit(points: Points, law: str = "chinchilla", *,
                  flops_per_token=fpt, annealed_only=annealed,
                  min_tokens_per_param=min_tokens_per_param,
                  max_fit_flops=float(train.flops.max()), budgets=tuple(budgets))
-    if spec.inputs is not None and not bootstrap:
+    boot = _bootstrap(train, spec, delta, noise, fpt, params, bootstrap, seed) if bootstrap \
+        else None
+    if spec.inputs is not None and not (boot and boot.usable):
         result = replace(result, laplace=_laplace(train, spec, delta, noise, params))
-    if bootstrap:
-        boot = _bootstrap(train, spec, delta, noise, fpt, params, bootstrap, seed)
+    if boot:
         result = replace(result, bootstrap=boot, intervals={
             k: tuple(np.percentile(v, [2.5, 97.5]).tolist())
-            for k, v in boot.samples.items() if v})
+            for k, v in boot.samples.items() if v} if boot.usable else {})
     if spec.loss is not None:
         result = replace(result, outliers=_outliers(result, spec, train),
                          identifiability=_identifiability(result, spec, train, delta))
@@ -1024,7 +1036,7 @@ def _draws(fit: Fit) -> dict[str, np.ndarray] | None:
     """The law's parameters [S] in each converged bootstrap refit, or drawn from its Laplace
     approximation; None when it has neither."""
     law = _law(fit.law)
-    if fit.bootstrap and fit.bootstrap.samples[law.names[0]]:
+    if fit.bootstrap and fit.bootstrap.usable:
         return {k: np.asarray(v, dtype=float) for k, v in fit.bootstrap.samples.items()}
     if fit.laplace is None:
         return None
@@ -1169,7 +1181,10 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                        "add sizes on its far side")
     if fit.bootstrap and (bad := fit.bootstrap.failed + fit.bootstrap.not_converged):
         out.append(f"{bad} of {fit.bootstrap.n} bootstrap refits failed or did not converge and "
-                   "are left out of the intervals")
+                   + ("are left out of the intervals" if fit.bootstrap.usable else
+                      "the rest cannot stand for the law's uncertainty: intervals from the "
+                      "fit's curvature instead, which understates them when E is not "
+                      "identified; add sizes or budgets"))
     if fit.outliers:
         out.append(f"{len(fit.outliers)} run(s) lie more than 3 noise sigmas off the law: "
                    f"{', '.join(fit.outliers[:5])}{' ...' if len(fit.outliers) > 5 else ''}")
@@ -1272,8 +1287,9 @@ def format_fit(fit: Fit) -> str:
                      f"({'identified' if i.identified else 'NOT identified'})")
     if fit.bootstrap:
         b = fit.bootstrap
-        lines.append(f"  intervals from {b.n - b.failed - b.not_converged} bootstrap refits over "
-                     f"runs ({b.failed} failed, {b.not_converged} not converged, left out)")
+        lines.append(f"  {'intervals from' if b.usable else 'NO intervals from (too few):'} "
+                     f"{b.n - b.failed - b.not_converged} bootstrap refits over runs "
+                     f"({b.failed} failed, {b.not_converged} not converged, left out)")
     for m in fit.budgets:
         outside = "" if m.inside else ", minimum outside the sizes tried"
         lines.append(f"  budget C={m.flops:.3g}: N_opt={m.params:.3g}, D_opt={m.tokens:.3g}, "

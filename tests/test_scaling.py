@@ -187,6 +187,49 @@ def test_the_noise_trend_is_found_where_seeds_show_one_and_only_there():
     assert sum(t is not None for t in trends(0.01)) <= 3
 
 
+def test_seeds_that_cannot_measure_a_trend_or_any_noise_leave_the_fit_unweighted():
+    """Budgets in proportion to size (D = 20 N for every run, as `tokens_per_param: [20]`
+    plans) cannot tell N's part of a noise trend from D's: no trend, and a fit of the curves
+    with finite intervals. Seeds that agree exactly (copies of one run) measure no noise: the
+    fit takes it from its residuals."""
+    rng = np.random.default_rng(0)
+    rows = [{"params": n, "tokens": 20 * n * k / 4, "run": f"{n:.3g}-{s}", "step": k,
+             "loss": law(n, 20 * n * k / 4) * np.exp(0.02 * (n / 1e6) ** -0.5
+                                                      * rng.standard_normal())}
+            for n in np.geomspace(1e6, 1e8, 5) for s in range(4) for k in range(1, 5)]
+    points = Points.from_rows(rows)
+    assert scaling.noise_trend(points.select(points.final_mask())) is None
+    result = fit(points, bootstrap=10)
+    assert result.noise.trend is None and result.noise.source == "seeds"
+    assert np.isfinite(predict(result, params=1e9, tokens=2e10)["intervals"]["loss"]).all()
+    finals = study(rng, seeds=1)
+    copies = Points.from_rows([{"params": n, "tokens": d, "loss": l, "run": r, "annealed": True}
+                               for n, d, l, r in zip(finals.params, finals.tokens, finals.loss,
+                                                     finals.run)]
+                              + [{"params": finals.params[0], "tokens": finals.tokens[0],
+                                  "loss": finals.loss[0], "run": "copy", "annealed": True}])
+    result = fit(copies, holdout=["held"])
+    assert result.noise.source == "residuals" and result.noise.sigma > 0 and result.converged
+
+
+def test_a_bootstrap_whose_refits_mostly_fail_gives_way_to_the_curvature():
+    """Three sizes of one run each: a resample of runs holds all three only 2 times in 9, so
+    most refits fail, and those left are the resamples that happened to fit, not a sample of
+    the law's uncertainty. The intervals come from the fit's curvature instead, and say so."""
+    rng = np.random.default_rng(0)
+    rows = [{"params": n, "tokens": 20 * n * k / 8, "run": f"{n:.3g}", "step": k,
+             "loss": law(n, 20 * n * k / 8) * np.exp(0.005 * rng.standard_normal())}
+            for n in (1e6, 4e6, 1.6e7) for k in range(1, 9)]
+    result = fit(Points.from_rows(rows), bootstrap=20)
+    b = result.bootstrap
+    assert b.failed + b.not_converged > b.n / 2 and not b.usable
+    assert result.intervals == {} and result.laplace is not None
+    assert any("curvature" in w for w in result.warnings)
+    assert "NO intervals from (too few)" in format_fit(result)
+    low, high = predict(result, params=3e7, tokens=6e8)["intervals"]["loss"]
+    assert np.isfinite([low, high]).all() and low < high
+
+
 def test_points_weighted_by_the_noise_trend_predict_better_and_still_cover():
     """Where the noise varies 8x over the points, weighting each by its noise brings the
     held-out ARE of 30 simulated studies well down (measured 0.35% against 0.59% unweighted;
