@@ -201,15 +201,19 @@ def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
         if missing:
             raise FitError(f"{path}, line 1: missing column(s) {', '.join(missing)}; "
                            f"found {', '.join(header)}; expected {_COLUMNS}")
-        unknown = [c for c in header if c not in _FIELDS]
+        unknown = [c for c in header if c and c not in _FIELDS]  # "": a trailing comma
         if unknown and not ignore_columns:
             raise FitError(f"{path}, line 1: unknown column(s) {', '.join(unknown)}; the columns "
                            f"are {_COLUMNS}: rename a misspelt one, or ignore the others "
                            "(lm fit --ignore-columns)")
         records, lines = [], []
         for rec in reader:
-            records.append(rec)
-            lines.append(reader.line_num)
+            if None in rec:  # DictReader's key for cells beyond the header's
+                raise FitError(f"{path}, line {reader.line_num}: {len(header) + len(rec[None])} "
+                               f"cells for the header's {len(header)} columns")
+            if any((v or "").strip() for v in rec.values()):  # ",,,": a spreadsheet's blank row
+                records.append(rec)
+                lines.append(reader.line_num)
     if not records:
         raise FitError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
     return _parse(records, lambda i: f"{path}, line {lines[i]}")

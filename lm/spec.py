@@ -117,6 +117,9 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
                           "`isoflop` (compute budgets)")
     if spec.fit.law == "isoflop" and not spec.isoflop:
         raise ConfigError(f"{path}: fit.law=isoflop needs `isoflop` compute budgets")
+    if spec.recipe.eval_points < 1:
+        raise ConfigError(f"{path}: recipe.eval_points={spec.recipe.eval_points}: a trial needs "
+                          "at least 1 evaluation (its final loss, which the fit takes)")
     return spec
 
 

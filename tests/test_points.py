@@ -56,6 +56,7 @@ HEADER = "params,tokens,loss\n"
     (HEADER + "1e8,,3\n", r"line 2, column 'tokens': missing value"),
     ("params,tokens,loss,step\n1e8,1e9,3,1.5\n", r"line 2, column 'step': '1.5' is not a step"),
     ("params,tokens,loss,annealed\n1e8,1e9,3,maybe\n", r"column 'annealed': 'maybe' is not a flag"),
+    (HEADER + "1e8,1e9,3\n1e8,2e9,3,52\n", r"line 3: 4 cells for the header's 3 columns"),
 ])
 def test_bad_csv_errors_say_where_and_what(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -84,6 +85,9 @@ def test_csv_with_a_byte_order_mark_and_misspelt_columns(tmp_path):
     with pytest.raises(ValueError, match=r"unknown column\(s\) runs; .*--ignore-columns"):
         load_csv(misspelt)
     assert len(np.unique(load_csv(misspelt, ignore_columns=True).run)) == 3
+    exported = write(tmp_path, "run,params,tokens,loss,\na,1e8,1e9,3.0,\n,,,,\nb,2e8,1e9,2.8,\n",
+                     "exported.csv")  # a spreadsheet's trailing commas and blank row
+    assert load_csv(exported).loss.tolist() == [3.0, 2.8]
 
 
 def test_group_budgets_does_not_chain():

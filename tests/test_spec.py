@@ -78,6 +78,7 @@ def test_isoflop_plan_spends_each_budget(tmp_path):
     ({"tokens": [8192], "tokens_per_param": [4]}, "exactly one"),
     ({"sizes": SIZES[:2]}, "3 distinct model sizes"),
     ({"recipe": {"lr": 1e-2, "warmup": 3}}, "recipe.warmup"),
+    ({"recipe": {"lr": 1e-2, "eval_points": 0}}, "recipe.eval_points=0"),
     ({"overrides": {**BASE, "train.batch_size": 2**22},
       "tokens": [2**22 * 32 * k for k in (25, 30, 35)], "holdout": {}}, "GiB"),
 ])
