@@ -1066,7 +1066,10 @@ def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None, seeds=1
     """95% intervals [m, 2] for the final loss of an actual run (or the mean of `seeds` runs,
     one count or one per column): the law's uncertainty (its bootstrap draws) and the run's
     own noise (Student t with the noise's degrees of freedom, over sqrt(seeds)), combined in
-    log space."""
+    log space. The run's noise is the pooled one even where a trend says the run is quieter:
+    on the registered studies the trend's value there (kept within the seed groups' range)
+    held 22 of 26 held-out runs against the pooled noise's 25: the pooled noise also carries
+    some of the law's misfit, which an interval for an actual run must hold too."""
     law = np.log(point)[None] if draws is None or not len(draws) else np.log(draws)
     rng = np.random.default_rng(0)
     reps = max(1, 20_000 // len(law))
