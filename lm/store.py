@@ -194,11 +194,15 @@ class Store:
             tables = {t: self.db.columns(t) for t in ("sweep", "trials", "points")}
             if tables["trials"] and not {"name", "role", "config", "status"} <= tables["trials"]:
                 raise StoreError(self._not_a_store("its `trials` table is another program's"))
-            self.db.executescript(SCHEMA)
-            version = int(self._get("version") or (1 if tables["trials"] else VERSION))
+            written = tables["sweep"] and self._get("version")
+            version = int(written or (1 if tables["trials"] else VERSION))
             if version > VERSION:
                 raise StoreError(f"{self.path} was written by a newer lm (store version "
                                  f"{version}, this lm reads up to {VERSION}); upgrade lm")
+            if written and version == VERSION and set(V2_COLUMNS) <= tables["trials"] \
+                    and "set" in tables["points"]:
+                return  # up to date: nothing to write, so a read-only store opens too
+            self.db.executescript(SCHEMA)
             with self.db.transaction():
                 self.db.lock_schema()
                 have = self.db.columns("trials")

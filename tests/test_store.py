@@ -209,3 +209,18 @@ def test_heartbeats_keep_the_database_clock_and_stores_open_side_by_side(url, tr
     monkeypatch.undo()
     assert other.reclaim(60.0) == []
     assert other.reclaim(60.0, dead_workers=["late"]) == [name]
+
+
+def test_an_up_to_date_store_opens_read_only(tmp_path, trials, monkeypatch):
+    """A colleague's sweep, readable but not writable: its status and points still open."""
+    import lm.store
+
+    path = tmp_path / "store.sqlite"
+    Store(path).sync("t", "plan1", trials)
+    connect = sqlite3.connect
+    monkeypatch.setattr(lm.store.sqlite3, "connect",
+                        lambda p, **kw: connect(f"file:{p}?mode=ro", uri=True, **kw))
+    store = Store(path, create=False)
+    assert len(store.trials()) == len(trials)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        store.claim("w1")
