@@ -99,19 +99,27 @@ def save(mngr: ocp.CheckpointManager, state: dict, meta: dict, cfg: CheckpointCo
     array, after deleting the steps the keep policy lets go. The device-to-host copy happens
     before this returns, so the caller may donate `state` to the next step."""
     mngr.wait_until_finished()  # the previous save: long done, one save interval ago
+    prune(mngr, cfg, meta["step"])
     step = meta["step"]
+    meta = {**meta, "fingerprints": {name: fingerprints(state[name]) for name in ("params", "opt")}}
+    mngr.save(step, force=True, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]), opt=ocp.args.StandardSave(state["opt"]),
+        meta=ocp.args.JsonSave(meta)))
+
+
+def prune(mngr: ocp.CheckpointManager, cfg: CheckpointConfig, saving: int | None = None
+          ) -> None:
+    """Delete the committed steps the keep policy lets go once step `saving` is saved, but
+    never the newest committed one before that save has committed: a kill during it must
+    leave a complete checkpoint (with checkpoint.keep=1 the policy keeps the new step only)."""
     done = sorted(mngr.all_steps())
     if is_primary():
-        keep = kept(done + [step], cfg)
+        keep = kept(done + ([saving] if saving is not None else []), cfg) | set(done[-1:])
         for old in done:
             if old not in keep:
                 _remove(Path(mngr.directory) / str(old), "beyond checkpoint.keep", old)
     sync("old checkpoints removed")
     mngr.reload()
-    meta = {**meta, "fingerprints": {name: fingerprints(state[name]) for name in ("params", "opt")}}
-    mngr.save(step, force=True, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]), opt=ocp.args.StandardSave(state["opt"]),
-        meta=ocp.args.JsonSave(meta)))
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -154,30 +162,36 @@ def _shapes(tree) -> dict[str, tuple]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def mismatches(mngr: ocp.CheckpointManager, step: int, abstract_params) -> list[str]:
-    """'name: checkpoint shape vs model shape' for every parameter that differs."""
-    stored = _shapes(mngr.item_metadata(step)["params"].tree)
-    wanted = _shapes(abstract_params)
+def mismatches(mngr: ocp.CheckpointManager, step: int, abstract: dict,
+               items=("params", "opt")) -> list[str]:
+    """'item name: checkpoint shape vs model shape' for every array of `items` that differs:
+    the parameters, and the optimiser state, whose structure follows the optimiser's settings
+    (optim.clip_norm=0 drops the clipping stage)."""
+    metadata = mngr.item_metadata(step)
     out = []
-    for name in sorted(set(stored) | set(wanted)):
-        if stored.get(name) != wanted.get(name):
-            out.append(f"{name}: checkpoint {stored.get(name, 'absent')} vs model "
-                       f"{wanted.get(name, 'absent')}")
+    for item in items:
+        stored, wanted = _shapes(metadata[item].tree), _shapes(abstract[item])
+        for name in sorted(set(stored) | set(wanted)):
+            if stored.get(name) != wanted.get(name):
+                out.append(f"{item} {name}: checkpoint {stored.get(name, 'absent')} vs "
+                           f"configured {wanted.get(name, 'absent')}")
     return out
 
 
-def _check_fits(mngr: ocp.CheckpointManager, step: int, abstract_params) -> None:
-    bad = mismatches(mngr, step, abstract_params)
+def _check_fits(mngr: ocp.CheckpointManager, step: int, abstract: dict, items) -> None:
+    bad = mismatches(mngr, step, abstract, items)
     if bad:
-        raise CheckpointError(f"checkpoint {step} in {mngr.directory} does not fit the configured "
-                              "model:\n  " + "\n  ".join(bad))
+        raise CheckpointError(
+            f"checkpoint {step} in {mngr.directory} does not fit the configured model and "
+            "optimiser (changed since it was saved? train into a new run directory):\n  "
+            + "\n  ".join(bad[:20]) + (f"\n  ... {len(bad) - 20} more" if len(bad) > 20 else ""))
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict, shardings: dict,
             items=("params", "opt")) -> tuple[dict, dict]:
     """The `items` of checkpoint `step`, placed with `shardings` (the current mesh's, whatever
     mesh wrote them), and its meta, once their fingerprints match those saved."""
-    _check_fits(mngr, step, abstract["params"])
+    _check_fits(mngr, step, abstract, items)
     targets = {name: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract[name], shardings[name]) for name in items}
     args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
@@ -213,6 +227,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
         except CheckpointError:
             raise
         except Exception as e:  # unreadable or damaged: fall back to an older one
+            if _out_of_memory(e):  # the checkpoint is sound: this mesh cannot hold it
+                raise CheckpointError(f"restoring checkpoint {step} from {mngr.directory} ran "
+                                      f"out of memory ({str(e)[:200]}); use more devices or a "
+                                      "mesh that shards it further") from e
             where = f"; moved to {set_aside(mngr, step).name}" if aside else ""
             log.warning("checkpoint: step %d is unreadable (%s: %s)%s; trying an older one",
                         step, type(e).__name__, str(e)[:200], where)
@@ -223,15 +241,19 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
     return None
 
 
-def check_fits(run_dir: str | Path, abstract_params) -> None:
-    """Refuse a run directory whose newest readable checkpoint does not fit the model, before
-    the run writes anything into it."""
+def _out_of_memory(e: Exception) -> bool:
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
+
+
+def check_fits(run_dir: str | Path, abstract: dict) -> None:
+    """Refuse a run directory whose newest readable checkpoint does not fit the model and
+    optimiser, before the run writes anything into it."""
     if not directory(run_dir).is_dir():
         return
     mngr = manager(run_dir, read_only=True)
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            _check_fits(mngr, step, abstract_params)
+            _check_fits(mngr, step, abstract, ("params", "opt"))
         except CheckpointError:
             raise
         except Exception:  # unreadable metadata: the restore will move it aside

@@ -179,7 +179,14 @@ def _start(cfg: Config, program: Program) -> tuple[dict, dict]:
             f"{t.branch_step} (it has {sorted(parent.all_steps())}); train that run first, with "
             f"checkpoint.steps including {t.branch_step}")
     log.info("branching from step %d of %s", t.branch_step, t.branch_from)
-    return checkpoint.restore(parent, t.branch_step, lay.abstract, lay.shardings)
+    try:
+        return checkpoint.restore(parent, t.branch_step, lay.abstract, lay.shardings)
+    except CheckpointError:
+        raise
+    except Exception as e:  # damaged: the branch cannot start, and must not start elsewhere
+        raise CheckpointError(
+            f"train.branch_from={t.branch_from}: its checkpoint at step {t.branch_step} does "
+            f"not restore ({type(e).__name__}: {str(e)[:200]}); train that run again") from e
 
 
 STABILITY = ("max_attention_logit", "output_logit_rms")  # train.log_stability's metrics
@@ -378,7 +385,7 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
     lay = program.layout            # before anything is written
     with session.timed("data"):
         source = primary_first(lambda: data.source(cfg))
-    checkpoint.check_fits(run_dir, lay.abstract["params"])
+    checkpoint.check_fits(run_dir, lay.abstract)
     if is_primary():
         rundir.write_config(run_dir, cfg)
     with session.timed("restore"):
@@ -401,4 +408,5 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
             _roll_back(run, spike)
         with session.timed("checkpoint"):
             mngr.wait_until_finished()
+            checkpoint.prune(mngr, cfg.checkpoint)  # the last save committed: keep the policy
     return run.row

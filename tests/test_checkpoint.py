@@ -111,6 +111,40 @@ def test_shape_mismatch_lists_parameters(tmp_path):
         checkpoint.restore(mngr, 8, lay.abstract, lay.shardings)
 
 
+def test_a_changed_optimiser_is_refused_and_its_run_left_whole(tmp_path):
+    """optim.clip_norm=0 drops the clipping stage, so the optimiser state's structure changes:
+    resuming so must stop before writing, not take the checkpoints for damaged, move them
+    aside and restart the run from step 0."""
+    run = tmp_path / "run"
+    trained(run)
+    before = (sorted(checkpoint.manager(run, read_only=True).all_steps()), losses(run))
+    with pytest.raises(CheckpointError, match=r"optimiser.*\n  opt "):
+        trained(run, "optim.clip_norm=0", "train.steps=12")
+    assert (sorted(checkpoint.manager(run, read_only=True).all_steps()), losses(run)) == before
+    assert not list((run / "checkpoints").glob("*corrupt*"))
+    assert config.load(run / "config.yaml").optim.clip_norm == 1.0
+
+
+def test_a_save_killed_before_it_commits_leaves_the_last_complete_checkpoint(tmp_path,
+                                                                             monkeypatch):
+    """With checkpoint.keep=1 the policy keeps only the step being saved; the step before it
+    must survive until that save has committed (here the save dies, as in a kill -9)."""
+    run = tmp_path / "run"
+    cfg = trained(run, "checkpoint.keep=1")
+    mngr = checkpoint.manager(run)
+    assert sorted(mngr.all_steps()) == [8]  # the policy, once the last save committed
+    lay = state.layout(cfg)
+    restored, meta = checkpoint.restore(mngr, 8, lay.abstract, lay.shardings)
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed during the save")
+
+    monkeypatch.setattr(mngr, "save", killed)
+    with pytest.raises(SystemExit):
+        checkpoint.save(mngr, restored, {**meta, "step": 12}, cfg.checkpoint)
+    assert sorted(checkpoint.manager(run, read_only=True).all_steps()) == [8]
+
+
 def test_missing_or_empty_run_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a run directory"):
         evaluate.evaluate_run(tmp_path / "nothing")
