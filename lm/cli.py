@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lm.devices import keep_freed_memory, simulate_cpu_devices
-from lm.errors import LMError
+from lm.errors import ConfigError, LMError
 
 
 def _use_cpu_devices(n: int | None) -> None:
@@ -207,6 +207,9 @@ def cmd_fit(args) -> int:
 
     points, designated = store.load_points(args.source, args.ignore_columns, args.metric,
                                            args.params)
+    out = Path(args.out)
+    if not out.parent.is_dir():  # before the fit, whose bootstrap may take minutes
+        raise ConfigError(f"--out {out}: no directory {out.parent}; create it first")
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
     if isinstance(holdout, str) and holdout != "largest":
         holdout = holdout.split(",")  # run names
@@ -215,7 +218,7 @@ def cmd_fit(args) -> int:
                          drop_early=args.drop_early,
                          min_tokens_per_param=args.min_tokens_per_param, loss=args.loss,
                          huber_delta=args.huber_delta, seed=args.seed)
-    Path(args.out).write_text(json.dumps(result.to_json(), indent=1))
+    out.write_text(json.dumps(result.to_json(), indent=1))
     print(scaling.format_fit(result))
     print(f"wrote {args.out}")
     return 0
@@ -258,7 +261,7 @@ def _at_least(kind: type, low: float):
 def parser() -> argparse.ArgumentParser:
     """The `lm` command line: the run commands here, the study's in functions of their own."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cpu-devices", type=int, metavar="N",
+    common.add_argument("--cpu-devices", type=_at_least(int, 1), metavar="N",
                         help="simulate N CPU devices (e.g. 8 for a 2x4 mesh on a laptop; "
                         "in a multi-process run, N per process)")
     processes = argparse.ArgumentParser(add_help=False)

@@ -431,6 +431,8 @@ def _check_train(cfg: Config) -> None:
              "directory) and a branch_step below train.steps")
     for key in ("steps", "batch_size", "micro_batches", "log_every"):
         _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be positive")
+    for key, seed in (("train.seed", t.seed), ("data.seed", cfg.data.seed or 0)):
+        _require(0 <= seed < 2**32, key, seed, "must be in [0, 2^32): it seeds uint32 keys")
     _require(t.batch_size % t.micro_batches == 0, "train.micro_batches", t.micro_batches,
              f"must divide train.batch_size={t.batch_size}")
     _require("jsonl" in t.trackers and len(set(t.trackers)) == len(t.trackers), "train.trackers",

@@ -174,7 +174,7 @@ def generate(lay: state_lib.Layout, params, prompt: list[int], max_tokens: int,
         if temperature == 0:
             return jnp.argmax(logits_v).astype(jnp.int32)
         logits_v = logits_v / temperature
-        if top_k:
+        if 0 < top_k < cfg.vocab_size:  # a k beyond the vocabulary: the whole of it
             logits_v = jnp.where(logits_v < jax.lax.top_k(logits_v, top_k)[0][-1], -jnp.inf,
                                  logits_v)
         return jax.random.categorical(key, logits_v).astype(jnp.int32)

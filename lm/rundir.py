@@ -130,6 +130,16 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _drop_partial_line(f) -> None:
+    """Cut a row that a killed writer left without its newline, so that the next row starts a
+    line of its own (glued to it, both would be lost and the file unreadable past them)."""
+    end = f.seek(0, os.SEEK_END)
+    start = f.seek(max(end - 65536, 0))  # a row is far shorter
+    tail = f.read()
+    if tail and not tail.endswith(b"\n"):
+        f.truncate(start + tail.rfind(b"\n") + 1)
+
+
 def metrics(run_dir: str | Path) -> list[dict]:
     return read_rows(Path(run_dir) / METRICS)
 
@@ -166,8 +176,9 @@ class Log:
 
     def append(self, name: str, row: dict) -> None:
         if self.writes:
-            with open(self.paths[name], "a") as f:
-                f.write(json.dumps(row) + "\n")
+            with open(self.paths[name], "a+b") as f:
+                _drop_partial_line(f)
+                f.write((json.dumps(row) + "\n").encode())
             for sink in self.sinks:
                 sink.append(name, row)
 

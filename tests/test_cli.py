@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lm import spec as spec_lib
 from lm.store import Store
@@ -86,3 +87,13 @@ def test_the_wheel_ships_the_presets(tmp_path):
                                             "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "site" / "lm" / "configs" / "tiny.yaml")
+
+
+def test_fit_checks_where_it_will_write_before_fitting(tmp_path, capsys, monkeypatch):
+    from lm import cli, scaling
+
+    csv = tmp_path / "points.csv"
+    csv.write_text("params,tokens,loss\n1e6,2e7,3.0\n")
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("fitted before the check"))
+    assert cli.main(["fit", str(csv), "--out", str(tmp_path / "nodir" / "fit.json")]) == 2
+    assert "no directory" in capsys.readouterr().err

@@ -35,6 +35,8 @@ def test_kv_cache_greedy_equals_full_recompute_on_any_mesh():
     assert evaluate.generate(single, params, prompt, 12, temperature=1.0, top_k=1) == expected
     a = evaluate.generate(single, params, prompt, 12, temperature=1.0, seed=3)
     assert a == evaluate.generate(single, params, prompt, 12, temperature=1.0, seed=3)
+    assert a == evaluate.generate(single, params, prompt, 12, temperature=1.0, seed=3,
+                                  top_k=cfg.vocab_size + 1)  # beyond the vocabulary: all of it
     with pytest.raises(ConfigError, match="model.context"):
         evaluate.generate(single, params, prompt, 40)
 

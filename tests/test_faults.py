@@ -315,6 +315,9 @@ def test_retention_deletes_only_what_lm_wrote(tmp_path, capsys):
     (["train", "tiny", "model=5", "model.d_model=3"], "both a value and keys"),
     (["train", "tiny", "train.run_dir=/"], "a directory of its own"),
     (["train", "tiny", "train.run_dir=~/"], "a directory of its own"),
+    (["train", "tiny", "train.seed=-1"], "train.seed"),
+    (["train", "tiny", "data.seed=4294967296"], "data.seed"),
+    (["sample", "RUN", "--prompt", "x", "--cpu-devices", "0"], "--cpu-devices"),
 ])
 def test_bad_arguments_are_errors_not_tracebacks(finished, capsys, argv, message):
     argv = [str(finished) if a == "RUN" else a for a in argv]

@@ -13,3 +13,17 @@ def test_eval_and_save_schedules():
     assert rundir.eval_steps(small("train.steps=10", "eval.every_steps=4")) == {4, 8, 10}
     assert rundir.save_steps(small("train.steps=10", "checkpoint.every_steps=4")) == {4, 8, 10}
     assert rundir.save_steps(small("train.steps=10")) == {10}
+
+
+def test_a_row_cut_short_by_a_kill_gives_way_to_the_next(tmp_path):
+    """An eval.jsonl whose last row a killed writer left half-written: `lm eval` appends
+    after it. The half row goes; every row appended after it stays readable."""
+    log = rundir.Log(tmp_path)
+    log.append("eval", {"step": 1, "loss": 3.0})
+    with open(tmp_path / rundir.EVALS, "a") as f:
+        f.write('{"step": 2, "lo')  # the kill
+    log.append("eval", {"step": 2, "loss": 2.5, "set": "val"})
+    log.append("eval", {"step": 2, "loss": 2.7, "set": "other"})
+    assert rundir.evals(tmp_path) == [{"step": 1, "loss": 3.0},
+                                      {"step": 2, "loss": 2.5, "set": "val"},
+                                      {"step": 2, "loss": 2.7, "set": "other"}]
