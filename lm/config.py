@@ -518,9 +518,19 @@ def eval_batch_size(cfg: Config) -> int:
     return cfg.eval.batch_size or cfg.train.batch_size // cfg.train.micro_batches
 
 
+def check_train_batch(cfg: Config, sizes: dict[str, int]) -> None:
+    """Training shards each micro-batch over replica*data (evaluating a run on another mesh
+    needs only its eval batch to divide)."""
+    t, batch_shards = cfg.train, sizes["replica"] * sizes["data"]
+    micro = t.batch_size // t.micro_batches
+    _require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
+             f"batch_size / micro_batches = {micro} must be divisible by "
+             f"replica*data = {batch_shards}")
+
+
 def mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
     """The (replica, data, model) sizes for `n_devices`, with -1 filled in, checked against
-    the device count and the model's shapes."""
+    the device count, the model's shapes and the eval batch."""
     mesh, m, t = cfg.mesh, cfg.model, cfg.train
     sizes = {"replica": mesh.replica, "data": mesh.data, "model": mesh.model}
     fixed = math.prod(v for v in sizes.values() if v != -1)
@@ -540,12 +550,11 @@ def mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
         _require(getattr(m, key) % model == 0, f"model.{key}", getattr(m, key),
                  f"must be divisible by mesh.model={model}")
     batch_shards = sizes["replica"] * sizes["data"]
-    micro = t.batch_size // t.micro_batches
-    _require(micro % batch_shards == 0, "train.batch_size", t.batch_size,
-             f"batch_size / micro_batches = {micro} must be divisible by "
-             f"replica*data = {batch_shards}")
-    _require(eval_batch_size(cfg) % batch_shards == 0, "eval.batch_size", cfg.eval.batch_size,
-             f"must be divisible by replica*data = {batch_shards}")
+    follows = cfg.eval.batch_size == 0  # the eval batch is the training batch
+    _require(eval_batch_size(cfg) % batch_shards == 0,
+             "train.batch_size" if follows else "eval.batch_size", eval_batch_size(cfg),
+             f"must be divisible by replica*data = {batch_shards}"
+             + (" (it is the eval batch too: eval.batch_size=0)" if follows else ""))
     if mesh.fsdp:
         _require(m.d_model % sizes["data"] == 0, "model.d_model", m.d_model,
                  f"with mesh.fsdp, must be divisible by mesh.data={sizes['data']}")

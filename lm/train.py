@@ -114,6 +114,7 @@ def compiled_key(cfg: Config) -> tuple:
 
 def compile_program(cfg: Config, devices=None) -> Program:
     lay = state_lib.layout(cfg, devices)
+    config_lib.check_train_batch(cfg, dict(lay.mesh.shape))
     batch = jax.ShapeDtypeStruct(lay.batch_shape, jnp.int32, sharding=lay.batch_sharding)
     init = jax.jit(state_lib.init_fn(cfg, lay.tx), out_shardings=lay.shardings)  # on first use
     replicated = NamedSharding(lay.mesh, P())

@@ -67,7 +67,14 @@ def test_bad_values_name_the_key(overrides, key):
 def test_mesh_errors_name_the_key(overrides, key, n_devices):
     cfg = small(*overrides)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config.mesh_shape(cfg, n_devices)
+        config.check_train_batch(cfg, config.mesh_shape(cfg, n_devices))
+
+
+def test_a_run_evaluates_on_a_mesh_its_training_batch_does_not_divide():
+    cfg = small("mesh.data=8", "mesh.model=1", "train.batch_size=12", "eval.batch_size=8")
+    sizes = config.mesh_shape(cfg, 8)  # what eval and sample build
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        config.check_train_batch(cfg, sizes)  # what training adds
 
 
 def test_mesh_fill():
