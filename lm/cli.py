@@ -163,6 +163,7 @@ def cmd_sample(args) -> int:
 
     cfg = rundir.load_config(args.run_dir, args.overrides)
     tokenizer = corpus.tokenizer(cfg)
+    rundir.bind_data(Path(args.run_dir), corpus.identity(cfg), training=False)
     lay = state.layout(cfg)
     mngr = checkpoint.manager(args.run_dir, read_only=True)
     restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, ("params",))

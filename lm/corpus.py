@@ -659,6 +659,20 @@ def _atomic(path: Path, mode: str = "wb"):
 # --------------------------------------------------------------------------- tokens <-> text
 
 
+def identity(cfg: Config) -> dict | None:
+    """What a run's token ids and batches depend on (None for synthetic tokens): its
+    tokenizer's bytes and the length of each training stream (the dataset's own hash also
+    covers file times, which a copy to another machine changes without changing a token)."""
+    if cfg.data.source == "synthetic":
+        return None
+    dataset = prepare(cfg)
+    tokenizer = (dataset.dir / dataset.manifest["tokenizer"]).read_bytes()
+    return {"tokenizer_sha256": hashlib.sha256(tokenizer).hexdigest(),
+            "train_tokens": {name: dataset.manifest["splits"][name]["tokens"]
+                             for name in dataset.splits("train")},
+            "dataset": str(dataset.dir)}
+
+
 def tokenizer(cfg: Config) -> spm.SentencePieceProcessor:
     """The tokenizer of `cfg`'s dataset (prepared on first use): text <-> token ids."""
     if cfg.data.source == "synthetic":

@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import (checkpoint, config as config_lib, data, rundir, sharding, state as state_lib,
-                trackers)
+from lm import (checkpoint, config as config_lib, corpus, data, rundir, sharding,
+                state as state_lib, trackers)
 from lm.errors import CheckpointError, ConfigError
 from lm.model import init_cache
 from lm.processes import is_primary
@@ -106,6 +106,7 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
     on every set yet."""
     run_dir = Path(run_dir)
     cfg = rundir.load_config(run_dir, overrides)
+    rundir.bind_data(run_dir, corpus.identity(cfg), training=False)
     mngr = checkpoint.manager(run_dir, read_only=True)
     available = sorted(mngr.all_steps())
     if not available:

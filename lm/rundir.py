@@ -33,8 +33,8 @@ from lm import config as config_lib
 from lm.config import Config
 from lm.errors import Busy, CheckpointError, ConfigError, DataError
 
-CONFIG, METRICS, EVALS, CHECKPOINTS, LOCK = (
-    "config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", ".lock")
+CONFIG, METRICS, EVALS, CHECKPOINTS, LOCK, DATA = (
+    "config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", ".lock", "data.json")
 RUN_FILES = (METRICS, EVALS, CHECKPOINTS)  # besides config.yaml
 
 log = logging.getLogger("lm")
@@ -101,6 +101,38 @@ def locked(run_dir: Path):
 def write_config(run_dir: Path, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, run_dir / CONFIG)
+
+
+def bind_data(run_dir: Path, identity: dict | None, *, training: bool, writes: bool = True
+              ) -> None:
+    """Hold a run to the data it was trained on (`corpus.identity`; None: synthetic tokens).
+    Training records it on the first start and must meet the same tokenizer and training
+    streams on every resume; evaluating, sampling and exporting must meet the same tokenizer.
+    A changed corpus (files added or edited) or another machine's default corpus would
+    otherwise prepare a new tokenizer, silently, under the old embeddings. Runs of older lm
+    versions have no record: training makes one, the others take the run on trust."""
+    if identity is None:
+        return
+    path = run_dir / DATA
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is not None:
+        keys = ("tokenizer_sha256", "train_tokens") if training else ("tokenizer_sha256",)
+        changed = [k for k in keys if recorded.get(k) != identity[k]]
+        if changed:
+            raise DataError(
+                f"{run_dir} was trained on other data than data.source prepares now "
+                f"({', '.join(changed)} differ; it used {recorded.get('dataset')}, now "
+                f"{identity['dataset']}): the source's files changed, or this machine's differ. "
+                "Point data.source (or data.cache_dir) at the data the run used, or train a "
+                "new run")
+    elif training and writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(identity, indent=1))
+        tmp.replace(path)
 
 
 def load_config(run_dir: str | Path, overrides=()) -> Config:

@@ -19,8 +19,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import (checkpoint, config as config_lib, data, evaluate, flops, profiling, rundir,
-                schedule, sharding, spikes, state as state_lib, trackers)
+from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops, profiling,
+                rundir, schedule, sharding, spikes, state as state_lib, trackers)
 from lm.config import Config
 from lm.errors import CheckpointError, Interrupted
 from lm.processes import StopSignals, agree, is_primary, primary_first, sync
@@ -387,6 +387,7 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
     with session.timed("data"):
         source = primary_first(lambda: data.source(cfg))
     checkpoint.check_fits(run_dir, lay.abstract)
+    rundir.bind_data(run_dir, corpus.identity(cfg), training=True, writes=is_primary())
     if is_primary():
         rundir.write_config(run_dir, cfg)
     with session.timed("restore"):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm import cli, corpus, data, rundir, sharding, train
+from lm import cli, config as config_lib, corpus, data, evaluate, rundir, sharding, train
 from lm.errors import DataError
 
 from conftest import small
@@ -129,6 +129,21 @@ def test_a_single_file_corpus_trains_and_evaluates_with_the_default_settings(tmp
     assert rows[-1]["eval_tokens"] == 128 * cfg.seq_len and 0 < rows[-1]["bpb"] < 8
     splits = corpus.prepare(cfg).manifest["splits"]
     assert splits["val"]["holdout"] == "positions"
+    # The corpus changes under the run: its tokenizer would be trained anew. Resuming,
+    # evaluating and sampling refuse, and leave the run as it was.
+    run = tmp_path / "run"
+    recorded = json.loads((run / rundir.DATA).read_text())
+    assert recorded == corpus.identity(cfg)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    with open(tmp_path / "input.txt", "a") as f:
+        f.write("".join(stdlib_texts(300_000, skip=400)))
+    with pytest.raises(DataError, match="tokenizer_sha256, train_tokens differ"):
+        train.train(config_lib.replace(cfg, train={"steps": 8}))
+    with pytest.raises(DataError, match="other data"):
+        evaluate.evaluate_run(run)
+    assert cli.main(["sample", str(run), "--prompt", "def"]) == 2
+    assert {p.name: p.read_bytes() for p in run.iterdir()
+            if p.is_file() and p.name != ".lock"} == before
 
 
 def test_val_source_and_named_sets_are_evaluated_and_reported_apart(tmp_path, capsys):
