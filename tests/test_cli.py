@@ -56,7 +56,8 @@ def test_study_commands_run_without_jax(tmp_path):
     commands = [["sweep", "--plan", str(path), "--cpu-devices", "2"],
                 ["sweep", "--status", str(path)],
                 ["sweep", str(path), "--cpu-devices", "2"],  # nothing to train: fit and report
-                ["fit", str(sweep_dir), "--out", str(fit_json), "--min-tokens-per-param", "0"],
+                ["fit", str(sweep_dir), "--out", str(fit_json), "--min-tokens-per-param", "0",
+                 "--bootstrap", "10"],
                 ["predict", str(fit_json), "--flops", "1e15"],
                 ["predict", str(fit_json), "--params", "1e5", "--tokens", "1e7"]]
     out = subprocess.run([sys.executable, "-c", WITHOUT_JAX, json.dumps(commands)],
