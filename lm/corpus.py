@@ -51,6 +51,7 @@ LINE_SLACK = 200  # a span's edge moves back to the start of its line when that 
 EOD_ID = 1  # end of document: SentencePiece's eos piece, written after every document
 BATCH_BYTES = 1 << 20  # text per encoding task
 SENTENCE_CHARS = 4096  # the tokenizer trains on runs of lines of at most this many characters
+STALE_TMP_S = 3600  # a temporary file untouched this long was left by a killed build
 
 # SentencePiece settings under which decode(encode(text)) == text for any text.
 SENTENCEPIECE = dict(
@@ -573,6 +574,7 @@ def build(cfg: Config, inputs: list[Input], out: Path, header: dict,
     workers = max(1, min(d.workers or _cpus(), math.ceil(text_bytes / BATCH_BYTES)))
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    _remove_stale_temporaries(out)
     with _atomic(out / TOKENIZER) as f:
         f.write(tokenizer or train_tokenizer(tokenizer_docs, d.tokenizer, cfg.vocab_size, workers))
     dtype = "uint16" if cfg.vocab_size <= 2**16 else "uint32"
@@ -641,6 +643,15 @@ def write_splits(items: Iterable[tuple[str, Document]], streams: dict, model_fil
 
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files a killed build left (token files can be gigabytes), once untouched for
+    STALE_TMP_S: a build in progress elsewhere writes to its own all along."""
+    for tmp in out.glob(".*.tmp"):
+        with contextlib.suppress(OSError):  # another builder removed or renamed it meanwhile
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
 
 
 @contextlib.contextmanager

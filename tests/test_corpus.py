@@ -4,7 +4,9 @@ import gzip
 import itertools
 import json
 import math
+import os
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -232,8 +234,15 @@ def test_a_mismatching_manifest_is_rebuilt_in_place(tmp_path):
     cfg = files_cfg(tmp_path)
     first = corpus.prepare(cfg)
     (first.dir / corpus.MANIFEST).write_text(json.dumps({**first.manifest, "hash": "stale"}))
+    # a build killed by SIGKILL left its temporary token file; another builder's is in progress
+    left, writing = first.dir / ".train.bin.dead.tmp", first.dir / ".train.bin.live.tmp"
+    left.write_bytes(b"\0" * 4096)
+    writing.write_bytes(b"\0" * 4096)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(left, (hours_ago, hours_ago))
     again = corpus.prepare(cfg)
     assert again.dir == first.dir and again.manifest["hash"] == first.manifest["hash"]
+    assert not left.exists() and writing.exists()
 
 
 # --------------------------------------------------------------------------- bad input
