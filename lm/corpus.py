@@ -88,9 +88,12 @@ class BadFile(DataError):
 def default_corpus() -> tuple[tuple[str, Path], ...]:
     """The embedded corpus: every *.py file of this interpreter's standard library (without
     site-packages), keyed and sorted by relative path. Real text (code, comments, docstrings),
-    about 30 MB on CPython 3.11, present wherever Python is."""
+    about 30 MB on CPython 3.11, present wherever Python is. Paths are resolved here, once:
+    every prepare hashes them, and resolving 1,800 paths took 90% of a prepared dataset's
+    lookup."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = ((p.relative_to(root).as_posix(), p) for p in root.rglob("*.py") if p.is_file())
+    files = ((p.relative_to(root).as_posix(), p.resolve()) for p in root.rglob("*.py")
+             if p.is_file())
     return tuple(sorted((key, p) for key, p in files
                         if not {"site-packages", "dist-packages"} & set(key.split("/"))))
 
@@ -103,7 +106,7 @@ def corpus_files(spec: str, key: str = "data.source") -> list[tuple[str, Path]]:
     document in its split."""
     if spec == "default":
         return list(default_corpus())
-    found: dict[Path, tuple[str, Path]] = {}  # by real path
+    found: dict[Path, tuple[str, Path]] = {}  # by real path, which `_prepared` hashes
     for item in filter(None, (part.strip() for part in spec.split(","))):
         pattern = Path(os.path.expanduser(item))
         magic = [i for i, part in enumerate(pattern.parts) if any(c in part for c in "*?[")]
@@ -120,7 +123,8 @@ def corpus_files(spec: str, key: str = "data.source") -> list[tuple[str, Path]]:
         else:
             root, matches = pattern.parent, [pattern]
         for match in matches:
-            found.setdefault(match.resolve(), (match.relative_to(root).as_posix(), match))
+            real = match.resolve()
+            found.setdefault(real, (match.relative_to(root).as_posix(), real))
     return list(found.values())
 
 
@@ -523,7 +527,7 @@ def _prepared(cfg: Config, inputs: list[Input], label: str, key: str,
                 "val_fraction": d.val_fraction, "max_bytes": d.max_bytes,
                 "on_bad_file": d.on_bad_file}
     tokenizer = (tokenized_by.dir / TOKENIZER).read_bytes() if tokenized_by else None
-    files = [[inp.mode, [(k, str(p.resolve()), *_size_and_mtime(p)) for k, p in inp.files]]
+    files = [[inp.mode, [(k, str(p), *_size_and_mtime(p)) for k, p in inp.files]]  # resolved
              for inp in inputs]
     given = tokenizer and hashlib.sha256(tokenizer).hexdigest()
     digest = hashlib.sha256(json.dumps([settings, files, given]).encode()).hexdigest()
