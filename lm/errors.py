@@ -66,3 +66,8 @@ class Interrupted(TrainingError):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class Fenced(LMError):
+    """A sweep worker's claim on its trial lapsed (another worker may hold it now): the run
+    stopped at a step's end without writing anything more."""

@@ -36,7 +36,7 @@ import yaml
 
 from lm import (config as config_lib, flops, report, rundir, scaling, schedule,
                 spec as spec_lib, trackers)
-from lm.errors import Busy, FitError, Interrupted, LMError, StoreError
+from lm.errors import Busy, Fenced, FitError, Interrupted, LMError, StoreError
 from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
@@ -192,20 +192,42 @@ def _ingest(trial: Trial) -> list[dict]:
             for r in rundir.evals(trial.run_dir)]
 
 
-class _Heartbeat(threading.Thread):
-    """Tells the store, `every` seconds, that this worker still trains its trial."""
+class Lease:
+    """A worker's claim on the trial it trains, as far as the worker can know it. Others take
+    the trial over once its newest heartbeat is `stale_s` old by the database's clock, and a
+    heartbeat's database time is never earlier than its sending: so while the last beat that
+    got through was sent less than `stale_s / 2` ago (by this host's monotonic clock), no one
+    else can hold the trial, and half of `stale_s` is left for a step or a save in flight."""
 
-    def __init__(self, url: str, name: str, worker: str, every: float):
+    def __init__(self, stale_s: float):
+        self.ttl, self.renewed, self.lost = stale_s / 2, time.monotonic(), False
+
+    def valid(self) -> bool:
+        return not self.lost and time.monotonic() - self.renewed < self.ttl
+
+
+class _Heartbeat(threading.Thread):
+    """Tells the store, `every` seconds, that this worker still trains its trial, and keeps
+    its `lease` up to date: renewed by each beat that gets through, lost for good when the
+    store says the trial is another's."""
+
+    def __init__(self, url: str, name: str, worker: str, stale_s: float):
         super().__init__(daemon=True)
-        self.url, self.name, self.worker, self.every = url, name, worker, every
+        self.url, self.name, self.worker, self.every = url, name, worker, stale_s / BEATS
+        self.lease = Lease(stale_s)
         self.stopped = threading.Event()
 
     def run(self) -> None:
         store = None  # a connection of its own (the main thread's is busy), made afresh after
         while not self.stopped.wait(self.every):  # a failure: a lost beat is no lost trial
+            sent = time.monotonic()
             try:
                 store = store or Store(self.url)
-                store.beat(self.name, self.worker)
+                if not store.beat(self.name, self.worker):
+                    log.warning("sweep: %s was taken over by another worker", self.name)
+                    self.lease.lost = True
+                    return
+                self.lease.renewed = sent
             except Exception as e:  # noqa: BLE001 - either backend's: logged, then again
                 log.warning("sweep: a heartbeat of %s failed (%s); trying again", self.name, e)
                 store = None
@@ -231,9 +253,9 @@ def _train_one(trial: Trial, session, store: Store, worker: str, stale_s: float)
 
     from lm import train
 
-    beat = _Heartbeat(store.url, trial.name, worker, stale_s / BEATS)
+    beat = _Heartbeat(store.url, trial.name, worker, stale_s)
     beat.start()
-    start = time.time()
+    session.lease, start = beat.lease, time.time()
     try:
         with _trial_log(trial.run_dir):
             config_lib.dump(trial.cfg, trial.run_dir / "trial.yaml")  # to rerun it by hand
@@ -247,20 +269,27 @@ def _train_one(trial: Trial, session, store: Store, worker: str, stale_s: float)
         store.release(trial.name, worker)
         log.warning("sweep: %s", e)
         time.sleep(stale_s / BEATS)
+    except Fenced as e:  # the trial, and what becomes of it, are another worker's now
+        log.warning("sweep: %s", e)
     except Exception as e:  # noqa: BLE001 - a trial's failure stays in the trial
         detail = str(e) if isinstance(e, LMError) else traceback.format_exc(limit=4)
         final = store.fail(trial.name, f"{type(e).__name__}: {detail}".strip(),
-                           time.time() - start, _spent(session))
+                           time.time() - start, _spent(session), worker)
         log.warning("sweep: FAILED %s (%s: %s)%s; see %s", trial.name, type(e).__name__,
-                    str(e)[:300], "" if final else ", to be retried",
+                    str(e)[:300], {True: "", False: ", to be retried",
+                                   None: ", but another worker had taken it over"}[final],
                     trial.run_dir / "train.log")
     else:
         points = _ingest(trial)
-        store.finish(trial.name, points, time.time() - start, _spent(session))
-        log.info("sweep: finished %s in %.0f s, validation loss %.4f", trial.name,
-                 time.time() - start, points[-1]["val_loss"])
+        if store.finish(trial.name, points, time.time() - start, _spent(session), worker):
+            log.info("sweep: finished %s in %.0f s, validation loss %.4f", trial.name,
+                     time.time() - start, points[-1]["val_loss"])
+        else:
+            log.warning("sweep: %s ended after another worker had taken it over; its result "
+                        "is that worker's to record", trial.name)
     finally:
         beat.stopped.set()
+        session.lease = None
 
 
 def _spent(session) -> dict:

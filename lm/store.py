@@ -326,10 +326,23 @@ class Store:
         self.db.execute("UPDATE trials SET status='pending', worker=NULL, updated=? WHERE "
                         "name=? AND worker=?", (time.time(), name, worker))
 
+    @staticmethod
+    def _owned(worker: str | None) -> tuple[str, tuple]:
+        """The condition that the trial is still `worker`'s (none without a worker: a rebuild)."""
+        return (" AND worker=? AND status='running'", (worker,)) if worker else ("", ())
+
     def finish(self, name: str, points: list[dict], wall_s: float | None,
-               timings: dict | None = None) -> None:
-        """A trial's evaluations and its `done` status, in one transaction."""
+               timings: dict | None = None, worker: str | None = None) -> bool:
+        """A trial's evaluations and its `done` status, in one transaction. With `worker`,
+        only while the trial is still that worker's: False if another has taken it over (the
+        result is then the new owner's to record)."""
+        owned, args = self._owned(worker)
         with self.db.transaction():
+            cur = self.db.execute("UPDATE trials SET status='done', error=NULL, wall_s=?, "
+                                  f"timings=?, updated=? WHERE name=?{owned}",
+                                  (wall_s, json.dumps(timings or {}), time.time(), name, *args))
+            if cur.rowcount != 1:
+                return False
             self.db.execute("DELETE FROM points WHERE trial=?", (name,))
             for p in points:
                 self.db.execute(
@@ -338,16 +351,19 @@ class Store:
                     (name, p["step"], p.get("set", "val"), p["tokens"], p["flops"],
                      p["train_loss"], p["val_loss"], p["val_loss_sem"], p["bpb"],
                      int(p.get("annealed", False))))
-            self.db.execute("UPDATE trials SET status='done', error=NULL, wall_s=?, timings=?, "
-                            "updated=? WHERE name=?",
-                            (wall_s, json.dumps(timings or {}), time.time(), name))
+        return True
 
-    def fail(self, name: str, error: str, wall_s: float, timings: dict | None = None) -> bool:
+    def fail(self, name: str, error: str, wall_s: float, timings: dict | None = None,
+             worker: str | None = None) -> bool | None:
         """Record a failure. The trial is retried until it fails the same way MAX_FAILURES
-        times in a row; returns whether it is now final."""
+        times in a row; returns whether it is now final. With `worker`, only while the trial
+        is still that worker's: None if another has taken it over."""
+        owned, args = self._owned(worker)
         with self.db.transaction():
-            row = self.db.execute("SELECT error, failures FROM trials WHERE name=?",
-                                  (name,)).fetchone()
+            row = self.db.execute(f"SELECT error, failures FROM trials WHERE name=?{owned}",
+                                  (name, *args)).fetchone()
+            if row is None:
+                return None
             same = row["error"] == error
             failures = row["failures"] + 1 if same else 1
             final = failures >= MAX_FAILURES

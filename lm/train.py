@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops, profiling,
                 rundir, schedule, sharding, spikes, state as state_lib, trackers)
 from lm.config import Config
-from lm.errors import CheckpointError, Interrupted
+from lm.errors import CheckpointError, Fenced, Interrupted
 from lm.processes import StopSignals, agree, is_primary, primary_first, sync
 
 log = logging.getLogger("lm")
@@ -248,6 +248,9 @@ def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
     log, evaluate, save and stop, as their schedules say. Returns a spike, found before any
     of that happened."""
     t, every = run.cfg.train, run.cfg.checkpoint.every_seconds
+    if run.session.lease is not None and not run.session.lease.valid():
+        raise Fenced(f"stopped after step {step} without saving: this worker's claim on "
+                     f"{t.run_dir} lapsed, and another worker may be training it now")
     log_now = step % t.log_every == 0 or step == t.steps
     stopping = run.stop.agreed(can_sync=log_now)
     overdue = log_now and every > 0 and agree(time.perf_counter() - run.saved_at >= every)
@@ -320,6 +323,9 @@ class Session:
     def __init__(self, devices=None):
         self.devices = devices
         self.seconds: collections.Counter = collections.Counter()  # by phase
+        # A sweep worker's claim on the run it trains (`runner.Lease`): once it is no longer
+        # valid, the loop stops before writing anything more. None: the run is this process's.
+        self.lease = None
         self._programs: dict = {}
         self._evaluators: dict = {}
         self._phases: list[str] = []

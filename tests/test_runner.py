@@ -238,3 +238,36 @@ def test_a_fit_that_fails_is_recorded_and_the_held_out_run_still_trains(tmp_path
     assert "OverflowError: math range error" in body["failed"] and "add sizes" in body["failed"]
     assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"pending"}
     assert json.loads((spec.path / "prediction.json").read_text()) == body
+
+
+@pytest.mark.parametrize("beat", ["taken over", "unreachable"])
+def test_a_worker_that_lost_its_trial_stops_without_writing_it(tmp_path, monkeypatch, caplog,
+                                                              beat):
+    """A worker whose trial the store gives to another, or whose heartbeats have not got
+    through for half the time after which others take a trial over, stops at its next step:
+    no checkpoint, no evaluation, no metrics, and nothing of its own in the store."""
+    from lm import rundir, train
+
+    spec = spec_lib.load_spec(spec_file(tmp_path))
+    trials = spec_lib.plan(spec)
+    trial = next(t for t in trials if t.role == "fit")
+    store = Store(spec.path / "store.sqlite")
+    store.sync(spec.name, runner.plan_digest(trials), trials)
+    assert store.claim("w1", [trial.name]) == trial.name
+
+    def lost(self, name, worker):
+        if beat == "unreachable":
+            raise OSError("connection refused")
+        return False
+
+    monkeypatch.setattr(Store, "beat", lost)
+    # 0.2 s: the claim lapses long before compiling ends, so before the first step's end
+    runner._train_one(trial, train.Session(), store, "w1", stale_s=0.2)
+    row = {r["name"]: r for r in store.trials()}[trial.name]
+    assert (row["status"], row["worker"], row["failures"]) == ("running", "w1", 0)
+    assert store.last_losses() == {}
+    assert not list(rundir.checkpoints(trial.run_dir).glob("[0-9]*"))
+    assert rundir.evals(trial.run_dir) == []
+    metrics = trial.run_dir / rundir.METRICS
+    assert not metrics.exists() or metrics.read_text() == ""
+    assert any("stopped after step 1 without saving" in r.getMessage() for r in caplog.records)

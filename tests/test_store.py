@@ -68,16 +68,21 @@ def test_claims_heartbeats_failures_and_the_prediction(url, trials):
     other.beat(claims[1], "w2")
     assert store.reclaim(0.03) == [claims[0]]  # w1 went silent; w2 just spoke
     assert store.claim("w3") == claims[0]  # taken over
+    point = {"step": 2, "tokens": 512, "flops": 1e6, "train_loss": 3.0, "val_loss": 3.1,
+             "val_loss_sem": 0.01, "bpb": None}
+    assert not store.finish(claims[0], [point], 2.0, worker="w1")  # w1 lost it: w3's now
+    assert store.fail(claims[0], "TrainingError: lost", 2.0, worker="w1") is None
+    row = {r["name"]: r for r in store.trials()}[claims[0]]
+    assert (row["status"], row["worker"], row["failures"]) == ("running", "w3", 0)
+    assert store.last_losses() == {}
     for attempt in range(1, MAX_FAILURES + 1):
-        final = store.fail(claims[1], "TrainingError: loss became non-finite", 1.0)
+        final = store.fail(claims[1], "TrainingError: loss became non-finite", 1.0, worker="w2")
         assert final == (attempt == MAX_FAILURES)
         if not final:
             assert store.claim("w2") == claims[1]  # retried until it fails the same way thrice
     rows = {r["name"]: r for r in store.trials()}
     assert rows[claims[1]]["status"] == "failed" and rows[claims[1]]["attempts"] == 3
-    store.finish(claims[0], [{"step": 2, "tokens": 512, "flops": 1e6, "train_loss": 3.0,
-                              "val_loss": 3.1, "val_loss_sem": 0.01, "bpb": None}], 2.0,
-                 {"steps": 1.5})
+    assert store.finish(claims[0], [point], 2.0, {"steps": 1.5}, worker="w3")
     assert store.last_losses() == {claims[0]: 3.1}
     finished = {r["name"]: r for r in Store(url).trials()}[claims[0]]
     assert finished["status"] == "done" and json.loads(finished["timings"]) == {"steps": 1.5}
