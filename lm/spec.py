@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -162,9 +163,25 @@ def _size_config(spec: SweepSpec, size: dict) -> Config:
     return config_lib.load(spec.base, _dotted(spec.overrides) + _dotted(size))
 
 
-def _name(cfg: Config, tokens: int, seed: int, kind: str = "") -> str:
+_NAMED = ("model.d_model", "model.n_layers", "model.n_heads")  # in every trial's name
+_UNSAFE = re.compile(r"[^\w.]+")  # in a setting's value, where a trial's name is a path
+
+
+def _name(cfg: Config, tokens: int, seed: int, kind: str = "", tag: str = "") -> str:
     m = cfg.model
-    return f"d{m.d_model}-l{m.n_layers}-h{m.n_heads}-{kind}t{tokens:.3g}-s{seed}".replace("+", "")
+    return (f"d{m.d_model}-l{m.n_layers}-h{m.n_heads}{tag}-{kind}t{tokens:.3g}-s{seed}"
+            .replace("+", ""))
+
+
+def _tags(spec: SweepSpec, sizes: list[dict]) -> dict[str, str]:
+    """What sets a size apart in its trials' names where width, depth and heads do not: its
+    other settings, e.g. `-d_ff512`, for each size that shares those three with another (the
+    rest keep the names they always had, so sweeps of earlier versions resume)."""
+    distinct = {json.dumps(s, sort_keys=True): s for s in (_seeds(spec, s)[0] for s in sizes)}
+    shape = {key: _name(_size_config(spec, s), 0, 0) for key, s in distinct.items()}
+    return {key: "".join(f"-{k.split('.')[-1]}{_UNSAFE.sub('_', str(v))}"
+                         for k, v in sorted(s.items()) if k not in _NAMED)
+            for key, s in distinct.items() if list(shape.values()).count(shape[key]) > 1}
 
 
 def _steps(spec: SweepSpec, base: Config, size: dict, tokens: float) -> int:
@@ -187,11 +204,11 @@ def _warmup(spec: SweepSpec, base: Config, shortest: int) -> int:
 
 
 def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup: int,
-           schedule: str, kind: str = "", **settings) -> Trial:
+           schedule: str, kind: str = "", tag: str = "", **settings) -> Trial:
     """One run of `size` for `steps` steps, with the recipe's per-size LR."""
     base, r = _size_config(spec, size), spec.recipe
     lr = r.lr * (r.lr_ref_width / base.model.d_model) ** r.lr_power if r.lr_ref_width else r.lr
-    name = _name(base, steps * base.tokens_per_step, seed, kind)
+    name = _name(base, steps * base.tokens_per_step, seed, kind, tag)
     settings = {"train.steps": steps, "train.seed": seed, "data.seed": spec.seed,
                 "optim.warmup_steps": warmup,
                 "optim.schedule": schedule, "optim.decay_fraction": r.decay_fraction,
@@ -204,7 +221,7 @@ def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup
     return Trial(name, role, cfg)
 
 
-def _runs(spec: SweepSpec, size: dict, budgets: list[float], seed: int, role: str
+def _runs(spec: SweepSpec, size: dict, budgets: list[float], seed: int, role: str, tag: str
           ) -> list[Trial]:
     """The trials that give `size` its loss at each token budget the fit will use: a cosine
     run each, or one stable run to the largest budget's decay start with a cooldown branch per
@@ -220,12 +237,12 @@ def _runs(spec: SweepSpec, size: dict, budgets: list[float], seed: int, role: st
     if not steps:
         return []
     if spec.recipe.schedule == "cosine":
-        return [_trial(spec, size, s, seed, role, warmup, "cosine") for s in steps]
+        return [_trial(spec, size, s, seed, role, warmup, "cosine", tag=tag) for s in steps]
     o = dataclasses.replace(base.optim, decay_fraction=spec.recipe.decay_fraction)
     starts = [schedule.decay_start(o, s) for s in steps]
-    stable = _trial(spec, size, starts[-1], seed, "stable", warmup, "constant", "stable-",
+    stable = _trial(spec, size, starts[-1], seed, "stable", warmup, "constant", "stable-", tag,
                     **{"checkpoint.steps": sorted(set(starts))})
-    return [stable] + [_trial(spec, size, s, seed, role, warmup, "wsd", **{
+    return [stable] + [_trial(spec, size, s, seed, role, warmup, "wsd", tag=tag, **{
         "train.branch_from": str(stable.run_dir), "train.branch_step": start})
         for s, start in zip(steps, starts)]
 
@@ -265,10 +282,12 @@ def plan(spec: SweepSpec) -> list[Trial]:
     for budget in spec.isoflop:
         for size, tokens in _isoflop_sizes(spec, budget):
             grid.setdefault(json.dumps(size, sort_keys=True), (size, []))[1].append(tokens)
+    tags = _tags(spec, [size for size, _ in grid.values()] + [h.size for h in spec.holdout if h.size])
     trials = []
     for size, budgets in grid.values():
         size, seeds = _seeds(spec, size)
-        trials += [t for seed in seeds for t in _runs(spec, size, budgets, seed, "fit")]
+        tag = tags.get(json.dumps(size, sort_keys=True), "")
+        trials += [t for seed in seeds for t in _runs(spec, size, budgets, seed, "fit", tag)]
     if not trials:
         raise ConfigError("the sweep as planned cannot be fitted: every budget gives its size "
                           f"fewer than fit.min_tokens_per_param={spec.fit.min_tokens_per_param:g}"
@@ -282,7 +301,7 @@ def plan(spec: SweepSpec) -> list[Trial]:
         base = _size_config(spec, held)
         steps = _steps(spec, base, held, h.tokens)
         trials += [_trial(spec, held, steps, seed, "holdout", _warmup(spec, base, steps),
-                          spec.recipe.schedule)
+                          spec.recipe.schedule, tag=tags.get(json.dumps(held, sort_keys=True), ""))
                    for seed in (seeds if "seeds" in h.size else seeds[:1])]
         if trials[-1].facts()["flops"] <= largest:
             raise ConfigError(
