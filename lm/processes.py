@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lm.errors import Interrupted
+
 
 def is_primary() -> bool:
     return jax.process_index() == 0
@@ -42,8 +44,9 @@ def agree(flag: bool) -> bool:
 class StopSignals:
     """SIGTERM/SIGINT ask the loop to save and stop after the current step; a second one
     aborts at once. Only the main thread can own signal handlers. Nested (a run inside a
-    sweep's worker), a signal that came too late for the inner loop to act on (during its
-    final evaluation) is passed on to the outer one on leaving, not forgotten."""
+    sweep's worker), a signal the inner loop did not act on (it came during the final
+    evaluation, or the run ended in an error first) is passed on to the outer one on leaving,
+    not forgotten."""
 
     def __init__(self):
         self.signum = None
@@ -74,5 +77,5 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         outer = getattr(self._previous.get(self.signum), "__self__", None)
-        if exc_type is None and isinstance(outer, StopSignals):
+        if isinstance(outer, StopSignals) and not (exc_type and issubclass(exc_type, Interrupted)):
             outer._handle(self.signum, None)

@@ -192,24 +192,30 @@ def _ingest(trial: Trial) -> list[dict]:
             for r in rundir.evals(trial.run_dir)]
 
 
+def _clock() -> float:
+    """Seconds that go on while the host is suspended (a paused VM: the database's clock goes
+    on too), where the system has such a clock."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
 class Lease:
     """A worker's claim on the trial it trains, as far as the worker can know it. Others take
     the trial over once its newest heartbeat is `stale_s` old by the database's clock, and a
     heartbeat's database time is never earlier than its sending: so while the last beat that
-    got through was sent less than `stale_s / 2` ago (by this host's monotonic clock), no one
-    else can hold the trial, and half of `stale_s` is left for a step or a save in flight."""
+    got through was sent less than `stale_s / 2` ago, no one else can hold the trial, and half
+    of `stale_s` is left for a step or a save in flight."""
 
     def __init__(self, stale_s: float):
-        self.ttl, self.renewed, self.lost = stale_s / 2, time.monotonic(), False
+        self.ttl, self.renewed, self.lost = stale_s / 2, _clock(), False
 
     def valid(self) -> bool:
-        return not self.lost and time.monotonic() - self.renewed < self.ttl
+        return not self.lost and _clock() - self.renewed < self.ttl
 
 
 class _Heartbeat(threading.Thread):
-    """Tells the store, `every` seconds, that this worker still trains its trial, and keeps
-    its `lease` up to date: renewed by each beat that gets through, lost for good when the
-    store says the trial is another's."""
+    """Tells the store at once and then every `stale_s / BEATS` seconds that this worker still
+    trains its trial, and keeps its `lease` up to date: renewed by each beat that gets through,
+    lost for good when the store says the trial is another's."""
 
     def __init__(self, url: str, name: str, worker: str, stale_s: float):
         super().__init__(daemon=True)
@@ -219,18 +225,25 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         store = None  # a connection of its own (the main thread's is busy), made afresh after
-        while not self.stopped.wait(self.every):  # a failure: a lost beat is no lost trial
-            sent = time.monotonic()
+        while not self.stopped.is_set():  # a failure: a lost beat is no lost trial
+            sent = _clock()
             try:
                 store = store or Store(self.url)
                 if not store.beat(self.name, self.worker):
-                    log.warning("sweep: %s was taken over by another worker", self.name)
                     self.lease.lost = True
+                    if not self.stopped.is_set():  # not the trial's own end, recorded meanwhile
+                        log.warning("sweep: %s was taken over by another worker", self.name)
                     return
                 self.lease.renewed = sent
             except Exception as e:  # noqa: BLE001 - either backend's: logged, then again
                 log.warning("sweep: a heartbeat of %s failed (%s); trying again", self.name, e)
                 store = None
+            self.stopped.wait(self.every)
+
+    def stop(self) -> None:
+        """No beat after this returns (unless one hangs past a beat's interval)."""
+        self.stopped.set()
+        self.join(self.every)
 
 
 @contextlib.contextmanager
@@ -257,11 +270,15 @@ def _train_one(trial: Trial, session, store: Store, worker: str, stale_s: float)
     beat.start()
     session.lease, start = beat.lease, time.time()
     try:
-        with _trial_log(trial.run_dir):
-            config_lib.dump(trial.cfg, trial.run_dir / "trial.yaml")  # to rerun it by hand
-            log.info("sweep: %s trains %s (%s, %.3g FLOPs) on %d device(s)", worker,
-                     trial.name, trial.role, trial.facts()["flops"], jax.device_count())
-            train.train(trial.cfg, session=session)
+        try:
+            with _trial_log(trial.run_dir):
+                config_lib.dump(trial.cfg, trial.run_dir / "trial.yaml")  # to rerun it by hand
+                log.info("sweep: %s trains %s (%s, %.3g FLOPs) on %d device(s)", worker,
+                         trial.name, trial.role, trial.facts()["flops"], jax.device_count())
+                train.train(trial.cfg, session=session)
+        finally:  # the trial's end goes to the store below, with no beat of it in between
+            beat.stop()
+            session.lease = None
     except Interrupted:
         store.release(trial.name, worker)
         raise
@@ -287,9 +304,6 @@ def _train_one(trial: Trial, session, store: Store, worker: str, stale_s: float)
         else:
             log.warning("sweep: %s ended after another worker had taken it over; its result "
                         "is that worker's to record", trial.name)
-    finally:
-        beat.stopped.set()
-        session.lease = None
 
 
 def _spent(session) -> dict:

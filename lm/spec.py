@@ -7,9 +7,11 @@ Pure: config and accounting only, no JAX, no store, no processes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -173,15 +175,40 @@ def _name(cfg: Config, tokens: int, seed: int, kind: str = "", tag: str = "") ->
             .replace("+", ""))
 
 
-def _tags(spec: SweepSpec, sizes: list[dict]) -> dict[str, str]:
-    """What sets a size apart in its trials' names where width, depth and heads do not: its
-    other settings, e.g. `-d_ff512`, for each size that shares those three with another (the
-    rest keep the names they always had, so sweeps of earlier versions resume)."""
-    distinct = {json.dumps(s, sort_keys=True): s for s in (_seeds(spec, s)[0] for s in sizes)}
-    shape = {key: _name(_size_config(spec, s), 0, 0) for key, s in distinct.items()}
-    return {key: "".join(f"-{k.split('.')[-1]}{_UNSAFE.sub('_', str(v))}"
-                         for k, v in sorted(s.items()) if k not in _NAMED)
-            for key, s in distinct.items() if list(shape.values()).count(shape[key]) > 1}
+def _tag(size: dict) -> str:
+    """A size's settings besides width, depth and heads, as a name part (`-d_ff512`)."""
+    return "".join(f"-{k.split('.')[-1]}{_UNSAFE.sub('_', str(v))}"
+                   for k, v in sorted(size.items()) if k not in _NAMED)
+
+
+def _named_apart(groups: list[tuple[dict, Callable[[str], list[Trial]]]]) -> list[Trial]:
+    """Each size's trials (`build(tag)`), in order. A size whose trials would take the names
+    of an earlier, different size's (alike in width, depth and heads, not in other settings)
+    carries its other settings in its names; the earlier size keeps its names, and so does
+    every size of a sweep that needed no such tag: sweeps of earlier versions resume, and a
+    size added to a spec renames no trial. A size whose seeds overlap another listing of it
+    still repeats its trials, and is refused for it."""
+    trials, owner = [], {}
+    for size, build in groups:
+        runs, key = build(""), json.dumps(size, sort_keys=True)
+        if any(owner.get(t.name, key) != key for t in runs):
+            runs = build(_tag(size))
+        owner.update((t.name, key) for t in runs)
+        trials += runs
+    return trials
+
+
+def _fitting_runs(spec: SweepSpec, size: dict, budgets: list[float], seeds: list[int],
+                  tag: str) -> list[Trial]:
+    return [t for seed in seeds for t in _runs(spec, size, budgets, seed, "fit", tag)]
+
+
+def _held_out_runs(spec: SweepSpec, size: dict, tokens: float, seeds: list[int],
+                   tag: str) -> list[Trial]:
+    base = _size_config(spec, size)
+    steps = _steps(spec, base, size, tokens)
+    return [_trial(spec, size, steps, seed, "holdout", _warmup(spec, base, steps),
+                   spec.recipe.schedule, tag=tag) for seed in seeds]
 
 
 def _steps(spec: SweepSpec, base: Config, size: dict, tokens: float) -> int:
@@ -282,36 +309,33 @@ def plan(spec: SweepSpec) -> list[Trial]:
     for budget in spec.isoflop:
         for size, tokens in _isoflop_sizes(spec, budget):
             grid.setdefault(json.dumps(size, sort_keys=True), (size, []))[1].append(tokens)
-    tags = _tags(spec, [size for size, _ in grid.values()] + [h.size for h in spec.holdout if h.size])
-    trials = []
+    groups = []
     for size, budgets in grid.values():
         size, seeds = _seeds(spec, size)
-        tag = tags.get(json.dumps(size, sort_keys=True), "")
-        trials += [t for seed in seeds for t in _runs(spec, size, budgets, seed, "fit", tag)]
-    if not trials:
-        raise ConfigError("the sweep as planned cannot be fitted: every budget gives its size "
-                          f"fewer than fit.min_tokens_per_param={spec.fit.min_tokens_per_param:g}"
-                          " tokens per parameter; lower it or raise the budgets")
-    largest = max(t.facts()["flops"] for t in trials if t.role == "fit")
+        groups.append((size, functools.partial(_fitting_runs, spec, size, budgets, seeds)))
     for i, h in enumerate(spec.holdout):
         if not h.size or h.tokens <= 0:
             raise ConfigError(f"holdout[{i}] needs a `size` (dotted model overrides) and "
                               f"`tokens` > 0, got {h}")
         held, seeds = _seeds(spec, h.size)
-        base = _size_config(spec, held)
-        steps = _steps(spec, base, held, h.tokens)
-        trials += [_trial(spec, held, steps, seed, "holdout", _warmup(spec, base, steps),
-                          spec.recipe.schedule, tag=tags.get(json.dumps(held, sort_keys=True), ""))
-                   for seed in (seeds if "seeds" in h.size else seeds[:1])]
-        if trials[-1].facts()["flops"] <= largest:
+        groups.append((held, functools.partial(_held_out_runs, spec, held, h.tokens,
+                                               seeds if "seeds" in h.size else seeds[:1])))
+    trials = _named_apart(groups)
+    if not any(t.role == "fit" for t in trials):
+        raise ConfigError("the sweep as planned cannot be fitted: every budget gives its size "
+                          f"fewer than fit.min_tokens_per_param={spec.fit.min_tokens_per_param:g}"
+                          " tokens per parameter; lower it or raise the budgets")
+    largest = max(t.facts()["flops"] for t in trials if t.role == "fit")
+    for t in trials:
+        if t.role == "holdout" and t.facts()["flops"] <= largest:
             raise ConfigError(
-                f"held-out run {trials[-1].name} ({trials[-1].facts()['flops']:.3g} FLOPs) must "
-                f"use more compute than the largest fitting run ({largest:.3g}); raise its "
-                "tokens or size")
+                f"held-out run {t.name} ({t.facts()['flops']:.3g} FLOPs) must use more compute "
+                f"than the largest fitting run ({largest:.3g}); raise its tokens or size")
     names = [t.name for t in trials]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ConfigError(f"the sweep repeats trials {duplicates}: sizes and budgets must differ")
+        raise ConfigError(f"the sweep repeats trials {duplicates}: sizes, seeds and budgets "
+                          "must differ (a held-out run may not be one of the fitting runs)")
     sets = trials[0].cfg.data.set_names
     if spec.fit.metric not in sets:
         raise ConfigError(f"fit.metric={spec.fit.metric!r} is not a validation set of the "

@@ -367,10 +367,12 @@ class Store:
             same = row["error"] == error
             failures = row["failures"] + 1 if same else 1
             final = failures >= MAX_FAILURES
-            self.db.execute("UPDATE trials SET status=?, error=?, failures=?, "
-                            "wall_s=?, timings=?, updated=? WHERE name=?",
-                            ("failed" if final else "pending", error, failures, wall_s,
-                             json.dumps(timings or {}), time.time(), name))
+            cur = self.db.execute("UPDATE trials SET status=?, error=?, failures=?, wall_s=?, "
+                                  f"timings=?, updated=? WHERE name=?{owned}",
+                                  ("failed" if final else "pending", error, failures, wall_s,
+                                   json.dumps(timings or {}), time.time(), name, *args))
+            if cur.rowcount != 1:  # taken over between the two (PostgreSQL locks no row here)
+                return None
         return final
 
     # ----------------------------------------------------------------------- the prediction

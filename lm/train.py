@@ -242,15 +242,21 @@ def _save_now(run: _Run, step: int) -> None:
         "skipped": run.skipped, "recent_losses": list(run.recent)}, run.cfg.checkpoint)
 
 
+def _fence(session: Session, run_dir, when: str) -> None:
+    """Stop before writing once a sweep worker's claim on the run has lapsed (`Session.lease`):
+    another worker may be training it now."""
+    if session.lease is not None and not session.lease.valid():
+        raise Fenced(f"stopped {when} without writing: this worker's claim on {run_dir} "
+                     "lapsed, and another worker may be training it now")
+
+
 def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
                 to_eval: set, to_save: set) -> spikes.Spike | None:
     """Everything the loop does after step `step`: check the losses since the last check,
     log, evaluate, save and stop, as their schedules say. Returns a spike, found before any
     of that happened."""
     t, every = run.cfg.train, run.cfg.checkpoint.every_seconds
-    if run.session.lease is not None and not run.session.lease.valid():
-        raise Fenced(f"stopped after step {step} without saving: this worker's claim on "
-                     f"{t.run_dir} lapsed, and another worker may be training it now")
+    _fence(run.session, t.run_dir, f"after step {step}")
     log_now = step % t.log_every == 0 or step == t.steps
     stopping = run.stop.agreed(can_sync=log_now)
     overdue = log_now and every > 0 and agree(time.perf_counter() - run.saved_at >= every)
@@ -267,6 +273,7 @@ def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
     if step in to_eval:
         _evaluate(run, step)
     if save_now:
+        _fence(run.session, t.run_dir, f"after step {step}")  # the evaluation may have been long
         _save(run, step)
     if stopping:
         run.mngr.wait_until_finished()
@@ -392,6 +399,7 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
     lay = program.layout            # before anything is written
     with session.timed("data"):
         source = primary_first(lambda: data.source(cfg))
+    _fence(session, run_dir, "before its first step")  # compiling may have been long
     checkpoint.check_fits(run_dir, lay.abstract)
     rundir.bind_data(run_dir, corpus.identity(cfg), training=True, writes=is_primary())
     if is_primary():
@@ -412,9 +420,14 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
         run = _Run(cfg, program, mngr, source, run_log, evaluator, peak, peak_name,
                    profiling.Trace(t.profile, run_dir), stop, bar, state, start, skipped, recent,
                    run_log.last_metrics(), session)
-        while (spike := _segment(run)) is not None:
-            _roll_back(run, spike)
+        try:
+            while (spike := _segment(run)) is not None:
+                _roll_back(run, spike)
+        except Fenced:
+            mngr.wait_until_finished()  # a save begun while the claim held ends under the lock
+            raise
         with session.timed("checkpoint"):
             mngr.wait_until_finished()
+            _fence(session, run_dir, "after its last step")
             checkpoint.prune(mngr, cfg.checkpoint)  # the last save committed: keep the policy
     return run.row

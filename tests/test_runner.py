@@ -159,7 +159,7 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
     url = postgres.replace("/postgres?", "/shared?")
     spec = spec_file(tmp_path, recipe=WSD)  # the same trials, without the ones that fail
     args = ["sweep", str(spec), "--worker", "--store", url, "--cpu-devices", "1",
-            "--stale-after", "6"]
+            "--stale-after", "8"]  # a lease of 4 s: no healthy worker fenced on a busy host
     workers = [subprocess.Popen([sys.executable, "-m", "lm.cli", *args],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
@@ -240,12 +240,13 @@ def test_a_fit_that_fails_is_recorded_and_the_held_out_run_still_trains(tmp_path
     assert json.loads((spec.path / "prediction.json").read_text()) == body
 
 
-@pytest.mark.parametrize("beat", ["taken over", "unreachable"])
+@pytest.mark.parametrize("beat,stale_s", [("taken over", 60.0), ("unreachable", 0.2)])
 def test_a_worker_that_lost_its_trial_stops_without_writing_it(tmp_path, monkeypatch, caplog,
-                                                              beat):
-    """A worker whose trial the store gives to another, or whose heartbeats have not got
-    through for half the time after which others take a trial over, stops at its next step:
-    no checkpoint, no evaluation, no metrics, and nothing of its own in the store."""
+                                                              beat, stale_s):
+    """A worker whose trial the store gives to another (its first heartbeat, sent as the trial
+    starts, says so), or whose heartbeats have not got through for half the time after which
+    others take a trial over (0.1 s here: compiling takes longer), stops before it writes: no
+    checkpoint, evaluation or metrics, and nothing of its own in the store."""
     from lm import rundir, train
 
     spec = spec_lib.load_spec(spec_file(tmp_path))
@@ -261,13 +262,40 @@ def test_a_worker_that_lost_its_trial_stops_without_writing_it(tmp_path, monkeyp
         return False
 
     monkeypatch.setattr(Store, "beat", lost)
-    # 0.2 s: the claim lapses long before compiling ends, so before the first step's end
-    runner._train_one(trial, train.Session(), store, "w1", stale_s=0.2)
+    runner._train_one(trial, train.Session(), store, "w1", stale_s=stale_s)
     row = {r["name"]: r for r in store.trials()}[trial.name]
     assert (row["status"], row["worker"], row["failures"]) == ("running", "w1", 0)
     assert store.last_losses() == {}
-    assert not list(rundir.checkpoints(trial.run_dir).glob("[0-9]*"))
-    assert rundir.evals(trial.run_dir) == []
-    metrics = trial.run_dir / rundir.METRICS
-    assert not metrics.exists() or metrics.read_text() == ""
-    assert any("stopped after step 1 without saving" in r.getMessage() for r in caplog.records)
+    assert not rundir.checkpoints(trial.run_dir).exists()
+    assert not (trial.run_dir / rundir.EVALS).exists()
+    assert not (trial.run_dir / rundir.METRICS).exists()
+    assert any("stopped before its first step without writing" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_run_whose_claim_lapses_mid_way_writes_nothing_after(tmp_path):
+    """The lease is checked at every step's end, before logging, evaluating or saving: what
+    the run wrote stops at the last step it was valid for, and a save then in flight ends."""
+    from lm import config, rundir, train
+    from lm.errors import Fenced
+
+    class Lapsing:  # valid for its first `calls` checks
+        def __init__(self, calls):
+            self.calls = calls
+
+        def valid(self):
+            self.calls -= 1
+            return self.calls >= 0
+
+    cfg = config.load("tiny", ["model.vocab_size=128", "model.context=32", "train.steps=40",
+                               "train.log_every=1", "checkpoint.every_steps=4", "mesh.model=1",
+                               "eval.every_steps=4", "data.source=synthetic",
+                               f"train.run_dir={tmp_path / 'run'}"])
+    session = train.Session()
+    session.lease = Lapsing(1 + 8 + 2)  # before the first step, steps 1-8 and their 2 saves
+    with pytest.raises(Fenced, match="after step 9 without writing"):
+        train.train(cfg, session=session)
+    run = tmp_path / "run"
+    assert [r["step"] for r in rundir.metrics(run)] == list(range(1, 9))
+    assert max(int(p.name) for p in rundir.checkpoints(run).glob("[0-9]*")) == 8
+    assert max(r["step"] for r in rundir.evals(run)) == 8

@@ -152,20 +152,23 @@ def test_budgets_the_fit_leaves_out_train_nothing_and_change_no_other_run(tmp_pa
 
 
 def test_sizes_that_share_width_depth_and_heads_are_named_apart(tmp_path):
-    """Two sizes alike but for d_ff (or n_kv_heads, ...) get their settings in their trials'
-    names; the other sizes keep the names they had; a size that repeats trials is refused."""
+    """A size alike an earlier one but for d_ff (or n_kv_heads, ...) gets its settings in its
+    trials' names; every earlier size keeps its names (adding a size renames nothing), and so
+    does a held-out run of that shape whose names do not collide; repeated trials are refused."""
     kv = {**SIZES[2], "model.n_kv_heads": 1}
     ff = {**SIZES[2], "model.d_ff": 256}
-    before = {t.name for t in spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path)))}
-    trials = spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path, sizes=SIZES + [kv, ff])))
-    names = {t.name: t for t in trials}
-    assert len(names) == len(trials)
-    assert {n for n in names if "-d48-" not in f"-{n}"} <= before  # d16, d32, held out
-    d48 = sorted(n for n in names if n.startswith("d48-l2-h2"))
-    assert {n for n in d48 if n.startswith("d48-l2-h2-t")} <= before  # SIZES[2] itself
-    assert {names[n].cfg.model.d_ff for n in d48 if "-d_ff256-" in n} == {256}
-    assert {names[n].cfg.model.n_kv_heads for n in d48 if "-n_kv_heads1-" in n} == {1}
-    assert len(d48) == 3 * 3
+
+    def names(**changes):
+        return {t.name: t for t in spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path,
+                                                                              **changes)))}
+
+    before, with_kv, both = names(), names(sizes=SIZES + [kv]), names(sizes=SIZES + [kv, ff])
+    assert set(before) < set(with_kv) < set(both)  # nothing renamed
+    added = set(both) - set(before)
+    assert len(added) == 2 * 3 and all(n.startswith("d48-l2-h2-") for n in added)
+    assert {both[n].cfg.model.d_ff for n in added if "-d_ff256-" in n} == {256}
+    assert {both[n].cfg.model.n_kv_heads for n in added if "-n_kv_heads1-" in n} == {1}
+    held = names(holdout={"size": ff, "tokens": 32768})
+    assert "d48-l2-h2-t3.28e04-s0" in held  # its own budget: no collision, no tag
     with pytest.raises(ConfigError, match="repeats trials"):
-        spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path, sizes=SIZES + [{**SIZES[2],
-                                                                               "seeds": 2}])))
+        names(sizes=SIZES + [{**SIZES[2], "seeds": 2}])
