@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from lm import checkpoint, config, data, evaluate, rundir, state, train
-from lm.errors import CheckpointError, Interrupted
+from lm.errors import CheckpointError, Interrupted, TrainingError
 from lm.processes import StopSignals
 
 from conftest import small
@@ -51,15 +52,22 @@ def test_restore_onto_other_meshes(tmp_path):
         assert eval_loss == pytest.approx(reference[1], rel=1e-5)
 
 
-def test_a_stop_too_late_for_a_run_reaches_the_worker_around_it():
+@pytest.mark.parametrize("ending", [None, TrainingError("loss became non-finite"),
+                                    Interrupted("stopped by SIGTERM", signal.SIGTERM)],
+                         ids=["evaluating", "failed", "stopped"])
+def test_a_stop_the_run_did_not_act_on_reaches_the_worker_around_it(ending):
     """A sweep's worker trains runs one after another: a SIGTERM during a run's final
-    evaluation, after its loop's last look at the signals, must still stop the worker."""
+    evaluation, after its loop's last look at the signals, or just before the run ended in an
+    error, must still stop the worker; one the run stopped on (Interrupted) is its own."""
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as worker:
-        with StopSignals() as run:
+        with contextlib.suppress(TrainingError), StopSignals() as run:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # let the handler run
-        assert run.signum == signal.SIGTERM and worker.signum == signal.SIGTERM
+            if ending is not None:
+                raise ending
+        assert run.signum == signal.SIGTERM
+        assert worker.signum == (None if isinstance(ending, Interrupted) else signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) == before
 
 
