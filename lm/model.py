@@ -61,6 +61,9 @@ class Blocks(nnx.Module):
         ({"k", "v"}: [l, b, s, g, k]) the new keys/values are written into it at `start` and
         attention covers everything cached so far. Returns (x, (updated cache, each layer's
         largest |attention logit| [l] with `stats`, else None))."""
+        if cache is None and not (isinstance(start, int) and start == 0):
+            raise ValueError("positions after 0 attend to the keys before them: pass the KV "
+                             "cache that holds them")
         layers = {name: getattr(self, name)[...] for name in self.names}
         positions_t = start + jnp.arange(x_btd.shape[1])
         sin_tk, cos_tk = rope_table(positions_t, cfg.head_dim, cfg.rope_theta)

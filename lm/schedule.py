@@ -45,5 +45,8 @@ def learning_rate(o: OptimConfig, steps: int, step: int) -> float:
 
 def annealed(o: OptimConfig, steps: int, step: int) -> bool:
     """Whether step `step` of a run of `steps` ends a decay of the learning rate, so that its
-    loss is the loss a run of that length reaches (a point a scaling law can use as it is)."""
-    return step == steps and o.schedule != "constant" and o.floor < 1
+    loss is the loss a run of that length reaches (a point a scaling law can use as it is).
+    Step i runs at the schedule's rate at i (0 .. steps-1), which reaches the floor at `steps`:
+    a run whose last step still warmed up or ran at the peak (a one-step decay) ended no decay."""
+    last = steps - 1
+    return step == steps and last >= o.warmup_steps and learning_rate(o, steps, last) < o.lr

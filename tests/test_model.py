@@ -196,3 +196,6 @@ def test_greedy_sampling_with_the_kv_cache_is_the_same_on_both_attention_paths()
         tokens[path] = evaluate.generate(lay, params, [5, 17, 3, 99], 20, temperature=0)
     assert tokens["dot_product"] == tokens["einsum"]
     assert len(set(tokens["einsum"][4:])) > 5  # a continuation, not one token repeated
+    model = init_model(small())
+    with pytest.raises(ValueError, match="KV cache"):  # its keys before position 3 are not there
+        model.decode(jnp.zeros((1, 4), jnp.int32), start=3)

@@ -33,3 +33,9 @@ def test_wsd_warms_up_holds_then_decays_over_its_final_fraction(shape):
     assert longer[:80] == lr[:80]  # runs of any length agree until their own decay starts
     assert schedule.annealed(o, 100, 100) and not schedule.annealed(o, 100, 99)
     assert not schedule.annealed(small("optim.schedule=constant").optim, 100, 100)
+    short = small("optim.schedule=wsd", "optim.lr=1.0", "optim.warmup_steps=0").optim
+    assert not schedule.annealed(short, 5, 5)  # one decay step, run at the peak rate
+    assert schedule.annealed(short, 10, 10)  # two: the last at 1 - sqrt(1/2)
+    cosine = small("optim.lr=1.0", "optim.warmup_steps=20").optim
+    assert not schedule.annealed(cosine, 20, 20) and not schedule.annealed(cosine, 21, 21)
+    assert schedule.annealed(cosine, 22, 22)
