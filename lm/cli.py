@@ -204,9 +204,33 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+FIT_SETTINGS = ("law", "bootstrap", "drop_early", "min_tokens_per_param", "params", "metric")
+
+
+def _fit_settings(args) -> None:
+    """Fill the fit settings not given: a sweep directory's own (its sweep.yaml's `fit`, as its
+    report used them), else the spec's defaults."""
+    import dataclasses
+
+    import yaml
+
+    from lm import spec
+
+    defaults = dataclasses.asdict(spec.FitSpec())
+    path = Path(args.source) / "sweep.yaml"
+    own = (yaml.safe_load(path.read_text()) or {}).get("fit") or {} if path.is_file() else {}
+    missing = [k for k in FIT_SETTINGS if getattr(args, k) is None]
+    for key in missing:
+        setattr(args, key, own.get(key, defaults[key]))
+    if own and missing:
+        print(f"fit settings of {path}: " + ", ".join(f"{k}={getattr(args, k)}"
+                                                      for k in missing))
+
+
 def cmd_fit(args) -> int:
     from lm import scaling, store
 
+    _fit_settings(args)
     points, designated = store.load_points(args.source, args.ignore_columns, args.metric,
                                            args.params)
     out = Path(args.out)
@@ -214,7 +238,7 @@ def cmd_fit(args) -> int:
         raise ConfigError(f"--out {out}: no directory {out.parent}; create it first")
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
     if isinstance(holdout, str) and holdout != "largest":
-        holdout = holdout.split(",")  # run names
+        holdout = [name.strip() for name in holdout.split(",") if name.strip()]  # run names
     result = scaling.fit(points, args.law, holdout=holdout or None,
                          holdout_above=args.holdout_above, bootstrap=args.bootstrap,
                          drop_early=args.drop_early,
@@ -230,8 +254,10 @@ def cmd_predict(args) -> int:
     from lm import scaling
     from lm.errors import FitError
 
-    if (args.flops is None) == (args.params is None or args.tokens is None):
-        raise SystemExit("error: give --params N --tokens D, or --flops C")
+    pair = args.params is not None and args.tokens is not None
+    if not pair and (args.flops is None or args.params is not None or args.tokens is not None):
+        raise SystemExit("error: give --params N --tokens D (and --flops C, that run's exact "
+                         "FLOPs, if known), or --flops C alone")
     try:
         raw = json.loads(Path(args.fit).read_text())
     except (OSError, ValueError) as e:
@@ -363,27 +389,28 @@ def _add_fit(sub) -> None:
                        "run, step, annealed]")
     p.add_argument("source")
     p.add_argument("--law", choices=["chinchilla", "kaplan-nd", "kaplan", "isoflop"],
-                   default="chinchilla")
+                   help="default: a sweep directory's own (its sweep.yaml), as are the "
+                   "other fit settings; else chinchilla")
     p.add_argument("--holdout", default="designated",
                    help="largest: hold out the largest-compute run; RUN[,RUN...]: those runs; "
                    "none; designated (default): a sweep's held-out runs")
     p.add_argument("--holdout-above", type=_at_least(float, 0), metavar="FLOPS",
                    help="also hold out every run with more FLOPs than this")
-    p.add_argument("--bootstrap", type=_at_least(int, 0), default=100, metavar="B",
+    p.add_argument("--bootstrap", type=_at_least(int, 0), metavar="B",
                    help="B bootstrap refits over runs, for intervals (0: from the curvature, "
                    "which understates them when E is not identified)")
-    p.add_argument("--drop-early", type=float, default=0.1, metavar="F",
+    p.add_argument("--drop-early", type=float, metavar="F",
                    help="drop points before this fraction of each run's tokens (not needed for "
                    "points marked annealed: when there are any, only they are fitted)")
-    p.add_argument("--min-tokens-per-param", type=_at_least(float, 0), default=1.0, metavar="R",
+    p.add_argument("--min-tokens-per-param", type=_at_least(float, 0), metavar="R",
                    help="drop points of models that saw fewer than R tokens per parameter")
     p.add_argument("--loss", choices=["huber", "lsq"], default="huber",
                    help="on log loss: Huber (delta from the noise) or least squares")
     p.add_argument("--huber-delta", type=_at_least(float, 1e-9), metavar="D",
                    help="Huber's delta instead of one set from the noise (Besiroglu: 1e-3)")
-    p.add_argument("--metric", default="val",
+    p.add_argument("--metric",
                    help="a sweep's validation set to fit (data.val_sets names more)")
-    p.add_argument("--params", choices=["total", "non_embedding"], default="total",
+    p.add_argument("--params", choices=["total", "non_embedding"],
                    help="a sweep's N: all parameters or the non-embedding ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-columns", action="store_true",
@@ -397,7 +424,9 @@ def _add_predict(sub) -> None:
     p.add_argument("fit")
     p.add_argument("--params", type=float, metavar="N")
     p.add_argument("--tokens", type=float, metavar="D")
-    p.add_argument("--flops", type=float, metavar="C", help="compute-optimal N, D and loss at C")
+    p.add_argument("--flops", type=float, metavar="C",
+                   help="compute-optimal N, D and loss at C; with --params and --tokens, that "
+                   "run's exact FLOPs (Kaplan's compute law reads them)")
     p.set_defaults(func=cmd_predict, cpu_devices=None)
 
 

@@ -126,7 +126,8 @@ def plot_isoflops(points: Points, fit: Fit, out_dir: str | Path) -> Path:
         ax.scatter(b.params, b.loss, color=colour.to_rgba(c), s=14)
         if fit.law in scaling.ND_LAWS:
             n = np.geomspace(b.params.min() / 1.5, b.params.max() * 1.5, 100)
-            law = scaling.predict(fit, params=n, tokens=c / (6 * n))["loss"]
+            d = c / scaling.run_flops(fit, n, 1.0)  # the points' FLOPs per token, not 6N
+            law = scaling.predict(fit, params=n, tokens=d)["loss"]
             ax.plot(n, law, "--", color=colour.to_rgba(c), lw=1)
     for b in fit.budgets:
         n = np.geomspace(*b.params_range, 100)

@@ -168,10 +168,13 @@ def _flag(value: Any, where: str) -> bool:
 def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -> Points:
     """Records of cells (strings or numbers) → Points; each error names the record and column."""
     cols: dict[str, list] = {f.name: [] for f in fields(Points)}
+    blank_flops = []
     for i, rec in enumerate(records):
         where = lambda name: f"{locate(i)}, column '{name}'"  # noqa: E731
         row = {k: _positive(rec.get(k), where(k)) for k in ("params", "tokens", "loss")}
         flops, run, step = (rec.get(k) for k in ("flops", "run", "step"))
+        if _blank(flops):
+            blank_flops.append(i)
         row["flops"] = (6 * row["params"] * row["tokens"] if _blank(flops)
                         else _positive(flops, where("flops")))
         row["run"] = _own_run(i) if _blank(run) else str(run).strip()
@@ -179,6 +182,10 @@ def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -
         row["annealed"] = _flag(rec.get("annealed"), where("annealed"))
         for k, v in row.items():
             cols[k].append(v)
+    if 0 < len(blank_flops) < len(records):  # 6ND beside exact FLOPs skews FLOPs per token
+        raise FitError(f"{locate(blank_flops[0])}, column 'flops': missing value, where other "
+                       "rows have one; fill it in every row, or leave the column empty to use "
+                       "6ND throughout")
     return Points(**cols)
 
 
@@ -216,7 +223,14 @@ def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
                 lines.append(reader.line_num)
     if not records:
         raise FitError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
-    return _parse(records, lambda i: f"{path}, line {lines[i]}")
+    points = _parse(records, lambda i: f"{path}, line {lines[i]}")
+    first: dict = {}
+    for i, key in enumerate(zip(points.run, points.step, points.tokens)):
+        if first.setdefault(key, i) != i:  # a file appended to itself
+            raise FitError(f"{path}, line {lines[i]} repeats line {lines[first[key]]} (run "
+                           f"{str(key[0])!r}, step {key[1]}, {key[2]:g} tokens): each point "
+                           "once, or it counts twice in the fit")
+    return points
 
 
 def resample_runs(run: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -84,15 +84,19 @@ def _prediction(r: Results) -> list[str]:
     if "failed" in reg:
         return ["## Held-out prediction", "", f"None could be registered ({reg['made']}): "
                 f"{reg['failed']}", ""]
+    fitted = reg.get("fit", {}).get("n_runs", len(reg.get("fitted_runs", [])))
     lines = ["## Held-out prediction (registered)", "",
-             f"Registered in `prediction.json` on {reg['made']}, from the fit of "
-             f"{len(reg.get('fitted_runs', []))} fitting runs, before any held-out run trained."
-             " It is never edited; a later refit appears below, labelled as such.", ""]
-    if r.prior and r.prior.holdout:
+             f"Registered in `prediction.json` on {reg['made']}, from the fit of {fitted} "
+             "fitting runs, before any held-out run trained. It is never edited; a later refit "
+             "appears below, labelled as such.", ""]
+    scored = {h.run for h in r.prior.holdout} if r.prior else set()
+    if scored:
         lines += _held_out_table(r.prior)
-    else:
-        lines += [f"- {p['run']}: predicted {p['predicted']:.4f}{_interval(p['interval'])} "
-                  "(not trained yet)" for p in reg["runs"]] + [""]
+    status = {t["name"]: t["status"] for t in r.trials}
+    waiting = [f"- {p['run']}: predicted {p['predicted']:.4f}{_interval(p['interval'])} ("
+               + ("FAILED: no loss to score" if status.get(p["run"]) == "failed" else
+                  "not trained yet") + ")" for p in reg["runs"] if p["run"] not in scored]
+    lines += waiting + ([""] if waiting else [])
     lines += ["The interval is for an actual run: the law's uncertainty (bootstrap over runs) "
               "and a run's own noise (measured across seeds where the sweep has them). A "
               "prediction outside it is a miss, not bad luck.", ""]

@@ -807,9 +807,14 @@ def _fitted(points: Points, law: _Law, drop_early: float, min_tokens_per_param: 
 
 def unused_mask(fit: Fit, points: Points) -> np.ndarray:
     """True at the points of runs `fit` was fitted on that it left out: early, not annealed,
-    under-trained (held-out runs' points are not among them)."""
-    early = ~points.annealed if fit.annealed_only else points.early_mask(fit.drop_early)
-    return early | too_few_tokens(points.tokens, points.params, fit.min_tokens_per_param)
+    under-trained, off the frontier or not a run's last, as its law chose (held-out runs'
+    points are not among them)."""
+    held = np.isin(points.run, [r.run for r in fit.holdout])
+    used, _ = _fitted(points.select(~held), _law(fit.law), fit.drop_early,
+                      fit.min_tokens_per_param)
+    keys = set(zip(used.run, used.step, used.tokens))
+    return ~held & np.array([k not in keys for k in zip(points.run, points.step, points.tokens)],
+                            bool)
 
 
 def too_few_tokens(tokens, params, min_tokens_per_param: float):
@@ -1079,7 +1084,7 @@ def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None, seeds=1
     return np.exp(np.percentile(total, [2.5, 97.5], axis=0)).T
 
 
-def _run_flops(fit: Fit, n: np.ndarray, d: np.ndarray) -> np.ndarray:
+def run_flops(fit: Fit, n: np.ndarray, d: np.ndarray) -> np.ndarray:
     """The FLOPs of a run of N parameters on D tokens, by the points' FLOPs per token."""
     return fit.flops_per_token["coef"] * n ** fit.flops_per_token["exponent"] * d
 
@@ -1127,7 +1132,7 @@ def _same_n_and_d(final: Points) -> list[list[int]]:
 
 def _seeds_name(runs: Sequence[str]) -> str:
     """Runs d80-...-s0, d80-...-s1 together: d80-... (their common stem), else all names."""
-    stem = re.sub(r"[-_]s?$", "", os.path.commonprefix([str(r) for r in runs]))
+    stem = re.sub(r"[-_]s?\d*$", "", os.path.commonprefix([str(r) for r in runs]))
     return stem or "+".join(map(str, runs))
 
 
@@ -1217,7 +1222,7 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
                            "call predict with flops= alone")
         n, d = np.broadcast_arrays(_positive_array(params, "params"),
                                    _positive_array(tokens, "tokens"))
-        c = _run_flops(fit, n, d) if flops is None else np.broadcast_to(
+        c = run_flops(fit, n, d) if flops is None else np.broadcast_to(
             _positive_array(flops, "flops"), n.shape)
         inputs = {"params": n, "tokens": d, "flops": c}
     elif given == ["flops"]:
@@ -1328,7 +1333,8 @@ def format_prediction(pred: Mapping) -> str:
 
     def show(k, i):
         interval = f" [{bounds[k][i][0]:.4g}, {bounds[k][i][1]:.4g}]" if k in bounds else ""
-        return f"{k}={values[k][i]:.4g}{interval}"
+        derived = k == "flops" and k not in pred["given"]  # by the fit's FLOPs per token
+        return f"{k}{'~' if derived else '='}{values[k][i]:.4g}{interval}"
 
     inputs = [k for k in values if k in pred["given"]]
     outputs = [k for k in values if k not in pred["given"]]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from lm import spec as spec_lib
+from lm import cli, spec as spec_lib
 from lm.store import Store
 
 from sweeps import spec_file
@@ -59,13 +60,16 @@ def test_study_commands_run_without_jax(tmp_path):
                 ["fit", str(sweep_dir), "--out", str(fit_json), "--min-tokens-per-param", "0",
                  "--bootstrap", "10"],
                 ["predict", str(fit_json), "--flops", "1e15"],
-                ["predict", str(fit_json), "--params", "1e5", "--tokens", "1e7"]]
+                ["predict", str(fit_json), "--params", "1e5", "--tokens", "1e7"],
+                ["predict", str(fit_json), "--params", "1e5", "--tokens", "1e7", "--flops", "7e12"]]
     out = subprocess.run([sys.executable, "-c", WITHOUT_JAX, json.dumps(commands)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"codes": [0] * len(commands), "loaded": []}, out.stderr
     assert "10 done" in out.stdout and "held-out" in out.stdout and "loss=" in out.stdout
+    assert "tokens=1e+07 -> flops~" in out.stdout  # derived from the fit's FLOPs per token
+    assert "tokens=1e+07 flops=7e+12 -> loss=" in out.stdout  # a run's exact FLOPs, given
     for name in ("report.md", "fit.json", "prediction.json", "plots/loss_vs_compute.png"):
         assert (sweep_dir / name).is_file(), name
     assert json.loads(fit_json.read_text())["law"] == "chinchilla"
@@ -98,3 +102,19 @@ def test_fit_checks_where_it_will_write_before_fitting(tmp_path, capsys, monkeyp
     monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("fitted before the check"))
     assert cli.main(["fit", str(csv), "--out", str(tmp_path / "nodir" / "fit.json")]) == 2
     assert "no directory" in capsys.readouterr().err
+
+
+def test_fitting_a_sweep_directory_takes_its_own_fit_settings(tmp_path, capsys):
+    """`lm fit SWEEP_DIR` fits as the sweep's report did (its sweep.yaml's `fit`), unless told
+    otherwise."""
+    finished_sweep(tmp_path)
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(
+        {"name": "t", "fit": {"law": "kaplan-nd", "min_tokens_per_param": 0}}))
+    out = tmp_path / "fit.json"
+    assert cli.main(["fit", str(sweep_dir), "--bootstrap", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["law"] == "kaplan-nd"
+    assert "law=kaplan-nd" in capsys.readouterr().out
+    assert cli.main(["fit", str(sweep_dir), "--bootstrap", "0", "--law", "chinchilla",
+                     "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["law"] == "chinchilla"

@@ -27,15 +27,16 @@ def write(tmp_path, text, name="points.csv"):
 
 def test_load_csv_reads_optional_columns(tmp_path):
     path = write(tmp_path, "run,step,params,tokens,loss,flops,annealed,note\n"
-                           "a,10,1e8,1e9,3.5,,0,x\n"
+                           "a,10,1e8,1e9,3.5,6e17,0,x\n"
                            "a,20,1e8,2e9,3.1,1.3e18,1,y\n"
-                           "b,,2e8,4e9,2.9,,true,z\n")
+                           "b,,2e8,4e9,2.9,4.8e18,true,z\n")
     points = load_csv(path, ignore_columns=True)  # `note` is not one of lm's
     assert list(points.run) == ["a", "a", "b"] and list(points.step) == [10, 20, -1]
     assert points.flops.tolist() == [6e17, 1.3e18, pytest.approx(4.8e18)]
     assert points.annealed.tolist() == [False, True, True]
     no_runs = load_csv(write(tmp_path, "params,tokens,loss\n1e8,1e9,3\n2e8,1e9,2.9\n", "plain.csv"))
     assert len(np.unique(no_runs.run)) == 2  # each row its own run
+    assert no_runs.flops.tolist() == [6e17, 1.2e18]  # 6ND without a flops column
     points.write_csv(tmp_path / "again.csv")  # what a sweep writes beside its report
     again = load_csv(tmp_path / "again.csv")
     for name in ("params", "tokens", "loss", "flops", "run", "step", "annealed"):
@@ -57,6 +58,10 @@ HEADER = "params,tokens,loss\n"
     ("params,tokens,loss,step\n1e8,1e9,3,1.5\n", r"line 2, column 'step': '1.5' is not a step"),
     ("params,tokens,loss,annealed\n1e8,1e9,3,maybe\n", r"column 'annealed': 'maybe' is not a flag"),
     (HEADER + "1e8,1e9,3\n1e8,2e9,3,52\n", r"line 3: 4 cells for the header's 3 columns"),
+    ("params,tokens,loss,flops\n1e8,1e9,3,7e17\n1e8,2e9,2.9,\n",
+     r"line 3, column 'flops': missing value, where other rows have one"),
+    ("params,tokens,loss,run,step\n1e8,1e9,3,a,1\n1e8,2e9,2.9,a,2\n1e8,1e9,3,a,1\n",
+     r"line 4 repeats line 2 \(run 'a', step 1"),
 ])
 def test_bad_csv_errors_say_where_and_what(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -299,3 +299,27 @@ def test_a_run_whose_claim_lapses_mid_way_writes_nothing_after(tmp_path):
     assert [r["step"] for r in rundir.metrics(run)] == list(range(1, 9))
     assert max(int(p.name) for p in rundir.checkpoints(run).glob("[0-9]*")) == 8
     assert max(r["step"] for r in rundir.evals(run)) == 8
+
+
+def test_a_held_out_run_that_failed_is_reported_as_failed(tmp_path):
+    """The registered prediction of a held-out run that failed for good is listed as failed,
+    not as waiting to train, and the header counts the runs the fit used."""
+    from lm import report
+    from lm.scaling import Fit
+    from test_cli import finished_sweep
+
+    path = finished_sweep(tmp_path)
+    spec = spec_lib.load_spec(path)
+    store = Store(spec.path / "store.sqlite")
+    store.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout'")
+    assert runner.register_when_ready(spec, spec_lib.plan(spec), store)
+    store.db.execute("UPDATE trials SET status='failed' WHERE role='holdout'")
+    registered = store.prediction()
+    prior = Fit.from_json(registered["fit"])
+    timing = report.Timing(1, 0.0, 1.0, 1e9).summary(store.trials())
+    text = report.render(report.Results(spec.name, spec.base, None, None, None, store.trials(),
+                                        registered, prior, [], timing), [])
+    held = next(t.name for t in spec_lib.plan(spec) if t.role == "holdout")
+    assert f"- {held}: predicted" in text and "(FAILED: no loss to score)" in text
+    assert "not trained yet" not in text
+    assert f"from the fit of {prior.n_runs} fitting runs" in text

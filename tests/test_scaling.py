@@ -568,3 +568,20 @@ def test_text_summaries(boot_fit, holdout_fit):
                  "run-to-run noise", "E the data allow"):
         assert part in text
     assert "95% [" in format_fit(boot_fit)
+
+
+@pytest.mark.parametrize("law", ["chinchilla", "kaplan-nd", "kaplan"])
+def test_the_points_called_unused_are_those_the_fit_left_out(law):
+    """The plots colour as fitted exactly the points the fit used: for Kaplan's frontier law
+    the compute-efficient envelope, not every late checkpoint (held-out runs apart)."""
+    points = curves()
+    result = fit(points, law, holdout="largest")
+    held = np.isin(points.run, [r.run for r in result.holdout])
+    used = ~scaling.unused_mask(result, points) & ~held
+    assert used.sum() == result.n_points and len(np.unique(points.run[used])) == result.n_runs
+
+
+def test_seeds_of_a_run_are_named_by_their_common_stem():
+    assert scaling._seeds_name(["d80-t2.75e06-s150", "d80-t2.75e06-s151"]) == "d80-t2.75e06"
+    assert scaling._seeds_name(["held-s0", "held-s1"]) == "held"
+    assert scaling._seeds_name(["a", "b"]) == "a+b"
