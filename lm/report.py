@@ -36,6 +36,7 @@ class Timing:
         wall = self.ended - self.started
         done_flops = sum(t["spent_flops"] or t["flops"] for t in ran if t["status"] == "done")
         return {"wall_s": wall, "workers": self.workers, "trials": len(ran),
+                "resumed": sum(t["attempts"] > 1 for t in ran if t["status"] == "done"),
                 "phases": {p: phases.get(p, 0.0) for p in PHASES},
                 "idle_s": max(self.workers * wall - sum(phases.values()), 0.0),
                 "flops": done_flops, "peak_flops_per_s": self.peak,
@@ -153,7 +154,9 @@ def _timing(t: dict) -> list[str]:
              f"{t['trials']} trials ended in this run: {t['wall_s']:.0f} s of wall time on "
              f"{t['workers']} worker(s). Study MFU {t['mfu']:.1%}: {t['flops']:.3g} model FLOPs "
              f"over the wall time and a measured peak of {t['peak_flops_per_s'] / 1e9:.0f} "
-             "GFLOP/s.", "", "| phase | seconds (all workers) | share |", "|---|---:|---:|"]
+             "GFLOP/s" + (f" ({t['resumed']} of the trials resumed an earlier attempt and count "
+                          "whole: an upper bound)" if t.get("resumed") else "") + ".", "",
+             "| phase | seconds (all workers) | share |", "|---|---:|---:|"]
     rows = [*t["phases"].items(), ("idle (a worker waiting)", t["idle_s"])]
     lines += [f"| {phase} | {s:.1f} | {s / total:.1%} |" for phase, s in rows if total > 0]
     return lines + [""]

@@ -1285,9 +1285,12 @@ def format_fit(fit: Fit) -> str:
              f"objective {fit.objective:.6g}, {status}"]
     if fit.noise:
         lines.append(f"  run-to-run noise {fit.noise.describe()}")
+    unidentified = fit.identifiability is not None and not fit.identifiability.identified
     for k in law.names:
         interval = (f" 95% [{fit.intervals[k][0]:.4g}, {fit.intervals[k][1]:.4g}]"
                     if k in fit.intervals else "")
+        if k == "E" and unidentified:  # refits that all stop at a bound do not pin it down
+            interval += " (NOT identified: see the E the data allow)"
         lines.append(f"  {k:<6} {fit.params[k]:<10.5g}{interval}".rstrip())
     if fit.identifiability:
         i = fit.identifiability

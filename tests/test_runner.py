@@ -323,3 +323,17 @@ def test_a_held_out_run_that_failed_is_reported_as_failed(tmp_path):
     assert f"- {held}: predicted" in text and "(FAILED: no loss to score)" in text
     assert "not trained yet" not in text
     assert f"from the fit of {prior.n_runs} fitting runs" in text
+
+
+def test_a_study_mfu_over_resumed_trials_says_it_is_an_upper_bound():
+    """A trial resumed from an earlier attempt counts whole in the study MFU, though part of
+    its FLOPs were spent before this run: the report says so."""
+    from lm import report
+
+    row = {"status": "done", "updated": 5.0, "timings": "{}", "spent_flops": 2e13,
+           "flops": 2e13, "attempts": 1}
+    fresh = report.Timing(1, 0.0, 10.0, 1e12).summary([row])
+    resumed = report.Timing(1, 0.0, 10.0, 1e12).summary([{**row, "attempts": 2}])
+    assert (fresh["resumed"], resumed["resumed"]) == (0, 1)
+    assert "upper bound" not in "\n".join(report._timing(fresh))
+    assert "1 of the trials resumed an earlier attempt" in "\n".join(report._timing(resumed))

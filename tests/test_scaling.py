@@ -272,6 +272,8 @@ def test_a_pure_power_law_leaves_e_unidentified_and_the_bootstrap_says_so():
     lo, hi = result.intervals["E"]
     assert lo < 0.05 and hi > 0.2  # not one value repeated 30 times
     assert "NOT identified" in format_fit(result)
+    assert "(NOT identified: see the E the data allow)" in next(
+        line for line in format_fit(result).splitlines() if line.strip().startswith("E "))
 
 
 def test_noise_comes_from_seeds_else_from_residuals_and_sets_delta():
