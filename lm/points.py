@@ -225,11 +225,11 @@ def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
         raise FitError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
     points = _parse(records, lambda i: f"{path}, line {lines[i]}")
     first: dict = {}
-    for i, key in enumerate(zip(points.run, points.step, points.tokens)):
-        if first.setdefault(key, i) != i:  # a file appended to itself
+    for i, key in enumerate(zip(points.run, points.step, points.tokens, points.loss)):
+        if first.setdefault(key, i) != i:  # a file appended to itself, not two measurements
             raise FitError(f"{path}, line {lines[i]} repeats line {lines[first[key]]} (run "
-                           f"{str(key[0])!r}, step {key[1]}, {key[2]:g} tokens): each point "
-                           "once, or it counts twice in the fit")
+                           f"{str(key[0])!r}, step {key[1]}, {key[2]:g} tokens, loss "
+                           f"{key[3]:g}): each point once, or it counts twice in the fit")
     return points
 
 
