@@ -52,7 +52,10 @@ def finished(tmp_path_factory):
         time.sleep(0.3)
     first.send_signal(signal.SIGKILL)  # its worker gets SIGTERM, saves and stops
     first.wait()
-    time.sleep(2)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(t["status"] == "running"
+                                          for t in Store(store_path).trials()):
+        time.sleep(0.1)  # the worker saves its trial and gives it back
     done_before = {t["name"] for t in Store(store_path).trials() if t["status"] == "done"}
     assert done_before
     second = lm(*args)
@@ -240,21 +243,38 @@ def test_a_fit_that_fails_is_recorded_and_the_held_out_run_still_trains(tmp_path
     assert json.loads((spec.path / "prediction.json").read_text()) == body
 
 
-@pytest.mark.parametrize("beat,stale_s", [("taken over", 60.0), ("unreachable", 0.2)])
-def test_a_worker_that_lost_its_trial_stops_without_writing_it(tmp_path, monkeypatch, caplog,
-                                                              beat, stale_s):
-    """A worker whose trial the store gives to another (its first heartbeat, sent as the trial
-    starts, says so), or whose heartbeats have not got through for half the time after which
-    others take a trial over (0.1 s here: compiling takes longer), stops before it writes: no
-    checkpoint, evaluation or metrics, and nothing of its own in the store."""
-    from lm import rundir, train
+@pytest.fixture(scope="module")
+def session():
+    """One worker's compiled programs, shared by the tests of its trials (one shape)."""
+    from lm import train
 
+    return train.Session()
+
+
+@pytest.fixture
+def claimed(tmp_path):
+    """A sweep's first fitting trial, claimed by worker w1: (its store, the trial)."""
     spec = spec_lib.load_spec(spec_file(tmp_path))
     trials = spec_lib.plan(spec)
     trial = next(t for t in trials if t.role == "fit")
     store = Store(spec.path / "store.sqlite")
     store.sync(spec.name, runner.plan_digest(trials), trials)
     assert store.claim("w1", [trial.name]) == trial.name
+    return store, trial
+
+
+@pytest.mark.parametrize("beat", ["taken over", "unreachable"])
+def test_a_worker_that_lost_its_trial_stops_without_writing_it(claimed, session, monkeypatch,
+                                                              caplog, beat):
+    """A worker whose trial the store gives to another (its first heartbeat, sent as the trial
+    starts, says so), or whose heartbeats have not got through for half the time after which
+    others take a trial over (a clock that moves a minute a look), stops before it writes: no
+    checkpoint, evaluation or metrics, and nothing of its own in the store."""
+    import itertools
+
+    from lm import rundir
+
+    store, trial = claimed
 
     def lost(self, name, worker):
         if beat == "unreachable":
@@ -262,7 +282,10 @@ def test_a_worker_that_lost_its_trial_stops_without_writing_it(tmp_path, monkeyp
         return False
 
     monkeypatch.setattr(Store, "beat", lost)
-    runner._train_one(trial, train.Session(), store, "w1", stale_s=stale_s)
+    if beat == "unreachable":
+        minutes = itertools.count(0.0, 60.0)
+        monkeypatch.setattr(runner, "_clock", lambda: next(minutes))
+    runner._train_one(trial, session, store, "w1", stale_s=60.0)
     row = {r["name"]: r for r in store.trials()}[trial.name]
     assert (row["status"], row["worker"], row["failures"]) == ("running", "w1", 0)
     assert store.last_losses() == {}
@@ -273,7 +296,7 @@ def test_a_worker_that_lost_its_trial_stops_without_writing_it(tmp_path, monkeyp
                for r in caplog.records)
 
 
-def test_a_run_whose_claim_lapses_mid_way_writes_nothing_after(tmp_path):
+def test_a_run_whose_claim_lapses_mid_way_writes_nothing_after(claimed, session, tmp_path):
     """The lease is checked at every step's end, before logging, evaluating or saving: what
     the run wrote stops at the last step it was valid for, and a save then in flight ends."""
     from lm import config, rundir, train
@@ -287,15 +310,16 @@ def test_a_run_whose_claim_lapses_mid_way_writes_nothing_after(tmp_path):
             self.calls -= 1
             return self.calls >= 0
 
-    cfg = config.load("tiny", ["model.vocab_size=128", "model.context=32", "train.steps=40",
-                               "train.log_every=1", "checkpoint.every_steps=4", "mesh.model=1",
-                               "eval.every_steps=4", "data.source=synthetic",
-                               f"train.run_dir={tmp_path / 'run'}"])
-    session = train.Session()
-    session.lease = Lapsing(1 + 8 + 2)  # before the first step, steps 1-8 and their 2 saves
-    with pytest.raises(Fenced, match="after step 9 without writing"):
-        train.train(cfg, session=session)
     run = tmp_path / "run"
+    cfg = config.replace(claimed[1].cfg, train={"steps": 16, "log_every": 1, "run_dir": str(run)},
+                         checkpoint={"every_steps": 4, "every_seconds": 0},
+                         eval={"every_steps": 4, "log_points": 0})
+    session.lease = Lapsing(1 + 8 + 2)  # before the first step, steps 1-8 and their 2 saves
+    try:
+        with pytest.raises(Fenced, match="after step 9 without writing"):
+            train.train(cfg, session=session)
+    finally:
+        session.lease = None
     assert [r["step"] for r in rundir.metrics(run)] == list(range(1, 9))
     assert max(int(p.name) for p in rundir.checkpoints(run).glob("[0-9]*")) == 8
     assert max(r["step"] for r in rundir.evals(run)) == 8
