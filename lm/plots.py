@@ -151,7 +151,8 @@ def plot_holdout(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     ax.scatter(used.loss, scaling.predicted_loss(fit, used), c="0.6", s=8, label="fitted points")
     yerr = None
     if runs[0].interval:  # bars span the 95% interval for an actual run
-        yerr = np.abs(np.array([r.interval for r in runs]).T - predicted)
+        lo, hi = np.array([r.interval for r in runs]).T  # one may miss its own estimate
+        yerr = np.clip([predicted - lo, hi - predicted], 0, None)
     ax.errorbar(actual, predicted, yerr=yerr, fmt="*", color="red", ms=10, capsize=3,
                 label="held out (final), 95% interval for a run")
     for r in runs:

@@ -181,7 +181,8 @@ def render(r: Results, figures: list[Path]) -> str:
     if r.points is not None:
         mask = r.points.final_mask()
         final = dict(zip(r.points.run[mask], r.points.loss[mask]))
-    lines += ["## Trials", "", "| trial | role | status | params | tokens | FLOPs | final loss |",
+    lines += ["## Trials", "",
+              "| trial | role | status | params (all) | tokens | FLOPs | final loss |",
               "|---|---|---|---:|---:|---:|---:|"]
     for t in r.trials:
         loss = f"{final[t['name']]:.4f}" if t["name"] in final else "-"
