@@ -208,8 +208,8 @@ FIT_SETTINGS = ("law", "bootstrap", "drop_early", "min_tokens_per_param", "param
 
 
 def _fit_settings(args) -> None:
-    """Fill the fit settings not given: a sweep directory's own (its sweep.yaml's `fit`, as its
-    report used them), else the spec's defaults."""
+    """Fill the fit settings not given: a sweep's own (the `fit` of the sweep.yaml beside its
+    store, as its report used them), else the spec's defaults."""
     import dataclasses
 
     import yaml
@@ -217,7 +217,8 @@ def _fit_settings(args) -> None:
     from lm import spec
 
     defaults = dataclasses.asdict(spec.FitSpec())
-    path = Path(args.source) / "sweep.yaml"
+    source = Path(args.source)
+    path = (source.parent if source.suffix == ".sqlite" else source) / "sweep.yaml"
     own = (yaml.safe_load(path.read_text()) or {}).get("fit") or {} if path.is_file() else {}
     missing = [k for k in FIT_SETTINGS if getattr(args, k) is None]
     for key in missing:

@@ -115,6 +115,9 @@ def test_fitting_a_sweep_directory_takes_its_own_fit_settings(tmp_path, capsys):
     assert cli.main(["fit", str(sweep_dir), "--bootstrap", "0", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["law"] == "kaplan-nd"
     assert "law=kaplan-nd" in capsys.readouterr().out
+    assert cli.main(["fit", str(sweep_dir / "store.sqlite"), "--bootstrap", "0", "--out",
+                     str(out)]) == 0  # its store file, too
+    assert json.loads(out.read_text())["law"] == "kaplan-nd"
     assert cli.main(["fit", str(sweep_dir), "--bootstrap", "0", "--law", "chinchilla",
                      "--out", str(out)]) == 0
     assert json.loads(out.read_text())["law"] == "chinchilla"
