@@ -204,9 +204,6 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-FIT_SETTINGS = ("law", "bootstrap", "drop_early", "min_tokens_per_param", "params", "metric")
-
-
 def _fit_settings(args) -> None:
     """Fill the fit settings not given: a sweep's own (the `fit` of the sweep.yaml beside its
     store, as its report used them), else the spec's defaults."""
@@ -220,7 +217,7 @@ def _fit_settings(args) -> None:
     source = Path(args.source)
     path = (source.parent if source.suffix == ".sqlite" else source) / "sweep.yaml"
     own = (yaml.safe_load(path.read_text()) or {}).get("fit") or {} if path.is_file() else {}
-    missing = [k for k in FIT_SETTINGS if getattr(args, k) is None]
+    missing = [k for k in defaults if getattr(args, k, "") is None]  # the spec's `fit` keys
     for key in missing:
         setattr(args, key, own.get(key, defaults[key]))
     if own and missing:

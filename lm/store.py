@@ -360,10 +360,8 @@ class Store:
         is still that worker's: None if another has taken it over."""
         owned, args = self._owned(worker)
         with self.db.transaction():
-            row = self.db.execute(f"SELECT error, failures FROM trials WHERE name=?{owned}",
-                                  (name, *args)).fetchone()
-            if row is None:
-                return None
+            row = self.db.execute("SELECT error, failures FROM trials WHERE name=?",
+                                  (name,)).fetchone()
             same = row["error"] == error
             failures = row["failures"] + 1 if same else 1
             final = failures >= MAX_FAILURES
@@ -371,7 +369,7 @@ class Store:
                                   f"timings=?, updated=? WHERE name=?{owned}",
                                   ("failed" if final else "pending", error, failures, wall_s,
                                    json.dumps(timings or {}), time.time(), name, *args))
-            if cur.rowcount != 1:  # taken over between the two (PostgreSQL locks no row here)
+            if cur.rowcount != 1:  # taken over (PostgreSQL locks no row between the two)
                 return None
         return final
 
