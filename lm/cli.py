@@ -408,8 +408,9 @@ def _add_fit(sub) -> None:
                    help="Huber's delta instead of one set from the noise (Besiroglu: 1e-3)")
     p.add_argument("--metric",
                    help="a sweep's validation set to fit (data.val_sets names more)")
-    p.add_argument("--params", choices=["total", "non_embedding"],
-                   help="a sweep's N: all parameters or the non-embedding ones")
+    p.add_argument("--params", choices=["total", "non_embedding", "flops"],
+                   help="a sweep's N: all parameters, the non-embedding ones, or the training "
+                   "FLOPs per token / 6")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-columns", action="store_true",
                    help="ignore CSV columns other than the known ones (default: an error)")

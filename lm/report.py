@@ -57,6 +57,12 @@ class Results:
     timing: dict
     sensitivity: dict | None = None  # the law refitted with N counted the other way
     noise: list[dict] = dataclasses.field(default_factory=list)  # per size, across seeds
+    params: str = "total"  # how the fit counts N (fit.params)
+
+
+# fit.params, in words
+COUNTS = {"total": "all parameters", "non_embedding": "the non-embedding parameters",
+          "flops": "the training FLOPs per token / 6 (so that C = 6ND exactly)"}
 
 
 def _interval(interval) -> str:
@@ -66,7 +72,7 @@ def _interval(interval) -> str:
 def _held_out_table(fit: Fit) -> list[str]:
     """Each held-out run: its prediction with the 95% interval for an actual run (the law's
     uncertainty and the run's own noise), and what it reached; seeds of one run together."""
-    rows = ["| run | params | tokens | FLOPs | x largest fitting run | predicted [95% for a run] | "
+    rows = ["| run | N | tokens | FLOPs | x largest fitting run | predicted [95% for a run] | "
             "actual | ARE | inside |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in fit.scored:
         inside = "yes" if r.interval and r.interval[0] <= r.loss <= r.interval[1] else "no"
@@ -141,7 +147,7 @@ def _trust(r: Results) -> list[str]:
     if r.noise:
         lines += ["", "Run-to-run noise by model size (std of the final log loss across seeds, "
                   "pooled over budgets), against the evaluation's own standard error:", "",
-                  "| params | seed std | d.o.f. | eval SEM | fitted |", "|---:|---:|---:|---:|---|"]
+                  "| N | seed std | d.o.f. | eval SEM | fitted |", "|---:|---:|---:|---:|---|"]
         lines += [f"| {n['params']:,.0f} | {n['seed_std']:.2%} | {n['df']} | {n['eval_sem']:.2%} "
                   f"| {'no: too noisy (fit.max_noise)' if n['left_out'] else 'yes'} |"
                   for n in r.noise]
@@ -168,7 +174,8 @@ def render(r: Results, figures: list[Path]) -> str:
              f"{len(r.trials)} trials from `{r.base}`. Loss is the validation loss of each "
              "run's learning curve; the law is fitted on the fitting runs only.", ""]
     if r.fit:
-        lines += ["## Law", "", "```", scaling.format_fit(r.fit), "```", ""]
+        lines += ["## Law", "", f"N counts {COUNTS[r.params]}.", "", "```",
+                  scaling.format_fit(r.fit), "```", ""]
     if r.fit_error:
         lines += ["## The fit failed", "", r.fit_error, ""]
     lines += _prediction(r) + _trust(r)

@@ -505,7 +505,7 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
     report.write(spec.path, report.Results(
         spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
         _sensitivity(spec, store, fitting, trained) if fit else None,
-        _noise_table(spec, store, fitting)))
+        _noise_table(spec, store, fitting), spec.fit.params))
     tracked = [n for n in trials[0].cfg.train.trackers if n != "jsonl"]
     if tracked:  # where the trials' metrics went, the sweep's summary goes too
         trackers.write_summary(tracked, spec.path, _summary(prior or fit, timing))
@@ -545,8 +545,9 @@ def _noise_table(spec: SweepSpec, store: Store, fitting: list[str]) -> list[dict
 
 def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: list[str]
                  ) -> dict | None:
-    """The law refitted with N counted the other way (with or without embeddings), and what
-    it predicts for the held-out runs: how much the conclusions hang on that choice."""
+    """The law refitted with N counted another way (all parameters; the non-embedding ones
+    where the spec counts all), and what it predicts for the held-out runs: how much the
+    conclusions hang on that choice."""
     if spec.fit.law not in scaling.ND_LAWS:
         return None
     other = "non_embedding" if spec.fit.params == "total" else "total"

@@ -57,7 +57,7 @@ class FitSpec:
     law: Literal["chinchilla", "kaplan-nd", "kaplan", "isoflop"] = "chinchilla"
     drop_early: float = 0.1  # of each learning curve; annealed points (run ends) need none
     bootstrap: int = 100
-    params: Literal["total", "non_embedding"] = "total"
+    params: Literal["total", "non_embedding", "flops"] = "total"  # N: see fit_params
     metric: str = "val"  # the validation set whose loss is fitted (data.val_sets names more)
     min_tokens_per_param: float = 1.0  # points of models that saw fewer are not fitted
     # sizes whose seeds spread by more than this (std of log loss) leave the fit; 0: none do
@@ -349,7 +349,13 @@ def plan(spec: SweepSpec) -> list[Trial]:
 
 
 def fit_params(spec: SweepSpec, cfg: Config) -> int:
-    """A config's N as the spec's fit counts it (fit.params: total or non-embedding)."""
+    """A config's N as the spec's fit counts it (fit.params): all parameters, the
+    non-embedding ones, or `flops`: the training FLOPs per token / 6, the N for which C = 6ND
+    holds exactly, counting the attention over the context and the output head as the model
+    spends them (at small widths they are a large share of its compute; DeepSeek-AI 2024
+    measure model scale by FLOPs per token for that reason)."""
+    if spec.fit.params == "flops":
+        return flops.train_flops_per_token(cfg.model, cfg.seq_len) // 6
     return flops.param_counts(cfg.model)[spec.fit.params]
 
 

@@ -400,9 +400,10 @@ class Store:
     def points(self, params: str = "total", metric: str = "val") -> list[dict]:
         """Every evaluation on validation set `metric` of every finished trial, as rows for
         Points."""
-        column = "params" if params == "total" else "params_non_embedding"
+        column = {"total": "t.params", "non_embedding": "t.params_non_embedding",
+                  "flops": "t.flops_per_token / 6"}[params]  # as spec.fit_params counts N
         rows = self.db.execute(
-            f"SELECT t.name AS run, t.role, t.{column} AS params, p.tokens, p.flops, "
+            f"SELECT t.name AS run, t.role, {column} AS params, p.tokens, p.flops, "
             "p.val_loss AS loss, p.step, p.annealed FROM points p JOIN trials t ON "
             "p.trial = t.name WHERE t.status = 'done' AND p.\"set\" = ? ORDER BY t.name, p.step",
             (metric,))
@@ -461,8 +462,8 @@ def load_points(source: str | Path, ignore_columns: bool = False, metric: str = 
                 params: str = "total") -> tuple[Points, list[str]]:
     """Points from a sweep (directory, store file or PostgreSQL URL) or a CSV, and the
     designated held-out runs (a sweep's `holdout` trials; none for a CSV). A sweep's points are
-    its evaluations on validation set `metric`, with N counted as `params` (total or
-    non_embedding)."""
+    its evaluations on validation set `metric`, with N counted as `params` (total,
+    non_embedding or flops, as spec.fit_params)."""
     source = str(source)
     if Path(source).is_dir():
         source = str(Path(source) / SQLITE)

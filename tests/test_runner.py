@@ -1,6 +1,7 @@
 """Sweeps run by long-lived workers: killed and resumed, failing trials, a shared PostgreSQL
 store with a worker killed mid-trial, edits of a finished sweep, and bad stores."""
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from lm import cli, runner, spec as spec_lib
-from lm.store import Store
+from lm.store import Store, load_points
 
 from sweeps import BASE, SIZES, spec_file
 from test_trackers import read_scalars
@@ -116,6 +117,20 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
                "--min-tokens-per-param", "0", "--bootstrap", "0")  # the ARE needs no intervals
     assert refit.returncode == 0, refit.stderr
     assert json.loads((path.parent / "refit.json").read_text())["are"] == pytest.approx(fit["are"])
+
+
+def test_n_counted_by_flops_is_each_trials_flops_per_token_over_6(finished):
+    path, _, _ = finished
+    spec = spec_lib.load_spec(path)
+    points, _ = load_points(path.parent / "sweep", params="flops")
+    by_flops = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, params="flops"))
+    trials = {t.name: t for t in spec_lib.plan(spec)}
+    assert len(set(points.params)) >= 3
+    for run, n, tokens, flops in zip(points.run, points.params, points.tokens, points.flops):
+        assert n == spec_lib.fit_params(by_flops, trials[run].cfg) == \
+            trials[run].facts()["flops_per_token"] / 6
+        assert 6 * n * tokens == pytest.approx(flops, rel=1e-12)  # C = 6ND, exactly
+        assert n > spec_lib.fit_params(spec, trials[run].cfg)  # attention and head count
 
 
 def test_status_lists_every_trial_as_json(finished, capsys):

@@ -41,7 +41,7 @@ def test_held_out_runs_may_be_several_and_a_small_size_trained_longer(tmp_path):
     assert [t.cfg.train.seed for t in seeded if t.role == "holdout"] == [3, 4]  # from spec.seed
 
 
-@pytest.mark.parametrize("params", ["total", "non_embedding"])
+@pytest.mark.parametrize("params", ["total", "non_embedding", "flops"])
 def test_budgets_in_proportion_to_each_size(tmp_path, params):
     spec = spec_lib.load_spec(spec_file(
         tmp_path, tokens=[], tokens_per_param=[2, 3, 6], holdout={},
