@@ -409,8 +409,8 @@ def _add_fit(sub) -> None:
     p.add_argument("--metric",
                    help="a sweep's validation set to fit (data.val_sets names more)")
     p.add_argument("--params", choices=["total", "non_embedding", "flops"],
-                   help="a sweep's N: all parameters, the non-embedding ones, or the training "
-                   "FLOPs per token / 6")
+                   help="N: all parameters, the non-embedding ones (a sweep's; a CSV's N is "
+                   "its params column), or the training FLOPs per token / 6")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-columns", action="store_true",
                    help="ignore CSV columns other than the known ones (default: an error)")

@@ -14,6 +14,7 @@ Nothing here imports JAX.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from lm import config as config_lib
 from lm.config import Config
-from lm.errors import ConfigError, StoreError
+from lm.errors import ConfigError, FitError, StoreError
 from lm.points import Points, load_csv
 from lm.spec import Trial
 
@@ -463,12 +464,19 @@ def load_points(source: str | Path, ignore_columns: bool = False, metric: str = 
     """Points from a sweep (directory, store file or PostgreSQL URL) or a CSV, and the
     designated held-out runs (a sweep's `holdout` trials; none for a CSV). A sweep's points are
     its evaluations on validation set `metric`, with N counted as `params` (total,
-    non_embedding or flops, as spec.fit_params)."""
+    non_embedding or flops, as spec.fit_params); a CSV's N is its params column, or with
+    `flops` its FLOPs per token / 6."""
     source = str(source)
     if Path(source).is_dir():
         source = str(Path(source) / SQLITE)
     if not source.startswith("postgres") and not source.endswith(".sqlite"):
-        return load_csv(source, ignore_columns), []
+        points = load_csv(source, ignore_columns)
+        if params == "non_embedding":
+            raise FitError(f"{source}: a CSV's params column is its N; count N without the "
+                           "embeddings there, not with --params non_embedding")
+        # C / 6D: where the CSV has no flops column, they are 6ND and N stays as it is
+        return (dataclasses.replace(points, params=points.flops / (6 * points.tokens))
+                if params == "flops" else points), []
     store = Store(source, create=False)
     rows = store.points(params, metric)
     if not rows:

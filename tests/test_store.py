@@ -8,8 +8,8 @@ import time
 import pytest
 
 from lm import config, spec as spec_lib
-from lm.errors import ConfigError, StoreError
-from lm.store import MAX_FAILURES, Store
+from lm.errors import ConfigError, FitError, StoreError
+from lm.store import MAX_FAILURES, Store, load_points
 
 from sweeps import spec_file
 
@@ -229,3 +229,15 @@ def test_an_up_to_date_store_opens_read_only(tmp_path, trials, monkeypatch):
     assert len(store.trials()) == len(trials)
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         store.claim("w1")
+
+
+def test_a_csvs_n_is_its_params_column_or_its_flops_per_token_over_6(tmp_path):
+    path = tmp_path / "points.csv"
+    path.write_text("params,tokens,loss,flops\n1000,2e6,3.0,1.8e10\n4000,2e6,2.5,5.4e10\n")
+    assert list(load_points(path)[0].params) == [1000, 4000]
+    by_flops, held = load_points(path, params="flops")
+    assert list(by_flops.params) == [1500, 4500] and held == []  # C / 6D
+    path.write_text("params,tokens,loss\n1000,2e6,3.0\n4000,2e6,2.5\n")  # FLOPs are 6ND
+    assert list(load_points(path, params="flops")[0].params) == [1000, 4000]
+    with pytest.raises(FitError, match="params column is its N"):
+        load_points(path, params="non_embedding")
