@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -242,6 +243,7 @@ def cmd_fit(args) -> int:
                          drop_early=args.drop_early,
                          min_tokens_per_param=args.min_tokens_per_param, loss=args.loss,
                          huber_delta=args.huber_delta, seed=args.seed)
+    result = dataclasses.replace(result, n_counted=args.params)
     out.write_text(json.dumps(result.to_json(), indent=1))
     print(scaling.format_fit(result))
     print(f"wrote {args.out}")
@@ -262,6 +264,8 @@ def cmd_predict(args) -> int:
         raise FitError(f"{args.fit}: cannot be read as a fit.json ({e})") from None
     fit = scaling.Fit.from_json(raw, args.fit)
     pred = scaling.predict(fit, params=args.params, tokens=args.tokens, flops=args.flops)
+    if fit.n_counted != "total":
+        print(f"N counts {scaling.N_COUNTS[fit.n_counted]}, as in {args.fit}")
     print(scaling.format_prediction(pred))
     return 0
 

@@ -57,12 +57,6 @@ class Results:
     timing: dict
     sensitivity: dict | None = None  # the law refitted with N counted the other way
     noise: list[dict] = dataclasses.field(default_factory=list)  # per size, across seeds
-    params: str = "total"  # how the fit counts N (fit.params)
-
-
-# fit.params, in words
-COUNTS = {"total": "all parameters", "non_embedding": "the non-embedding parameters",
-          "flops": "the training FLOPs per token / 6 (so that C = 6ND exactly)"}
 
 
 def _interval(interval) -> str:
@@ -96,6 +90,9 @@ def _prediction(r: Results) -> list[str]:
              f"Registered in `prediction.json` on {reg['made']}, from the fit of {fitted} "
              "fitting runs, before any held-out run trained. It is never edited; a later refit "
              "appears below, labelled as such.", ""]
+    if r.prior and r.fit and r.prior.n_counted != r.fit.n_counted:
+        lines += [f"It counted N as {scaling.N_COUNTS[r.prior.n_counted]} (the spec now counts "
+                  f"{scaling.N_COUNTS[r.fit.n_counted]}), and is scored so.", ""]
     scored = {h.run for h in r.prior.holdout} if r.prior else set()
     if scored:
         lines += _held_out_table(r.prior)
@@ -174,7 +171,7 @@ def render(r: Results, figures: list[Path]) -> str:
              f"{len(r.trials)} trials from `{r.base}`. Loss is the validation loss of each "
              "run's learning curve; the law is fitted on the fitting runs only.", ""]
     if r.fit:
-        lines += ["## Law", "", f"N counts {COUNTS[r.params]}.", "", "```",
+        lines += ["## Law", "", f"N counts {scaling.N_COUNTS[r.fit.n_counted]}.", "", "```",
                   scaling.format_fit(r.fit), "```", ""]
     if r.fit_error:
         lines += ["## The fit failed", "", r.fit_error, ""]

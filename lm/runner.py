@@ -114,8 +114,9 @@ def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit
     points = store.points_of(params or f.params, roles=("fit",), names=names, metric=f.metric)
     points = points.select(~np.isin(points.params, list(too_noisy(spec, size_noise(points)))))
     try:
-        return scaling.fit(points, f.law, bootstrap=f.bootstrap, drop_early=f.drop_early,
-                           min_tokens_per_param=f.min_tokens_per_param)
+        fit = scaling.fit(points, f.law, bootstrap=f.bootstrap, drop_early=f.drop_early,
+                          min_tokens_per_param=f.min_tokens_per_param)
+        return dataclasses.replace(fit, n_counted=params or f.params)
     except (ValueError, ArithmeticError) as e:  # no numeric failure escapes as a traceback
         raise FitError(f"the fit of the finished fitting runs failed ({type(e).__name__}: {e})"
                        "; add sizes or token budgets (fit.law needs them spread over more "
@@ -498,14 +499,18 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
     prior = None
     if registered and "fit" in registered:
         prior = Fit.from_json(registered["fit"], str(spec.path / PREDICTION))
-        prior = scaling.score(prior, points, trained) if trained else prior
-        if registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)):
+        if trained:  # at N counted as when it was registered, whatever the spec says now
+            scoring = points if prior.n_counted == spec.fit.params else store.points_of(
+                prior.n_counted, names=names, metric=spec.fit.metric)
+            prior = scaling.score(prior, scoring, trained)
+        if registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)) \
+                and prior.n_counted == spec.fit.params:
             fit = prior  # nothing changed since: the refit is the registered fit
     timing = clock.summary(rows)
     report.write(spec.path, report.Results(
         spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
         _sensitivity(spec, store, fitting, trained) if fit else None,
-        _noise_table(spec, store, fitting), spec.fit.params))
+        _noise_table(spec, store, fitting)))
     tracked = [n for n in trials[0].cfg.train.trackers if n != "jsonl"]
     if tracked:  # where the trials' metrics went, the sweep's summary goes too
         trackers.write_summary(tracked, spec.path, _summary(prior or fit, timing))

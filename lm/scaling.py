@@ -50,6 +50,9 @@ from lm.errors import FitError
 from lm.points import BUDGET_TOL, Points, group_budgets, resample_runs
 
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
+# What a fit's N counts (fit.params, lm fit --params), in words
+N_COUNTS = {"total": "all parameters", "non_embedding": "the non-embedding parameters",
+            "flops": "the training FLOPs per token / 6 (so that C = 6ND exactly)"}
 E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or span half its range
 CHI2_95 = 3.841  # 95% quantile of chi-squared with 1 degree of freedom: the profile's cut
 CHI2_95_2DF = 5.991  # ... with 2: the noise trend's test
@@ -651,6 +654,7 @@ class Fit:
                                                                        "exponent": 1.0})
     annealed_only: bool = False  # fitted on points that end a learning-rate decay
     min_tokens_per_param: float = 0.0
+    n_counted: str = "total"  # what N is: a key of N_COUNTS (a CSV's: its params column)
     max_fit_flops: float = 0.0  # the largest compute among the fitted points
     warnings: tuple[str, ...] = ()
     bootstrap: Bootstrap | None = None
@@ -720,6 +724,7 @@ class Fit:
                 flops_per_token=raw.get("flops_per_token", {"coef": 6.0, "exponent": 1.0}),
                 annealed_only=bool(raw.get("annealed_only", False)),
                 min_tokens_per_param=float(raw.get("min_tokens_per_param", 0.0)),
+                n_counted=str(raw.get("n_counted", "total")),
                 max_fit_flops=float(raw.get("max_fit_flops", 0.0)),
                 warnings=tuple(raw.get("warnings", ())),
                 bootstrap=Bootstrap(**boot) if boot else None,
@@ -1283,6 +1288,8 @@ def format_fit(fit: Fit) -> str:
     lines = [f"{fit.law} fit: {law.formula}",
              f"  {fit.n_points} points from {fit.n_runs} runs ({used}); {robust} on log L; "
              f"objective {fit.objective:.6g}, {status}"]
+    if fit.n_counted != "total":  # predictions need N counted the same way
+        lines.append(f"  N counts {N_COUNTS[fit.n_counted]}")
     if fit.noise:
         lines.append(f"  run-to-run noise {fit.noise.describe()}")
     unidentified = fit.identifiability is not None and not fit.identifiability.identified

@@ -24,6 +24,8 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+import numpy as np
+
 from lm import config as config_lib
 from lm.config import Config
 from lm.errors import ConfigError, FitError, StoreError
@@ -474,8 +476,9 @@ def load_points(source: str | Path, ignore_columns: bool = False, metric: str = 
         if params == "non_embedding":
             raise FitError(f"{source}: a CSV's params column is its N; count N without the "
                            "embeddings there, not with --params non_embedding")
-        # C / 6D: where the CSV has no flops column, they are 6ND and N stays as it is
-        return (dataclasses.replace(points, params=points.flops / (6 * points.tokens))
+        # C / 6D, rounded so that the rows of one model agree exactly (and where the CSV has
+        # no flops column, they are 6ND and N stays as it is)
+        return (dataclasses.replace(points, params=np.round(points.flops / (6 * points.tokens)))
                 if params == "flops" else points), []
     store = Store(source, create=False)
     rows = store.points(params, metric)

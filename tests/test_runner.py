@@ -109,7 +109,7 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
     assert lo < held["predicted"] < hi and scored["loss"] > 0
     report = (sweep_dir / "report.md").read_text()
     for part in ("Held-out prediction (registered)", "Where the time went", "Study MFU",
-                 "| steps |", "plots/holdout.png"):
+                 "| steps |", "plots/holdout.png", "N counts all parameters."):
         assert part in report, part
     assert "Refit after registration" not in report
     assert "held-out" in out.stdout and "ARE" in out.stdout
@@ -119,7 +119,7 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
     assert json.loads((path.parent / "refit.json").read_text())["are"] == pytest.approx(fit["are"])
 
 
-def test_n_counted_by_flops_is_each_trials_flops_per_token_over_6(finished):
+def test_n_counted_by_flops_is_each_trials_flops_per_token_over_6(finished, capsys):
     path, _, _ = finished
     spec = spec_lib.load_spec(path)
     points, _ = load_points(path.parent / "sweep", params="flops")
@@ -131,6 +131,13 @@ def test_n_counted_by_flops_is_each_trials_flops_per_token_over_6(finished):
             trials[run].facts()["flops_per_token"] / 6
         assert 6 * n * tokens == pytest.approx(flops, rel=1e-12)  # C = 6ND, exactly
         assert n > spec_lib.fit_params(spec, trials[run].cfg)  # attention and head count
+    out = path.parent / "by_flops.json"
+    assert cli.main(["fit", str(path.parent / "sweep"), "--params", "flops", "--bootstrap", "0",
+                     "--out", str(out)]) == 0
+    assert "N counts the training FLOPs per token / 6" in capsys.readouterr().out
+    assert json.loads(out.read_text())["n_counted"] == "flops"  # lm predict needs to know
+    assert cli.main(["predict", str(out), "--params", "1e5", "--tokens", "1e7"]) == 0
+    assert "N counts the training FLOPs" in capsys.readouterr().out
 
 
 def test_status_lists_every_trial_as_json(finished, capsys):
@@ -157,14 +164,22 @@ def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
     assert out.returncode == 2 and "planned with another config" in out.stderr
     assert (sweep_dir / "sweep.yaml").read_bytes() == sweep_yaml  # refused: nothing written
 
-    fewer = dict(spec, dir=str(sweep_dir), sizes=spec["sizes"][:3])  # one size fewer
+    # one size fewer, and N counted another way
+    fewer = dict(spec, dir=str(sweep_dir), sizes=spec["sizes"][:3],
+                 fit={**spec["fit"], "params": "flops"})
     (tmp_path / "fewer.yaml").write_text(yaml.safe_dump(fewer))
     out = lm("sweep", str(tmp_path / "fewer.yaml"), "--cpu-devices", "1")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (sweep_dir / "prediction.json").read_bytes() == registered
     report = (sweep_dir / "report.md").read_text()
     assert "Kept, not fitted" in report and "d24-l1-h2-t5.12e03-s0" in report
-    assert "Held-out prediction (registered)" in report
+    assert "Held-out prediction (registered)" in report and "Refit after registration" in report
+    # the registered fit is still scored at the N it was made with: its row as first reported
+    before = (path.parent / "sweep" / "report.md").read_text()
+    row = next(line for line in before.splitlines() if line.startswith("| d") and "%" in line)
+    assert row in report
+    assert "It counted N as all parameters (the spec now counts the training FLOPs" in report
+    assert json.loads((sweep_dir / "fit.json").read_text())["n_counted"] == "flops"
 
 
 def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_path):

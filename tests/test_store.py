@@ -233,10 +233,11 @@ def test_an_up_to_date_store_opens_read_only(tmp_path, trials, monkeypatch):
 
 def test_a_csvs_n_is_its_params_column_or_its_flops_per_token_over_6(tmp_path):
     path = tmp_path / "points.csv"
-    path.write_text("params,tokens,loss,flops\n1000,2e6,3.0,1.8e10\n4000,2e6,2.5,5.4e10\n")
-    assert list(load_points(path)[0].params) == [1000, 4000]
+    path.write_text("params,tokens,loss,flops\n1000,2e6,3.0,1.8e10\n4000,2e6,2.5,5.4e10\n"
+                    "4000,3e6,2.4,8.100000001e10\n")
+    assert list(load_points(path)[0].params) == [1000, 4000, 4000]
     by_flops, held = load_points(path, params="flops")
-    assert list(by_flops.params) == [1500, 4500] and held == []  # C / 6D
+    assert list(by_flops.params) == [1500, 4500, 4500] and held == []  # C / 6D, one per model
     path.write_text("params,tokens,loss\n1000,2e6,3.0\n4000,2e6,2.5\n")  # FLOPs are 6ND
     assert list(load_points(path, params="flops")[0].params) == [1000, 4000]
     with pytest.raises(FitError, match="params column is its N"):
