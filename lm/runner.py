@@ -154,6 +154,18 @@ def registration(fit: Fit, held: list[Trial], spec: SweepSpec) -> dict:
             "fit": fit.to_json()}
 
 
+def registered_count(registered: dict, trials: list[Trial]) -> str:
+    """How a registered fit counted N: recorded since 8c3d2be; in an earlier registration, the
+    count that gives each held-out run the N it was registered with."""
+    if "n_counted" in registered["fit"]:
+        return registered["fit"]["n_counted"]
+    cfgs = {t.name: t.cfg for t in trials}
+    runs = [r for r in registered["runs"] if r["run"] in cfgs]
+    return next((c for c in scaling.N_COUNTS
+                 if all(r["params"] == spec_lib.counted_params(cfgs[r["run"]], c) for r in runs)),
+                "total")
+
+
 def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> bool:
     """Once every fitting trial has ended, fit them and register the held-out prediction,
     exactly once however many workers get here; then the held-out trials may start. A fit
@@ -498,7 +510,8 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
         fit = scaling.score(fit, points, trained)
     prior = None
     if registered and "fit" in registered:
-        prior = Fit.from_json(registered["fit"], str(spec.path / PREDICTION))
+        prior = dataclasses.replace(Fit.from_json(registered["fit"], str(spec.path / PREDICTION)),
+                                    n_counted=registered_count(registered, trials))
         if trained:  # at N counted as when it was registered, whatever the spec says now
             scoring = points if prior.n_counted == spec.fit.params else store.points_of(
                 prior.n_counted, names=names, metric=spec.fit.metric)

@@ -349,14 +349,19 @@ def plan(spec: SweepSpec) -> list[Trial]:
 
 
 def fit_params(spec: SweepSpec, cfg: Config) -> int:
-    """A config's N as the spec's fit counts it (fit.params): all parameters, the
-    non-embedding ones, or `flops`: the training FLOPs per token / 6, the N for which C = 6ND
-    holds exactly, counting the attention over the context and the output head as the model
-    spends them (at small widths they are a large share of its compute; DeepSeek-AI 2024
-    measure model scale by FLOPs per token for that reason)."""
-    if spec.fit.params == "flops":
+    """A config's N as the spec's fit counts it (fit.params)."""
+    return counted_params(cfg, spec.fit.params)
+
+
+def counted_params(cfg: Config, counted: str) -> int:
+    """A config's N counted as `counted`: all parameters (`total`), the non-embedding ones, or
+    `flops`: the training FLOPs per token / 6, the N for which C = 6ND holds exactly,
+    counting the attention over the context and the output head as the model spends them (at
+    small widths they are a large share of its compute; DeepSeek-AI 2024 measure model scale
+    by FLOPs per token for that reason)."""
+    if counted == "flops":
         return flops.train_flops_per_token(cfg.model, cfg.seq_len) // 6
-    return flops.param_counts(cfg.model)[spec.fit.params]
+    return flops.param_counts(cfg.model)[counted]
 
 
 def planned_points(trials: list[Trial], spec: SweepSpec) -> Points:

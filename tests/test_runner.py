@@ -131,6 +131,12 @@ def test_n_counted_by_flops_is_each_trials_flops_per_token_over_6(finished, caps
             trials[run].facts()["flops_per_token"] / 6
         assert 6 * n * tokens == pytest.approx(flops, rel=1e-12)  # C = 6ND, exactly
         assert n > spec_lib.fit_params(spec, trials[run].cfg)  # attention and head count
+    held = [t for t in trials.values() if t.role == "holdout"]
+    for counted in ("total", "non_embedding", "flops"):  # a registration from before 8c3d2be
+        old = {"fit": {}, "runs": [{"run": t.name, "params": spec_lib.counted_params(t.cfg,
+                                                                                 counted)}
+                                   for t in held]}
+        assert runner.registered_count(old, list(trials.values())) == counted
     out = path.parent / "by_flops.json"
     assert cli.main(["fit", str(path.parent / "sweep"), "--params", "flops", "--bootstrap", "0",
                      "--out", str(out)]) == 0
