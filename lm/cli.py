@@ -208,8 +208,6 @@ def cmd_sweep(args) -> int:
 def _fit_settings(args) -> None:
     """Fill the fit settings not given: a sweep's own (the `fit` of the sweep.yaml beside its
     store, as its report used them), else the spec's defaults."""
-    import dataclasses
-
     import yaml
 
     from lm import spec

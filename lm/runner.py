@@ -512,12 +512,12 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
     if registered and "fit" in registered:
         prior = dataclasses.replace(Fit.from_json(registered["fit"], str(spec.path / PREDICTION)),
                                     n_counted=registered_count(registered, trials))
+        same_count = prior.n_counted == spec.fit.params
         if trained:  # at N counted as when it was registered, whatever the spec says now
-            scoring = points if prior.n_counted == spec.fit.params else store.points_of(
+            scoring = points if same_count else store.points_of(
                 prior.n_counted, names=names, metric=spec.fit.metric)
             prior = scaling.score(prior, scoring, trained)
-        if registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)) \
-                and prior.n_counted == spec.fit.params:
+        if same_count and registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)):
             fit = prior  # nothing changed since: the refit is the registered fit
     timing = clock.summary(rows)
     report.write(spec.path, report.Results(
