@@ -18,29 +18,43 @@ PHASES = ("startup", "compile", "data", "restore", "steps", "eval", "checkpoint"
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """When a run of the sweep's workers started and ended, and the machine's peak."""
+    """One run of `lm sweep`: its workers, when it started and ended, the machine's peak."""
 
     workers: int
     started: float  # time.time()
     ended: float
     peak: float  # FLOP/s, measured alongside
 
-    def summary(self, trials: list[dict]) -> dict:
-        """The wall time split by phase over the trials that ended in this run, the workers'
-        idle time, and the study MFU: model FLOPs of the trials done / (wall x peak)."""
-        ran = [t for t in trials if t["status"] in ("done", "failed")
-               and (t["updated"] or 0) >= self.started]
-        phases = collections.Counter()
-        for t in ran:
-            phases.update(json.loads(t.get("timings") or "{}"))
-        wall = self.ended - self.started
-        done_flops = sum(t["spent_flops"] or t["flops"] for t in ran if t["status"] == "done")
-        return {"wall_s": wall, "workers": self.workers, "trials": len(ran),
-                "resumed": sum(t["attempts"] > 1 for t in ran if t["status"] == "done"),
-                "phases": {p: phases.get(p, 0.0) for p in PHASES},
-                "idle_s": max(self.workers * wall - sum(phases.values()), 0.0),
-                "flops": done_flops, "peak_flops_per_s": self.peak,
-                "mfu": done_flops / (wall * self.peak) if wall > 0 else 0.0}
+    @property
+    def wall_s(self) -> float:
+        return self.ended - self.started
+
+
+def ended_in(runs: list[Timing], trials: list[dict]) -> list[dict]:
+    """The trials that ended (done or failed) while one of `runs` ran."""
+    return [t for t in trials if t["status"] in ("done", "failed")
+            and any(r.started <= (t["updated"] or 0) <= r.ended for r in runs)]
+
+
+def time_split(runs: list[Timing], trials: list[dict]) -> dict:
+    """Where the study's time went over `runs` (the runs of `lm sweep` that ended trials; a
+    rerun that trains nothing adds none): the wall time split by phase over the trials they
+    ended, the workers' idle time, and the study MFU: model FLOPs of the trials done / the
+    FLOPs the machine could have done (wall x peak, summed over the runs)."""
+    ran = ended_in(runs, trials)
+    phases = collections.Counter()
+    for t in ran:
+        phases.update(json.loads(t.get("timings") or "{}"))
+    wall = sum(r.wall_s for r in runs)
+    capacity = sum(r.wall_s * r.peak for r in runs)
+    worker_s = sum(r.wall_s * r.workers for r in runs)
+    done_flops = sum(t["spent_flops"] or t["flops"] for t in ran if t["status"] == "done")
+    return {"runs": len(runs), "wall_s": wall, "worker_s": worker_s, "trials": len(ran),
+            "resumed": sum(t["attempts"] > 1 for t in ran if t["status"] == "done"),
+            "phases": {p: phases.get(p, 0.0) for p in PHASES},
+            "idle_s": max(worker_s - sum(phases.values()), 0.0),
+            "flops": done_flops, "peak_flops_per_s": capacity / wall if wall > 0 else 0.0,
+            "mfu": done_flops / capacity if capacity > 0 else 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +166,19 @@ def _trust(r: Results) -> list[str]:
 
 
 def _timing(t: dict) -> list[str]:
-    total = t["wall_s"] * t["workers"]
+    if not t["runs"]:
+        return ["## Where the time went", "", "No run of `lm sweep` recorded in the store has ended a trial.", ""]
+    runs = "one run" if t["runs"] == 1 else f"{t['runs']} runs"
     lines = ["## Where the time went", "",
-             f"{t['trials']} trials ended in this run: {t['wall_s']:.0f} s of wall time on "
-             f"{t['workers']} worker(s). Study MFU {t['mfu']:.1%}: {t['flops']:.3g} model FLOPs "
-             f"over the wall time and a measured peak of {t['peak_flops_per_s'] / 1e9:.0f} "
-             "GFLOP/s" + (f" ({t['resumed']} of the trials resumed an earlier attempt and count "
-                          "whole: an upper bound)" if t.get("resumed") else "") + ".", "",
-             "| phase | seconds (all workers) | share |", "|---|---:|---:|"]
+             f"{t['trials']} trials ended in {runs} of `lm sweep`: {t['wall_s']:.0f} s of wall time, "
+             f"{t['worker_s']:.0f} worker-seconds. Study MFU {t['mfu']:.1%}: {t['flops']:.3g} "
+             f"model FLOPs over the wall time and a measured peak of "
+             f"{t['peak_flops_per_s'] / 1e9:.0f} GFLOP/s"
+             + (f" ({t['resumed']} of the trials resumed an earlier attempt and count whole: "
+                "an upper bound)" if t.get("resumed") else "") + ".",
+             "", "| phase | seconds (all workers) | share |", "|---|---:|---:|"]
     rows = [*t["phases"].items(), ("idle (a worker waiting)", t["idle_s"])]
-    lines += [f"| {phase} | {s:.1f} | {s / total:.1%} |" for phase, s in rows if total > 0]
+    lines += [f"| {phase} | {s:.1f} | {s / t['worker_s']:.1%} |" for phase, s in rows]
     return lines + [""]
 
 

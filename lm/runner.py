@@ -489,7 +489,7 @@ def _adopt_registered(spec: SweepSpec, trials: list[Trial], store: Store) -> Non
 # --------------------------------------------------------------------------- the report
 
 
-def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Timing
+def _report(spec: SweepSpec, trials: list[Trial], store: Store, this_run: report.Timing
             ) -> Fit | None:
     names = {t.name for t in trials}
     rows = store.trials()
@@ -519,7 +519,9 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, clock: report.Ti
             prior = scaling.score(prior, scoring, trained)
         if same_count and registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)):
             fit = prior  # nothing changed since: the refit is the registered fit
-    timing = clock.summary(rows)
+    if report.ended_in([this_run], rows):
+        store.add_run(dataclasses.asdict(this_run))
+    timing = report.time_split([report.Timing(**r) for r in store.runs()], rows)
     report.write(spec.path, report.Results(
         spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
         _sensitivity(spec, store, fitting, trained) if fit else None,
@@ -590,7 +592,8 @@ def _print_summary(spec, fit, prior, error, timing) -> None:
         interval = f" [{r.interval[0]:.4f}, {r.interval[1]:.4f}]" if r.interval else ""
         print(f"held-out {r.label}: predicted {r.predicted:.4f}{interval} (registered), "
               f"actual {r.loss:.4f}, ARE {r.are:.2%}")
-    print(f"wall {timing['wall_s']:.0f} s, study MFU {timing['mfu']:.1%}; report: "
+    runs = f" over {timing['runs']} runs" if timing["runs"] > 1 else ""
+    print(f"wall {timing['wall_s']:.0f} s{runs}, study MFU {timing['mfu']:.1%}; report: "
           f"{spec.path / 'report.md'}")
 
 

@@ -395,6 +395,17 @@ class Store:
         row = self.db.execute("SELECT body FROM prediction WHERE id=1").fetchone()
         return json.loads(row["body"]) if row else None
 
+    # ----------------------------------------------------------------------- the runs
+
+    def add_run(self, run: dict) -> None:
+        """Record a run of `lm sweep` that ended trials (its workers, start, end and the
+        machine's peak), under a key of its own: runners on two machines overwrite nothing."""
+        self._set(f"run:{run['started']!r}:{worker_name()}", json.dumps(run))
+
+    def runs(self) -> list[dict]:
+        return [json.loads(r["value"]) for r in self.db.execute(
+            "SELECT value FROM sweep WHERE key LIKE ? ORDER BY key", ("run:%",))]
+
     # ----------------------------------------------------------------------- reading
 
     def trials(self) -> list[dict]:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lm import cli, runner, spec as spec_lib
-from lm.store import Store, load_points
+from lm.store import FINAL, Store, load_points
 
 from sweeps import BASE, SIZES, spec_file
 from test_trackers import read_scalars
@@ -157,7 +157,7 @@ def test_status_lists_every_trial_as_json(finished, capsys):
 
 
 def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
-    path, _, _ = finished
+    path, _, done_before = finished
     sweep_dir = tmp_path / "sweep"
     shutil.copytree(path.parent / "sweep", sweep_dir)
     spec = yaml.safe_load(path.read_text())
@@ -186,6 +186,12 @@ def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
     assert row in report
     assert "It counted N as all parameters (the spec now counts the training FLOPs" in report
     assert json.loads((sweep_dir / "fit.json").read_text())["n_counted"] == "flops"
+    # a rerun that trained nothing reports where the study's time went, not its own idling:
+    # the trials the fixture's second run ended (its killed first run left no record)
+    names = {t.name for t in spec_lib.plan(spec_lib.load_spec(tmp_path / "fewer.yaml"))}
+    ended = {r["name"] for r in Store(sweep_dir / "store.sqlite").trials()
+             if r["status"] in FINAL} & names
+    assert f"{len(ended - done_before)} trials ended in one run of `lm sweep`" in report
 
 
 def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_path):
@@ -376,13 +382,34 @@ def test_a_held_out_run_that_failed_is_reported_as_failed(tmp_path):
     store.db.execute("UPDATE trials SET status='failed' WHERE role='holdout'")
     registered = store.prediction()
     prior = Fit.from_json(registered["fit"])
-    timing = report.Timing(1, 0.0, 1.0, 1e9).summary(store.trials())
+    timing = report.time_split([report.Timing(1, 0.0, 1.0, 1e9)], store.trials())
     text = report.render(report.Results(spec.name, spec.base, None, None, None, store.trials(),
                                         registered, prior, [], timing), [])
     held = next(t.name for t in spec_lib.plan(spec) if t.role == "holdout")
     assert f"- {held}: predicted" in text and "(FAILED: no loss to score)" in text
     assert "not trained yet" not in text
     assert f"from the fit of {prior.n_runs} fitting runs" in text
+
+
+def test_the_time_split_sums_the_runs_that_ended_trials():
+    """Two runs of `lm sweep` (a study stopped and resumed): their wall times, worker-seconds
+    and capacity add up; a trial that ended outside both (in a run killed before its report)
+    is not counted, as its run's wall time is not."""
+    from lm import report
+
+    def row(updated, flops, steps):
+        return {"status": "done", "updated": updated, "timings": json.dumps({"steps": steps}),
+                "spent_flops": None, "flops": flops, "attempts": 1}
+
+    runs = [report.Timing(2, 0.0, 10.0, 1e12), report.Timing(1, 20.0, 40.0, 2e12)]
+    t = report.time_split(runs, [row(5.0, 1e12, 12.0), row(30.0, 4e12, 15.0),
+                                 row(15.0, 9e12, 5.0)])
+    assert (t["runs"], t["trials"], t["wall_s"], t["worker_s"]) == (2, 2, 30.0, 40.0)
+    assert t["phases"]["steps"] == 27.0 and t["idle_s"] == 13.0
+    assert t["mfu"] == pytest.approx(5e12 / (10 * 1e12 + 20 * 2e12))
+    assert "2 trials ended in 2 runs of `lm sweep`: 30 s of wall time" in "\n".join(
+        report._timing(t))
+    assert "No run" in "\n".join(report._timing(report.time_split([], [])))
 
 
 def test_a_study_mfu_over_resumed_trials_says_it_is_an_upper_bound():
@@ -392,8 +419,9 @@ def test_a_study_mfu_over_resumed_trials_says_it_is_an_upper_bound():
 
     row = {"status": "done", "updated": 5.0, "timings": "{}", "spent_flops": 2e13,
            "flops": 2e13, "attempts": 1}
-    fresh = report.Timing(1, 0.0, 10.0, 1e12).summary([row])
-    resumed = report.Timing(1, 0.0, 10.0, 1e12).summary([{**row, "attempts": 2}])
+    run = report.Timing(1, 0.0, 10.0, 1e12)
+    fresh = report.time_split([run], [row])
+    resumed = report.time_split([run], [{**row, "attempts": 2}])
     assert (fresh["resumed"], resumed["resumed"]) == (0, 1)
     assert "upper bound" not in "\n".join(report._timing(fresh))
     assert "1 of the trials resumed an earlier attempt" in "\n".join(report._timing(resumed))
