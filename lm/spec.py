@@ -33,6 +33,9 @@ class Recipe:
     lr: float = 3e-3
     lr_ref_width: int = 0  # 0: every size uses `lr`; else lr * (lr_ref_width / d_model)^lr_power
     lr_power: float = 1.0
+    # > 0: each size's model.init_std is init_fan_in / sqrt(d_model) (GPT-2's 0.02 at width 768
+    # is 0.55); 0: every size keeps the base config's init_std
+    init_fan_in: float = 0.0
     warmup_tokens_per_param: float = 1.0  # warmup scales with model size: N tokens by default
     min_warmup_steps: int = 5
     max_warmup_fraction: float = 0.25
@@ -244,6 +247,8 @@ def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup
                 "checkpoint.every_seconds": r.save_every_seconds, **settings}
     if "optim.lr" not in size:  # a size may state its own tuned LR
         settings["optim.lr"] = lr
+    if r.init_fan_in and "model.init_std" not in size:
+        settings["model.init_std"] = r.init_fan_in / base.model.d_model ** 0.5
     cfg = config_lib.load(spec.base, _dotted(spec.overrides) + _dotted(size) + _dotted(settings))
     return Trial(name, role, cfg)
 

@@ -11,14 +11,18 @@ from sweeps import BASE, SIZES, spec_file
 
 
 def test_plan_applies_the_recipe(tmp_path):
+    own_init = {**SIZES[1], "model.init_std": 0.3}
     spec = spec_lib.load_spec(spec_file(tmp_path, tokens=[16384, 32768, 49152],
+                                     sizes=[SIZES[0], own_init, SIZES[2]],
                                      recipe={"lr": 1e-2, "lr_ref_width": 32, "lr_power": 1.0,
-                                             "warmup_tokens_per_param": 0.1}))
+                                             "init_fan_in": 0.4, "warmup_tokens_per_param": 0.1}))
     trials = spec_lib.plan(spec)
     assert len(trials) == 10 and [t.role for t in trials].count("holdout") == 1
     by_width = {(t.cfg.model.d_model, t.cfg.train.steps): t for t in trials}
     assert by_width[16, 64].cfg.optim.lr == pytest.approx(2e-2)  # 1e-2 * 32/16
     assert by_width[48, 128].cfg.optim.lr == pytest.approx(1e-2 * 32 / 48)
+    assert {w: by_width[w, 128].cfg.model.init_std for w in (16, 32, 48, 64)} == pytest.approx(
+        {16: 0.1, 32: 0.3, 48: 0.4 / 48 ** 0.5, 64: 0.05})  # fan-in, or a size's own
     warm = [by_width[w, 128].cfg.optim.warmup_steps for w in (16, 32, 48)]
     assert warm == sorted(warm) and warm[0] < warm[-1]  # warmup grows with model size
     assert {t.cfg.optim.warmup_steps for t in trials if t.cfg.model.d_model == 48} == {warm[-1]}
