@@ -36,16 +36,26 @@ def ended_in(runs: list[Timing], trials: list[dict]) -> list[dict]:
             and any(r.started <= (t["updated"] or 0) <= r.ended for r in runs)]
 
 
+def _covered_s(runs: list[Timing]) -> float:
+    """Seconds during which at least one of `runs` ran: runners on several machines at once
+    share their wall time."""
+    covered, until = 0.0, float("-inf")
+    for r in sorted(runs, key=lambda r: r.started):
+        covered += max(r.ended - max(r.started, until), 0.0)
+        until = max(until, r.ended)
+    return covered
+
+
 def time_split(runs: list[Timing], trials: list[dict]) -> dict:
     """Where the study's time went over `runs` (the runs of `lm sweep` that ended trials; a
     rerun that trains nothing adds none): the wall time split by phase over the trials they
     ended, the workers' idle time, and the study MFU: model FLOPs of the trials done / the
-    FLOPs the machine could have done (wall x peak, summed over the runs)."""
+    FLOPs the machines could have done (each run's wall x peak, summed)."""
     ran = ended_in(runs, trials)
     phases = collections.Counter()
     for t in ran:
         phases.update(json.loads(t.get("timings") or "{}"))
-    wall = sum(r.wall_s for r in runs)
+    wall = _covered_s(runs)
     capacity = sum(r.wall_s * r.peak for r in runs)
     worker_s = sum(r.wall_s * r.workers for r in runs)
     done_flops = sum(t["spent_flops"] or t["flops"] for t in ran if t["status"] == "done")

@@ -394,7 +394,7 @@ def test_a_held_out_run_that_failed_is_reported_as_failed(tmp_path):
 def test_the_time_split_sums_the_runs_that_ended_trials():
     """Two runs of `lm sweep` (a study stopped and resumed): their wall times, worker-seconds
     and capacity add up; a trial that ended outside both (in a run killed before its report)
-    is not counted, as its run's wall time is not."""
+    is not counted, as its run's wall time is not; runs at once share their wall time."""
     from lm import report
 
     def row(updated, flops, steps):
@@ -410,6 +410,10 @@ def test_the_time_split_sums_the_runs_that_ended_trials():
     assert "2 trials ended in 2 runs of `lm sweep`: 30 s of wall time" in "\n".join(
         report._timing(t))
     assert "No run" in "\n".join(report._timing(report.time_split([], [])))
+    # runners on two machines at once: their wall time overlaps, their worker-seconds add up
+    overlapping = [*runs, report.Timing(1, 30.0, 50.0, 1e12)]
+    assert report.time_split(overlapping, [])["wall_s"] == 40.0
+    assert report.time_split(overlapping, [])["worker_s"] == 60.0
 
 
 def test_a_study_mfu_over_resumed_trials_says_it_is_an_upper_bound():
