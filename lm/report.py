@@ -177,7 +177,9 @@ def _trust(r: Results) -> list[str]:
 
 def _timing(t: dict) -> list[str]:
     if not t["runs"]:
-        return ["## Where the time went", "", "No run of `lm sweep` recorded in the store has ended a trial.", ""]
+        return ["## Where the time went", "", "No run of `lm sweep` recorded in the store has "
+                "ended a trial (a store rebuilt from run directories, or written before runs were "
+                "recorded, has none).", ""]
     runs = "one run" if t["runs"] == 1 else f"{t['runs']} runs"
     lines = ["## Where the time went", "",
              f"{t['trials']} trials ended in {runs} of `lm sweep`: {t['wall_s']:.0f} s of wall time, "
@@ -188,7 +190,8 @@ def _timing(t: dict) -> list[str]:
                 "an upper bound)" if t.get("resumed") else "") + ".",
              "", "| phase | seconds (all workers) | share |", "|---|---:|---:|"]
     rows = [*t["phases"].items(), ("idle (a worker waiting)", t["idle_s"])]
-    lines += [f"| {phase} | {s:.1f} | {s / t['worker_s']:.1%} |" for phase, s in rows]
+    lines += [f"| {phase} | {s:.1f} | {s / t['worker_s']:.1%} |" for phase, s in rows
+              if t["worker_s"] > 0]
     return lines + [""]
 
 

@@ -464,10 +464,15 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
         if not url.startswith("postgres"):  # SQLite: this runner is the sweep's only one
             store.reclaim(0.0)
         names = {t.name for t in trials}
-        wall = time.time()
+        started = time.time()
         peak = flops.numpy_matmul_flops_per_s(2048)
-        _supervise(spec_path, overrides, url, workers, cpu_devices, stale_s, names, store)
-        return _report(spec, trials, store, report.Timing(workers, wall, time.time(), peak))
+        try:
+            _supervise(spec_path, overrides, url, workers, cpu_devices, stale_s, names, store)
+        finally:  # interrupted too: where the study's time went counts this run's part
+            run = report.Timing(workers, started, time.time(), peak)
+            if report.ended_in([run], store.trials()):
+                store.add_run(dataclasses.asdict(run))
+        return _report(spec, trials, store)
 
 
 def _adopt_registered(spec: SweepSpec, trials: list[Trial], store: Store) -> None:
@@ -489,10 +494,11 @@ def _adopt_registered(spec: SweepSpec, trials: list[Trial], store: Store) -> Non
 # --------------------------------------------------------------------------- the report
 
 
-def _report(spec: SweepSpec, trials: list[Trial], store: Store, this_run: report.Timing
-            ) -> Fit | None:
+def _report(spec: SweepSpec, trials: list[Trial], store: Store) -> Fit | None:
     names = {t.name for t in trials}
     rows = store.trials()
+    # the time went into every trial, those the spec no longer has too
+    timing = report.time_split([report.Timing(**r) for r in store.runs()], rows)
     orphans = sorted(r["name"] for r in rows if r["name"] not in names)
     rows = [r for r in rows if r["name"] in names]
     fitting = [t.name for t in trials if t.role == "fit"]
@@ -519,9 +525,6 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store, this_run: report
             prior = scaling.score(prior, scoring, trained)
         if same_count and registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)):
             fit = prior  # nothing changed since: the refit is the registered fit
-    if report.ended_in([this_run], rows):
-        store.add_run(dataclasses.asdict(this_run))
-    timing = report.time_split([report.Timing(**r) for r in store.runs()], rows)
     report.write(spec.path, report.Results(
         spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
         _sensitivity(spec, store, fitting, trained) if fit else None,

@@ -34,7 +34,7 @@ class Recipe:
     lr_ref_width: int = 0  # 0: every size uses `lr`; else lr * (lr_ref_width / d_model)^lr_power
     lr_power: float = 1.0
     # > 0: each size's model.init_std is init_fan_in / sqrt(d_model) (GPT-2's 0.02 at width 768
-    # is 0.55); 0: every size keeps the base config's init_std
+    # is 0.55), over the spec's overrides but not a size's own; 0: the base config's init_std
     init_fan_in: float = 0.0
     warmup_tokens_per_param: float = 1.0  # warmup scales with model size: N tokens by default
     min_warmup_steps: int = 5
@@ -123,6 +123,9 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
                           "`isoflop` (compute budgets)")
     if spec.fit.law == "isoflop" and not spec.isoflop:
         raise ConfigError(f"{path}: fit.law=isoflop needs `isoflop` compute budgets")
+    if spec.recipe.init_fan_in < 0:
+        raise ConfigError(f"{path}: recipe.init_fan_in={spec.recipe.init_fan_in}: a scale is "
+                          "positive (0: every size keeps the base config's init_std)")
     if spec.recipe.eval_points < 1:
         raise ConfigError(f"{path}: recipe.eval_points={spec.recipe.eval_points}: a trial needs "
                           "at least 1 evaluation (its final loss, which the fit takes)")
@@ -248,6 +251,9 @@ def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup
     if "optim.lr" not in size:  # a size may state its own tuned LR
         settings["optim.lr"] = lr
     if r.init_fan_in and "model.init_std" not in size:
+        if base.model.parametrization == "mup":
+            raise ConfigError("recipe.init_fan_in scales init_std with width, as "
+                              "model.parametrization=mup already does: set one or the other")
         settings["model.init_std"] = r.init_fan_in / base.model.d_model ** 0.5
     cfg = config_lib.load(spec.base, _dotted(spec.overrides) + _dotted(size) + _dotted(settings))
     return Trial(name, role, cfg)

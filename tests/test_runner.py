@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lm import cli, runner, spec as spec_lib
-from lm.store import FINAL, Store, load_points
+from lm.store import Store, load_points
 
 from sweeps import BASE, SIZES, spec_file
 from test_trackers import read_scalars
@@ -157,7 +157,7 @@ def test_status_lists_every_trial_as_json(finished, capsys):
 
 
 def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
-    path, _, done_before = finished
+    path, _, _ = finished
     sweep_dir = tmp_path / "sweep"
     shutil.copytree(path.parent / "sweep", sweep_dir)
     spec = yaml.safe_load(path.read_text())
@@ -186,12 +186,13 @@ def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
     assert row in report
     assert "It counted N as all parameters (the spec now counts the training FLOPs" in report
     assert json.loads((sweep_dir / "fit.json").read_text())["n_counted"] == "flops"
-    # a rerun that trained nothing reports where the study's time went, not its own idling:
-    # the trials the fixture's second run ended (its killed first run left no record)
-    names = {t.name for t in spec_lib.plan(spec_lib.load_spec(tmp_path / "fewer.yaml"))}
-    ended = {r["name"] for r in Store(sweep_dir / "store.sqlite").trials()
-             if r["status"] in FINAL} & names
-    assert f"{len(ended - done_before)} trials ended in one run of `lm sweep`" in report
+    # a rerun that trained nothing reports where the study's time went, as before it, the
+    # trials of the size it no longer has included: the time went into them too
+    def time_section(text):
+        return text.split("## Where the time went")[1].split("## Trials")[0]
+
+    assert time_section(report) == time_section(before)
+    assert "trials ended in one run of `lm sweep`" in report
 
 
 def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_path):
@@ -391,10 +392,28 @@ def test_a_held_out_run_that_failed_is_reported_as_failed(tmp_path):
     assert f"from the fit of {prior.n_runs} fitting runs" in text
 
 
+def test_an_interrupted_run_of_the_sweep_is_recorded(tmp_path, monkeypatch):
+    """A runner stopped by Ctrl-C (after its workers saved their trials) still records its
+    run, so that the study's time split counts the trials it ended."""
+    def interrupted(*args):
+        store = args[-1]
+        name = store.claim("w")
+        assert store.finish(name, [], 1.0, {"steps": 1.0}, worker="w")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_supervise", interrupted)
+    path = spec_file(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(path, workers=3, cpu_devices=1)
+    (run,) = Store(tmp_path / "sweep" / "store.sqlite").runs()
+    assert run["workers"] == 3 and run["started"] <= run["ended"] and run["peak"] > 0
+
+
 def test_the_time_split_sums_the_runs_that_ended_trials():
-    """Two runs of `lm sweep` (a study stopped and resumed): their wall times, worker-seconds
-    and capacity add up; a trial that ended outside both (in a run killed before its report)
-    is not counted, as its run's wall time is not; runs at once share their wall time."""
+    """Two runs of `lm sweep` (a study interrupted and resumed): their wall times, worker-seconds
+    and capacity add up; a trial that ended outside both (in a run killed by SIGKILL, which
+    leaves no record) is not counted, as that run's time is not; runs at once share their
+    wall time."""
     from lm import report
 
     def row(updated, flops, steps):

@@ -31,6 +31,15 @@ def test_plan_applies_the_recipe(tmp_path):
     assert facts["flops"] > facts["flops_6nd"] * 0.9 and facts["params_non_embedding"] > 0
 
 
+def test_a_fan_in_init_is_positive_and_not_stacked_on_mup(tmp_path):
+    with pytest.raises(ConfigError, match="init_fan_in=-0.5"):
+        spec_lib.load_spec(spec_file(tmp_path, recipe={"lr": 1e-2, "init_fan_in": -0.5}))
+    mup = spec_file(tmp_path, recipe={"lr": 1e-2, "init_fan_in": 0.5},
+                    overrides={**BASE, "model.parametrization": "mup", "model.base_width": 16})
+    with pytest.raises(ConfigError, match="mup already does"):
+        spec_lib.plan(spec_lib.load_spec(mup))
+
+
 def test_held_out_runs_may_be_several_and_a_small_size_trained_longer(tmp_path):
     large = {"size": {**SIZES[2], "model.d_model": 64}, "tokens": 32768}
     trials = spec_lib.plan(spec_lib.load_spec(spec_file(
