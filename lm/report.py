@@ -182,9 +182,9 @@ def _timing(t: dict) -> list[str]:
                 "recorded, has none).", ""]
     runs = "one run" if t["runs"] == 1 else f"{t['runs']} runs"
     lines = ["## Where the time went", "",
-             f"{t['trials']} trials ended in {runs} of `lm sweep`: {t['wall_s']:.0f} s of wall time, "
-             f"{t['worker_s']:.0f} worker-seconds. Study MFU {t['mfu']:.1%}: {t['flops']:.3g} "
-             f"model FLOPs over the wall time and a measured peak of "
+             f"{t['trials']} trials ended in {runs} of `lm sweep`: {t['wall_s']:.0f} s of wall "
+             f"time, {t['worker_s']:.0f} worker-seconds. Study MFU {t['mfu']:.1%}: "
+             f"{t['flops']:.3g} model FLOPs over the wall time and a measured peak of "
              f"{t['peak_flops_per_s'] / 1e9:.0f} GFLOP/s"
              + (f" ({t['resumed']} of the trials resumed an earlier attempt and count whole: "
                 "an upper bound)" if t.get("resumed") else "") + ".",

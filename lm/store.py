@@ -404,7 +404,7 @@ class Store:
 
     def runs(self) -> list[dict]:
         return [json.loads(r["value"]) for r in self.db.execute(
-            "SELECT value FROM sweep WHERE key LIKE ? ORDER BY key", ("run:%",))]
+            "SELECT value FROM sweep WHERE key LIKE ?", ("run:%",))]
 
     # ----------------------------------------------------------------------- reading
 
