@@ -56,6 +56,7 @@ N_COUNTS = {"total": "all parameters", "non_embedding": "the non-embedding param
 E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or span half its range
 CHI2_95 = 3.841  # 95% quantile of chi-squared with 1 degree of freedom: the profile's cut
 CHI2_95_2DF = 5.991  # ... with 2: the noise trend's test
+E_TOL = 1e-4  # of the lowest loss: how closely the range of E the data allow is bisected
 MAX_TREND_CORRELATION = 0.99  # |corr(log N, log D)| over the seed groups beyond which N and D
 # cannot be told apart in the noise trend
 LAPLACE_DRAWS = 400
@@ -192,11 +193,16 @@ class _Problem:
 
     def bounds(self, e: float | None = None) -> list[tuple[float, float]]:
         """E in [0, lowest loss) (or fixed at `e`); each term's level and exponent bounded so
-        that nothing overflows."""
+        that nothing overflows. Under an outer power p a level is log S = log(L - E) / p: 11.6
+        for Kaplan et al.'s own law (alpha_D 0.095), so its bounds are those of L - E from
+        e^-3 to e^3 at the smallest p; exp(300 + 4 |x|), squared, stays finite for inputs
+        spanning 10^15 either side of their centre."""
         exponents = [(0.0, 4.0)] * self.k
+        levels = (-30.0, 10.0)
         if self.outer:
             exponents = exponents[:-1] + [(1.0, 1.0), (0.01, 2.0)]
-        return [(0.0, self.e_max) if e is None else (e, e)] + [(-30.0, 10.0)] * self.k + exponents
+            levels = (-300.0, 300.0)
+        return [(0.0, self.e_max) if e is None else (e, e)] + [levels] * self.k + exponents
 
     def psi(self, r: np.ndarray) -> np.ndarray:
         """The robust loss's derivative: r, clipped to [-delta, delta] for Huber."""
@@ -1002,8 +1008,8 @@ def _identifiability(fit: Fit, law: _Law, train: Points, delta: float) -> Identi
         inside = fit.params["E"]
         for e in side:
             if at(e, inside) - fit.objective > cut:
-                for _ in range(4):  # the crossing, between the last E inside and e
-                    mid = (inside + e) / 2
+                while abs(e - inside) > E_TOL * p.e_max:  # the crossing, between the last E
+                    mid = (inside + e) / 2  # inside and e (a large E may be pinned tightly)
                     inside, e = (mid, e) if at(mid, inside) - fit.objective <= cut else (inside, mid)
                 break
             inside = e
