@@ -224,18 +224,28 @@ def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
     if not records:
         raise FitError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
     points = _parse(records, lambda i: f"{path}, line {lines[i]}")
+    # a file appended to itself, not two measurements; rows that name no run (each a run of
+    # its own) repeat one another by their size instead
+    runs = [f"{n:g} parameters" if r == _own_run(i) else repr(str(r))
+            for i, (r, n) in enumerate(zip(points.run, points.params))]
     first: dict = {}
-    for i, key in enumerate(zip(points.run, points.step, points.tokens, points.loss)):
-        if first.setdefault(key, i) != i:  # a file appended to itself, not two measurements
+    for i, key in enumerate(zip(runs, points.step, points.tokens, points.loss)):
+        if first.setdefault(key, i) != i:
+            step = f", step {key[1]}" if key[1] >= 0 else ""
             raise FitError(f"{path}, line {lines[i]} repeats line {lines[first[key]]} (run "
-                           f"{str(key[0])!r}, step {key[1]}, {key[2]:g} tokens, loss "
-                           f"{key[3]:g}): each point once, or it counts twice in the fit")
+                           f"{key[0]}{step}, {key[2]:g} tokens, loss {key[3]:g}): each point "
+                           "once, or it counts twice in the fit")
     return points
 
 
-def resample_runs(run: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def resample_runs(run: np.ndarray, rng: np.random.Generator,
+                  strata: np.ndarray | None = None) -> np.ndarray:
     """Point indices of one bootstrap sample: as many runs as there are, drawn with
-    replacement, each contributing all of its points."""
+    replacement, each contributing all of its points; with `strata` (a label per point, one
+    per run), as many from each stratum as it has."""
+    if strata is not None:
+        return np.concatenate([np.flatnonzero(strata == s)[resample_runs(run[strata == s], rng)]
+                               for s in np.unique(strata)])
     _, inv, counts = np.unique(run, return_inverse=True, return_counts=True)
     order = np.argsort(inv, kind="stable")  # points grouped by run
     starts = np.cumsum(counts) - counts

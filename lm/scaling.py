@@ -450,6 +450,9 @@ class _Law:
     finals_only: bool = False  # IsoFLOP curves compare runs at their end, not along the way
     frontier: bool = False  # Kaplan's L(C) is the envelope of all runs' points
     outer: bool = False  # E + S^p rather than E + S (see _Problem)
+    # points of models that saw fewer tokens per parameter are not fitted unless told
+    # otherwise: the transient of early training, not the law
+    min_tokens_per_param: float = 1.0
 
 
 _LAWS = {
@@ -464,7 +467,9 @@ _LAWS = {
                    _inputs_kaplan, _from_theta_kaplan, _to_theta_kaplan, _kaplan_loss,
                    frontier=True),
     "isoflop": _Law("N_opt = k_N C^a, D_opt = k_D C^b", ("k_N", "a", "k_D", "b"),
-                    _check_isoflop, finals_only=True),
+                    _check_isoflop, finals_only=True, min_tokens_per_param=0.0),  # an IsoFLOP
+    # curve's large-model arm lies under 1 token per parameter by design: without it, the
+    # parabola's vertex moves
 }
 LAWS = tuple(_LAWS)
 LOSS_LAWS = tuple(name for name, law in _LAWS.items() if law.loss is not None)
@@ -834,12 +839,18 @@ def too_few_tokens(tokens, params, min_tokens_per_param: float):
     return np.asarray(tokens) < min_tokens_per_param * np.asarray(params)
 
 
+def tokens_per_param_floor(law: str, given: float | None = None) -> float:
+    """`given`, else `law`'s default (1 token per parameter; 0 for isoflop)."""
+    return _law(law).min_tokens_per_param if given is None else given
+
+
 def check_design(points: Points, law: str = "chinchilla", drop_early: float = 0.1,
-                 min_tokens_per_param: float = 1.0) -> None:
+                 min_tokens_per_param: float | None = None) -> None:
     """Refuse planned points (say, a sweep's, before it trains) that could not pin `law` down:
     the same check a fit makes, made before any compute is spent."""
     spec = _law(law)
-    spec.check(_fitted(points, spec, drop_early, min_tokens_per_param)[0])
+    floor = tokens_per_param_floor(law, min_tokens_per_param)
+    spec.check(_fitted(points, spec, drop_early, floor)[0])
 
 
 def _raw_fit(train: Points, law: _Law, delta: float, noise: Noise | None, fpt, start=None
@@ -866,14 +877,15 @@ def fit(points: Points, law: str = "chinchilla", **options) -> Fit:
 
 def _fit(points: Points, law: str = "chinchilla", *,
          holdout: str | Collection[str] | None = None, holdout_above: float | None = None,
-         bootstrap: int = 0, drop_early: float = 0.1, min_tokens_per_param: float = 1.0,
+         bootstrap: int = 0, drop_early: float = 0.1, min_tokens_per_param: float | None = None,
          loss: str = "huber", huber_delta: float | None = None, seed: int = 0) -> Fit:
     """Fit ``law`` to ``points``.
 
     drop_early: drop points trained on less than this fraction of their run's final tokens
         (points marked annealed are used instead, when there are any).
     min_tokens_per_param: drop points of models that have seen fewer tokens than this many
-        per parameter: the transient of early training, not the law.
+        per parameter: the transient of early training, not the law (default: 1; 0 for
+        isoflop).
     holdout: None, "largest" (the run(s) with the largest final compute) or run ids; with
         holdout_above, the runs with more final FLOPs than that too. They are left out and
         their final losses predicted (ARE).
@@ -881,6 +893,7 @@ def _fit(points: Points, law: str = "chinchilla", *,
     loss: "huber" on log L, its delta set from the noise unless huber_delta is given; "lsq".
     """
     spec = _law(law)
+    min_tokens_per_param = tokens_per_param_floor(law, min_tokens_per_param)
     if not 0 <= drop_early < 1:
         raise FitError(f"drop_early={drop_early}; expected a fraction in [0, 1)")
     if bootstrap < 0:
@@ -937,13 +950,17 @@ def _fit(points: Points, law: str = "chinchilla", *,
 def _bootstrap(train: Points, law: _Law, delta: float, noise: Noise | None, fpt, start: dict,
                n: int, seed: int) -> Bootstrap:
     """Refit on ``n`` resamples of whole runs, each from the grid of starts and the point
-    estimate, whichever is better; failed and unconverged refits are counted and left out."""
+    estimate, whichever is better; failed and unconverged refits are counted and left out.
+    IsoFLOP curves are resampled each within its budget: the budgets are the design, the runs
+    on each the sample (drawn across budgets, most refits left some budget with too few sizes
+    for its parabola)."""
     rng = np.random.default_rng(seed)
+    strata = group_budgets(train.flops) if law.finals_only else None
     draws, failed, not_converged = [], 0, 0
     for _ in range(n):
         try:
-            params, _, converged, _ = _raw_fit(train.select(resample_runs(train.run, rng)),
-                                               law, delta, noise, fpt, start)
+            sample = train.select(resample_runs(train.run, rng, strata))
+            params, _, converged, _ = _raw_fit(sample, law, delta, noise, fpt, start)
         except (FitError, ArithmeticError):  # too few distinct sizes, or nothing to fit
             failed += 1
             continue
@@ -1186,14 +1203,16 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                  if (span := held_out_range(fit, r)) for lo, hi in [span]]
         out.append(f"E is not identified: the fit is as good, within the noise, for E from "
                    f"{ident.allowed[0]:.3g} to {ident.allowed[1]:.3g}"
-                   + (f"; held-out predictions across that range: {'; '.join(moves)}" if moves
-                      else "") + ". Add model sizes or budgets over a wider range, or seeds")
-    span = np.log10(train.flops.max() / train.flops.min())
-    for r in fit.holdout:
-        if np.log10(r.compute_ratio) > max(span, 1.0):
-            out.append(f"{r.run} uses {r.compute_ratio:.0f}x the largest fitting run's compute, "
-                       f"farther than the fitted points span ({10 ** span:.0f}x): trust its "
-                       "prediction less")
+                   + (f"; held-out predictions across that range: {_some(moves, '; ')}"
+                      if moves else "") + ". Add model sizes or budgets over a wider range, "
+                   "or seeds")
+    span = train.flops.max() / train.flops.min()
+    far = [r for r in fit.holdout if r.compute_ratio > max(span, 10.0)]
+    if far:
+        out.append(f"{_some([r.run for r in far], ', ')} use{'s' * (len(far) == 1)} up to "
+                   f"{max(r.compute_ratio for r in far):.3g}x the largest fitting run's "
+                   f"compute, farther than the fitted points span ({span:.3g}x): trust "
+                   f"{'its prediction' if len(far) == 1 else 'their predictions'} less")
     for b in fit.budgets:
         if not b.inside:
             out.append(f"the IsoFLOP minimum at C={b.flops:.3g} lies outside the sizes tried; "
@@ -1206,8 +1225,14 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                       "identified; add sizes or budgets"))
     if fit.outliers:
         out.append(f"{len(fit.outliers)} run(s) lie more than 3 noise sigmas off the law: "
-                   f"{', '.join(fit.outliers[:5])}{' ...' if len(fit.outliers) > 5 else ''}")
+                   f"{_some(fit.outliers, ', ')}")
     return out
+
+
+def _some(items: Sequence[str], sep: str, most: int = 5) -> str:
+    """The first `most` of `items`, and how many more there are."""
+    more = f"{sep}... ({len(items) - most} more)" if len(items) > most else ""
+    return sep.join(items[:most]) + more
 
 
 def _positive_array(value: Any, name: str) -> np.ndarray:

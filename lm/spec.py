@@ -62,7 +62,8 @@ class FitSpec:
     bootstrap: int = 100
     params: Literal["total", "non_embedding", "flops"] = "total"  # N: see fit_params
     metric: str = "val"  # the validation set whose loss is fitted (data.val_sets names more)
-    min_tokens_per_param: float = 1.0  # points of models that saw fewer are not fitted
+    # points of models that saw fewer are not fitted (default: 1; 0 for isoflop)
+    min_tokens_per_param: float | None = None
     # sizes whose seeds spread by more than this (std of log loss) leave the fit; 0: none do
     max_noise: float = 0.0
 
@@ -270,8 +271,8 @@ def _runs(spec: SweepSpec, size: dict, budgets: list[float], seed: int, role: st
     steps = sorted(_steps(spec, base, size, tokens) for tokens in budgets)
     warmup = _warmup(spec, base, steps[0])
     n = fit_params(spec, base)
-    steps = [s for s in steps if not scaling.too_few_tokens(s * base.tokens_per_step, n,
-                                                             spec.fit.min_tokens_per_param)]
+    floor = scaling.tokens_per_param_floor(spec.fit.law, spec.fit.min_tokens_per_param)
+    steps = [s for s in steps if not scaling.too_few_tokens(s * base.tokens_per_step, n, floor)]
     if not steps:
         return []
     if spec.recipe.schedule == "cosine":
@@ -333,8 +334,9 @@ def plan(spec: SweepSpec) -> list[Trial]:
                                                seeds if "seeds" in h.size else seeds[:1])))
     trials = _named_apart(groups)
     if not any(t.role == "fit" for t in trials):
+        floor = scaling.tokens_per_param_floor(spec.fit.law, spec.fit.min_tokens_per_param)
         raise ConfigError("the sweep as planned cannot be fitted: every budget gives its size "
-                          f"fewer than fit.min_tokens_per_param={spec.fit.min_tokens_per_param:g}"
+                          f"fewer than fit.min_tokens_per_param={floor:g}"
                           " tokens per parameter; lower it or raise the budgets")
     largest = max(t.facts()["flops"] for t in trials if t.role == "fit")
     for t in trials:

@@ -62,6 +62,8 @@ HEADER = "params,tokens,loss\n"
      r"line 3, column 'flops': missing value, where other rows have one"),
     ("params,tokens,loss,run,step\n1e8,1e9,3,a,1\n1e8,2e9,2.9,a,2\n1e8,1e9,3,a,1\n",
      r"line 4 repeats line 2 \(run 'a', step 1"),
+    (HEADER + "1e8,1e9,3\n2e8,1e9,2.9\n1e8,1e9,3\n",  # no run column: each row its own run
+     r"line 4 repeats line 2 \(run 1e\+08 parameters, 1e\+09 tokens, loss 3\)"),
 ])
 def test_bad_csv_errors_say_where_and_what(tmp_path, text, message):
     path = write(tmp_path, text)

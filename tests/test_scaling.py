@@ -8,7 +8,7 @@ import pytest
 
 from lm import scaling
 from lm.errors import FitError
-from lm.points import Points, load_csv
+from lm.points import Points, load_csv, resample_runs
 from lm.scaling import Fit, fit, format_fit, format_prediction, predict
 
 TRUE = {"E": 1.8, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.30}
@@ -50,16 +50,16 @@ def study(rng, noise=0.005, truth=TRUE, sizes=np.geomspace(1e6, 1e7, 6), ratios=
     return Points.from_rows(rows)
 
 
-def isoflop_curves(budgets=(1e17, 1e18, 1e19, 1e20), steps=4):
-    """Noiseless runs from TRUE, 7 sizes around the optimum per budget; each run is a learning
-    curve whose earlier checkpoints must not be taken for budgets of their own."""
-    g, a, _, _ = scaling._allocation_coefs("chinchilla", TRUE, SIX)
+def isoflop_curves(budgets=(1e17, 1e18, 1e19, 1e20), steps=4, truth=TRUE):
+    """Noiseless runs from `truth`, 7 sizes around the optimum per budget; each run is a
+    learning curve whose earlier checkpoints must not be taken for budgets of their own."""
+    g, a, _, _ = scaling._allocation_coefs("chinchilla", truth, SIX)
     rows = []
     for c in budgets:
         for n in g * c ** a * np.geomspace(1 / 8, 8, 7):
             for k in range(1, steps + 1):
                 d = c / (6 * n) * k / steps
-                rows.append({"params": n, "tokens": d, "loss": law(n, d),
+                rows.append({"params": n, "tokens": d, "loss": law(n, d, truth),
                              "run": f"C{c:.0e}-N{n:.3g}", "step": k})
     return Points.from_rows(rows)
 
@@ -432,6 +432,35 @@ def test_isoflop_recovers_compute_optimal_allocation():
         predict(result, params=1e9, tokens=1e10)
 
 
+def test_isoflop_keeps_the_large_models_under_one_token_per_parameter():
+    """An IsoFLOP curve's large-model arm lies under 1 token per parameter by design (here its
+    optimum is at 7-11): the isoflop fit keeps it unless told otherwise. (Dropped as the
+    parametric laws drop such points, it moved the fitted exponent of a public sweep from 0.424
+    to 0.377.)"""
+    truth = dict(TRUE, B=400.0)
+    points = isoflop_curves(steps=1, truth=truth)
+    assert np.mean(points.tokens < points.params) >= 0.25
+    result = fit(points, "isoflop")
+    assert result.n_points == len(points)
+    assert result.params["a"] == pytest.approx(scaling._allocation_coefs(
+        "chinchilla", truth, SIX)[1], abs=0.01)
+
+
+def test_isoflop_bootstrap_resamples_runs_within_each_budget():
+    """The budgets are the design and the runs on each the sample: every refit keeps each
+    budget's count of runs (drawn across budgets, 7 of 40 refits here left a budget with too
+    few sizes for its parabola, and failed)."""
+    points = isoflop_curves(steps=1)
+    rng = np.random.default_rng(0)
+    points = replace(points, loss=points.loss * np.exp(0.003 * rng.standard_normal(len(points))))
+    budgets = scaling.group_budgets(points.flops)
+    drawn = resample_runs(points.run, rng, budgets)
+    assert np.array_equal(np.bincount(budgets[drawn]), np.bincount(budgets))
+    assert len(np.unique(points.run[drawn])) < len(points)  # drawn with replacement
+    result = fit(points, "isoflop", bootstrap=40)
+    assert result.bootstrap.failed == 0 and result.bootstrap.not_converged == 0
+
+
 def test_isoflop_needs_three_sizes_per_budget():
     points = isoflop_curves(steps=1)
     smallest = points.flops < 2e17
@@ -464,7 +493,16 @@ def test_few_sizes_and_far_extrapolation_are_warned_about():
     points = study(np.random.default_rng(4), sizes=np.geomspace(1e6, 2e6, 3), held_ratio=400)
     warnings = fit(points, holdout=["held"]).warnings
     assert any("only 3 distinct model sizes" in w for w in warnings)
-    assert any("held uses 400x the largest fitting run's compute" in w for w in warnings)
+    assert any("held uses up to 400x the largest fitting run's compute" in w for w in warnings)
+
+
+def test_warnings_about_many_held_out_runs_name_a_few_and_count_the_rest():
+    points = study(np.random.default_rng(4), sizes=np.geomspace(1e6, 2e6, 3), held_ratio=400,
+                   held_seeds=8)
+    warnings = fit(points, holdout=[f"held-s{s}" for s in range(8)]).warnings
+    (far,) = [w for w in warnings if "farther than the fitted points span" in w]
+    assert far.startswith("held-s0, held-s1, held-s2, held-s3, held-s4, ... (3 more) use up to ")
+    assert "trust their predictions less" in far
 
 
 # ----------------------------------------------------------------------------- points used
