@@ -575,8 +575,8 @@ def test_bootstrap_resamples_runs_and_brackets_the_truth(boot_fit, monkeypatch):
     drawn = []  # and the fit really draws its resamples that way
     resample = scaling.resample_runs
 
-    def recording(run, rng):
-        drawn.append((run, resample(run, rng)))
+    def recording(run, rng, strata=None):
+        drawn.append((run, resample(run, rng, strata)))
         return drawn[-1][1]
 
     monkeypatch.setattr(scaling, "resample_runs", recording)
