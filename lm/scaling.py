@@ -418,7 +418,9 @@ def _check_isoflop(points: Points) -> list[Points]:
         if sizes < 3:
             raise FitError(f"an isoflop fit needs >= 3 distinct model sizes per compute "
                            f"budget; the budget at C ~ {np.exp(np.log(b.flops).mean()):.3g} "
-                           f"FLOPs has {sizes}")
+                           f"FLOPs has {sizes} (runs are one budget when their FLOPs lie "
+                           f"within {BUDGET_TOL:.0%}: where 6ND strays from the budget the runs "
+                           "were sized for, give that budget in the flops column)")
     if len(budgets) < 2:
         raise FitError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
                        f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")
