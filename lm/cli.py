@@ -225,7 +225,7 @@ def _fit_settings(args) -> None:
 
 
 def cmd_fit(args) -> int:
-    from lm import scaling, store
+    from lm import backtest, scaling, store
 
     _fit_settings(args)
     points, designated = store.load_points(args.source, args.ignore_columns, args.metric,
@@ -242,8 +242,15 @@ def cmd_fit(args) -> int:
                          min_tokens_per_param=args.min_tokens_per_param, loss=args.loss,
                          huber_delta=args.huber_delta, seed=args.seed)
     result = dataclasses.replace(result, n_counted=args.params)
-    out.write_text(json.dumps(result.to_json(), indent=1))
-    print(scaling.format_fit(result))
+    written = result.to_json()
+    summary = scaling.format_fit(result)
+    if result.holdout:  # the same reach, tried on the fitting runs
+        ratio = max(r.compute_ratio for r in result.holdout)
+        tried = backtest.backtest(result, points, ratio)
+        written["backtest"] = dataclasses.asdict(tried)
+        summary += "\n  " + backtest.describe(tried)
+    out.write_text(json.dumps(written, indent=1))
+    print(summary)
     print(f"wrote {args.out}")
     return 0
 

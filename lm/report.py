@@ -9,7 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lm import plots, scaling
+from lm import backtest, plots, scaling
 from lm.points import Points
 from lm.scaling import Fit
 
@@ -155,6 +155,12 @@ def _trust(r: Results) -> list[str]:
         if span:
             lines.append(f"- Across those E, the prediction for {h.run} moves from {span[0]:.4f} "
                          f"to {span[1]:.4f}.")
+    tried = (r.registered or {}).get("backtest")
+    if tried:  # registered with the prediction: what the law's reach looked like beforehand
+        line = backtest.describe(backtest.Backtest(**tried)).removeprefix("backtest: ")
+        lines.append(f"- Its reach, tried on the fitting runs when the prediction was registered: "
+                     f"{line}. The interval leaves out a law of the wrong shape; this tries "
+                     "it, with fewer runs than the fit.")
     if fit.outliers:
         lines.append(f"- Outliers (more than 3 noise sigmas off the law): "
                      f"{', '.join(fit.outliers)}.")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lm import (config as config_lib, flops, report, rundir, scaling, schedule,
+from lm import (backtest, config as config_lib, flops, report, rundir, scaling, schedule,
                 spec as spec_lib, trackers)
 from lm.errors import Busy, Fenced, FitError, Interrupted, LMError, StoreError
 from lm.points import Points
@@ -107,12 +107,18 @@ def exclusive(sweep_dir: Path):
 # --------------------------------------------------------------------------- the prediction
 
 
-def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit:
-    """The law of the finished fitting trials among `names` (the current plan's), with N
+def _fitting_points(spec: SweepSpec, store: Store, names, params: str | None = None) -> Points:
+    """The points of the finished fitting trials among `names` (the current plan's), with N
     counted as `params` (default: the spec's), without the sizes too noisy to fit."""
     f = spec.fit
     points = store.points_of(params or f.params, roles=("fit",), names=names, metric=f.metric)
-    points = points.select(~np.isin(points.params, list(too_noisy(spec, size_noise(points)))))
+    return points.select(~np.isin(points.params, list(too_noisy(spec, size_noise(points)))))
+
+
+def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit:
+    """The law of `_fitting_points`."""
+    f = spec.fit
+    points = _fitting_points(spec, store, names, params)
     try:
         fit = scaling.fit(points, f.law, bootstrap=f.bootstrap, drop_early=f.drop_early,
                           min_tokens_per_param=f.min_tokens_per_param)
@@ -178,7 +184,10 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     if any(status.get(name) not in FINAL for name in fitting):
         return False
     try:
-        body = {**registration(_fit(spec, store, fitting), held, spec),
+        fit = _fit(spec, store, fitting)
+        ratio = max(t.facts()["flops"] for t in held) / fit.max_fit_flops
+        tried = backtest.backtest(fit, _fitting_points(spec, store, fitting), ratio)
+        body = {**registration(fit, held, spec), "backtest": dataclasses.asdict(tried),
                 "fitted_runs": sorted(n for n in fitting if status[n] == "done")}
     except LMError as e:
         body = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "failed": str(e)}

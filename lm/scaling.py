@@ -1080,7 +1080,8 @@ def _draws(fit: Fit) -> dict[str, np.ndarray] | None:
     k = (thetas.shape[1] - 1 - law.outer) // 2  # E, k levels, k exponents (, outer power)
     thetas[:, 0] = np.maximum(thetas[:, 0], 0.0)  # E >= 0
     thetas[:, k + 1:] = np.maximum(thetas[:, k + 1:], 1e-9)  # exponents > 0
-    return law.from_theta(thetas.T)
+    with np.errstate(over="ignore"):  # a wild draw's constants may overflow: dropped later
+        return law.from_theta(thetas.T)
 
 
 def _law_losses(fit: Fit, n, d, c) -> tuple[np.ndarray, np.ndarray | None]:

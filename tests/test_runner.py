@@ -107,16 +107,22 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
     assert held["compute_ratio"] > 4 and held["flops_6nd"] < held["flops"]
     lo, hi = held["interval"]
     assert lo < held["predicted"] < hi and scored["loss"] > 0
+    # the law's reach, tried on the fitting runs at the held-out run's compute ratio
+    assert registered["backtest"]["ratio"] == pytest.approx(held["compute_ratio"])
     report = (sweep_dir / "report.md").read_text()
     for part in ("Held-out prediction (registered)", "Where the time went", "Study MFU",
-                 "| steps |", "plots/holdout.png", "N counts all parameters."):
+                 "| steps |", "plots/holdout.png", "N counts all parameters.",
+                 "Its reach, tried on the fitting runs when the prediction was registered"):
         assert part in report, part
     assert "Refit after registration" not in report
     assert "held-out" in out.stdout and "ARE" in out.stdout
     refit = lm("fit", str(sweep_dir), "--out", str(path.parent / "refit.json"),
                "--min-tokens-per-param", "0", "--bootstrap", "0")  # the ARE needs no intervals
     assert refit.returncode == 0, refit.stderr
-    assert json.loads((path.parent / "refit.json").read_text())["are"] == pytest.approx(fit["are"])
+    refitted = json.loads((path.parent / "refit.json").read_text())
+    assert refitted["are"] == pytest.approx(fit["are"])
+    assert refitted["backtest"]["ratio"] == pytest.approx(held["compute_ratio"], rel=1e-6)
+    assert "backtest: " in refit.stdout
 
 
 def test_n_counted_by_flops_is_each_trials_flops_per_token_over_6(finished, capsys):

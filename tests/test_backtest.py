@@ -1,0 +1,45 @@
+"""The law's reach, tried on its own runs: small where the law holds, large and of the right
+sign where it does not, and said plainly where there are too few runs to try it."""
+
+import numpy as np
+
+from lm import backtest, scaling
+from lm.points import Points
+from test_scaling import KAPLAN_ND, kaplan_nd, law
+
+
+def grid(loss_fn, noise, seed=0, sizes=np.geomspace(1e6, 1e9, 10), ratios=(5, 10, 20, 40)):
+    rng = np.random.default_rng(seed)
+    n, r = (a.ravel() for a in np.meshgrid(sizes, ratios))
+    d = n * r
+    loss = loss_fn(n, d) * np.exp(noise * rng.standard_normal(n.size))
+    return Points(params=n, tokens=d, loss=loss, run=[f"N{a:.3g}-r{b}" for a, b in zip(n, r)],
+                  annealed=np.ones(n.size, bool))
+
+
+def test_where_the_law_holds_its_reach_misses_by_about_the_noise():
+    points = grid(law, 0.003)
+    tried = backtest.backtest(scaling.fit(points), points, 16.0)
+    assert tried.ratio == 16.0 and tried.runs == 6
+    assert tried.rms < 3 * 0.003 and abs(tried.mean) < 2 * 0.003
+    assert "the law predicts the" in backtest.describe(tried)
+
+
+def test_a_law_of_the_wrong_shape_shows_in_its_reach_with_its_sign():
+    """Kaplan's L(N, D) (data saturation depends on size) fitted with Chinchilla's sum: the
+    sum, fitted on the small runs, misses the large ones far beyond the noise."""
+    points = grid(lambda n, d: kaplan_nd(n, d, dict(KAPLAN_ND, N_c=2e9, D_c=5e10)), 0.002)
+    wrong = backtest.backtest(scaling.fit(points, "chinchilla"), points, 4.0)
+    right = backtest.backtest(scaling.fit(points, "kaplan-nd"), points, 4.0)
+    assert wrong.runs == right.runs == np.sum(points.flops > points.flops.max() / 4)
+    assert wrong.rms > 5 * 0.002 and wrong.mean > 3 * 0.002  # the sum predicts too low
+    assert right.rms < 2 * 0.002
+
+
+def test_too_few_runs_below_the_reach_say_so():
+    points = grid(law, 0.003, sizes=np.geomspace(1e6, 4e6, 3))
+    fit = scaling.fit(points)
+    tried = backtest.backtest(fit, points, 1000.0)
+    assert tried.runs == 0 and tried.rms is None
+    assert backtest.describe(tried).startswith("backtest: too few fitting runs below 1/1e+03")
+    assert backtest.backtest(fit, points, 1.0).runs == 0  # no reach to try
