@@ -1,0 +1,48 @@
+"""The backtest against the held-out error it is meant to foreshadow, source by source.
+
+    python tools/backtest_bench.py SOURCE... --holdout-above FLOPS [--law LAW]
+                                   [--min-tokens-per-param R]
+
+Each SOURCE (a points CSV or a sweep) is fitted below FLOPS and scored above it; the line
+gives the backtest's RMS error and mean (refitted at 1/r of the largest fitting run's compute,
+r the farthest held-out run's reach) beside the held-out runs' own, then the medians. The
+README's figures for the main job's studies:
+
+    python tools/backtest_bench.py experiments/results/quick/seed*/points.csv \\
+        --holdout-above 2e12 --law kaplan-nd --min-tokens-per-param 4
+"""
+
+import argparse
+import statistics
+
+import numpy as np
+
+from lm import backtest, scaling, store
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("sources", nargs="+")
+    p.add_argument("--holdout-above", type=float, required=True, metavar="FLOPS")
+    p.add_argument("--law", default="chinchilla", choices=scaling.LAWS)
+    p.add_argument("--min-tokens-per-param", type=float, metavar="R")
+    args = p.parse_args()
+    tried, held = [], []
+    for source in args.sources:
+        points, _ = store.load_points(source)
+        fit = scaling.fit(points, args.law, holdout_above=args.holdout_above,
+                          min_tokens_per_param=args.min_tokens_per_param)
+        b = backtest.backtest(fit, points, max(r.compute_ratio for r in fit.holdout))
+        z = np.log([r.loss / r.predicted for r in fit.holdout])
+        held.append(float(np.sqrt(np.mean(z ** 2))))
+        if b.runs:
+            tried.append(b.rms)
+        line = f"{100 * b.rms:5.2f}% (mean {100 * b.mean:+5.2f}%)" if b.runs else "too few runs"
+        print(f"{source}: backtest {line}; held-out {100 * held[-1]:5.2f}% (mean "
+              f"{100 * z.mean():+5.2f}%, {len(z)} runs)", flush=True)
+    print(f"median RMS error: backtest {100 * statistics.median(tried):.2f}% over {len(tried)}, "
+          f"held-out {100 * statistics.median(held):.2f}% over {len(held)}")
+
+
+if __name__ == "__main__":
+    main()
