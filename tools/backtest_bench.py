@@ -1,9 +1,10 @@
 """The backtest against the held-out error it is meant to foreshadow, source by source.
 
-    python tools/backtest_bench.py SOURCE... --holdout-above FLOPS [--law LAW]
-                                   [--min-tokens-per-param R]
+    python tools/backtest_bench.py SOURCE... (--holdout-above FLOPS | --holdout RUNS)
+                                   [--law LAW] [--min-tokens-per-param R]
 
-Each SOURCE (a points CSV or a sweep) is fitted below FLOPS and scored above it; the line
+Each SOURCE (a points CSV or a sweep) is fitted without its held-out runs (those above FLOPS,
+or the comma-separated RUNS) and scored on them; the line
 gives the backtest's RMS error and mean (refitted at 1/r of the largest fitting run's compute,
 r the farthest held-out run's reach) beside the held-out runs' own, then the medians. The
 README's figures for the main job's studies:
@@ -23,7 +24,9 @@ from lm import backtest, scaling, store
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("sources", nargs="+")
-    p.add_argument("--holdout-above", type=float, required=True, metavar="FLOPS")
+    held = p.add_mutually_exclusive_group(required=True)
+    held.add_argument("--holdout-above", type=float, metavar="FLOPS")
+    held.add_argument("--holdout", metavar="RUNS", help="run names, comma-separated")
     p.add_argument("--law", default="chinchilla", choices=scaling.LAWS)
     p.add_argument("--min-tokens-per-param", type=float, metavar="R")
     args = p.parse_args()
@@ -31,6 +34,7 @@ def main() -> None:
     for source in args.sources:
         points, _ = store.load_points(source)
         fit = scaling.fit(points, args.law, holdout_above=args.holdout_above,
+                          holdout=args.holdout.split(",") if args.holdout else None,
                           min_tokens_per_param=args.min_tokens_per_param)
         b = backtest.backtest(fit, points, max(r.compute_ratio for r in fit.holdout))
         z = np.log([r.loss / r.predicted for r in fit.holdout])
