@@ -50,6 +50,10 @@ from lm.errors import FitError
 from lm.points import BUDGET_TOL, Points, group_budgets, resample_runs
 
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
+# No loss is known better than this (of log L): a float32 loss has 7 digits, a table often 4-5.
+# Exact synthetic losses would otherwise set Huber's delta at rounding error (1e-11), where the
+# optimiser cannot meet its tolerance and the profile of E cannot tell one E from another.
+NOISE_FLOOR = 1e-5
 # What a fit's N counts (fit.params, lm fit --params), in words
 N_COUNTS = {"total": "all parameters", "non_embedding": "the non-embedding parameters",
             "flops": "the training FLOPs per token / 6 (so that C = 6ND exactly)"}
@@ -160,9 +164,11 @@ def noise_by_size(finals: Points) -> dict[float, Noise]:
 
 def residual_noise(residuals: np.ndarray, n_params: int) -> Noise:
     """The spread of the fit's residuals, robustly: 1.4826 x their median absolute deviation
-    (the standard deviation, for Gaussian noise), so that a few outliers do not inflate it."""
+    (the standard deviation, for Gaussian noise), so that a few outliers do not inflate it; at
+    least NOISE_FLOOR."""
     mad = np.median(np.abs(residuals - np.median(residuals)))
-    return Noise(float(1.4826 * mad), max(len(residuals) - n_params, 1), "residuals")
+    return Noise(max(float(1.4826 * mad), NOISE_FLOOR), max(len(residuals) - n_params, 1),
+                 "residuals")
 
 
 # ----------------------------------------------------------------------------- robust fit

@@ -302,6 +302,21 @@ def test_noise_comes_from_seeds_else_from_residuals_and_sets_delta():
     assert "least squares" in format_fit(lsq)
 
 
+def test_exact_losses_are_fitted_exactly_and_converge():
+    """Losses straight from the law, with no noise: the noise (from residuals) is floored at
+    NOISE_FLOOR, so Huber's delta is not set at rounding error (2.6e-11 here), where the fit
+    and all 10 bootstrap refits were 'NOT CONVERGED' and the data allowed E from 0.98 to 2.30
+    (the truth: 1.8)."""
+    points = study(np.random.default_rng(0), noise=0.0)
+    result = fit(points, bootstrap=10)
+    assert result.converged and result.noise.sigma == scaling.NOISE_FLOOR
+    for name, value in TRUE.items():
+        assert within(result.params[name], value, 1e-6), name
+    assert result.bootstrap.usable and result.bootstrap.not_converged == 0
+    lo, hi = result.identifiability.allowed
+    assert lo <= TRUE["E"] <= hi and hi - lo < 2e-3
+
+
 def test_converged_means_the_tolerance_was_met():
     points = Points(params=[1e6, 2e6, 4e6], tokens=[1e8, 3e8, 5e8], loss=[3.0, 2.8, 2.7])
     p, _ = scaling._problem(scaling._law("chinchilla"), points, 0.01)
