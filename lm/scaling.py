@@ -1222,6 +1222,17 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                    f"{max(r.compute_ratio for r in far):.3g}x the largest fitting run's "
                    f"compute, farther than the fitted points span ({span:.3g}x): trust "
                    f"{'its prediction' if len(far) == 1 else 'their predictions'} less")
+    if _law(fit.law).frontier and fit.holdout:  # beyond 2 noise sigmas: not noise
+        flops = np.r_[train.flops, [r.flops for r in fit.holdout]]
+        loss = np.r_[train.loss, [r.loss for r in fit.holdout]]
+        off = [r.run for r in fit.holdout if np.any(
+            (flops <= r.flops) & (loss < r.loss * np.exp(-2 * fit.noise.sigma)))]
+        if off:
+            out.append(f"{len(off)} of {len(fit.holdout)} held-out runs lie off the "
+                       f"compute-efficient frontier ({_some(off, ', ')}: another run reached a "
+                       f"loss lower by more than the noise with no more compute), which "
+                       f"{fit.law} predicts: their errors measure how far off they lie, not "
+                       "the law's")
     for b in fit.budgets:
         if not b.inside:
             out.append(f"the IsoFLOP minimum at C={b.flops:.3g} lies outside the sizes tried; "

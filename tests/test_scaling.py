@@ -414,6 +414,11 @@ def test_kaplan_fits_the_compute_efficient_frontier():
     n, d = 1e9, 2e10  # kaplan's loss for (N, D) is its loss at the run's compute
     assert predict(result, params=n, tokens=d, flops=7e20)["loss"] == pytest.approx(
         predict(result, flops=7e20)["loss"])
+    # held out above 1e20: the runs off the frontier are scored against it, and said to be
+    held = fit(points, "kaplan", holdout_above=1e20)
+    (off,) = [w for w in held.warnings if "off the compute-efficient frontier" in w]
+    assert off.startswith(f"{len(held.holdout) // 2} of {len(held.holdout)} held-out runs")
+    assert not any("off the compute-efficient frontier" in w for w in result.warnings)
 
 
 def test_one_flop_count_exact_flops_drive_the_allocation():
