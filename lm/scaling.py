@@ -1196,6 +1196,11 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
     out = []
     if not fit.converged:
         out.append("the optimiser did not meet its tolerance; the fit may not be the best one")
+    if not fit.annealed_only and fit.n_points > fit.n_runs and not _law(fit.law).frontier:
+        out.append(f"{fit.n_points} points from {fit.n_runs} runs' learning curves: a point "
+                   "before a run's learning-rate decay ends sits above the loss of a run "
+                   "trained to that length, and bends the law; mark the points that end a "
+                   "decay (column annealed), or keep run ends only (lm fit --drop-early 0.99)")
     need = (("params", "tokens") if fit.law in ND_LAWS else
             {"kaplan": ("flops",)}.get(fit.law, ("params",)))
     few = [f"{len(np.unique(getattr(train, k)))} distinct {_NOUNS[k]}" for k in need
