@@ -35,20 +35,23 @@ def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
     compute is at most 1/`ratio` of the largest, and score the refit on the other runs' final
     points (none scored where either side is empty or too small to fit). `points`: those
     `fit` was fitted on or left out (its held-out runs are set aside)."""
+    if ratio <= 1 or fit.law not in scaling.LOSS_LAWS:  # no reach to try, or no loss to score
+        return Backtest(float(ratio))
     held = np.isin(points.run, [h.run for h in fit.holdout])
     used = points.select(~held & ~scaling.unused_mask(fit, points))
     final = used.select(used.final_mask())
-    if ratio <= 1 or not len(final):
+    if not len(final):
         return Backtest(float(ratio))
     below = final.flops <= final.flops.max() / ratio
     if below.all() or not below.any():
         return Backtest(float(ratio))
-    try:
-        refit = scaling.fit(used.select(np.isin(used.run, final.run[below])), fit.law,
-                            drop_early=fit.drop_early,
-                            min_tokens_per_param=fit.min_tokens_per_param, loss=fit.loss,
-                            huber_delta=fit.huber_delta if fit.loss == "huber" else None)
-    except (FitError, ArithmeticError):
+    try:  # a few runs may not pin the law down: no backtest, and no noise about it
+        with np.errstate(all="ignore"):
+            refit = scaling.fit(used.select(np.isin(used.run, final.run[below])), fit.law,
+                                drop_early=fit.drop_early,
+                                min_tokens_per_param=fit.min_tokens_per_param, loss=fit.loss,
+                                huber_delta=fit.huber_delta if fit.loss == "huber" else None)
+    except (FitError, ArithmeticError, ValueError):  # ValueError: numpy's LinAlgError too
         return Backtest(float(ratio))
     above = final.select(~below)
     z = np.log(above.loss / scaling.predicted_loss(refit, above))
@@ -56,8 +59,17 @@ def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
                     float(np.mean(z)))
 
 
+def farthest(fit: scaling.Fit, points: Points, ratios) -> Backtest:
+    """The backtest at the largest of the held-out runs' `ratios` that the fitting runs can
+    try (a 30x reach may leave too few runs below; the 4x beside it not)."""
+    tries = [backtest(fit, points, r) for r in sorted(set(ratios), reverse=True)]
+    return next((b for b in tries if b.runs), tries[0] if tries else Backtest(0.0))
+
+
 def describe(b: Backtest) -> str:
     """One line for a fit's summary and a sweep's report."""
+    if b.ratio <= 1:
+        return "backtest: none (no held-out run goes beyond the fitting runs' compute)"
     if not b.runs:
         return (f"backtest: too few fitting runs below 1/{b.ratio:.3g} of the largest's "
                 "compute to refit the law and try a reach of that size on the runs above")

@@ -219,6 +219,10 @@ def _fit_settings(args) -> None:
     missing = [k for k in defaults if getattr(args, k, "") is None]  # the spec's `fit` keys
     for key in missing:
         setattr(args, key, own.get(key, defaults[key]))
+    if args.min_tokens_per_param is None:  # the law's own
+        from lm import scaling
+
+        args.min_tokens_per_param = scaling.tokens_per_param_floor(args.law)
     if own and missing:
         print(f"fit settings of {path}: " + ", ".join(f"{k}={getattr(args, k)}"
                                                       for k in missing))
@@ -245,8 +249,7 @@ def cmd_fit(args) -> int:
     written = result.to_json()
     summary = scaling.format_fit(result)
     if result.holdout:  # the same reach, tried on the fitting runs
-        ratio = max(r.compute_ratio for r in result.holdout)
-        tried = backtest.backtest(result, points, ratio)
+        tried = backtest.farthest(result, points, [r.compute_ratio for r in result.holdout])
         written["backtest"] = dataclasses.asdict(tried)
         summary += "\n  " + backtest.describe(tried)
     out.write_text(json.dumps(written, indent=1))

@@ -226,15 +226,18 @@ def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
     points = _parse(records, lambda i: f"{path}, line {lines[i]}")
     # a file appended to itself, not two measurements; rows that name no run (each a run of
     # its own) repeat one another by their size instead
-    runs = [f"{n:g} parameters" if r == _own_run(i) else repr(str(r))
-            for i, (r, n) in enumerate(zip(points.run, points.params))]
+    own = [r == _own_run(i) for i, r in enumerate(points.run)]
+    runs = [n if o else str(r) for o, r, n in zip(own, points.run, points.params)]
     first: dict = {}
     for i, key in enumerate(zip(runs, points.step, points.tokens, points.loss)):
         if first.setdefault(key, i) != i:
+            run = f"{key[0]:g} parameters" if own[i] else repr(key[0])
             step = f", step {key[1]}" if key[1] >= 0 else ""
             raise FitError(f"{path}, line {lines[i]} repeats line {lines[first[key]]} (run "
-                           f"{key[0]}{step}, {key[2]:g} tokens, loss {key[3]:g}): each point "
-                           "once, or it counts twice in the fit")
+                           f"{run}{step}, {key[2]:g} tokens, loss {key[3]:g}): each point "
+                           "once, or it counts twice in the fit"
+                           + ("; if they are separate runs (seeds), name them in a column "
+                              "run" if own[i] else ""))
     return points
 
 

@@ -185,9 +185,8 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
         return False
     try:
         fit = _fit(spec, store, fitting)
-        ratio = max(t.facts()["flops"] for t in held) / fit.max_fit_flops
-        tried = backtest.backtest(fit, _fitting_points(spec, store, fitting), ratio)
-        body = {**registration(fit, held, spec), "backtest": dataclasses.asdict(tried),
+        body = {**registration(fit, held, spec),
+                "backtest": _backtest(spec, store, fit, held, fitting),
                 "fitted_runs": sorted(n for n in fitting if status[n] == "done")}
     except LMError as e:
         body = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "failed": str(e)}
@@ -197,6 +196,19 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     _write_atomic(spec.path / PREDICTION, json.dumps(body, indent=1))
     log.info("sweep: registered the held-out prediction in %s", spec.path / PREDICTION)
     return True
+
+
+def _backtest(spec: SweepSpec, store: Store, fit: Fit, held: list[Trial], fitting: list[str]
+              ) -> dict | None:
+    """The law's reach, tried on the `fitting` runs at the held-out runs' compute ratios: a
+    diagnostic, which must never cost the prediction it goes with."""
+    ratios = [t.facts()["flops"] / fit.max_fit_flops for t in held]
+    try:
+        points = _fitting_points(spec, store, fitting)
+        return dataclasses.asdict(backtest.farthest(fit, points, ratios))
+    except Exception as e:  # noqa: BLE001
+        log.warning("sweep: no backtest (%s: %s)", type(e).__name__, e)
+        return None
 
 
 # --------------------------------------------------------------------------- a worker

@@ -200,14 +200,14 @@ class _Problem:
     def bounds(self, e: float | None = None) -> list[tuple[float, float]]:
         """E in [0, lowest loss) (or fixed at `e`); each term's level and exponent bounded so
         that nothing overflows. Under an outer power p a level is log S = log(L - E) / p: 11.6
-        for Kaplan et al.'s own law (alpha_D 0.095), so its bounds are those of L - E from
-        e^-3 to e^3 at the smallest p; exp(300 + 4 |x|), squared, stays finite for inputs
-        spanning 10^15 either side of their centre."""
+        for Kaplan et al.'s own law (alpha_D 0.095), so its bounds reach L - E from e^-3 to
+        e^3 at p = 0.02; exp(150 + 4 |x|), squared, stays finite for inputs within 10^22 of
+        their centre."""
         exponents = [(0.0, 4.0)] * self.k
         levels = (-30.0, 10.0)
         if self.outer:
             exponents = exponents[:-1] + [(1.0, 1.0), (0.01, 2.0)]
-            levels = (-300.0, 300.0)
+            levels = (-150.0, 150.0)
         return [(0.0, self.e_max) if e is None else (e, e)] + [levels] * self.k + exponents
 
     def psi(self, r: np.ndarray) -> np.ndarray:

@@ -43,3 +43,26 @@ def test_too_few_runs_below_the_reach_say_so():
     assert tried.runs == 0 and tried.rms is None
     assert backtest.describe(tried).startswith("backtest: too few fitting runs below 1/1e+03")
     assert backtest.backtest(fit, points, 1.0).runs == 0  # no reach to try
+
+
+def test_the_farthest_reach_the_runs_can_try_is_tried():
+    points = grid(law, 0.003)
+    fit = scaling.fit(points)
+    assert backtest.farthest(fit, points, [1e8, 16.0, 16.0]) == backtest.backtest(
+        fit, points, 16.0)
+    assert backtest.farthest(fit, points, [1e8]) == backtest.Backtest(1e8)
+
+
+def test_a_refit_that_fails_any_way_leaves_no_backtest_and_no_error(monkeypatch):
+    """A few runs flat in N made kaplan-nd's refit raise ValueError (math domain error), which
+    once crashed `lm fit` after its fit and would have kept a sweep from registering."""
+    points = grid(law, 0.003)
+    fit = scaling.fit(points)
+
+    def failing(*args, **kwargs):
+        raise ValueError("math domain error")
+
+    monkeypatch.setattr(scaling, "fit", failing)
+    tried = backtest.backtest(fit, points, 16.0)
+    assert tried == backtest.Backtest(16.0)
+    assert backtest.describe(backtest.Backtest(0.5)).startswith("backtest: none")

@@ -63,13 +63,19 @@ HEADER = "params,tokens,loss\n"
     ("params,tokens,loss,run,step\n1e8,1e9,3,a,1\n1e8,2e9,2.9,a,2\n1e8,1e9,3,a,1\n",
      r"line 4 repeats line 2 \(run 'a', step 1"),
     (HEADER + "1e8,1e9,3\n2e8,1e9,2.9\n1e8,1e9,3\n",  # no run column: each row its own run
-     r"line 4 repeats line 2 \(run 1e\+08 parameters, 1e\+09 tokens, loss 3\)"),
+     r"line 4 repeats line 2 \(run 1e\+08 parameters, 1e\+09 tokens, loss 3\): each point "
+     r"once.*; if they are separate runs \(seeds\), name them in a column run"),
 ])
 def test_bad_csv_errors_say_where_and_what(tmp_path, text, message):
     path = write(tmp_path, text)
     with pytest.raises(ValueError, match=message) as err:
         load_csv(path)
     assert str(path) in str(err.value)
+
+
+def test_rows_without_runs_that_differ_beyond_six_digits_are_not_repeats(tmp_path):
+    points = load_csv(write(tmp_path, HEADER + "123456789,1e9,3\n123456700,1e9,3\n"))
+    assert len(points) == 2
 
 
 def test_missing_csv_and_bad_rows():

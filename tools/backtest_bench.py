@@ -36,7 +36,10 @@ def main() -> None:
         fit = scaling.fit(points, args.law, holdout_above=args.holdout_above,
                           holdout=args.holdout.split(",") if args.holdout else None,
                           min_tokens_per_param=args.min_tokens_per_param)
-        b = backtest.backtest(fit, points, max(r.compute_ratio for r in fit.holdout))
+        if not fit.holdout:
+            print(f"{source}: no held-out run", flush=True)
+            continue
+        b = backtest.farthest(fit, points, [r.compute_ratio for r in fit.holdout])
         z = np.log([r.loss / r.predicted for r in fit.holdout])
         held.append(float(np.sqrt(np.mean(z ** 2))))
         if b.runs:
@@ -44,8 +47,9 @@ def main() -> None:
         line = f"{100 * b.rms:5.2f}% (mean {100 * b.mean:+5.2f}%)" if b.runs else "too few runs"
         print(f"{source}: backtest {line}; held-out {100 * held[-1]:5.2f}% (mean "
               f"{100 * z.mean():+5.2f}%, {len(z)} runs)", flush=True)
-    print(f"median RMS error: backtest {100 * statistics.median(tried):.2f}% over {len(tried)}, "
-          f"held-out {100 * statistics.median(held):.2f}% over {len(held)}")
+    if tried and held:
+        print(f"median RMS error: backtest {100 * statistics.median(tried):.2f}% over "
+              f"{len(tried)}, held-out {100 * statistics.median(held):.2f}% over {len(held)}")
 
 
 if __name__ == "__main__":
