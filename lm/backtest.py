@@ -61,9 +61,16 @@ def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
 
 def farthest(fit: scaling.Fit, points: Points, ratios) -> Backtest:
     """The backtest at the largest of the held-out runs' `ratios` that the fitting runs can
-    try (a 30x reach may leave too few runs below; the 4x beside it not)."""
-    tries = [backtest(fit, points, r) for r in sorted(set(ratios), reverse=True)]
-    return next((b for b in tries if b.runs), tries[0] if tries else Backtest(0.0))
+    try (a 30x reach may leave too few runs below; the 4x beside it not). Each try is a refit:
+    of many close ratios, only those 1.25x apart are tried, largest first."""
+    tried = []
+    for r in sorted(set(ratios), reverse=True):
+        if tried and r > tried[-1].ratio / 1.25:
+            continue
+        tried.append(backtest(fit, points, r))
+        if tried[-1].runs:
+            return tried[-1]
+    return tried[0] if tried else Backtest(0.0)
 
 
 def describe(b: Backtest) -> str:
