@@ -115,10 +115,9 @@ def _fitting_points(spec: SweepSpec, store: Store, names, params: str | None = N
     return points.select(~np.isin(points.params, list(too_noisy(spec, size_noise(points)))))
 
 
-def _fit(spec: SweepSpec, store: Store, names, params: str | None = None) -> Fit:
-    """The law of `_fitting_points`."""
+def _fit(spec: SweepSpec, points: Points, params: str | None = None) -> Fit:
+    """The law of `points` (`_fitting_points`, with N counted as `params`)."""
     f = spec.fit
-    points = _fitting_points(spec, store, names, params)
     try:
         fit = scaling.fit(points, f.law, bootstrap=f.bootstrap, drop_early=f.drop_early,
                           min_tokens_per_param=f.min_tokens_per_param)
@@ -184,9 +183,9 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     if any(status.get(name) not in FINAL for name in fitting):
         return False
     try:
-        fit = _fit(spec, store, fitting)
-        body = {**registration(fit, held, spec),
-                "backtest": _backtest(spec, store, fit, held, fitting),
+        points = _fitting_points(spec, store, fitting)
+        fit = _fit(spec, points)
+        body = {**registration(fit, held, spec), "backtest": _backtest(fit, points, held),
                 "fitted_runs": sorted(n for n in fitting if status[n] == "done")}
     except LMError as e:
         body = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "failed": str(e)}
@@ -198,13 +197,11 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     return True
 
 
-def _backtest(spec: SweepSpec, store: Store, fit: Fit, held: list[Trial], fitting: list[str]
-              ) -> dict | None:
-    """The law's reach, tried on the `fitting` runs at the held-out runs' compute ratios: a
-    diagnostic, which must never cost the prediction it goes with."""
+def _backtest(fit: Fit, points: Points, held: list[Trial]) -> dict | None:
+    """The law's reach, tried on the fitting runs' `points` at the held-out runs' compute
+    ratios: a diagnostic, which must never cost the prediction it goes with."""
     ratios = [t.facts()["flops"] / fit.max_fit_flops for t in held]
     try:
-        points = _fitting_points(spec, store, fitting)
         return dataclasses.asdict(backtest.farthest(fit, points, ratios))
     except Exception as e:  # noqa: BLE001
         log.warning("sweep: no backtest (%s: %s)", type(e).__name__, e)
@@ -527,7 +524,7 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store) -> Fit | None:
     registered = store.prediction()
     fit, error = None, None
     try:
-        fit = _fit(spec, store, fitting)
+        fit = _fit(spec, _fitting_points(spec, store, fitting))
     except LMError as e:
         error = str(e)
     points = store.points_of(spec.fit.params, names=names, metric=spec.fit.metric) if any(
@@ -597,7 +594,7 @@ def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: lis
     other = "non_embedding" if spec.fit.params == "total" else "total"
     try:
         fit = _fit(dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, bootstrap=0)),
-                   store, fitting, params=other)
+                   _fitting_points(spec, store, fitting, other), params=other)
     except LMError:
         return None
     if trained:

@@ -4,10 +4,10 @@
                                    [--law LAW] [--min-tokens-per-param R]
 
 Each SOURCE (a points CSV or a sweep) is fitted without its held-out runs (those above FLOPS,
-or the comma-separated RUNS) and scored on them; the line
-gives the backtest's RMS error and mean (refitted at 1/r of the largest fitting run's compute,
-r the farthest held-out run's reach) beside the held-out runs' own, then the medians. The
-README's figures for the main job's studies:
+or the comma-separated RUNS) and scored on them; the line gives the backtest's RMS error and
+mean (refitted at 1/r of the largest fitting run's compute, r the farthest held-out reach the
+runs allow) beside the held-out runs' own, then the medians. The README's figures for the
+main job's studies:
 
     python tools/backtest_bench.py experiments/results/quick/seed*/points.csv \\
         --holdout-above 2e12 --law kaplan-nd --min-tokens-per-param 4
@@ -24,9 +24,9 @@ from lm import backtest, scaling, store
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("sources", nargs="+")
-    held = p.add_mutually_exclusive_group(required=True)
-    held.add_argument("--holdout-above", type=float, metavar="FLOPS")
-    held.add_argument("--holdout", metavar="RUNS", help="run names, comma-separated")
+    holdout = p.add_mutually_exclusive_group(required=True)
+    holdout.add_argument("--holdout-above", type=float, metavar="FLOPS")
+    holdout.add_argument("--holdout", metavar="RUNS", help="run names, comma-separated")
     p.add_argument("--law", default="chinchilla", choices=scaling.LAWS)
     p.add_argument("--min-tokens-per-param", type=float, metavar="R")
     args = p.parse_args()
