@@ -65,6 +65,9 @@ MAX_TREND_CORRELATION = 0.99  # |corr(log N, log D)| over the seed groups beyond
 # cannot be told apart in the noise trend
 LAPLACE_DRAWS = 400
 MIN_BOOTSTRAP_SHARE = 0.5  # of bootstrap refits that must converge for their intervals to count
+MISFIT_KEEP = 0.5  # the misfit's refits keep at least this share of the fitting runs: fewer
+# pin the law down so loosely that their errors measure that, not the law's shape
+MISFIT_GRID = np.r_[0.0, np.geomspace(1e-4, 0.3, 120)]  # its terms' values tried (of log L)
 
 
 # ----------------------------------------------------------------------------- noise
@@ -627,6 +630,34 @@ class Laplace:
 
 
 @dataclass(frozen=True)
+class Misfit:
+    """What the law's shape misses, measured on its own runs. The law is refitted on the
+    fitting runs with at most 1/2, 1/4, ... of the largest one's compute (while they are at
+    least half of the runs) and predicts the runs above; log(actual / predicted) is modelled
+    as normal with variance s^2 + constant^2 + (per_efold * ln r)^2 — s what the refit's own
+    interval for a run explains, r the run's compute over the largest the refit saw — and
+    (constant, per_efold) set by maximum likelihood. An interval for a run r x beyond the
+    fitting runs adds `sigma(r)`: the bootstrap and a run's noise hold the law's sampling
+    error, not a law of the wrong shape, which on public sweeps was most of the error."""
+
+    constant: float
+    per_efold: float
+    refits: int
+    predictions: int  # (refit, run above it) pairs
+
+    def sigma(self, reach) -> np.ndarray:
+        """Its standard deviation (of log L) at `reach` x the largest fitting run's compute;
+        the constant alone within the fitting runs' compute."""
+        ln_r = np.log(np.maximum(np.asarray(reach, dtype=float), 1.0))
+        return np.sqrt(self.constant ** 2 + (self.per_efold * ln_r) ** 2)
+
+    def describe(self) -> str:
+        return (f"{self.constant:.2%} + {self.per_efold:.2%} per e-fold of compute beyond the "
+                f"fitting runs (from {self.refits} refits on their smaller runs, "
+                f"{self.predictions} predictions)")
+
+
+@dataclass(frozen=True)
 class Allocation:
     """The compute-optimal split N_opt = coef * C^exponent (and D_opt likewise), when the law
     determines it, for C in exact FLOPs (see Fit.flops_per_token)."""
@@ -678,6 +709,7 @@ class Fit:
     warnings: tuple[str, ...] = ()
     bootstrap: Bootstrap | None = None
     laplace: Laplace | None = None
+    misfit: Misfit | None = None  # in every interval for a run; None: too few runs to measure
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     identifiability: Identifiability | None = None
     budgets: tuple[Budget, ...] = ()
@@ -710,7 +742,7 @@ class Fit:
             elif f.name == "budgets":
                 value = [asdict(b) for b in value] or None
             elif value is not None and f.name in ("allocation", "bootstrap", "noise",
-                                                  "identifiability", "laplace"):
+                                                  "identifiability", "laplace", "misfit"):
                 value = asdict(value)
             if value is not None:
                 out[f.name] = value
@@ -727,8 +759,8 @@ class Fit:
             raise FitError(f"{where}: law {law!r} is not one of {', '.join(LAWS)}")
         try:
             alloc = raw["allocation"]
-            boot, noise, ident, laplace = (raw.get(k) for k in ("bootstrap", "noise",
-                                                                "identifiability", "laplace"))
+            boot, noise, ident, laplace, misfit = (raw.get(k) for k in (
+                "bootstrap", "noise", "identifiability", "laplace", "misfit"))
             return cls(
                 law=law, params={k: _field(raw, k, float, where) for k in _LAWS[law].names},
                 objective=_field(raw, "objective", float, where),
@@ -749,6 +781,7 @@ class Fit:
                 bootstrap=Bootstrap(**boot) if boot else None,
                 laplace=Laplace(tuple(laplace["mean"]), tuple(map(tuple, laplace["cov"])))
                 if laplace else None,
+                misfit=Misfit(**misfit) if misfit else None,
                 intervals={k: _pair(v) for k, v in raw.get("intervals", {}).items()},
                 identifiability=Identifiability(
                     tuple(ident["e"]), tuple(ident["objective"]), _pair(ident["allowed"]),
@@ -942,6 +975,8 @@ def _fit(points: Points, law: str = "chinchilla", *,
         else None
     if spec.inputs is not None and not (boot and boot.usable):
         result = replace(result, laplace=_laplace(train, spec, delta, noise, params))
+    if spec.loss is not None:
+        result = replace(result, misfit=_misfit(train, spec, delta, noise, fpt))
     if boot:
         result = replace(result, bootstrap=boot, intervals={
             k: tuple(np.percentile(v, [2.5, 97.5]).tolist())
@@ -1002,6 +1037,41 @@ def _laplace(train: Points, law: _Law, delta: float, noise: Noise | None, params
     m = np.eye(len(theta))  # uncentring: a_j += g_j mu_j
     m[1:k + 1, k + 1:2 * k + 1] = np.diag(mu)
     return Laplace(tuple(_uncentre(theta, mu).tolist()), tuple(map(tuple, (m @ cov @ m.T).tolist())))
+
+
+def _misfit(train: Points, law: _Law, delta: float, noise: Noise, fpt) -> Misfit | None:
+    """The Misfit of `law` on `train` (see there), its refits with the fit's own settings;
+    None where not even the runs below half the largest one's compute can be refitted."""
+    final = train.select(train.final_mask())
+    z, ln_r, s = [], [], []
+    refits = 0
+    while True:
+        below = final.flops <= final.flops.max() / 2 ** (refits + 1)
+        if below.sum() < MISFIT_KEEP * len(final):
+            break
+        sub = train.select(np.isin(train.run, final.run[below]))
+        try:
+            refit = _raw_fit(sub, law, delta, noise, fpt)[0]
+            laplace = _laplace(sub, law, delta, noise, refit)
+        except (FitError, ArithmeticError, ValueError):  # too few sizes left, or degenerate
+            break
+        refits += 1
+        above = final.select(~below)
+        args = above.params, above.tokens, above.flops
+        with np.errstate(all="ignore"):  # a wild draw may overflow: dropped
+            draws = np.log(law.loss({k: v[:, None] for k, v in
+                                     _laplace_draws(law, laplace).items()}, *args))
+        draws = draws[np.all(np.isfinite(draws), axis=1)]
+        z.append(np.log(above.loss / law.loss(refit, *args)))
+        ln_r.append(np.log(above.flops / final.flops[below].max()))
+        s.append(np.sqrt(np.var(draws, axis=0) + noise.sigma ** 2))
+    if not refits:
+        return None
+    z, ln_r, s = map(np.concatenate, (z, ln_r, s))
+    m, k = np.meshgrid(MISFIT_GRID, MISFIT_GRID, indexing="ij")
+    var = s ** 2 + m[..., None] ** 2 + (k[..., None] * ln_r) ** 2
+    best = np.unravel_index(np.argmin(np.sum(np.log(var) + z ** 2 / var, axis=-1)), m.shape)
+    return Misfit(float(m[best]), float(k[best]), refits, len(z))
 
 
 def _outliers(fit: Fit, law: _Law, train: Points) -> tuple[str, ...]:
@@ -1081,8 +1151,14 @@ def _draws(fit: Fit) -> dict[str, np.ndarray] | None:
         return {k: np.asarray(v, dtype=float) for k, v in fit.bootstrap.samples.items()}
     if fit.laplace is None:
         return None
+    return _laplace_draws(law, fit.laplace)
+
+
+def _laplace_draws(law: _Law, laplace: Laplace) -> dict[str, np.ndarray]:
+    """The law's parameters [S] drawn from its Laplace approximation (E and the exponents
+    held in their bounds)."""
     thetas = np.random.default_rng(0).multivariate_normal(
-        fit.laplace.mean, fit.laplace.cov, size=LAPLACE_DRAWS, method="eigh")
+        laplace.mean, laplace.cov, size=LAPLACE_DRAWS, method="eigh")
     k = (thetas.shape[1] - 1 - law.outer) // 2  # E, k levels, k exponents (, outer power)
     thetas[:, 0] = np.maximum(thetas[:, 0], 0.0)  # E >= 0
     thetas[:, k + 1:] = np.maximum(thetas[:, k + 1:], 1e-9)  # exponents > 0
@@ -1103,21 +1179,26 @@ def _law_losses(fit: Fit, n, d, c) -> tuple[np.ndarray, np.ndarray | None]:
     return point, losses[np.all(np.isfinite(losses), axis=1)]
 
 
-def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None, seeds=1
+def _run_interval(fit: Fit, point: np.ndarray, draws: np.ndarray | None, flops, seeds=1
                   ) -> np.ndarray:
     """95% intervals [m, 2] for the final loss of an actual run (or the mean of `seeds` runs,
-    one count or one per column): the law's uncertainty (its bootstrap draws) and the run's
-    own noise (Student t with the noise's degrees of freedom, over sqrt(seeds)), combined in
-    log space. The run's noise is the pooled one even where a trend says the run is quieter:
-    on the registered studies the trend's value there (kept within the seed groups' range)
-    held 22 of 26 held-out runs against the pooled noise's 25: the pooled noise also carries
-    some of the law's misfit, which an interval for an actual run must hold too."""
+    one count or one per column) of `flops` each: the law's uncertainty (its bootstrap draws),
+    the law's misfit that far beyond the fitting runs' compute (a normal of
+    `Misfit.sigma`; seeds do not average it away) and the run's own noise (Student t with the
+    noise's degrees of freedom, over sqrt(seeds)), combined in log space. The run's noise is
+    the pooled one even where a trend says the run is quieter: on the registered studies the
+    trend's value there (kept within the seed groups' range) held 22 of 26 held-out runs
+    against the pooled noise's 25: the pooled noise also carries some of the law's misfit,
+    which an interval for an actual run must hold too."""
     law = np.log(point)[None] if draws is None or not len(draws) else np.log(draws)
     rng = np.random.default_rng(0)
     reps = max(1, 20_000 // len(law))
-    noise = fit.noise.sigma / np.sqrt(seeds) * rng.standard_t(fit.noise.df,
-                                                              size=(len(law) * reps, 1))
-    total = np.repeat(law, reps, axis=0) + noise
+    spread = fit.noise.sigma / np.sqrt(seeds) * rng.standard_t(fit.noise.df,
+                                                               size=(len(law) * reps, 1))
+    if fit.misfit:
+        reach = np.asarray(flops, dtype=float) / fit.max_fit_flops
+        spread = spread + fit.misfit.sigma(reach) * rng.standard_normal((len(law) * reps, 1))
+    total = np.repeat(law, reps, axis=0) + spread
     return np.exp(np.percentile(total, [2.5, 97.5], axis=0)).T
 
 
@@ -1146,7 +1227,7 @@ def _scored(fit: Fit, final: Points, seeds: Sequence[int] | None = None) -> tupl
     """Each of `final`'s losses (of one run, or the mean of `seeds[i]` runs) against the law."""
     seeds = [1] * len(final) if seeds is None else list(seeds)
     point, draws = _law_losses(fit, final.params, final.tokens, final.flops)
-    runs = _run_interval(fit, point, draws, np.asarray(seeds, dtype=float))
+    runs = _run_interval(fit, point, draws, final.flops, np.asarray(seeds, dtype=float))
     laws = np.percentile(draws, [2.5, 97.5], axis=0).T if draws is not None and len(draws) \
         else [None] * len(final)
     are = np.abs(point - final.loss) / final.loss
@@ -1304,7 +1385,7 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
         if draws is not None and len(draws):
             intervals["loss"] = np.percentile(draws, [2.5, 97.5], axis=0)
         if fit.noise:
-            out["run_interval"] = _run_interval(fit, point, draws).T
+            out["run_interval"] = _run_interval(fit, point, draws, c).T
     if given == ["flops"]:
         for k, v in _allocation_draws(fit, c).items():
             intervals[k] = np.percentile(v, [2.5, 97.5], axis=0)
@@ -1364,6 +1445,12 @@ def format_fit(fit: Fit) -> str:
         lines.append(f"  {'intervals from' if b.usable else 'NO intervals from (too few):'} "
                      f"{b.n - b.failed - b.not_converged} bootstrap refits over runs "
                      f"({b.failed} failed, {b.not_converged} not converged, left out)")
+    if fit.misfit:
+        lines.append(f"  the law's misfit on its own runs: {fit.misfit.describe()}; in the "
+                     "intervals for runs")
+    elif law.loss is not None:
+        lines.append("  the law's misfit: not measured (fewer than half the runs lie below half "
+                     "the largest one's compute); intervals hold sampling error and noise only")
     for m in fit.budgets:
         outside = "" if m.inside else ", minimum outside the sizes tried"
         lines.append(f"  budget C={m.flops:.3g}: N_opt={m.params:.3g}, D_opt={m.tokens:.3g}, "
