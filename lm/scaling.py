@@ -23,7 +23,8 @@ Error is reported the way Choshen et al. 2024 advise: the absolute relative erro
 held-out run's final loss. The law's uncertainty comes from a bootstrap over whole runs (points
 of one learning curve are correlated), each refit started afresh from a grid; an interval for an
 *actual* run adds that run's own noise, measured across seeds where the points have them (runs
-of one N and D), else from the residuals. The Huber delta is set from the same noise. Where the
+of one N and D), else from the residuals, and the law's misfit, measured by refitting it on its
+smaller runs and predicting the larger ones (`Misfit`). The Huber delta is set from the same noise. Where the
 seeds show the noise trending in N and D (short runs of small models are far noisier than long
 ones), each point is weighted by its inverse (weighted least squares within Huber). Whether
 the points pin E down at all is checked by profiling the objective over E.
@@ -652,9 +653,10 @@ class Misfit:
         return np.sqrt(self.constant ** 2 + (self.per_efold * ln_r) ** 2)
 
     def describe(self) -> str:
+        refits = f"{self.refits} refit{'s' * (self.refits != 1)}"
         return (f"{self.constant:.2%} + {self.per_efold:.2%} per e-fold of compute beyond the "
-                f"fitting runs (from {self.refits} refits on their smaller runs, "
-                f"{self.predictions} predictions)")
+                f"fitting runs (from {refits} on its smaller runs, {self.predictions} "
+                "predictions)")
 
 
 @dataclass(frozen=True)
