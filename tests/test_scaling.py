@@ -206,6 +206,11 @@ def test_a_law_of_the_wrong_shape_widens_its_intervals_by_what_its_own_runs_show
         with_it += sum(map(inside, result.holdout))
         bare += sum(map(inside, without_misfit(result, points).holdout))
     assert with_it >= 18 and bare <= 2, (with_it, bare)
+    near, far = result.holdout  # 10x and 100x: the misfit grows with the reach
+    assert far.interval[1] / far.interval[0] > near.interval[1] / near.interval[0]
+    for held in result.holdout:  # what a sweep registers before the run trains: the same
+        pred = predict(result, params=held.params, tokens=held.tokens, flops=held.flops)
+        assert pred["run_interval"] == pytest.approx(list(held.interval))
 
 
 def test_a_law_of_the_right_shape_keeps_its_intervals_about_as_they_were():
