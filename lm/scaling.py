@@ -69,6 +69,7 @@ MIN_BOOTSTRAP_SHARE = 0.5  # of bootstrap refits that must converge for their in
 MISFIT_KEEP = 0.5  # the misfit's refits keep at least this share of the fitting runs: fewer
 # pin the law down so loosely that their errors measure that, not the law's shape
 MISFIT_GRID = np.r_[0.0, np.geomspace(1e-4, 0.3, 120)]  # its terms' values tried (of log L)
+MISFIT_TIE = 0.1  # nats of log-likelihood within which its fits are equally good
 
 
 # ----------------------------------------------------------------------------- noise
@@ -1043,37 +1044,47 @@ def _laplace(train: Points, law: _Law, delta: float, noise: Noise | None, params
 
 def _misfit(train: Points, law: _Law, delta: float, noise: Noise, fpt) -> Misfit | None:
     """The Misfit of `law` on `train` (see there), its refits with the fit's own settings;
-    None where not even the runs below half the largest one's compute can be refitted."""
-    final = train.select(train.final_mask())
-    z, ln_r, s = [], [], []
-    refits = 0
-    while True:
-        below = final.flops <= final.flops.max() / 2 ** (refits + 1)
-        if below.sum() < MISFIT_KEEP * len(final):
-            break
-        sub = train.select(np.isin(train.run, final.run[below]))
-        try:
-            refit = _raw_fit(sub, law, delta, noise, fpt)[0]
-            laplace = _laplace(sub, law, delta, noise, refit)
-        except (FitError, ArithmeticError, ValueError):  # too few sizes left, or degenerate
-            break
-        refits += 1
-        above = final.select(~below)
-        args = above.params, above.tokens, above.flops
-        with np.errstate(all="ignore"):  # a wild draw may overflow: dropped
-            draws = np.log(law.loss({k: v[:, None] for k, v in
-                                     _laplace_draws(law, laplace).items()}, *args))
-        draws = draws[np.all(np.isfinite(draws), axis=1)]
-        z.append(np.log(above.loss / law.loss(refit, *args)))
-        ln_r.append(np.log(above.flops / final.flops[below].max()))
-        s.append(np.sqrt(np.var(draws, axis=0) + noise.sigma ** 2))
+    None where not even the runs below half the largest one's compute can be refitted. Where
+    the likelihood cannot tell a constant from growth (the runs predicted share one reach),
+    the tie goes to growth: the reading that does not shrink an extrapolation's interval."""
+    refits = list(_refit_errors(train, law, delta, noise, fpt))
     if not refits:
         return None
-    z, ln_r, s = map(np.concatenate, (z, ln_r, s))
+    z, ln_r, s = map(np.concatenate, zip(*refits))
     m, k = np.meshgrid(MISFIT_GRID, MISFIT_GRID, indexing="ij")
     var = s ** 2 + m[..., None] ** 2 + (k[..., None] * ln_r) ** 2
-    best = np.unravel_index(np.argmin(np.sum(np.log(var) + z ** 2 / var, axis=-1)), m.shape)
-    return Misfit(float(m[best]), float(k[best]), refits, len(z))
+    nll = 0.5 * np.sum(np.log(var) + z ** 2 / var, axis=-1)
+    tied = nll <= nll.min() + MISFIT_TIE
+    i = np.flatnonzero(tied.any(axis=1))[0]  # the smallest constant among the best
+    j = np.flatnonzero(tied[i])[0]
+    return Misfit(float(MISFIT_GRID[i]), float(MISFIT_GRID[j]), len(refits), len(z))
+
+
+def _refit_errors(train: Points, law: _Law, delta: float, noise: Noise, fpt):
+    """Refit `law` on the runs with at most half the compute of the largest run (then of the
+    largest run the refit kept, and so on) while they are at least MISFIT_KEEP of the runs;
+    for each refit, the runs above it as (log(actual / predicted), log of their compute over
+    the largest the refit saw, the standard deviation of the refit's interval for a run)."""
+    final = train.select(train.final_mask())
+    top = final.flops.max()
+    while (below := final.flops <= top / 2).sum() >= MISFIT_KEEP * len(final):
+        top = final.flops[below].max()
+        above = final.select(~below)
+        args = above.params, above.tokens, above.flops
+        sub = train.select(np.isin(train.run, final.run[below]))
+        try:
+            with np.errstate(all="ignore"):  # a wild refit or draw may overflow: dropped
+                refit = _raw_fit(sub, law, delta, noise, fpt)[0]
+                draws = _laplace_draws(law, _laplace(sub, law, delta, noise, refit))
+                draws = np.log(law.loss({k: v[:, None] for k, v in draws.items()}, *args))
+                predicted = np.log(law.loss(refit, *args))
+        except (FitError, ArithmeticError, ValueError):  # too few sizes left, or degenerate
+            return
+        draws = draws[np.all(np.isfinite(draws), axis=1)]
+        if len(draws) < 2 or not np.all(np.isfinite(predicted)):
+            return
+        yield (np.log(above.loss) - predicted, np.log(above.flops / top),
+               np.sqrt(np.var(draws, axis=0) + noise.sigma ** 2))
 
 
 def _outliers(fit: Fit, law: _Law, train: Points) -> tuple[str, ...]:
@@ -1356,7 +1367,7 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
     token); ``flops`` alone gives the compute-optimal N and D and the loss there, as far as the
     law determines them. Scalars give floats, sequences give lists. ``intervals`` holds the
     law's 95% bounds when the fit was bootstrapped; ``run_interval`` a 95% interval for the
-    loss of an actual run, which adds the run's own noise."""
+    loss of an actual run, which adds the run's own noise and the law's misfit at its reach."""
     law = _law(fit.law)
     query = {"params": params, "tokens": tokens, "flops": flops}
     given = [k for k, v in query.items() if v is not None]
@@ -1451,8 +1462,9 @@ def format_fit(fit: Fit) -> str:
         lines.append(f"  the law's misfit on its own runs: {fit.misfit.describe()}; in the "
                      "intervals for runs")
     elif law.loss is not None:
-        lines.append("  the law's misfit: not measured (fewer than half the runs lie below half "
-                     "the largest one's compute); intervals hold sampling error and noise only")
+        lines.append("  the law's misfit: not measured (too few runs, or too few sizes among them, "
+                     "below half the largest one's compute to refit the law); intervals hold "
+                     "sampling error and noise only")
     for m in fit.budgets:
         outside = "" if m.inside else ", minimum outside the sizes tried"
         lines.append(f"  budget C={m.flops:.3g}: N_opt={m.params:.3g}, D_opt={m.tokens:.3g}, "

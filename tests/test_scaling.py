@@ -171,11 +171,11 @@ def kaplan_2020(n, d):
     return 1.5 + ((8.8e13 / n) ** (0.076 / 0.095) + 5.4e13 / d) ** 0.095
 
 
-def isoflop_study(rng, noise=0.003) -> Points:
-    """Seven sizes about the optimum at five budgets over 100x, from kaplan_2020, and two
-    compute-optimal held-out runs at 10x and 100x the largest budget (more than 5e19 FLOPs)."""
+def isoflop_study(rng, noise=0.003, budgets=np.geomspace(1e17, 1e19, 5)) -> Points:
+    """Seven sizes about the optimum at each budget (by default five over 100x), from
+    kaplan_2020, and two compute-optimal held-out runs at 1e20 and 1e21 FLOPs."""
     rows = [{"params": n, "tokens": c / (6 * n), "run": f"C{c:.2g}-N{n:.3g}"}
-            for c in np.geomspace(1e17, 1e19, 5)
+            for c in budgets
             for n in np.sqrt(c / 120) * np.geomspace(1 / 4, 4, 7)]
     rows += [{"params": np.sqrt(c / 120), "tokens": c / (6 * np.sqrt(c / 120)),
               "run": f"held-{c:.0e}"} for c in (1e20, 1e21)]
@@ -225,6 +225,18 @@ def test_a_law_of_the_right_shape_keeps_its_intervals_about_as_they_were():
         (held,), (bare,) = result.holdout, without_misfit(result, points).holdout
         ratios.append((held.interval[1] - held.interval[0]) / (bare.interval[1] - bare.interval[0]))
     assert min(ratios) >= 1 and np.median(ratios) < 1.1, ratios
+
+
+def test_budgets_far_apart_are_refitted_once_and_a_misfit_seen_at_one_reach_grows():
+    """Budgets 10x apart: halving the compute from 1e19 leaves the same two budgets however
+    often it is halved — one refit, its seven predictions, not three copies of them. All lie
+    at one reach, where a constant misfit and a growing one fit alike: the tie goes to growth,
+    the reading that does not shrink a farther extrapolation's interval."""
+    points = isoflop_study(np.random.default_rng(0), budgets=[1e17, 1e18, 1e19])
+    misfit = fit(points, holdout_above=5e19).misfit
+    assert (misfit.refits, misfit.predictions) == (1, 7)
+    assert misfit.constant == 0 and misfit.per_efold > 0.005
+    assert misfit.sigma(100) == pytest.approx(2 * misfit.sigma(10))
 
 
 def test_runs_too_close_in_compute_measure_no_misfit_and_say_so():
