@@ -238,8 +238,9 @@ def cmd_fit(args) -> int:
     if not out.parent.is_dir():  # before the fit, whose bootstrap may take minutes
         raise ConfigError(f"--out {out}: no directory {out.parent}; create it first")
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
-    if isinstance(holdout, str) and holdout != "largest":
-        holdout = [name.strip() for name in holdout.split(",") if name.strip()]  # run names
+    if isinstance(holdout, str) and holdout != "largest":  # run names; one may hold commas
+        holdout = [holdout] if holdout in set(points.run) else [
+            name.strip() for name in holdout.split(",") if name.strip()]
     result = scaling.fit(points, args.law, holdout=holdout or None,
                          holdout_above=args.holdout_above, bootstrap=args.bootstrap,
                          drop_early=args.drop_early,
@@ -402,7 +403,8 @@ def _add_fit(sub) -> None:
                    help="default: a sweep directory's own (its sweep.yaml), as are the "
                    "other fit settings; else chinchilla")
     p.add_argument("--holdout", default="designated",
-                   help="largest: hold out the largest-compute run; RUN[,RUN...]: those runs; "
+                   help="largest: hold out the largest-compute run; RUN[,RUN...]: those runs "
+                   "(a value that is one run's whole name, commas and all, is that run); "
                    "none; designated (default): a sweep's held-out runs")
     p.add_argument("--holdout-above", type=_at_least(float, 0), metavar="FLOPS",
                    help="also hold out every run with more FLOPs than this")

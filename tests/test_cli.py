@@ -1,6 +1,7 @@
 """The `lm` command as a user meets it: the study commands run where JAX cannot be imported,
 and the presets ship inside the package."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -102,6 +103,23 @@ def test_fit_checks_where_it_will_write_before_fitting(tmp_path, capsys, monkeyp
     monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("fitted before the check"))
     assert cli.main(["fit", str(csv), "--out", str(tmp_path / "nodir" / "fit.json")]) == 2
     assert "no directory" in capsys.readouterr().err
+
+
+def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list(tmp_path):
+    from lm import cli
+
+    rows = [(n, n * r, 1.8 + 400 * n ** -0.34 + 1500 * (n * r) ** -0.3, f"N{n:g}-r{r}")
+            for n in (1e6, 2e6, 4e6, 8e6) for r in (10, 20, 40)]
+    rows[-1] = (*rows[-1][:3], "N=8e+06, r=40")
+    path = tmp_path / "points.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([("params", "tokens", "loss", "run"), *rows])
+    out = tmp_path / "fit.json"
+    for value, held in [("N=8e+06, r=40", ["N=8e+06, r=40"]),
+                        ("N8e+06-r20, N8e+06-r10", ["N8e+06-r10", "N8e+06-r20"])]:
+        assert cli.main(["fit", str(path), "--bootstrap", "0", "--holdout", value,
+                         "--out", str(out)]) == 0
+        assert [r["run"] for r in json.loads(out.read_text())["holdout"]["runs"]] == held
 
 
 def test_fitting_a_sweep_directory_takes_its_own_fit_settings(tmp_path, capsys):
