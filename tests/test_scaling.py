@@ -402,6 +402,18 @@ def test_exact_losses_are_fitted_exactly_and_converge():
     assert lo <= TRUE["E"] <= hi and hi - lo < 2e-3
 
 
+def test_exact_losses_of_kaplans_law_are_fitted_and_called_converged():
+    """Kaplan et al.'s constants with a floor 1.5, exactly: the fit reproduces every loss to
+    2e-12, where L-BFGS-B's line search fails in rounding error; it was called NOT
+    CONVERGED."""
+    truth = {"E": 1.5, "N_c": 8.8e13, "D_c": 5.4e13, "alpha_N": 0.076, "alpha_D": 0.095}
+    n, r = (a.ravel() for a in np.meshgrid(np.geomspace(1e6, 1e8, 6), [5, 10, 20, 40]))
+    result = fit(Points(n, n * r, kaplan_nd(n, n * r, truth)), "kaplan-nd")
+    assert result.converged and not any("tolerance" in w for w in result.warnings)
+    for name, value in truth.items():
+        assert within(result.params[name], value, 1e-6), name
+
+
 def test_converged_means_the_tolerance_was_met():
     points = Points(params=[1e6, 2e6, 4e6], tokens=[1e8, 3e8, 5e8], loss=[3.0, 2.8, 2.7])
     p, _ = scaling._problem(scaling._law("chinchilla"), points, 0.01)
