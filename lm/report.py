@@ -89,7 +89,8 @@ def _interval(interval) -> str:
 
 def _held_out_table(fit: Fit) -> list[str]:
     """Each held-out run: its prediction with the 95% interval for an actual run (the law's
-    uncertainty and the run's own noise), and what it reached; seeds of one run together."""
+    uncertainty, its misfit and the run's own noise), and what it reached; seeds of one run
+    together."""
     rows = ["| run | N | tokens | FLOPs | x largest fitting run | predicted [95% for a run] | "
             "actual | ARE | inside |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in fit.scored:
@@ -125,9 +126,10 @@ def _prediction(r: Results) -> list[str]:
                + ("FAILED: no loss to score" if status.get(p["run"]) == "failed" else
                   "not trained yet") + ")" for p in reg["runs"] if p["run"] not in scored]
     lines += waiting + ([""] if waiting else [])
-    lines += ["The interval is for an actual run: the law's uncertainty (bootstrap over runs) "
-              "and a run's own noise (measured across seeds where the sweep has them). A "
-              "prediction outside it is a miss, not bad luck.", ""]
+    lines += ["The interval is for an actual run: the law's uncertainty (bootstrap over runs), "
+              "its misfit on its own runs at that reach (below) and a run's own noise (measured "
+              "across seeds where the sweep has them). A prediction outside it is a miss, not "
+              "bad luck.", ""]
     if r.fit and r.fit is not r.prior and r.fit.holdout:
         lines += ["### Refit after registration (not a pre-registered prediction)", "",
                   "The fitting runs changed since the registration (trials added, retried or "
@@ -155,12 +157,16 @@ def _trust(r: Results) -> list[str]:
         if span:
             lines.append(f"- Across those E, the prediction for {h.run} moves from {span[0]:.4f} "
                          f"to {span[1]:.4f}.")
+    lines.append("- The law's misfit on its own runs (refitted on the smaller, predicting the "
+                 "larger): " + (f"{fit.misfit.describe()}; in the interval." if fit.misfit else
+                                "not measured (too few runs below half the largest one's "
+                                "compute); the interval holds sampling error and noise only."))
     tried = (r.registered or {}).get("backtest")
     if tried:  # registered with the prediction: what the law's reach looked like beforehand
         line = backtest.describe(backtest.Backtest(**tried)).removeprefix("backtest: ")
         lines.append(f"- Its reach, tried on the fitting runs when the prediction was registered: "
-                     f"{line}. The interval leaves out a law of the wrong shape; this tries "
-                     "it, with fewer runs than the fit.")
+                     f"{line}. This tries the held-out run's own reach, with fewer runs than "
+                     "the fit: a check on the misfit above, not part of the interval.")
     if fit.outliers:
         lines.append(f"- Outliers (more than 3 noise sigmas off the law): "
                      f"{', '.join(fit.outliers)}.")

@@ -112,7 +112,8 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
     report = (sweep_dir / "report.md").read_text()
     for part in ("Held-out prediction (registered)", "Where the time went", "Study MFU",
                  "| steps |", "plots/holdout.png", "N counts all parameters.",
-                 "Its reach, tried on the fitting runs when the prediction was registered"):
+                 "Its reach, tried on the fitting runs when the prediction was registered",
+                 "The law's misfit on its own runs (refitted on the smaller"):
         assert part in report, part
     assert "Refit after registration" not in report
     assert "held-out" in out.stdout and "ARE" in out.stdout
