@@ -1055,9 +1055,9 @@ def _misfit(train: Points, law: _Law, delta: float, noise: Noise, fpt) -> Misfit
     if not refits:
         return None
     z, ln_r, s = map(np.concatenate, zip(*refits))
-    m, k = np.meshgrid(MISFIT_GRID, MISFIT_GRID, indexing="ij")
-    var = s ** 2 + m[..., None] ** 2 + (k[..., None] * ln_r) ** 2
-    nll = 0.5 * np.sum(np.log(var) + z ** 2 / var, axis=-1)
+    growth = (MISFIT_GRID[:, None] * ln_r) ** 2  # [k, pairs]; a row of constants at a time
+    nll = np.array([0.5 * np.sum(np.log(v) + z ** 2 / v, axis=-1)  # [constant, k]: memory
+                    for v in (s ** 2 + m ** 2 + growth for m in MISFIT_GRID)])  # O(pairs)
     tied = nll <= nll.min() + MISFIT_TIE
     i = np.flatnonzero(tied.any(axis=1))[0]  # the smallest constant among the best
     j = np.flatnonzero(tied[i])[0]
