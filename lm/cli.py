@@ -228,6 +228,17 @@ def _fit_settings(args) -> None:
                                                       for k in missing))
 
 
+def _run_names(value: str, runs: set[str]) -> list[str]:
+    """--holdout's runs: comma-separated names, or one run's whole name that holds commas."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if value not in runs:
+        return names
+    if len(names) > 1 and all(name in runs for name in names):
+        raise ConfigError(f"--holdout {value!r} is one run's name and also a list of runs "
+                          f"({', '.join(names)}); hold them out by --holdout-above, or rename")
+    return [value]
+
+
 def cmd_fit(args) -> int:
     from lm import backtest, scaling, store
 
@@ -238,9 +249,8 @@ def cmd_fit(args) -> int:
     if not out.parent.is_dir():  # before the fit, whose bootstrap may take minutes
         raise ConfigError(f"--out {out}: no directory {out.parent}; create it first")
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
-    if isinstance(holdout, str) and holdout != "largest":  # run names; one may hold commas
-        holdout = [holdout] if holdout in set(points.run) else [
-            name.strip() for name in holdout.split(",") if name.strip()]
+    if isinstance(holdout, str) and holdout != "largest":
+        holdout = _run_names(holdout.strip(), set(points.run.tolist()))
     result = scaling.fit(points, args.law, holdout=holdout or None,
                          holdout_above=args.holdout_above, bootstrap=args.bootstrap,
                          drop_early=args.drop_early,

@@ -126,10 +126,11 @@ def _prediction(r: Results) -> list[str]:
                + ("FAILED: no loss to score" if status.get(p["run"]) == "failed" else
                   "not trained yet") + ")" for p in reg["runs"] if p["run"] not in scored]
     lines += waiting + ([""] if waiting else [])
+    misfit = r.prior.misfit if r.prior else None
     lines += ["The interval is for an actual run: the law's uncertainty (bootstrap over runs), "
-              "its misfit on its own runs at that reach (below) and a run's own noise (measured "
-              "across seeds where the sweep has them). A prediction outside it is a miss, not "
-              "bad luck.", ""]
+              + ("its misfit on its own runs at that reach (below) " if misfit else "")
+              + "and a run's own noise (measured across seeds where the sweep has them). A "
+              "prediction outside it is a miss, not bad luck.", ""]
     if r.fit and r.fit is not r.prior and r.fit.holdout:
         lines += ["### Refit after registration (not a pre-registered prediction)", "",
                   "The fitting runs changed since the registration (trials added, retried or "
@@ -159,8 +160,10 @@ def _trust(r: Results) -> list[str]:
                          f"to {span[1]:.4f}.")
     lines.append("- The law's misfit on its own runs (refitted on the smaller, predicting the "
                  "larger): " + (f"{fit.misfit.describe()}; in the interval." if fit.misfit else
-                                "not measured (too few runs below half the largest one's "
-                                "compute); the interval holds sampling error and noise only."))
+                                "none in this fit (too few runs, or sizes, below half the "
+                                "largest one's compute to refit the law — or a fit made before "
+                                "lm measured it); the interval holds sampling error and noise "
+                                "only."))
     tried = (r.registered or {}).get("backtest")
     if tried:  # registered with the prediction: what the law's reach looked like beforehand
         line = backtest.describe(backtest.Backtest(**tried)).removeprefix("backtest: ")

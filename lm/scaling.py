@@ -296,9 +296,9 @@ def _starts(p: _Problem, extra: Sequence[np.ndarray] = ()) -> np.ndarray:
 
 def _converged(res, p: _Problem, bounds) -> bool:
     """L-BFGS-B met its tolerance (not: stopped at its iteration limit or in a failed line
-    search), at a point whose projected gradient is small — or the law reproduces every point
-    to a thousandth of NOISE_FLOOR: exact losses, where no step can do better and a line
-    search in rounding error fails."""
+    search), at a point whose projected gradient is small — or every residual, weighted as in
+    the fit, is within a thousandth of NOISE_FLOOR: exact losses, where no step can do better
+    and a line search in rounding error fails."""
     if np.max(np.abs(p.residuals(res.x))) <= 1e-3 * NOISE_FLOOR:
         return True
     lo, hi = np.array(bounds).T
@@ -576,8 +576,8 @@ def _allocation_coefs(law: str, p: Mapping[str, float], fpt: Mapping[str, float]
 @dataclass(frozen=True)
 class HeldOut:
     """A held-out run's final loss against the law's prediction. `interval` is a 95% interval
-    for an actual run (the law's uncertainty and a run's own noise); `law_interval` the law's
-    alone."""
+    for an actual run (the law's uncertainty, its misfit at the run's reach and a run's own
+    noise); `law_interval` the law's sampling uncertainty alone."""
 
     run: str
     params: float

@@ -105,7 +105,7 @@ def test_fit_checks_where_it_will_write_before_fitting(tmp_path, capsys, monkeyp
     assert "no directory" in capsys.readouterr().err
 
 
-def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list(tmp_path):
+def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list(tmp_path, capsys):
     from lm import cli
 
     rows = [(n, n * r, 1.8 + 400 * n ** -0.34 + 1500 * (n * r) ** -0.3, f"N{n:g}-r{r}")
@@ -120,6 +120,12 @@ def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list(tmp_path):
         assert cli.main(["fit", str(path), "--bootstrap", "0", "--holdout", value,
                          "--out", str(out)]) == 0
         assert [r["run"] for r in json.loads(out.read_text())["holdout"]["runs"]] == held
+    rows[0] = (*rows[0][:3], "N8e+06-r10,N8e+06-r20")  # a name that is also a list of names
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([("params", "tokens", "loss", "run"), *rows])
+    assert cli.main(["fit", str(path), "--holdout", " N8e+06-r10,N8e+06-r20",
+                     "--out", str(out)]) == 2
+    assert "is one run's name and also a list of runs" in capsys.readouterr().err
 
 
 def test_fitting_a_sweep_directory_takes_its_own_fit_settings(tmp_path, capsys):
