@@ -2,11 +2,11 @@
 
 Before an extrapolation of r x the largest fitting run's compute is trusted, the law is refitted
 on the fitting runs with at most 1/r of that compute and predicts the fitting runs above it:
-an extrapolation of up to r x, made where the answer is known. Its error holds what the
-interval for a run leaves out — a law of the wrong shape — and on public sweeps that was most
-of the error (their held-out residuals were 3-5 times the fitted ones; the README). It is
-reported beside the interval, not folded into it: one split, with fewer runs than the fit, is a
-noisy measure. On the main job's 28 registered studies and 16 fits of eight public sweeps its
+an extrapolation of up to r x, made where the answer is known. Its error measures a law of the
+wrong shape, which on public sweeps was most of the error (their held-out residuals were 3-5
+times the fitted ones; the README). It is reported beside the interval, a check on it: one
+split, with fewer runs than the fit, is a noisy measure; what goes into the interval is
+`scaling.Misfit`, modelled over many splits. On the main job's 28 registered studies and 16 fits of eight public sweeps its
 RMS error was of the order of the held-out runs' (median 2.4% against 1.2% and 1.8%) and its
 sign theirs in 31 of 44, but single values ranged from a third to sixty times theirs.
 """
