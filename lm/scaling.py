@@ -24,10 +24,10 @@ held-out run's final loss. The law's uncertainty comes from a bootstrap over who
 of one learning curve are correlated), each refit started afresh from a grid; an interval for an
 *actual* run adds that run's own noise, measured across seeds where the points have them (runs
 of one N and D), else from the residuals, and the law's misfit, measured by refitting it on its
-smaller runs and predicting the larger ones (`Misfit`). The Huber delta is set from the same noise. Where the
-seeds show the noise trending in N and D (short runs of small models are far noisier than long
-ones), each point is weighted by its inverse (weighted least squares within Huber). Whether
-the points pin E down at all is checked by profiling the objective over E.
+smaller runs and predicting the larger ones (`Misfit`). The Huber delta is set from the same
+noise. Where the seeds show the noise trending in N and D (short runs of small models are far
+noisier than long ones), each point is weighted by its inverse (weighted least squares within
+Huber). Whether the points pin E down at all is checked by profiling the objective over E.
 
 Everything here is numpy/scipy; the result is a frozen `Fit` with a JSON round-trip (fit.json).
 """
