@@ -228,7 +228,7 @@ def _fit_settings(args) -> None:
                                                       for k in missing))
 
 
-def _run_names(value: str, runs: set[str]) -> list[str]:
+def holdout_names(value: str, runs: set[str]) -> list[str]:
     """--holdout's runs: comma-separated names, or one run's whole name that holds commas."""
     names = [name.strip() for name in value.split(",") if name.strip()]
     if value not in runs:
@@ -250,7 +250,7 @@ def cmd_fit(args) -> int:
         raise ConfigError(f"--out {out}: no directory {out.parent}; create it first")
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
     if isinstance(holdout, str) and holdout != "largest":
-        holdout = _run_names(holdout.strip(), set(points.run.tolist()))
+        holdout = holdout_names(holdout.strip(), set(points.run.tolist()))
     result = scaling.fit(points, args.law, holdout=holdout or None,
                          holdout_above=args.holdout_above, bootstrap=args.bootstrap,
                          drop_early=args.drop_early,

@@ -19,6 +19,7 @@ import statistics
 import numpy as np
 
 from lm import backtest, scaling, store
+from lm.cli import holdout_names
 
 
 def main() -> None:
@@ -26,7 +27,8 @@ def main() -> None:
     p.add_argument("sources", nargs="+")
     holdout = p.add_mutually_exclusive_group(required=True)
     holdout.add_argument("--holdout-above", type=float, metavar="FLOPS")
-    holdout.add_argument("--holdout", metavar="RUNS", help="run names, comma-separated")
+    holdout.add_argument("--holdout", metavar="RUNS",
+                         help="run names, comma-separated, as for lm fit --holdout")
     p.add_argument("--law", default="chinchilla", choices=scaling.LAWS)
     p.add_argument("--min-tokens-per-param", type=float, metavar="R")
     args = p.parse_args()
@@ -34,7 +36,8 @@ def main() -> None:
     for source in args.sources:
         points, _ = store.load_points(source)
         fit = scaling.fit(points, args.law, holdout_above=args.holdout_above,
-                          holdout=args.holdout.split(",") if args.holdout else None,
+                          holdout=holdout_names(args.holdout.strip(), set(points.run.tolist()))
+                          if args.holdout else None,
                           min_tokens_per_param=args.min_tokens_per_param)
         if not fit.holdout:
             print(f"{source}: no held-out run", flush=True)
