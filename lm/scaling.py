@@ -1383,8 +1383,9 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
     when given: a run's exact compute, which kaplan's L(C) needs; else the points' FLOPs per
     token); ``flops`` alone gives the compute-optimal N and D and the loss there, as far as the
     law determines them. Scalars give floats, sequences give lists. ``intervals`` holds the
-    law's 95% bounds (from its bootstrap, else its curvature); ``run_interval`` a 95% interval for the
-    loss of an actual run, which adds the run's own noise and the law's misfit at its reach."""
+    law's 95% bounds (from its bootstrap, else its curvature); ``run_interval`` a 95% interval
+    for the loss of an actual run, which adds the run's own noise and the law's misfit at its
+    reach."""
     law = _law(fit.law)
     query = {"params": params, "tokens": tokens, "flops": flops}
     given = [k for k, v in query.items() if v is not None]
