@@ -196,7 +196,7 @@ def inside(held: scaling.HeldOut) -> bool:
 def test_a_law_of_the_wrong_shape_widens_its_intervals_by_what_its_own_runs_show():
     """Chinchilla's sum fitted to Kaplan-shaped IsoFLOP curves misses its 10x and 100x runs by
     4-9% while its noise is 0.3%: its refits on the smaller budgets miss the larger ones the
-    same way, and the intervals carry that (19 of 20 held-out runs inside, none without)."""
+    same way, and the intervals carry that (20 of 20 held-out runs inside, none without)."""
     rng = np.random.default_rng(3)
     with_it = bare = 0
     for _ in range(10):
