@@ -1480,6 +1480,8 @@ def format_fit(fit: Fit) -> str:
         lines.append(f"  {'intervals from' if b.usable else 'NO intervals from (too few):'} "
                      f"{b.n - b.failed - b.not_converged} bootstrap refits over runs "
                      f"({b.failed} failed, {b.not_converged} not converged, left out)")
+    if fit.laplace and not (fit.bootstrap and fit.bootstrap.usable):
+        lines.append("  intervals from the fit's curvature (its normal, to first order)")
     if fit.misfit:
         lines.append(f"  the law's misfit on its own runs: {fit.misfit.describe()}; in the "
                      "intervals for runs")

@@ -331,6 +331,7 @@ def test_a_bootstrap_whose_refits_mostly_fail_gives_way_to_the_curvature():
     assert result.intervals == {} and result.laplace is not None
     assert any("curvature" in w for w in result.warnings)
     assert "NO intervals from (too few)" in format_fit(result)
+    assert "intervals from the fit's curvature" in format_fit(result)
     low, high = predict(result, params=3e7, tokens=6e8)["intervals"]["loss"]
     assert np.isfinite([low, high]).all() and low < high
 
@@ -775,9 +776,10 @@ def test_a_fit_file_with_missing_or_mistyped_fields_is_refused(boot_fit, change,
 def test_text_summaries(boot_fit, holdout_fit):
     text = format_fit(holdout_fit)
     for part in ("chinchilla fit", "alpha", "converged", "compute-optimal", "held-out ARE",
-                 "run-to-run noise", "E the data allow", "the law's misfit on its own runs: "):
+                 "run-to-run noise", "E the data allow", "the law's misfit on its own runs: ",
+                 "intervals from the fit's curvature"):
         assert part in text
-    assert "95% [" in format_fit(boot_fit)
+    assert "95% [" in format_fit(boot_fit) and "curvature" not in format_fit(boot_fit)
 
 
 @pytest.mark.parametrize("law", ["chinchilla", "kaplan-nd", "kaplan"])
