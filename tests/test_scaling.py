@@ -145,7 +145,7 @@ def test_prediction_intervals_cover_actual_runs_in_simulated_studies():
 def test_seeds_of_a_held_out_run_are_scored_together_in_a_narrower_interval():
     """What the law predicts is a size's expected loss; the mean of a held-out size's seeds
     measures it with a run's noise / sqrt(seeds). Its 95% interval, from bootstrap refits as
-    a sweep's are, holds it in >= 18 of 20 simulated studies (measured 20 of 20 here, 38 of 40
+    a sweep's are, holds it in >= 18 of 20 simulated studies (measured 20 of 20 here, 39 of 40
     with 30 refits; with the Laplace approximation instead, 186 of 200), and is narrower than
     one run's."""
     rng = np.random.default_rng(11)
@@ -195,7 +195,7 @@ def inside(held: scaling.HeldOut) -> bool:
 
 def test_a_law_of_the_wrong_shape_widens_its_intervals_by_what_its_own_runs_show():
     """Chinchilla's sum fitted to Kaplan-shaped IsoFLOP curves misses its 10x and 100x runs by
-    4-9% while its noise is 0.3%: its refits on the smaller budgets miss the larger ones the
+    3.5-8.5% while its noise is 0.3%: its refits on the smaller budgets miss the larger ones the
     same way, and the intervals carry that (20 of 20 held-out runs inside, none without)."""
     rng = np.random.default_rng(3)
     with_it = bare = 0
