@@ -297,12 +297,12 @@ def test_seeds_that_cannot_measure_a_trend_or_any_noise_leave_the_fit_unweighted
     assert result.noise.source == "residuals" and result.noise.sigma > 0 and result.converged
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_kaplan_nd_intervals_from_the_curvature_agree_with_its_bootstrap(seed):
     """Under kaplan-nd's outer power the levels trade off along a ridge over which the law is
     far from linear: parameters drawn from the curvature's normal put a 4x run's 95% interval
-    5-330x as wide as the bootstrap's. Propagated to first order (the delta method) it is
-    1.07-1.40x as wide (0.9-1.9x over seeds 0-5)."""
+    5x and 31x as wide as the bootstrap's here. Propagated to first order (the delta method)
+    it is 1.35x and 1.01x as wide (0.9-1.9x over seeds 0-5)."""
     rng = np.random.default_rng(seed)
     sizes = np.geomspace(1e7, 1.4e8, 6)
     rows = [{"params": n, "tokens": n * r, "run": f"{n:.3g}-{r}"} for n in sizes
@@ -312,7 +312,7 @@ def test_kaplan_nd_intervals_from_the_curvature_agree_with_its_bootstrap(seed):
         row["loss"] = kaplan_2020(row["params"], row["tokens"]) * np.exp(
             0.003 * rng.standard_normal())
     points = Points.from_rows(rows)
-    widths = [np.log(r.law_interval[1] / r.law_interval[0]) for bootstrap in (0, 30)
+    widths = [np.log(r.law_interval[1] / r.law_interval[0]) for bootstrap in (0, 20)
               for r in fit(points, "kaplan-nd", holdout=["held"], bootstrap=bootstrap).holdout]
     assert 0.5 < widths[0] / widths[1] < 2, widths
 
