@@ -286,6 +286,12 @@ def cmd_predict(args) -> int:
     if fit.n_counted != "total":
         print(f"N counts {scaling.N_COUNTS[fit.n_counted]}, as in {args.fit}")
     print(scaling.format_prediction(pred))
+    flops = pred.get("flops", 0.0)
+    beyond = max(flops if isinstance(flops, list) else [flops]) > fit.max_fit_flops
+    if "run_interval" in pred and fit.misfit is None and beyond:  # what the interval leaves out
+        print("the law's misfit on its own runs is not in this fit (lm fit says why): the "
+              "interval for an actual run beyond the fitting runs holds the law's sampling "
+              "error and a run's noise only")
     return 0
 
 

@@ -239,12 +239,21 @@ def test_budgets_far_apart_are_refitted_once_and_a_misfit_seen_at_one_reach_grow
     assert misfit.sigma(100) == pytest.approx(2 * misfit.sigma(10))
 
 
-def test_runs_too_close_in_compute_measure_no_misfit_and_say_so():
+def test_runs_too_close_in_compute_measure_no_misfit_and_say_so(tmp_path, capsys):
+    from lm import cli
+
     points = study(np.random.default_rng(2), sizes=np.geomspace(1e6, 1.2e6, 4), ratios=(30, 40))
     result = fit(points, holdout=["held"])
     assert result.misfit is None
     assert result.holdout == without_misfit(result, points).holdout
     assert "the law's misfit: not measured" in format_fit(result)
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(result.to_json()))
+    for params, said in ((1.1e6, False), (1e7, True)):  # within the fitting runs, then beyond
+        assert cli.main(["predict", str(path), "--params", str(params), "--tokens",
+                         str(35 * params)]) == 0
+        assert ("holds the law's sampling error and a run's noise only"
+                in capsys.readouterr().out) is said
 
 
 # ----------------------------------------------------------------------------- E, noise
