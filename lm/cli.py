@@ -286,7 +286,7 @@ def cmd_predict(args) -> int:
     if fit.n_counted != "total":
         print(f"N counts {scaling.N_COUNTS[fit.n_counted]}, as in {args.fit}")
     print(scaling.format_prediction(pred))
-    flops = pred.get("flops", 0.0)
+    flops = pred["flops"]  # every query's compute, given or from the fit's FLOPs per token
     beyond = max(flops if isinstance(flops, list) else [flops]) > fit.max_fit_flops
     if "run_interval" in pred and fit.misfit is None and beyond:  # what the interval leaves out
         print("the law's misfit on its own runs is not in this fit (lm fit says why): the "
