@@ -378,7 +378,7 @@ def test_e_is_bounded_below_the_lowest_loss_and_its_profile_covers_the_truth():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_a_tightly_pinned_e_gets_its_range_to_a_ten_thousandth_of_the_loss(seed):
-    """Runs that pin E to within 1%: the range of E they allow is bisected to E_TOL. (Bisected
+    """Runs that pin E to within 1%: the range of E they allow is found to E_TOL. (Bisected
     four times from steps of a fifth of E, it once collapsed to the point estimate, 1.795 of a
     true 1.8, and the predictions across the range with it.)"""
     points = study(np.random.default_rng(seed), noise=0.001, sizes=np.geomspace(1e6, 1e8, 6),
