@@ -278,12 +278,12 @@ def _grid(p: _Problem) -> np.ndarray:
     """Every combination of starting E, term levels and exponents (and outer powers: each
     term's level is then that of S^p), within the bounds."""
     levels = np.log(_LEVELS * np.exp(np.median(p.y)))
-    axes = [_E_FRACTIONS * p.e_max, *[levels] * p.k, *[_ALPHAS] * p.k]
-    grid = np.stack(np.meshgrid(*axes, *[_POWERS] * p.outer, indexing="ij"), -1)
-    grid = grid.reshape(-1, grid.shape[-1])
-    if p.outer:
-        grid[:, 1:p.k + 1] /= grid[:, -1:]
     lo, hi = np.array(p.bounds()).T
+    axes = [_E_FRACTIONS * p.e_max, *[levels] * p.k, *[_ALPHAS] * p.k, *[_POWERS] * p.outer]
+    axes = [np.unique(np.clip(a, *b)) for a, *b in zip(axes, lo, hi)]  # a fixed exponent: once
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
+    if p.outer:  # (powers <= 1 only widen the levels: clipping them before changes nothing)
+        grid[:, 1:p.k + 1] /= grid[:, -1:]
     return np.unique(np.clip(grid, lo, hi), axis=0)
 
 
