@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -91,17 +92,26 @@ def make_step(lay: state_lib.Layout):
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """The train step of one layout, compiled, and its init (compiled on first use)."""
+    """The train step of one layout, compiled, and its init, compiled on first use (a cooldown
+    branch, restored from its parent's checkpoint, never needs it) in the phase `timed`
+    charges with compiling (a Session's; by default none)."""
 
     layout: state_lib.Layout
-    _init: Callable  # seed -> state, created sharded
+    _init: Callable  # jitted: seed -> state, created sharded
     step: Callable  # (state, tokens_bt1, lr) -> (state, metrics); donates state
+    timed: Callable[[str], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @functools.cached_property
+    def _compiled_init(self) -> Callable:
+        with self.timed("compile"):
+            return self._init.lower(SEED).compile()
 
     def init(self, seed: int | None = None) -> dict:
-        return self._init(np.uint32(self.layout.cfg.train.seed if seed is None else seed))
+        return self._compiled_init(np.uint32(self.layout.cfg.train.seed if seed is None else seed))
 
 
 LR = jax.ShapeDtypeStruct((), jnp.float32)
+SEED = jax.ShapeDtypeStruct((), jnp.uint32)
 
 
 def compiled_key(cfg: Config) -> tuple:
@@ -116,7 +126,7 @@ def compile_program(cfg: Config, devices=None) -> Program:
     lay = state_lib.layout(cfg, devices)
     config_lib.check_train_batch(cfg, dict(lay.mesh.shape))
     batch = jax.ShapeDtypeStruct(lay.batch_shape, jnp.int32, sharding=lay.batch_sharding)
-    init = jax.jit(state_lib.init_fn(cfg, lay.tx), out_shardings=lay.shardings)  # on first use
+    init = jax.jit(state_lib.init_fn(cfg, lay.tx), out_shardings=lay.shardings)
     replicated = NamedSharding(lay.mesh, P())
     with sharding.use(lay.mesh, lay.table):
         step = jax.jit(make_step(lay), in_shardings=(lay.shardings, lay.batch_sharding,
@@ -359,7 +369,8 @@ class Session:
         key = compiled_key(cfg)
         if key not in self._programs:
             with self.timed("compile"):
-                self._programs[key] = compile_program(cfg, self.devices)
+                self._programs[key] = dataclasses.replace(compile_program(cfg, self.devices),
+                                                          timed=self.timed)
         return self._programs[key]
 
     def compiled(self, cfg: Config) -> bool:

@@ -74,6 +74,21 @@ def test_loss_falls_and_metrics_are_logged(run_dir):
     assert (Path(run_dir) / "config.yaml").is_file()
 
 
+def test_a_sessions_fresh_state_is_compiled_once_in_its_compile_phase():
+    """A sweep worker's report splits its time by phase: its first fresh state of a shape
+    compiles the init, which is compiling, not restoring (the phase around it); the next seed
+    reuses it."""
+    session = train.Session(jax.devices()[:1])
+    program = session.program(small())
+    compiled = session.seconds["compile"]
+    for seed in (0, 1):
+        with session.timed("restore"):
+            program.init(seed)
+        assert session.seconds["compile"] > compiled if seed == 0 else \
+            session.seconds["compile"] == compiled
+        compiled = session.seconds["compile"]
+
+
 def test_non_finite_loss_stops_the_run(run_dir):
     cfg = small("model.init_std=1e20", f"train.run_dir={run_dir}", "mesh.data=-1")
     with pytest.raises(TrainingError, match=r"non-finite at step \d+; lower optim.lr"):
