@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import glob
 import gzip
@@ -44,7 +45,7 @@ from lm.config import Config
 from lm.errors import ConfigError, DataError
 
 FORMAT = 2  # of prepared datasets; hashed with the settings, so a new format never reuses an old
-MANIFEST, TOKENIZER = "manifest.json", "tokenizer.model"
+MANIFEST, TOKENIZER, BUILD_LOCK = "manifest.json", "tokenizer.model", ".build.lock"
 SPLITS = ("train", "val")
 SPAN_CHARS = 1 << 14  # held-out spans are at most this long, so that they spread through a document
 LINE_SLACK = 200  # a span's edge moves back to the start of its line when that is this near
@@ -532,15 +533,34 @@ def _prepared(cfg: Config, inputs: list[Input], label: str, key: str,
     given = tokenizer and hashlib.sha256(tokenizer).hexdigest()
     digest = hashlib.sha256(json.dumps([settings, files, given]).encode()).hexdigest()
     out = Path(d.cache_dir).expanduser() / f"{label}-{d.tokenizer}{cfg.vocab_size}-{digest[:12]}"
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = {}
+    manifest = _manifest(out)
     if manifest.get("hash") != digest:
-        header = {"hash": digest, "source": " + ".join(inp.source for inp in inputs),
-                  "settings": settings}
-        manifest = build(cfg, inputs, out, header, tokenizer)
+        with _building(out):  # by one process: others preparing it at once wait, then reuse it
+            manifest = _manifest(out)
+            if manifest.get("hash") != digest:
+                header = {"hash": digest, "source": " + ".join(inp.source for inp in inputs),
+                          "settings": settings}
+                manifest = build(cfg, inputs, out, header, tokenizer)
     return Dataset(out, manifest, key)
+
+
+def _manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def _building(out: Path):
+    """Hold `out`'s build lock (the OS releases it however the process ends), so that a sweep's
+    workers starting together build a dataset once, not once each. Builds at once are safe,
+    only wasted: where the filesystem has no locks, they go ahead."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / BUILD_LOCK, "a") as f:
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _size_and_mtime(path: Path) -> tuple[int, int]:

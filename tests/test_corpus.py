@@ -1,5 +1,6 @@
 """Data preparation: files -> documents -> SentencePiece -> token files -> manifest."""
 
+import concurrent.futures
 import gzip
 import itertools
 import json
@@ -200,7 +201,7 @@ def test_an_interrupted_prepare_leaves_no_manifest_and_is_redone(prepared, tmp_p
     with pytest.raises(KeyboardInterrupt):
         corpus.prepare(cfg)
     (out,) = tmp_path.iterdir()
-    assert sorted(p.name for p in out.iterdir()) == [corpus.TOKENIZER]  # no manifest, no tmp files
+    assert sorted(p.name for p in out.iterdir()) == [corpus.BUILD_LOCK, corpus.TOKENIZER]
     monkeypatch.setattr(corpus.Encoder, "__call__", encode)
     redone = corpus.prepare(cfg)
     assert redone.dir == out
@@ -227,6 +228,27 @@ def test_a_matching_dataset_is_reused_and_a_change_rebuilds(prepared, tmp_path, 
                     files_cfg(tmp_path)):
         with pytest.raises(AssertionError, match="rebuilt"):
             corpus.prepare(changed)
+
+
+def test_processes_preparing_a_dataset_at_once_build_it_once(prepared, tmp_path, monkeypatch):
+    """A sweep's workers start together on a fresh cache: the first builds, the others wait for
+    it and reuse its build (the main job's two workers, each building its own, took 12.7 s where
+    one build takes 6.3 s)."""
+    cfg = real(tmp_path)
+    builds = []
+    build = corpus.build
+
+    def slow_build(*args):  # long enough for every other caller to find no manifest
+        builds.append(args)
+        time.sleep(0.5)
+        return build(*args)
+
+    monkeypatch.setattr(corpus, "build", slow_build)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # a lock per open file: as processes
+        datasets = list(pool.map(lambda _: corpus.prepare(cfg), range(3)))
+    assert len(builds) == 1 and datasets[0] == datasets[1] == datasets[2]
+    assert (datasets[0].dir / "train.bin").read_bytes() == \
+        (prepared[1].dir / "train.bin").read_bytes()
 
 
 def test_a_mismatching_manifest_is_rebuilt_in_place(tmp_path):
