@@ -414,20 +414,36 @@ def check_memory(trials: list[Trial], limit: int) -> None:
                 "or set model.remat")
 
 
+# What a trial's time is estimated from: a typical small-model MFU on CPU, compiling a model
+# shape's programs once (workers share them through the compilation cache), and each trial's
+# evaluations, checkpoints and restores.
+PLAN_MFU, PLAN_COMPILE_S, PLAN_TRIAL_S = 0.25, 15.0, 1.0
+
+
+def estimated_seconds(trials: list[Trial], peak: float) -> list[float]:
+    """Each trial's estimated time at PLAN_MFU of `peak`, the first of each model shape's
+    compiling included."""
+    shapes, seconds = set(), []
+    for t in trials:
+        new = t.cfg.model not in shapes
+        shapes.add(t.cfg.model)
+        seconds.append(t.facts()["spent_flops"] / (PLAN_MFU * peak) + PLAN_TRIAL_S
+                       + PLAN_COMPILE_S * new)
+    return seconds
+
+
 def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
     """The `lm sweep --plan` table: every trial with its size, tokens, the FLOPs it spends and
-    an estimated time at a typical small-model MFU of a measured `peak`; the study's FLOPs, and
-    what cooldown branches save against training every budget from scratch."""
-    mfu, compile_s = 0.25, 15.0  # typical of small models on CPU; compile per trial
+    an estimated time (`estimated_seconds`); the study's FLOPs, and what cooldown branches save
+    against training every budget from scratch."""
     lines = [f"sweep {spec.name}: {len(trials)} trials into {spec.path} (time assumes "
-             f"{mfu:.0%} of a measured {peak / 1e9:.0f} GFLOP/s, +{compile_s:.0f} s per trial)",
+             f"{PLAN_MFU:.0%} of a measured {peak / 1e9:.0f} GFLOP/s, +{PLAN_COMPILE_S:.0f} s "
+             f"to compile each model shape, +{PLAN_TRIAL_S:.0f} s a trial)",
              f"{'trial':<40} {'role':<8} {'params':>10} {'tokens':>10} {'FLOPs':>10} "
              f"{'steps':>6} {'lr':>8} {'~time':>8}"]
-    total = 0.0
-    for t in trials:
+    estimates = estimated_seconds(trials, peak)
+    for t, seconds in zip(trials, estimates):
         f = t.facts()
-        seconds = f["spent_flops"] / (mfu * peak) + compile_s
-        total += seconds
         steps = t.cfg.train.steps - t.cfg.train.branch_step
         lines.append(f"{t.name:<40} {t.role:<8} {f['params']:>10,} {f['tokens']:>10.3g} "
                      f"{f['spent_flops']:>10.3g} {steps:>6} {t.cfg.optim.lr:>8.2e} "
@@ -435,6 +451,6 @@ def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
     spent = sum(t.facts()["spent_flops"] for t in trials)
     scratch = sum(t.facts()["flops"] for t in trials if t.role != "stable")
     lines.append(f"total: {spent:.3g} FLOPs ({scratch:.3g} if every budget trained from "
-                 f"scratch: {1 - spent / scratch:+.0%} saved), about {total / 60:.0f} minutes on "
-                 "this machine with one worker")
+                 f"scratch: {1 - spent / scratch:+.0%} saved), about {sum(estimates) / 60:.0f} "
+                 "minutes on this machine")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,11 @@ def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
                 b.facts()["flops"] * (t.steps - t.branch_step) / t.steps)
     text = spec_lib.plan_text(spec, trials, peak=1e11)
     assert "if every budget trained from scratch" in text and "saved" in text
+    # a worker compiles a model shape once, for every seed, budget and branch of it
+    shapes = {t.cfg.model for t in trials}
+    assert 1 < len(shapes) < len(trials)
+    assert sum(spec_lib.estimated_seconds(trials, peak=math.inf)) == pytest.approx(
+        len(shapes) * spec_lib.PLAN_COMPILE_S + len(trials) * spec_lib.PLAN_TRIAL_S)
 
 
 def test_budgets_the_fit_leaves_out_train_nothing_and_change_no_other_run(tmp_path):
