@@ -1128,8 +1128,13 @@ def _identifiability(fit: Fit, law: _Law, train: Points, delta: float) -> Identi
                  np.linspace(fit.params["E"], 0.0, 6)[1:]):  # outwards from the optimum
         inside = fit.params["E"]
         for e in side:
-            if excess(e) > 0:  # the crossing, between the last E inside and e, by Brent's method
-                inside = brentq(excess, inside, e, xtol=E_TOL * p.e_max)
+            if excess(e) > 0:  # the crossing, between the last E inside and e
+                crossing = brentq(excess, inside, e, xtol=E_TOL * p.e_max)
+                # which may lie just outside the cut: the end is the nearest E evaluated inside
+                # (Brent's last bracket holds one within xtol)
+                lo, hi = sorted((inside, e))
+                inside = min((x for x in profile if lo <= x <= hi and excess(x) <= 0),
+                             key=lambda x: abs(x - crossing))
                 break
             inside = e
         ends.append(inside)
