@@ -93,8 +93,8 @@ def make_step(lay: state_lib.Layout):
 @dataclasses.dataclass(frozen=True)
 class Program:
     """The train step of one layout, compiled, and its init, compiled on first use (a cooldown
-    branch, restored from its parent's checkpoint, never needs it) in the phase `timed`
-    charges with compiling (a Session's; by default none)."""
+    branch, restored from its parent's checkpoint, never needs it) inside `timed("compile")`:
+    a Session's timer charges it to compiling."""
 
     layout: state_lib.Layout
     _init: Callable  # jitted: seed -> state, created sharded
