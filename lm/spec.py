@@ -378,15 +378,18 @@ def counted_params(cfg: Config, counted: str) -> int:
 
 
 def planned_points(trials: list[Trial], spec: SweepSpec) -> Points:
-    """The evaluations the trials will make, with a placeholder loss: what a fit will see."""
+    """The evaluations the trials will make, with a placeholder loss: what a fit will see. The
+    placeholder falls with compute, so that a frontier law (kaplan) counts every point as one
+    that may lie on its envelope: which ones do is known only once the losses are."""
     rows = []
     for t in trials:
         facts, per_step = t.facts(), t.cfg.tokens_per_step
         params = fit_params(spec, t.cfg)
         evaluated = rundir.eval_steps(t.cfg) or {t.cfg.train.steps}
         for step in sorted(s for s in evaluated if s > t.cfg.train.branch_step):
-            rows.append({"params": params, "tokens": step * per_step, "loss": 1.0, "run": t.name,
-                         "flops": step * per_step * facts["flops_per_token"], "step": step,
+            flops = step * per_step * facts["flops_per_token"]
+            rows.append({"params": params, "tokens": step * per_step, "loss": flops ** -0.05,
+                         "run": t.name, "flops": flops, "step": step,
                          "annealed": schedule.annealed(t.cfg.optim, t.cfg.train.steps, step)})
     return Points.from_rows(rows)
 

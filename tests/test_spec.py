@@ -191,3 +191,16 @@ def test_sizes_that_share_width_depth_and_heads_are_named_apart(tmp_path):
     assert "d48-l2-h2-t3.28e04-s0" in held  # its own budget: no collision, no tag
     with pytest.raises(ConfigError, match="repeats trials"):
         names(sizes=SIZES + [{**SIZES[2], "seeds": 2}])
+
+
+def test_a_frontier_law_plans_on_every_point_that_may_reach_its_envelope(tmp_path):
+    """kaplan fits the compute-efficient envelope, which the losses decide: before training,
+    every planned point may be on it (a placeholder loss equal everywhere left one point, and
+    refused every kaplan sweep); a design with too few compute values is still refused."""
+    fit = {"law": "kaplan", "bootstrap": 5, "min_tokens_per_param": 0}
+    trials = spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path, fit=fit)))
+    assert len({t.facts()["flops"] for t in trials if t.role == "fit"}) == 9
+    one_budget = spec_file(tmp_path, fit=fit, sizes=SIZES[:1], tokens=[5120],
+                           recipe={"eval_points": 1, "lr": 1e-2})
+    with pytest.raises(ConfigError, match="cannot be fitted.*compute values"):
+        spec_lib.plan(spec_lib.load_spec(one_budget))
