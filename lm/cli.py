@@ -201,21 +201,19 @@ def cmd_sweep(args) -> int:
         runner.work(spec, args.store, args.stale_after, o)
     else:
         runner.run(spec, workers=args.workers, cpu_devices=args.cpu_devices, url=args.store,
-                   stale_s=args.stale_after, overrides=o)
+                   stale_s=args.stale_after, overrides=o, retry_failed=args.retry_failed)
     return 0
 
 
 def _fit_settings(args) -> None:
     """Fill the fit settings not given: a sweep's own (the `fit` of the sweep.yaml beside its
     store, as its report used them), else the spec's defaults."""
-    import yaml
-
     from lm import spec
 
     defaults = dataclasses.asdict(spec.FitSpec())
     source = Path(args.source)
     path = (source.parent if source.suffix == ".sqlite" else source) / "sweep.yaml"
-    own = (yaml.safe_load(path.read_text()) or {}).get("fit") or {} if path.is_file() else {}
+    own = _fit_section(path) if path.is_file() else {}
     missing = [k for k in defaults if getattr(args, k, "") is None]  # the spec's `fit` keys
     for key in missing:
         setattr(args, key, own.get(key, defaults[key]))
@@ -226,6 +224,20 @@ def _fit_settings(args) -> None:
     if own and missing:
         print(f"fit settings of {path}: " + ", ".join(f"{k}={getattr(args, k)}"
                                                       for k in missing))
+
+
+def _fit_section(path: Path) -> dict:
+    """The `fit` settings of a sweep's own sweep.yaml."""
+    import yaml
+
+    try:
+        fit = (yaml.safe_load(path.read_text()) or {}).get("fit") or {}
+        if not isinstance(fit, dict):
+            raise ValueError(f"`fit` is {fit!r}, not a mapping")
+    except (yaml.YAMLError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: the sweep's spec as it ran, but its fit settings cannot "
+                          f"be read ({' '.join(str(e).split())}); repair it") from None
+    return fit
 
 
 def holdout_names(value: str, runs: set[str]) -> list[str]:
@@ -248,6 +260,8 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():  # before the fit, whose bootstrap may take minutes
         raise ConfigError(f"--out {out}: no directory {out.parent}; create it first")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file, e.g. {out / 'fit.json'}")
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
     if isinstance(holdout, str) and holdout != "largest":
         holdout = holdout_names(holdout.strip(), set(points.run.tolist()))
@@ -398,6 +412,9 @@ def _add_sweep(sub, common) -> None:
                       help="be one more worker of a running sweep (any machine; with --store)")
     mode.add_argument("--rebuild-store", action="store_true",
                       help="rebuild a damaged store from the trials' run directories")
+    mode.add_argument("--retry-failed", action="store_true",
+                      help="run the sweep, training again the trials that failed for good "
+                      "(after fixing what made them fail)")
     p.add_argument("--workers", type=_at_least(int, 1), default=2,
                    help="worker processes, each training trials one after another")
     p.add_argument("--store", metavar="URL",

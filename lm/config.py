@@ -366,8 +366,13 @@ def _coerce(value, kind, key: str):
             pass
     if kind is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected "
-                      f"{getattr(kind, '__name__', kind)}")
+    expected = f"a list, e.g. [{_example(args[0])}]" if origin is tuple else getattr(
+        kind, "__name__", kind)
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {expected}")
+
+
+def _example(kind) -> str:
+    return {int: "0, 1", float: "1.0e6, 2.0e6"}.get(kind, "...")
 
 
 # --------------------------------------------------------------------------- checks
@@ -380,7 +385,8 @@ def _require(ok: bool, key: str, value, valid: str) -> None:
 
 def check(cfg: Config) -> None:
     """Checks that need no devices: shapes and settings that can never work."""
-    for part in (_check_model, _check_data, _check_train, _check_optim, _check_saves_and_mesh):
+    for part in (_check_model, _check_data, _check_train, _check_optim, _check_branch,
+                 _check_saves_and_mesh):
         part(cfg)
 
 
@@ -426,9 +432,8 @@ def _check_data(cfg: Config) -> None:
 
 def _check_train(cfg: Config) -> None:
     t = cfg.train
-    _require((t.branch_step > 0) == bool(t.branch_from) and t.branch_step < t.steps,
-             "train.branch_step", t.branch_step, "a branch needs both train.branch_from (a run "
-             "directory) and a branch_step below train.steps")
+    _require(t.run_dir.strip() != "", "train.run_dir", t.run_dir,
+             "must name the run's directory, e.g. runs/my-run")
     for key in ("steps", "batch_size", "micro_batches", "log_every"):
         _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be positive")
     for key, seed in (("train.seed", t.seed), ("data.seed", cfg.data.seed or 0)):
@@ -464,6 +469,14 @@ def _check_optim(cfg: Config) -> None:
     _require(o.schedule != "wsd" or o.warmup_steps <= t.steps - round(o.decay_fraction * t.steps),
              "optim.warmup_steps", o.warmup_steps, "must end before the wsd decay starts (at "
              f"{t.steps - round(o.decay_fraction * t.steps)}); lower it or optim.decay_fraction")
+
+
+def _check_branch(cfg: Config) -> None:
+    """After the schedule's own checks, which name the setting a branch step derives from."""
+    t = cfg.train
+    _require((t.branch_step > 0) == bool(t.branch_from) and t.branch_step < t.steps,
+             "train.branch_step", t.branch_step, "a branch needs both train.branch_from (a run "
+             "directory) and a branch_step below train.steps")
 
 
 def _check_saves_and_mesh(cfg: Config) -> None:

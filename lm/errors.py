@@ -8,6 +8,12 @@ siblings: a corrupt checkpoint is not a config error, a data file is not a store
 from __future__ import annotations
 
 
+def listed(items, sep: str = ", ", most: int = 5) -> str:
+    """The first `most` of `items` for a message, and how many more there are."""
+    more = f"{sep}... ({len(items) - most} more)" if len(items) > most else ""
+    return sep.join(items[:most]) + more
+
+
 class LMError(Exception):
     """Base: the message names the key, file or value at fault and the fix."""
 
@@ -52,6 +58,12 @@ class FitError(LMError, ValueError):
 
 class TrainingError(LMError):
     """The run cannot go on (e.g. the loss became non-finite)."""
+
+    exit_code = 1
+
+
+class Incomplete(LMError):
+    """A sweep that ended without what it is for: its fit, or a held-out run's score."""
 
     exit_code = 1
 

@@ -36,11 +36,12 @@ import yaml
 
 from lm import (backtest, config as config_lib, flops, report, rundir, scaling, schedule,
                 spec as spec_lib, trackers)
-from lm.errors import Busy, Fenced, FitError, Interrupted, LMError, StoreError
+from lm.errors import (Busy, ConfigError, Fenced, FitError, Incomplete, Interrupted, LMError,
+                       StoreError, listed)
 from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
-from lm.store import FINAL, SQLITE, Store, worker_name
+from lm.store import FINAL, SQLITE, Store, is_postgres, worker_name
 
 log = logging.getLogger("lm.sweep")
 PREDICTION = "prediction.json"
@@ -52,27 +53,29 @@ POLL_S = 0.5
 # --------------------------------------------------------------------------- the sweep
 
 
-def device_memory(cpu_devices: int | None) -> int:
-    """Memory the trials' devices have. Asked of a child process, so that the runner itself
-    never starts JAX."""
+def devices(cpu_devices: int | None) -> tuple[int, int]:
+    """How many devices a worker has (0: unknown) and their memory in bytes. Asked of a child
+    process, so that the runner itself never starts JAX."""
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if cpu_devices:
-        return host  # simulated devices share the host's memory
-    probe = ("import jax; d = jax.devices(); print(d[0].platform, "
+        return cpu_devices, host  # simulated devices share the host's memory
+    probe = ("import jax; d = jax.devices(); print(d[0].platform, len(d), "
              "(d[0].memory_stats() or {}).get('bytes_limit', 0) * len(d))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=300)
-    platform, limit = (out.stdout.split() + ["cpu", "0"])[:2]
-    return host if platform == "cpu" else int(limit)
+    platform, count, limit = (out.stdout.split() + ["cpu", "0", "0"])[:3]
+    return int(count), host if platform == "cpu" else int(limit)
 
 
 def planned(spec_path: str | Path, cpu_devices: int | None, overrides=()
             ) -> tuple[SweepSpec, list[Trial]]:
-    """The spec (with its dotted `overrides`) and its trials, checked to fit the devices'
-    memory."""
+    """The spec (with its dotted `overrides`) and its trials, checked to fit a worker's
+    devices: their mesh and memory."""
     spec = spec_lib.load_spec(spec_path, overrides)
     trials = spec_lib.plan(spec)
-    spec_lib.check_memory(trials, device_memory(cpu_devices))
+    count, memory = devices(cpu_devices)
+    spec_lib.check_devices(trials, count)
+    spec_lib.check_memory(trials, memory)
     return spec, trials
 
 
@@ -173,8 +176,9 @@ def registered_count(registered: dict, trials: list[Trial]) -> str:
 
 def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> bool:
     """Once every fitting trial has ended, fit them and register the held-out prediction,
-    exactly once however many workers get here; then the held-out trials may start. A fit
-    that fails is registered as such: the held-out runs train, with no prediction to meet."""
+    exactly once however many workers get here; then the held-out trials may start. Returns
+    whether this call registered it. A fit that fails raises (LMError) and registers nothing:
+    the held-out runs wait for a prediction, which a rerun makes once the cause is fixed."""
     held = [t for t in trials if t.role == "holdout"]
     if not held or store.prediction() is not None:
         return False
@@ -182,14 +186,10 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     fitting = [t.name for t in trials if t.role == "fit"]
     if any(status.get(name) not in FINAL for name in fitting):
         return False
-    try:
-        points = _fitting_points(spec, store, fitting)
-        fit = _fit(spec, points)
-        body = {**registration(fit, held, spec), "backtest": _backtest(fit, points, held),
-                "fitted_runs": sorted(n for n in fitting if status[n] == "done")}
-    except LMError as e:
-        body = {"made": time.strftime("%Y-%m-%d %H:%M:%S"), "failed": str(e)}
-        log.warning("sweep: %s", e)
+    points = _fitting_points(spec, store, fitting)
+    fit = _fit(spec, points)
+    body = {**registration(fit, held, spec), "backtest": _backtest(fit, points, held),
+            "fitted_runs": sorted(n for n in fitting if status[n] == "done")}
     if not store.register(body, [t.name for t in held]):
         return False
     _write_atomic(spec.path / PREDICTION, json.dumps(body, indent=1))
@@ -355,6 +355,9 @@ def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S
     store = Store(store_url(spec, url))
     store.sync(spec.name, plan_digest(list(trials.values())), list(trials.values()))
     _compilation_cache()
+    import jax
+
+    spec_lib.check_devices(list(trials.values()), jax.device_count())  # before any trains
     from lm import train
     from lm.processes import StopSignals
 
@@ -376,8 +379,12 @@ def _work(spec: SweepSpec, trials: dict[str, Trial], store: Store, session, work
         if name is not None:
             _train_one(trials[name], session, store, worker, stale_s)
             continue
-        if register_when_ready(spec, list(trials.values()), store):
-            continue
+        try:
+            if register_when_ready(spec, list(trials.values()), store):
+                continue
+        except LMError as e:  # nothing else can train: the runner says why and what to do
+            log.warning("sweep: no prediction registered, so the held-out runs wait: %s", e)
+            return
         store.reclaim(stale_s)
         store.fail_orphans()
         if all(r["status"] in FINAL for r in store.trials() if r["name"] in trials):
@@ -454,7 +461,8 @@ def _supervise(spec_path, overrides, url: str, workers: int, cpu_devices: int | 
                             f"; {', '.join(back)} back in the queue" if back else "")
                 pending = any(r["status"] not in FINAL for r in store.trials()
                               if r["name"] in names)
-                if pending and restarts < 2 * workers:
+                refused = p.returncode == ConfigError.exit_code  # bad input: so would the next
+                if pending and not refused and restarts < 2 * workers:
                     restarts += 1
                     procs[i] = _spawn(spec_path, overrides, url, cpu_devices, stale_s)
                 else:
@@ -468,20 +476,27 @@ def _supervise(spec_path, overrides, url: str, workers: int, cpu_devices: int | 
 
 
 def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
-        url: str | None = None, stale_s: float = STALE_S, overrides=()) -> Fit | None:
+        url: str | None = None, stale_s: float = STALE_S, overrides=(),
+        retry_failed: bool = False) -> Fit | None:
     """Run (or resume) a sweep with `workers` local workers, then write fit.json,
-    prediction.json (registered before the held-out runs train), plots and report.md."""
+    prediction.json (registered before the held-out runs train), plots and report.md.
+    `retry_failed`: trials that failed for good train again (their cause fixed). Raises
+    Incomplete, after the report, where the sweep lacks its fit or a held-out run's score."""
     spec, trials = planned(spec_path, cpu_devices, overrides)
     url = store_url(spec, url)
+    names = {t.name for t in trials}
     with exclusive(spec.path):
         store = Store(url)
         store.sync(spec.name, plan_digest(trials), trials, replan=True)
         _write_atomic(spec.path / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec),
                                                                sort_keys=False))
         _adopt_registered(spec, trials, store)
-        if not url.startswith("postgres"):  # SQLite: this runner is the sweep's only one
+        if not is_postgres(url):  # SQLite: this runner is the sweep's only one
             store.reclaim(0.0)
-        names = {t.name for t in trials}
+        if retry_failed:
+            back = store.retry_failed(names)
+            log.info("sweep: %s", f"{len(back)} failed trials train again" if back else
+                     "no trial had failed")
         started = time.time()
         peak = flops.numpy_matmul_flops_per_s(2048)
         try:
@@ -490,7 +505,36 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
             run = report.Timing(workers, started, time.time(), peak)
             if report.ended_in([run], store.trials()):
                 store.add_run(dataclasses.asdict(run))
-        return _report(spec, trials, store)
+        fit = _report(spec, trials, store)
+    _say_what_is_left(spec_path, trials, store, fit)
+    return fit
+
+
+def _say_what_is_left(spec_path, trials: list[Trial], store: Store, fit: Fit | None) -> None:
+    """After the report: raise Incomplete where the sweep lacks its product (a fit; a held-out
+    run's score), saying why and what to do; else name the trials that failed for good."""
+    status = {r["name"]: r["status"] for r in store.trials()}
+    failed = [t.name for t in trials if status.get(t.name) == "failed"]
+    left = [t.name for t in trials if status.get(t.name) not in FINAL]
+    held_failed = [t.name for t in trials if t.role == "holdout" and t.name in failed]
+    retry = (f"; fix the cause (`lm sweep {spec_path} --status` shows each error), then "
+             f"`lm sweep {spec_path} --retry-failed` trains them again")
+    some = f"{len(failed)} trials failed for good ({listed(failed)}){retry}"
+    if fit is None:
+        unregistered = store.prediction() is None and any(t.role == "holdout" for t in trials)
+        raise Incomplete(
+            "the fit of the fitting runs failed (the report says why)"
+            + (", so no prediction is registered and no held-out run trains" * unregistered)
+            + (f"; {some}" if failed else "; change the spec's fit settings or add sizes or "
+               "budgets, then run `lm sweep` again"))
+    if left:
+        raise Incomplete(f"the sweep ended with {len(left)} trials not run ({listed(left)}): "
+                         "its workers stopped (see above); run `lm sweep` again")
+    if held_failed:
+        raise Incomplete(f"held-out runs failed ({listed(held_failed)}), so the registered "
+                         f"prediction has nothing to be scored against; {some}")
+    if failed:
+        print(f"sweep: {some}; the fit and report are without them")
 
 
 def _adopt_registered(spec: SweepSpec, trials: list[Trial], store: Store) -> None:
@@ -630,9 +674,10 @@ def status(spec_path: str | Path, url: str | None = None, overrides=()) -> list[
     """Every trial of the sweep: name, role, status, worker, attempts, wall_s, loss."""
     spec = spec_lib.load_spec(spec_path, overrides)
     url = store_url(spec, url)
-    if not url.startswith("postgres") and not Path(url).is_file():
+    if "://" not in url and not Path(url).is_file():
         return []
     store = Store(url, create=False)
+    store.check_sweep(spec.name)
     last = store.last_losses()
     keys = ("name", "role", "status", "worker", "attempts", "wall_s", "flops", "error")
     return [{**{k: r[k] for k in keys}, "loss": last.get(r["name"])} for r in store.trials()]
@@ -664,12 +709,14 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
     whose run finished is recorded done with its evaluations, the others pending."""
     spec, trials = planned(spec_path, 1, overrides)
     path = Path(store_url(spec, url))
-    if url and url.startswith("postgres"):
+    if url and is_postgres(url):
         raise StoreError("--rebuild-store rebuilds a SQLite store; for PostgreSQL, drop the "
                          "sweep's tables (or create a new database) and run it again")
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
     with exclusive(spec.path):
         if path.exists():
-            path.rename(path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"))
+            _refuse_another_sweep(path, spec.name)
+            path.rename(aside)
         store = Store(path)
         store.sync(spec.name, plan_digest(trials), trials)
         done = 0
@@ -679,4 +726,14 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
                 store.finish(t.name, _ingest(t), None)
                 done += 1
         _adopt_registered(spec, trials, store)
-    return f"rebuilt {path}: {done} of {len(trials)} trials done, the rest pending"
+    kept = f" (the old store kept as {aside.name})" if aside.exists() else ""
+    return f"rebuilt {path}{kept}: {done} of {len(trials)} trials done, the rest pending"
+
+
+def _refuse_another_sweep(path: Path, name: str) -> None:
+    """A store that opens and holds another sweep is not this sweep's to rebuild."""
+    try:
+        store = Store(path, create=False)
+    except StoreError:
+        return  # damaged: what a rebuild is for
+    store.check_sweep(name)

@@ -47,7 +47,7 @@ import threadpoolctl
 from scipy.optimize import brentq, minimize
 from scipy.special import digamma, polygamma
 
-from lm.errors import FitError
+from lm.errors import FitError, listed
 from lm.points import BUDGET_TOL, Points, group_budgets, resample_runs
 
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
@@ -955,6 +955,9 @@ def _fit(points: Points, law: str = "chinchilla", *,
         raise FitError(f"holdout needs a law that predicts loss "
                        f"({', '.join(LOSS_LAWS)}), not {law}")
     rest = points.select(~np.isin(points.run, held))
+    if not len(rest):
+        raise FitError(f"every one of the {len(held)} runs is held out (holdout, holdout_above);"
+                       " hold out fewer, so that some are left to fit")
     train, annealed = _fitted(rest, spec, drop_early, min_tokens_per_param)
     if not len(train):
         raise FitError(f"no point is left to fit: of {len(rest)}, every one is early "
@@ -1334,13 +1337,13 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                  if (span := held_out_range(fit, r)) for lo, hi in [span]]
         out.append(f"E is not identified: the fit is as good, within the noise, for E from "
                    f"{ident.allowed[0]:.3g} to {ident.allowed[1]:.3g}"
-                   + (f"; held-out predictions across that range: {_some(moves, '; ')}"
+                   + (f"; held-out predictions across that range: {listed(moves, '; ')}"
                       if moves else "") + ". Add model sizes or budgets over a wider range, "
                    "or seeds")
     span = train.flops.max() / train.flops.min()
     far = [r for r in fit.holdout if r.compute_ratio > max(span, 10.0)]
     if far:
-        out.append(f"{_some([r.run for r in far], ', ')} use{'s' * (len(far) == 1)} up to "
+        out.append(f"{listed([r.run for r in far])} use{'s' * (len(far) == 1)} up to "
                    f"{max(r.compute_ratio for r in far):.3g}x the largest fitting run's "
                    f"compute, farther than the fitted points span ({span:.3g}x): trust "
                    f"{'its prediction' if len(far) == 1 else 'their predictions'} less")
@@ -1351,7 +1354,7 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
             (flops <= r.flops) & (loss < r.loss * np.exp(-2 * fit.noise.sigma)))]
         if off:
             out.append(f"{len(off)} of {len(fit.holdout)} held-out runs lie off the "
-                       f"compute-efficient frontier ({_some(off, ', ')}: another run reached a "
+                       f"compute-efficient frontier ({listed(off)}: another run reached a "
                        f"loss lower by more than the noise with no more compute), which "
                        f"{fit.law} predicts: their errors measure how far off they lie, not "
                        "the law's")
@@ -1367,14 +1370,8 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                       "identified; add sizes or budgets"))
     if fit.outliers:
         out.append(f"{len(fit.outliers)} run(s) lie more than 3 noise sigmas off the law: "
-                   f"{_some(fit.outliers, ', ')}")
+                   f"{listed(fit.outliers)}")
     return out
-
-
-def _some(items: Sequence[str], sep: str, most: int = 5) -> str:
-    """The first `most` of `items`, and how many more there are."""
-    more = f"{sep}... ({len(items) - most} more)" if len(items) > most else ""
-    return sep.join(items[:most]) + more
 
 
 def _positive_array(value: Any, name: str) -> np.ndarray:

@@ -130,7 +130,47 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
     if spec.recipe.eval_points < 1:
         raise ConfigError(f"{path}: recipe.eval_points={spec.recipe.eval_points}: a trial needs "
                           "at least 1 evaluation (its final loss, which the fit takes)")
+    _check_numbers(path, spec)
+    _check_sizes(path, spec.sizes)
     return spec
+
+
+def _check_numbers(path: Path, spec: SweepSpec) -> None:
+    """Budgets and fit settings a sweep cannot run with: refused before anything trains
+    (a fit setting would otherwise fail only after every fitting run)."""
+    f = spec.fit
+    for key, values in (("tokens", spec.tokens), ("tokens_per_param", spec.tokens_per_param),
+                        ("isoflop", spec.isoflop)):
+        if any(v <= 0 for v in values):
+            raise ConfigError(f"{path}: {key}={list(values)}: budgets are positive")
+    r = spec.recipe
+    for key, value, ok, valid in (
+            ("fit.bootstrap", f.bootstrap, f.bootstrap >= 0, "a number of refits, >= 0"),
+            ("fit.drop_early", f.drop_early, 0 <= f.drop_early < 1, "a fraction in [0, 1)"),
+            ("fit.min_tokens_per_param", f.min_tokens_per_param,
+             f.min_tokens_per_param is None or f.min_tokens_per_param >= 0, ">= 0 (or null)"),
+            ("fit.max_noise", f.max_noise, f.max_noise >= 0, ">= 0 (0: no size leaves the fit)"),
+            ("recipe.decay_fraction", r.decay_fraction, 0 < r.decay_fraction <= 1,
+             "a fraction of each run in (0, 1]")):
+        if not ok:
+            raise ConfigError(f"{path}: {key}={value} is not valid: {valid}")
+    if spec.seed < 0 or any(s < 0 for s in spec.seeds):
+        raise ConfigError(f"{path}: seed={spec.seed}, seeds={list(spec.seeds)}: seeds are >= 0")
+
+
+def _check_sizes(path: Path, sizes: tuple[dict, ...]) -> None:
+    """Each size listed once, its `seeds` a count >= 1."""
+    seen = set()
+    for i, size in enumerate(sizes):
+        count = size.get("seeds", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{path}: sizes[{i}].seeds={count!r}: a size's `seeds` is how "
+                              "many it trains, an integer >= 1 (the spec's `seed` offsets them)")
+        key = json.dumps(size, sort_keys=True)
+        if key in seen:
+            raise ConfigError(f"{path}: sizes[{i}] repeats an earlier size: list each once "
+                              "(`seeds: K` trains one K times)")
+        seen.add(key)
 
 
 # --------------------------------------------------------------------------- trials
@@ -404,6 +444,15 @@ def memory_bytes(cfg: Config) -> int:
     remat = {"none": 1.0, "dots": 0.5, "full": 0.1}[m.remat]
     logits = 4 * tokens * m.vocab_size * (1 if m.loss_chunk else 3)
     return int(16 * flops.param_counts(m)["total"] + remat * m.n_layers * layer + logits)
+
+
+def check_devices(trials: list[Trial], count: int) -> None:
+    """Refuse trials whose mesh does not fit `count` devices (0: unknown), before any trains."""
+    for t in trials if count else ():
+        try:
+            config_lib.check_train_batch(t.cfg, config_lib.mesh_shape(t.cfg, count))
+        except ConfigError as e:
+            raise ConfigError(f"trial {t.name} on a worker's {count} device(s): {e}") from None
 
 
 def check_memory(trials: list[Trial], limit: int) -> None:

@@ -171,9 +171,16 @@ class _Postgres:
     now = "EXTRACT(EPOCH FROM clock_timestamp())"
 
 
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
 def _connect(url: str):
-    if url.startswith(("postgresql://", "postgres://")):
+    if is_postgres(url):
         return _Postgres(url)
+    if "://" in url:  # a URL of another scheme: not a file name to create
+        raise StoreError(f"{url}: not a store URL lm reads; give a SQLite file's path or "
+                         "postgresql://user:password@host:port/database")
     return _SQLite(Path(url))
 
 
@@ -185,7 +192,7 @@ class Store:
 
     def __init__(self, url: str | Path, *, create: bool = True):
         self.url = str(url)
-        if not create and not self.url.startswith("postgres") and not Path(url).is_file():
+        if not create and "://" not in self.url and not Path(url).is_file():
             raise StoreError(f"{url} not found: run the sweep first (lm sweep SWEEP.yaml)")
         self.db = _connect(self.url)
         self.path = self.db.where
@@ -239,6 +246,14 @@ class Store:
 
     # ----------------------------------------------------------------------- the plan
 
+    def check_sweep(self, name: str) -> str | None:
+        """Refuse a store that holds a sweep other than `name`; the sweep it holds, if any."""
+        held = self._get("name")
+        if held not in (None, name):
+            raise StoreError(f"{self.path} holds sweep {held!r}, not {name!r}: give each "
+                             "sweep a store of its own")
+        return held
+
     def sync(self, name: str, digest: str, trials: list[Trial], replan: bool = False) -> None:
         """Open the store for sweep `name` as planned (`digest` of its plan): record new trials,
         in one transaction. Refused: a store holding another sweep; a trial whose config changed
@@ -246,10 +261,7 @@ class Store:
         plan other than the store's (a worker started with another spec). Held-out trials wait
         ('blocked') until the prediction is registered."""
         with self.db.transaction():
-            held = self._get("name")
-            if held not in (None, name):
-                raise StoreError(f"{self.path} holds sweep {held!r}, not {name!r}: give each "
-                                 "sweep a store of its own")
+            held = self.check_sweep(name)
             if held is not None and self._get("plan") != digest and not replan:
                 raise StoreError(f"{self.path} holds sweep {name!r} as planned by another spec: "
                                  "start every worker with the spec the sweep was started with "
@@ -376,6 +388,20 @@ class Store:
                 return None
         return final
 
+    def retry_failed(self, names: Collection[str]) -> list[str]:
+        """The failed trials among `names` queued again with their failures forgotten (the
+        user fixed the cause); a held-out one waits for the prediction as before."""
+        with self.db.transaction():
+            registered = self.prediction() is not None
+            rows = [r for r in self.db.execute(
+                "SELECT name, role FROM trials WHERE status='failed'").fetchall()
+                if r["name"] in names]
+            for r in rows:
+                waits = r["role"] == "holdout" and not registered
+                self.db.execute("UPDATE trials SET status=?, failures=0, updated=? WHERE name=?",
+                                ("blocked" if waits else "pending", time.time(), r["name"]))
+        return sorted(r["name"] for r in rows)
+
     # ----------------------------------------------------------------------- the prediction
 
     def register(self, body: dict, held: list[str]) -> bool:
@@ -482,7 +508,7 @@ def load_points(source: str | Path, ignore_columns: bool = False, metric: str = 
     source = str(source)
     if Path(source).is_dir():
         source = str(Path(source) / SQLITE)
-    if not source.startswith("postgres") and not source.endswith(".sqlite"):
+    if "://" not in source and not source.endswith(".sqlite"):
         points = load_csv(source, ignore_columns)
         if params == "non_embedding":
             raise FitError(f"{source}: a CSV's params column is its N; count N without the "

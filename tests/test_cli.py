@@ -103,6 +103,8 @@ def test_fit_checks_where_it_will_write_before_fitting(tmp_path, capsys, monkeyp
     monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("fitted before the check"))
     assert cli.main(["fit", str(csv), "--out", str(tmp_path / "nodir" / "fit.json")]) == 2
     assert "no directory" in capsys.readouterr().err
+    assert cli.main(["fit", str(csv), "--out", str(tmp_path)]) == 2
+    assert "is a directory; give a file" in capsys.readouterr().err
 
 
 def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list(tmp_path, capsys):
@@ -145,3 +147,7 @@ def test_fitting_a_sweep_directory_takes_its_own_fit_settings(tmp_path, capsys):
     assert cli.main(["fit", str(sweep_dir), "--bootstrap", "0", "--law", "chinchilla",
                      "--out", str(out)]) == 0
     assert json.loads(out.read_text())["law"] == "chinchilla"
+    for damaged in ("fit: [unclosed", "fit: 3"):
+        (sweep_dir / "sweep.yaml").write_text(damaged)
+        assert cli.main(["fit", str(sweep_dir), "--out", str(out)]) == 2
+        assert "its fit settings cannot be read" in capsys.readouterr().err

@@ -50,6 +50,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.parametrization=mup"], "model.base_width"),  # muP needs the width it was tuned at
     (["model.parametrization=mu"], "model.parametrization"),
     (["optim.z_loss=-1e-4"], "optim.z_loss"),
+    (["train.run_dir="], "train.run_dir"),  # an unset shell variable: not the cwd
+    (["train.steps=0"], "train.steps"),  # not the branch step derived from it
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

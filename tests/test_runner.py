@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lm import cli, runner, spec as spec_lib
+from lm.errors import FitError, StoreError
 from lm.store import Store, load_points
 
 from sweeps import BASE, SIZES, spec_file
@@ -85,6 +86,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(finished):
     orphans = [t for t in trials.values() if t["parent"] == failed["name"]]
     assert len(orphans) == 3 and all(t["status"] == "failed" and t["attempts"] == 0 and
                                      "stable run" in t["error"] for t in orphans)
+    assert "4 trials failed for good" in out.stdout and "--retry-failed" in out.stdout
     for t in trials.values():  # every branch trained after its stable run, from its checkpoint
         if t["parent"] and t["status"] == "done":
             assert "branching from step" in (Path(path.parent / "sweep" / "trials" / t["name"] /
@@ -254,6 +256,24 @@ def test_bad_stores_fail_before_any_training(finished, postgres, tmp_path):
     Store(store_copy).db.execute("UPDATE sweep SET value='t' WHERE key='name'")
     out = lm("sweep", str(other), "--worker", "--store", str(store_copy), "--cpu-devices", "1")
     assert out.returncode == 2 and "planned by another spec" in out.stderr
+    spec = spec_file(tmp_path, name="other")
+    theirs = path.parent / "sweep" / "store.sqlite"  # reading or rebuilding: refused too
+    before = theirs.read_bytes()
+    for command in (runner.status, runner.rebuild_store):
+        with pytest.raises(StoreError, match="holds sweep 't', not 'other'"):
+            command(spec, str(theirs))
+    assert theirs.read_bytes() == before and not list(theirs.parent.glob("*.damaged-*"))
+
+
+def test_a_url_of_another_scheme_is_refused_not_taken_for_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = spec_file(tmp_path)
+    for url in ("postgresql+psycopg://nobody@127.0.0.1:1/x", "mysql://x"):
+        with pytest.raises(StoreError, match="not a store URL lm reads"):
+            runner.status(spec, url)
+        with pytest.raises(StoreError, match="not a store URL lm reads"):
+            load_points(url)
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.yaml"]  # nothing created
 
 
 def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path):
@@ -273,7 +293,9 @@ def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path)
     assert list(sweep_dir.glob("store.sqlite.damaged-*"))
 
 
-def test_a_fit_that_fails_is_recorded_and_the_held_out_run_still_trains(tmp_path, monkeypatch):
+def test_a_fit_that_fails_registers_nothing_and_the_held_out_runs_wait(tmp_path, monkeypatch):
+    """A registration is for ever, so a failed fit registers none: the held-out runs stay
+    blocked until a fit succeeds (the cause fixed), which registers and releases them."""
     from test_cli import finished_sweep
 
     path = finished_sweep(tmp_path)
@@ -285,12 +307,39 @@ def test_a_fit_that_fails_is_recorded_and_the_held_out_run_still_trains(tmp_path
     def overflow(*args, **kwargs):
         raise OverflowError("math range error")
 
+    fit = runner.scaling.fit
     monkeypatch.setattr(runner.scaling, "fit", overflow)
+    with pytest.raises(FitError, match="OverflowError: math range error.*add sizes"):
+        runner.register_when_ready(spec, trials, store)
+    assert store.prediction() is None and not (spec.path / "prediction.json").exists()
+    assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"blocked"}
+    monkeypatch.setattr(runner.scaling, "fit", fit)
     assert runner.register_when_ready(spec, trials, store)
-    body = store.prediction()
-    assert "OverflowError: math range error" in body["failed"] and "add sizes" in body["failed"]
     assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"pending"}
-    assert json.loads((spec.path / "prediction.json").read_text()) == body
+    assert json.loads((spec.path / "prediction.json").read_text()) == store.prediction()
+
+
+def test_a_sweep_whose_fitting_runs_all_failed_fails_and_can_retry_them(tmp_path):
+    """No fitting run to fit: `lm sweep` ends with an error that says so and how to go on,
+    registers nothing, trains no held-out run; --retry-failed queues the failed trials again."""
+    from test_cli import finished_sweep
+
+    path = finished_sweep(tmp_path)
+    store = Store(tmp_path / "sweep" / "store.sqlite")
+    store.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout'")
+    store.db.execute("UPDATE trials SET status='failed', error='boom', failures=3 "
+                     "WHERE role='fit'")
+    out = lm("sweep", str(path), "--workers", "1", "--cpu-devices", "1")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no prediction is registered" in out.stderr and "--retry-failed" in out.stderr
+    assert "Traceback" not in out.stderr and store.prediction() is None
+    held = {r["name"] for r in store.trials() if r["role"] == "holdout"}
+    fitting = {r["name"] for r in store.trials() if r["role"] == "fit"}
+    assert {r["status"] for r in store.trials() if r["name"] in held} == {"blocked"}
+    assert store.retry_failed(fitting | held) == sorted(fitting)
+    assert {(r["status"], r["failures"]) for r in store.trials() if r["name"] in fitting} == {
+        ("pending", 0)}
+    assert {r["status"] for r in store.trials() if r["name"] in held} == {"blocked"}
 
 
 @pytest.fixture(scope="module")

@@ -707,6 +707,8 @@ def test_holdout_ties_explicit_ids_and_errors():
         fit(points, holdout="smallest")
     with pytest.raises(ValueError, match="holdout needs a law that predicts loss"):
         fit(isoflop_curves(), "isoflop", holdout="largest")
+    with pytest.raises(ValueError, match="every one of the 5 runs is held out"):
+        fit(points, holdout_above=1e10)  # not blamed on drop_early or the token floor
 
 
 # ----------------------------------------------------------------------------- bootstrap

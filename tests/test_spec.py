@@ -204,3 +204,33 @@ def test_a_frontier_law_plans_on_every_point_that_may_reach_its_envelope(tmp_pat
                            recipe={"eval_points": 1, "lr": 1e-2})
     with pytest.raises(ConfigError, match="cannot be fitted.*compute values"):
         spec_lib.plan(spec_lib.load_spec(one_budget))
+
+
+def test_trials_whose_mesh_does_not_fit_a_workers_devices_are_refused_before_any_trains(
+        tmp_path):
+    from lm import runner
+
+    path = spec_file(tmp_path, overrides={**BASE, "mesh.model": 2})
+    trials = spec_lib.plan(spec_lib.load_spec(path))
+    spec_lib.check_devices(trials, 2)  # data 1 x model 2
+    spec_lib.check_devices(trials, 0)  # not known here: each worker checks its own
+    with pytest.raises(ConfigError, match=r"trial d16\S* on a worker's 1 device\(s\): mesh.data"):
+        runner.planned(path, cpu_devices=1)  # what `lm sweep` and `--plan` check first
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"sizes": [{**SIZES[0], "seeds": [0, 1]}]}, r"sizes\[0\].seeds=\[0, 1\]: .* integer >= 1"),
+    ({"sizes": [{**SIZES[0], "seeds": 0}]}, r"sizes\[0\].seeds=0"),
+    ({"sizes": SIZES + [SIZES[1]]}, r"sizes\[3\] repeats an earlier size"),
+    ({"seeds": 2}, r"seeds=2 has the wrong type; expected a list, e.g. \[0, 1\]"),
+    ({"fit": {"bootstrap": -5}}, r"fit.bootstrap=-5 is not valid"),
+    ({"fit": {"min_tokens_per_param": -1}}, r"fit.min_tokens_per_param=-1.0 is not valid"),
+    ({"fit": {"max_noise": -0.1}}, r"fit.max_noise=-0.1 is not valid"),
+    ({"fit": {"drop_early": 1.0}}, r"fit.drop_early=1.0 is not valid"),
+    ({"tokens": [-1, 8192]}, r"tokens=\[-1.0, 8192.0\]: budgets are positive"),
+    ({"recipe": {"lr": 1e-2, "decay_fraction": 1.5}}, r"recipe.decay_fraction=1.5 is not valid")])
+def test_a_spec_that_cannot_run_is_refused_when_loaded(tmp_path, changes, message):
+    """Caught at load (and by --plan), not after the fitting runs trained, nor as a traceback."""
+    with pytest.raises(ConfigError, match=message):
+        spec_lib.load_spec(spec_file(tmp_path, **changes))
