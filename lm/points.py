@@ -238,7 +238,27 @@ def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
                            "once, or it counts twice in the fit"
                            + ("; if they are separate runs (seeds), name them in a column "
                               "run" if own[i] else ""))
+    _check_named_runs(points, own, lambda i: f"{path}, line {lines[i]}")
     return points
+
+
+def _check_named_runs(points: Points, own: list[bool], locate: Callable[[int], str]) -> None:
+    """A named run is one model measured once per point: rows that give it two sizes, or two
+    losses at one step and token count, are separate runs under one name."""
+    size: dict = {}
+    loss: dict = {}
+    for i in (i for i, o in enumerate(own) if not o):
+        run = str(points.run[i])
+        j = size.setdefault(run, i)
+        if points.params[j] != points.params[i]:
+            raise FitError(f"{locate(i)}: run {run!r} has {points.params[i]:g} parameters, but "
+                           f"{points.params[j]:g} at {locate(j)}: a run is one model; give "
+                           "each model's runs names of their own")
+        j = loss.setdefault((run, points.step[i], points.tokens[i]), i)
+        if points.loss[j] != points.loss[i]:
+            raise FitError(f"{locate(i)}: run {run!r} at {points.tokens[i]:g} tokens has loss "
+                           f"{points.loss[i]:g}, but {points.loss[j]:g} at {locate(j)}: one "
+                           "loss per point; give separate runs (seeds) names of their own")
 
 
 def resample_runs(run: np.ndarray, rng: np.random.Generator,

@@ -65,6 +65,10 @@ HEADER = "params,tokens,loss\n"
     (HEADER + "1e8,1e9,3\n2e8,1e9,2.9\n1e8,1e9,3\n",  # no run column: each row its own run
      r"line 4 repeats line 2 \(run 1e\+08 parameters, 1e\+09 tokens, loss 3\): each point "
      r"once.*; if they are separate runs \(seeds\), name them in a column run"),
+    ("params,tokens,loss,run\n1e8,1e9,3,a\n2e8,2e9,2.9,a\n",  # runs named by their shape only
+     r"line 3: run 'a' has 2e\+08 parameters, but 1e\+08 at .*line 2: a run is one model"),
+    ("params,tokens,loss,run,step\n1e8,1e9,3,a,1\n1e8,1e9,3.1,a,1\n",  # seeds under one name
+     r"line 3: run 'a' at 1e\+09 tokens has loss 3.1, but 3 at .*line 2: one loss per point"),
 ])
 def test_bad_csv_errors_say_where_and_what(tmp_path, text, message):
     path = write(tmp_path, text)
