@@ -63,8 +63,9 @@ def checked(run_dir: str) -> Path:
         raise ConfigError(f"train.run_dir={run_dir} is {path}: a run writes, rewinds and deletes "
                           "files in its directory; give it a directory of its own, e.g. "
                           "runs/NAME")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"train.run_dir={run_dir}: {path} is not a directory")
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"train.run_dir={run_dir}: {blocked} is a file, not a directory")
     config_file = path / CONFIG
     if config_file.exists() and not _is_run_config(config_file):
         raise ConfigError(f"train.run_dir={run_dir}: {config_file} is not the config of an lm "

@@ -138,8 +138,12 @@ def test_run_directories_no_run_wrote_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="holds checkpoints but no config.yaml"):
         rundir.checked(str(foreign))
     (foreign / "notes.txt").write_text("")
-    with pytest.raises(ConfigError, match="is not a directory"):
-        rundir.checked(str(foreign / "notes.txt"))
+    for inside in ("notes.txt", "notes.txt/run"):  # the directory, or one on its way
+        with pytest.raises(ConfigError, match="notes.txt is a file, not a directory"):
+            rundir.checked(str(foreign / inside))
+    with pytest.raises(ConfigError, match=r"replica\*data\*model = 3"):  # not the devices
+        train.train(small(f"train.run_dir={tmp_path / 'new'}", "mesh.model=3"))
+    assert not (tmp_path / "new").exists()  # refused before the directory was made
 
     trial = tmp_path / "trial"  # a sweep writes its trial's config and log first
     trial.mkdir()
