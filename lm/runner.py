@@ -698,6 +698,9 @@ def status_text(spec_path: str | Path, url: str | None = None, overrides=()) -> 
                      f"FLOPs  loss {loss:>7}  {wall:>6}  {r['worker'] or ''}")
         if r["status"] == "failed" and r["error"]:
             lines.append("    " + r["error"].strip().splitlines()[-1][:150])
+    if counts["failed"]:
+        lines.append(f"once what made them fail is fixed, `lm sweep {spec_path} --retry-failed` "
+                     "trains the failed trials again")
     return "\n".join(lines)
 
 

@@ -333,6 +333,8 @@ def test_a_sweep_whose_fitting_runs_all_failed_fails_and_can_retry_them(tmp_path
     assert out.returncode == 1, out.stderr[-2000:]
     assert "no prediction is registered" in out.stderr and "--retry-failed" in out.stderr
     assert "Traceback" not in out.stderr and store.prediction() is None
+    status = runner.status_text(path)
+    assert "9 failed" in status and "boom" in status and "--retry-failed" in status
     held = {r["name"] for r in store.trials() if r["role"] == "holdout"}
     fitting = {r["name"] for r in store.trials() if r["role"] == "fit"}
     assert {r["status"] for r in store.trials() if r["name"] in held} == {"blocked"}
