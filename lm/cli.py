@@ -102,8 +102,7 @@ def cmd_info(args) -> int:
     from lm import config, flops, sharding
 
     cfg = config.load(args.config, args.overrides)
-    sizes = config.mesh_shape(cfg, jax.device_count())
-    config.check_train_batch(cfg, sizes)
+    sizes = config.check_devices(cfg, jax.device_count())
     table = sharding.rules(cfg.mesh.fsdp)
     params = [{"name": name, "shape": list(p.shape), "axes": list(p.axes),
                "spec": str(sharding.spec(p.axes, table))}

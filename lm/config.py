@@ -531,6 +531,13 @@ def eval_batch_size(cfg: Config) -> int:
     return cfg.eval.batch_size or cfg.train.batch_size // cfg.train.micro_batches
 
 
+def check_devices(cfg: Config, n_devices: int) -> dict[str, int]:
+    """The mesh sizes of `cfg` on `n_devices`, once the mesh and the training batch fit them."""
+    sizes = mesh_shape(cfg, n_devices)
+    check_train_batch(cfg, sizes)
+    return sizes
+
+
 def check_train_batch(cfg: Config, sizes: dict[str, int]) -> None:
     """Training shards each micro-batch over replica*data (evaluating a run on another mesh
     needs only its eval batch to divide)."""

@@ -483,7 +483,7 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
     `retry_failed`: trials that failed for good train again (their cause fixed). Raises
     Incomplete, after the report, where the sweep lacks its fit or a held-out run's score."""
     spec, trials = planned(spec_path, cpu_devices, overrides)
-    url = store_url(spec, url)
+    url_given, url = url, store_url(spec, url)
     names = {t.name for t in trials}
     with exclusive(spec.path):
         store = Store(url)
@@ -506,35 +506,52 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
             if report.ended_in([run], store.trials()):
                 store.add_run(dataclasses.asdict(run))
         fit = _report(spec, trials, store)
-    _say_what_is_left(spec_path, trials, store, fit)
+    _say_what_is_left(invocation(spec_path, overrides, url_given, cpu_devices), trials, store,
+                      fit)
     return fit
 
 
-def _say_what_is_left(spec_path, trials: list[Trial], store: Store, fit: Fit | None) -> None:
+def invocation(spec_path, overrides=(), url: str | None = None,
+               cpu_devices: int | None = None) -> str:
+    """`lm sweep` as the user ran it (spec, overrides, store, devices): hints repeat it, so
+    that they act on the same sweep."""
+    flags = [*overrides] + (["--store", url] if url else []) + (
+        ["--cpu-devices", str(cpu_devices)] if cpu_devices else [])
+    return " ".join(["lm sweep", str(spec_path), *flags])
+
+
+def _say_what_is_left(again: str, trials: list[Trial], store: Store, fit: Fit | None) -> None:
     """After the report: raise Incomplete where the sweep lacks its product (a fit; a held-out
-    run's score), saying why and what to do; else name the trials that failed for good."""
+    run's score), saying why and what to do (`again`: the command that ran it); else name the
+    trials that failed for good."""
     status = {r["name"]: r["status"] for r in store.trials()}
     failed = [t.name for t in trials if status.get(t.name) == "failed"]
-    left = [t.name for t in trials if status.get(t.name) not in FINAL]
-    held_failed = [t.name for t in trials if t.role == "holdout" and t.name in failed]
-    retry = (f"; fix the cause (`lm sweep {spec_path} --status` shows each error), then "
-             f"`lm sweep {spec_path} --retry-failed` trains them again")
-    some = f"{len(failed)} trials failed for good ({listed(failed)}){retry}"
+    waiting = "blocked" if fit is None else None  # held-out runs that wait for a fit
+    left = [t.name for t in trials if status.get(t.name) not in (*FINAL, waiting)]
+    held = [t.name for t in trials if t.role == "holdout"]
+    some = (f"{_count(failed)} failed for good ({listed(failed)}); fix the cause (`{again} "
+            f"--status` shows each error), then `{again} --retry-failed` trains them again")
+    if left:
+        raise Incomplete(f"the sweep ended with {_count(left)} not run ({listed(left)}): its "
+                         f"workers stopped (see above); run `{again}` again"
+                         + ("" if fit else "; the fit of the runs so far failed too"))
     if fit is None:
-        unregistered = store.prediction() is None and any(t.role == "holdout" for t in trials)
+        unregistered = store.prediction() is None and bool(held)
         raise Incomplete(
             "the fit of the fitting runs failed (the report says why)"
             + (", so no prediction is registered and no held-out run trains" * unregistered)
             + (f"; {some}" if failed else "; change the spec's fit settings or add sizes or "
-               "budgets, then run `lm sweep` again"))
-    if left:
-        raise Incomplete(f"the sweep ended with {len(left)} trials not run ({listed(left)}): "
-                         "its workers stopped (see above); run `lm sweep` again")
-    if held_failed:
-        raise Incomplete(f"held-out runs failed ({listed(held_failed)}), so the registered "
-                         f"prediction has nothing to be scored against; {some}")
+               "budgets, then run it again"))
+    lost = [name for name in held if name in failed]
+    if lost:
+        raise Incomplete(f"held-out {_count(lost, 'run')} failed ({listed(lost)}): no loss to "
+                         f"score the registered prediction against there; {some}")
     if failed:
         print(f"sweep: {some}; the fit and report are without them")
+
+
+def _count(names: list, noun: str = "trial") -> str:
+    return f"{len(names)} {noun}{'s' * (len(names) != 1)}"
 
 
 def _adopt_registered(spec: SweepSpec, trials: list[Trial], store: Store) -> None:
@@ -674,7 +691,7 @@ def status(spec_path: str | Path, url: str | None = None, overrides=()) -> list[
     """Every trial of the sweep: name, role, status, worker, attempts, wall_s, loss."""
     spec = spec_lib.load_spec(spec_path, overrides)
     url = store_url(spec, url)
-    if "://" not in url and not Path(url).is_file():
+    if not is_postgres(url) and not Path(url).is_file():
         return []
     store = Store(url, create=False)
     store.check_sweep(spec.name)
@@ -699,8 +716,8 @@ def status_text(spec_path: str | Path, url: str | None = None, overrides=()) -> 
         if r["status"] == "failed" and r["error"]:
             lines.append("    " + r["error"].strip().splitlines()[-1][:150])
     if counts["failed"]:
-        lines.append(f"once what made them fail is fixed, `lm sweep {spec_path} --retry-failed` "
-                     "trains the failed trials again")
+        lines.append(f"once what made them fail is fixed, `{invocation(spec_path, overrides, url)} "
+                     "--retry-failed` trains the failed trials again")
     return "\n".join(lines)
 
 
@@ -709,8 +726,10 @@ def status_text(spec_path: str | Path, url: str | None = None, overrides=()) -> 
 
 def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -> str:
     """A new store from the trials' run directories: a damaged one is moved aside, every trial
-    whose run finished is recorded done with its evaluations, the others pending."""
-    spec, trials = planned(spec_path, 1, overrides)
+    whose run finished is recorded done with its evaluations, the others pending. It trains
+    nothing, so the trials' devices are not checked."""
+    spec = spec_lib.load_spec(spec_path, overrides)
+    trials = spec_lib.plan(spec)
     path = Path(store_url(spec, url))
     if url and is_postgres(url):
         raise StoreError("--rebuild-store rebuilds a SQLite store; for PostgreSQL, drop the "

@@ -124,6 +124,10 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
                           "`isoflop` (compute budgets)")
     if spec.fit.law == "isoflop" and not spec.isoflop:
         raise ConfigError(f"{path}: fit.law=isoflop needs `isoflop` compute budgets")
+    if spec.holdout and spec.fit.law not in scaling.LOSS_LAWS:
+        raise ConfigError(f"{path}: fit.law={spec.fit.law} gives the compute-optimal "
+                          "allocation, not a loss to predict a held-out run with; use one of "
+                          f"{list(scaling.LOSS_LAWS)}, or drop `holdout`")
     if spec.recipe.init_fan_in < 0:
         raise ConfigError(f"{path}: recipe.init_fan_in={spec.recipe.init_fan_in}: a scale is "
                           "positive (0: every size keeps the base config's init_std)")
@@ -132,7 +136,16 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
                           "at least 1 evaluation (its final loss, which the fit takes)")
     _check_numbers(path, spec)
     _check_sizes(path, spec.sizes)
+    for i, h in enumerate(spec.holdout):
+        _check_seeds(path, f"holdout[{i}].size", h.size)
     return spec
+
+
+def _check_seeds(path: Path, where: str, size: dict) -> None:
+    count = size.get("seeds", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"{path}: {where}.seeds={count!r}: a size's `seeds` is how many it "
+                          "trains, an integer >= 1 (the spec's `seed` offsets them)")
 
 
 def _check_numbers(path: Path, spec: SweepSpec) -> None:
@@ -162,10 +175,7 @@ def _check_sizes(path: Path, sizes: tuple[dict, ...]) -> None:
     """Each size listed once, its `seeds` a count >= 1."""
     seen = set()
     for i, size in enumerate(sizes):
-        count = size.get("seeds", 1)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ConfigError(f"{path}: sizes[{i}].seeds={count!r}: a size's `seeds` is how "
-                              "many it trains, an integer >= 1 (the spec's `seed` offsets them)")
+        _check_seeds(path, f"sizes[{i}]", size)
         key = json.dumps(size, sort_keys=True)
         if key in seen:
             raise ConfigError(f"{path}: sizes[{i}] repeats an earlier size: list each once "
@@ -450,7 +460,7 @@ def check_devices(trials: list[Trial], count: int) -> None:
     """Refuse trials whose mesh does not fit `count` devices (0: unknown), before any trains."""
     for t in trials if count else ():
         try:
-            config_lib.check_train_batch(t.cfg, config_lib.mesh_shape(t.cfg, count))
+            config_lib.check_devices(t.cfg, count)
         except ConfigError as e:
             raise ConfigError(f"trial {t.name} on a worker's {count} device(s): {e}") from None
 

@@ -172,16 +172,18 @@ class _Postgres:
 
 
 def is_postgres(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgres://"))
+    """Whether `url` names a PostgreSQL store; else it is a SQLite file's path (refused if it
+    is a URL of another scheme, which a path would mangle into a file name)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return True
+    if "://" in url:
+        raise StoreError(f"{url}: not a store URL lm reads; give a SQLite file's path or "
+                         "postgresql://user:password@host:port/database")
+    return False
 
 
 def _connect(url: str):
-    if is_postgres(url):
-        return _Postgres(url)
-    if "://" in url:  # a URL of another scheme: not a file name to create
-        raise StoreError(f"{url}: not a store URL lm reads; give a SQLite file's path or "
-                         "postgresql://user:password@host:port/database")
-    return _SQLite(Path(url))
+    return _Postgres(url) if is_postgres(url) else _SQLite(Path(url))
 
 
 # --------------------------------------------------------------------------- the store
@@ -192,7 +194,7 @@ class Store:
 
     def __init__(self, url: str | Path, *, create: bool = True):
         self.url = str(url)
-        if not create and "://" not in self.url and not Path(url).is_file():
+        if not create and not is_postgres(self.url) and not Path(url).is_file():
             raise StoreError(f"{url} not found: run the sweep first (lm sweep SWEEP.yaml)")
         self.db = _connect(self.url)
         self.path = self.db.where
@@ -508,7 +510,7 @@ def load_points(source: str | Path, ignore_columns: bool = False, metric: str = 
     source = str(source)
     if Path(source).is_dir():
         source = str(Path(source) / SQLITE)
-    if "://" not in source and not source.endswith(".sqlite"):
+    if not is_postgres(source) and not source.endswith(".sqlite"):
         points = load_csv(source, ignore_columns)
         if params == "non_embedding":
             raise FitError(f"{source}: a CSV's params column is its N; count N without the "

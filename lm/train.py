@@ -398,8 +398,8 @@ def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
     run_dir = rundir.checked(cfg.train.run_dir)
     trackers.require(cfg.train.trackers)
     session = session or Session(devices)
-    config_lib.check_train_batch(cfg, config_lib.mesh_shape(  # before the run directory exists
-        cfg, len(jax.devices() if session.devices is None else session.devices)))
+    config_lib.check_devices(  # before the run directory exists
+        cfg, len(jax.devices() if session.devices is None else session.devices))
     with rundir.locked(run_dir) if is_primary() else contextlib.nullcontext():
         sync("run directory locked")  # by every process, before process 0 writes into it
         return _train(cfg, run_dir, session)

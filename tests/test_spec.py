@@ -229,7 +229,10 @@ def test_trials_whose_mesh_does_not_fit_a_workers_devices_are_refused_before_any
     ({"fit": {"max_noise": -0.1}}, r"fit.max_noise=-0.1 is not valid"),
     ({"fit": {"drop_early": 1.0}}, r"fit.drop_early=1.0 is not valid"),
     ({"tokens": [-1, 8192]}, r"tokens=\[-1.0, 8192.0\]: budgets are positive"),
-    ({"recipe": {"lr": 1e-2, "decay_fraction": 1.5}}, r"recipe.decay_fraction=1.5 is not valid")])
+    ({"recipe": {"lr": 1e-2, "decay_fraction": 1.5}}, r"recipe.decay_fraction=1.5 is not valid"),
+    ({"holdout": {"size": {**SIZES[2], "seeds": 0}, "tokens": 32768}}, r"holdout\[0\].size.seeds=0"),
+    ({"fit": {"law": "isoflop"}, "tokens": [], "isoflop": [1e12]},  # its held-out run: no loss
+     r"fit.law=isoflop gives the compute-optimal allocation, not a loss")])
 def test_a_spec_that_cannot_run_is_refused_when_loaded(tmp_path, changes, message):
     """Caught at load (and by --plan), not after the fitting runs trained, nor as a traceback."""
     with pytest.raises(ConfigError, match=message):

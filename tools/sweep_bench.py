@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--keep", help="run the sweeps in this directory (default: a temporary one)")
     args = p.parse_args()
     raw = yaml.safe_load(Path(args.spec).read_text())
-    root = Path(args.keep or tempfile.mkdtemp(prefix="lm-sweep-bench-"))
+    root = Path(args.keep or tempfile.mkdtemp(prefix="lm-sweep-bench-")).resolve()
     total = sum(t.facts()["spent_flops"] for t in spec_lib.plan(spec_lib.load_spec(args.spec)))
     with (old_code(args.old_rev, root / "old-code") if args.old_rev
           else contextlib.nullcontext(old)) as old_runner:
