@@ -382,9 +382,8 @@ def _work(spec: SweepSpec, trials: dict[str, Trial], store: Store, session, work
         try:
             if register_when_ready(spec, list(trials.values()), store):
                 continue
-        except LMError as e:  # nothing else can train: the runner says why and what to do
-            log.warning("sweep: no prediction registered, so the held-out runs wait: %s", e)
-            return
+        except LMError as e:  # nothing else can train: exit 2, which no runner restarts
+            raise FitError(f"no prediction registered, so the held-out runs wait: {e}") from None
         store.reclaim(stale_s)
         store.fail_orphans()
         if all(r["status"] in FINAL for r in store.trials() if r["name"] in trials):

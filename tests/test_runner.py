@@ -335,6 +335,8 @@ def test_a_sweep_whose_fitting_runs_all_failed_fails_and_can_retry_them(tmp_path
     assert "Traceback" not in out.stderr and store.prediction() is None
     status = runner.status_text(path)
     assert "9 failed" in status and "boom" in status and "--retry-failed" in status
+    worker = lm("sweep", str(path), "--worker", "--cpu-devices", "1")  # one started elsewhere
+    assert worker.returncode == 2 and "no prediction registered" in worker.stderr
     held = {r["name"] for r in store.trials() if r["role"] == "holdout"}
     fitting = {r["name"] for r in store.trials() if r["role"] == "fit"}
     assert {r["status"] for r in store.trials() if r["name"] in held} == {"blocked"}
