@@ -582,17 +582,10 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store) -> Fit | None:
     fitting = [t.name for t in trials if t.role == "fit"]
     held = sorted(t.name for t in trials if t.role == "holdout")
     registered = store.prediction()
-    fit, error = None, None
-    try:
-        fit = _fit(spec, _fitting_points(spec, store, fitting))
-    except LMError as e:
-        error = str(e)
     points = store.points_of(spec.fit.params, names=names, metric=spec.fit.metric) if any(
         r["status"] == "done" for r in rows) else None
     trained = sorted(set(held) & set(points.run)) if points else []
-    if fit and trained:
-        fit = scaling.score(fit, points, trained)
-    prior = None
+    fit, error, prior = None, None, None
     if registered and "fit" in registered:
         prior = dataclasses.replace(Fit.from_json(registered["fit"], str(spec.path / PREDICTION)),
                                     n_counted=registered_count(registered, trials))
@@ -602,7 +595,14 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store) -> Fit | None:
                 prior.n_counted, names=names, metric=spec.fit.metric)
             prior = scaling.score(prior, scoring, trained)
         if same_count and registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)):
-            fit = prior  # nothing changed since: the refit is the registered fit
+            fit = prior  # nothing changed since: a refit would be the registered fit
+    if fit is None:
+        try:
+            fit = _fit(spec, _fitting_points(spec, store, fitting))
+        except LMError as e:
+            error = str(e)
+        if fit and trained:
+            fit = scaling.score(fit, points, trained)
     report.write(spec.path, report.Results(
         spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
         _sensitivity(spec, store, fitting, trained) if fit else None,
