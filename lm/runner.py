@@ -41,7 +41,7 @@ from lm.errors import (Busy, ConfigError, Fenced, FitError, Incomplete, Interrup
 from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
-from lm.store import FINAL, SQLITE, Store, is_postgres, worker_name
+from lm.store import FINAL, SQLITE, Store, check_sweep_file, is_postgres, worker_name
 
 log = logging.getLogger("lm.sweep")
 PREDICTION = "prediction.json"
@@ -736,7 +736,7 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
     aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
     with exclusive(spec.path):
         if path.exists():
-            _refuse_another_sweep(path, spec.name)
+            check_sweep_file(path, spec.name)
             path.rename(aside)
         store = Store(path)
         store.sync(spec.name, plan_digest(trials), trials)
@@ -750,11 +750,3 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
     kept = f" (the old store kept as {aside.name})" if aside.exists() else ""
     return f"rebuilt {path}{kept}: {done} of {len(trials)} trials done, the rest pending"
 
-
-def _refuse_another_sweep(path: Path, name: str) -> None:
-    """A store that opens and holds another sweep is not this sweep's to rebuild."""
-    try:
-        store = Store(path, create=False)
-    except StoreError:
-        return  # damaged: what a rebuild is for
-    store.check_sweep(name)

@@ -186,6 +186,26 @@ def _connect(url: str):
     return _Postgres(url) if is_postgres(url) else _SQLite(Path(url))
 
 
+def _check_held(where: str, held: str | None, name: str) -> str | None:
+    if held not in (None, name):
+        raise StoreError(f"{where} holds sweep {held!r}, not {name!r}: give each sweep a store "
+                         "of its own")
+    return held
+
+
+def check_sweep_file(path: Path, name: str) -> None:
+    """Store.check_sweep of a SQLite file, read only: opening it as a Store would upgrade an
+    older store in place, and one about to be set aside must stay as it was. A file that does
+    not read as a store (damaged; the first runner's, which named no sweep) holds none."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as con:
+            row = con.execute("SELECT value FROM sweep WHERE key = 'name'").fetchone()
+    except sqlite3.Error:
+        return
+    _check_held(str(path), row and row[0], name)
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -250,11 +270,7 @@ class Store:
 
     def check_sweep(self, name: str) -> str | None:
         """Refuse a store that holds a sweep other than `name`; the sweep it holds, if any."""
-        held = self._get("name")
-        if held not in (None, name):
-            raise StoreError(f"{self.path} holds sweep {held!r}, not {name!r}: give each "
-                             "sweep a store of its own")
-        return held
+        return _check_held(self.path, self._get("name"), name)
 
     def sync(self, name: str, digest: str, trials: list[Trial], replan: bool = False) -> None:
         """Open the store for sweep `name` as planned (`digest` of its plan): record new trials,

@@ -1,6 +1,7 @@
 """The sweep store on both backends: SQLite, and a real PostgreSQL server started by the test
 session."""
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -9,7 +10,7 @@ import pytest
 
 from lm import config, spec as spec_lib
 from lm.errors import ConfigError, FitError, StoreError
-from lm.store import MAX_FAILURES, Store, load_points
+from lm.store import MAX_FAILURES, Store, check_sweep_file, load_points
 
 from sweeps import spec_file
 
@@ -145,6 +146,25 @@ def test_a_store_of_the_first_runner_is_upgraded_not_dropped(tmp_path, trials):
     assert rows[t.name]["status"] == "done" and store.last_losses()[t.name] == 3.2
     assert rows[trials[-1].name]["status"] == "blocked"  # not before the prediction
     assert store._get("version") == "2" and rows[t.name]["attempts"] == 0
+
+
+def test_checking_a_file_s_sweep_changes_no_byte_of_it(tmp_path, trials):
+    """--rebuild-store checks whose store it sets aside; an old store set aside must stay as
+    the first runner wrote it, not be upgraded by the check."""
+    old = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(old)) as con:
+        con.executescript(V1)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"\x00 not a database " * 100)
+    theirs = tmp_path / "theirs.sqlite"
+    Store(theirs).sync("theirs", "p", trials)
+    before = {p: p.read_bytes() for p in (old, garbage, theirs)}
+    check_sweep_file(old, "t")  # it named no sweep
+    check_sweep_file(garbage, "t")  # damaged: what a rebuild is for
+    check_sweep_file(theirs, "theirs")
+    with pytest.raises(StoreError, match="holds sweep 'theirs', not 't'"):
+        check_sweep_file(theirs, "t")
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_garbage_or_a_foreign_database_is_not_a_store(tmp_path):
