@@ -38,6 +38,7 @@ from lm import (backtest, config as config_lib, flops, report, rundir, scaling, 
                 spec as spec_lib, trackers)
 from lm.errors import (Busy, ConfigError, Fenced, FitError, Incomplete, Interrupted, LMError,
                        StoreError, listed)
+from lm.noise import Noise, noise_by_size
 from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
@@ -131,13 +132,13 @@ def _fit(spec: SweepSpec, points: Points, params: str | None = None) -> Fit:
                        "than a factor of a few), or check the failed trials") from None
 
 
-def size_noise(points: Points) -> dict[float, scaling.Noise]:
+def size_noise(points: Points) -> dict[float, Noise]:
     """Each size's spread of final losses across seeds (annealed ends, where runs have them)."""
     finals = points.final_mask() & (points.annealed if points.annealed.any() else True)
-    return scaling.noise_by_size(points.select(finals))
+    return noise_by_size(points.select(finals))
 
 
-def too_noisy(spec: SweepSpec, noise: dict[float, scaling.Noise]) -> set[float]:
+def too_noisy(spec: SweepSpec, noise: dict[float, Noise]) -> set[float]:
     """The sizes whose seeds spread by more than fit.max_noise: the rule, fixed in the spec, by
     which they leave the fit."""
     return {n for n, x in noise.items() if spec.fit.max_noise and x.sigma > spec.fit.max_noise}

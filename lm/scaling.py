@@ -45,25 +45,18 @@ from typing import Any
 import numpy as np
 import threadpoolctl
 from scipy.optimize import brentq, minimize
-from scipy.special import digamma, polygamma
 
 from lm.errors import FitError, listed
+from lm.noise import NOISE_FLOOR, Noise, residual_noise, seed_noise
 from lm.points import BUDGET_TOL, Points, group_budgets, resample_runs
 
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
-# No loss is known better than this (of log L): a float32 loss has 7 digits, a table often 4-5.
-# Exact synthetic losses would otherwise set Huber's delta at rounding error (1e-11), where the
-# optimiser cannot meet its tolerance and the profile of E cannot tell one E from another.
-NOISE_FLOOR = 1e-5
 # What a fit's N counts (fit.params, lm fit --params), in words
 N_COUNTS = {"total": "all parameters", "non_embedding": "the non-embedding parameters",
             "flops": "the training FLOPs per token / 6 (so that C = 6ND exactly)"}
 E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or span half its range
 CHI2_95 = 3.841  # 95% quantile of chi-squared with 1 degree of freedom: the profile's cut
-CHI2_95_2DF = 5.991  # ... with 2: the noise trend's test
 E_TOL = 1e-4  # of the lowest loss: how closely the ends of the range of E the data allow are found
-MAX_TREND_CORRELATION = 0.99  # |corr(log N, log D)| over the seed groups beyond which N and D
-# cannot be told apart in the noise trend
 LAPLACE_DRAWS = 400
 LAPLACE_STEP = 1e-4  # of each draw's offset: log L is linear in theta over it, to rounding
 MIN_BOOTSTRAP_SHARE = 0.5  # of bootstrap refits that must converge for their intervals to count
@@ -71,110 +64,6 @@ MISFIT_KEEP = 0.5  # the misfit's refits keep at least this share of the fitting
 # pin the law down so loosely that their errors measure that, not the law's shape
 MISFIT_GRID = np.r_[0.0, np.geomspace(1e-4, 0.3, 120)]  # its terms' values tried (of log L)
 MISFIT_TIE = 0.1  # nats of log-likelihood within which its fits are equally good
-
-
-# ----------------------------------------------------------------------------- noise
-
-
-@dataclass(frozen=True)
-class Noise:
-    """Run-to-run noise of a final loss, as a standard deviation of log L (a relative error),
-    with its degrees of freedom and where it was measured: `seeds` (runs of one N and D) or
-    `residuals` (of the fit, when no two runs share N and D). `trend`, where the seeds measure
-    one: (c0, c_N, c_D) of log sigma = c0 + c_N log N + c_D log D (short runs of small models
-    are far noisier than long ones)."""
-
-    sigma: float
-    df: int
-    source: str
-    trend: tuple[float, float, float] | None = None
-
-    def at(self, params, tokens) -> np.ndarray:
-        """The noise of a run of `params` on `tokens`: by the trend, else `sigma` everywhere."""
-        params, tokens = np.broadcast_arrays(np.asarray(params, float), np.asarray(tokens, float))
-        if self.trend is None:
-            return np.full(params.shape, self.sigma)
-        c0, c_n, c_d = self.trend
-        return np.exp(c0 + c_n * np.log(params) + c_d * np.log(tokens))
-
-    def describe(self) -> str:
-        """E.g. '0.80% of the loss (from seeds, 12 degrees of freedom), as N^+0.22 D^-1.08:
-        points weighted by its inverse'."""
-        trend = (f", as N^{self.trend[1]:+.2f} D^{self.trend[2]:+.2f}: points weighted by its "
-                 "inverse" if self.trend else "")
-        return (f"{self.sigma:.2%} of the loss (from {self.source}, {self.df} degrees of "
-                f"freedom){trend}")
-
-    def weights(self, points: Points) -> np.ndarray:
-        """Each point's weight in the fit, sigma / its own noise: a point twice as noisy as
-        the pooled noise counts half in log-loss units (1 everywhere without a trend)."""
-        return self.sigma / self.at(points.params, points.tokens)
-
-
-def _seed_groups(finals: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Over the groups of runs that share N and D: each group's first run, its number of
-    runs, and the sum of squares of its log losses about their mean."""
-    keys = np.stack([np.round(np.log(finals.params), 6), np.round(np.log(finals.tokens), 6)], 1)
-    _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    group, y = group.reshape(-1), np.log(finals.loss)
-    sizes = np.bincount(group)
-    means = np.bincount(group, y) / sizes
-    return first, sizes, np.bincount(group, (y - means[group]) ** 2)
-
-
-def seed_noise(finals: Points) -> Noise | None:
-    """The pooled spread of log L over runs that share N and D (seeds), if any do, with its
-    trend in N and D where the seeds measure one."""
-    _, sizes, ss = _seed_groups(finals)
-    df = int(np.sum(sizes - 1))
-    if df < 1 or not np.sum(ss) > 0:  # seeds that agree exactly measure no noise (copies)
-        return None
-    return Noise(float(np.sqrt(np.sum(ss) / df)), df, "seeds", noise_trend(finals))
-
-
-def noise_trend(finals: Points) -> tuple[float, float, float] | None:
-    """(c0, c_N, c_D) of log sigma = c0 + c_N log N + c_D log D, from the seed variance s^2 of
-    each group of runs that share N and D: a regression of log s^2, less its known bias
-    (E log(chi^2_k / k) = digamma(k/2) - log(k/2)), weighted by its known inverse variance
-    (1 / trigamma(k/2)). None unless at least 5 groups with seeds, over 2 sizes and 2 budgets
-    that do not move together (budgets in proportion to size cannot tell N's part from D's),
-    show one: the slopes must differ from 0 at 95% (a chi-squared test), else weights drawn
-    from noise would only add noise to the fit."""
-    first, sizes, ss = _seed_groups(finals)
-    seeded = (sizes > 1) & (ss > 0)
-    logn, logd = np.log(finals.params[first[seeded]]), np.log(finals.tokens[first[seeded]])
-    if seeded.sum() < 5 or np.ptp(logn) < 1e-9 or np.ptp(logd) < 1e-9 or \
-            abs(np.corrcoef(logn, logd)[0, 1]) > MAX_TREND_CORRELATION:
-        return None
-    k = sizes[seeded] - 1
-    log_s2 = np.log(ss[seeded] / k) - (digamma(k / 2) - np.log(k / 2))
-    x = np.column_stack([np.ones_like(logn), logn - logn.mean(), logd - logd.mean()])
-    w = 1 / polygamma(1, k / 2)
-    cov = np.linalg.inv(x.T @ (x * w[:, None]))
-    coef = cov @ (x.T @ (log_s2 * w))
-    if coef[1:] @ np.linalg.solve(cov[1:, 1:], coef[1:]) < CHI2_95_2DF:
-        return None
-    c0 = coef[0] - coef[1] * logn.mean() - coef[2] * logd.mean()
-    return float(c0 / 2), float(coef[1] / 2), float(coef[2] / 2)
-
-
-def noise_by_size(finals: Points) -> dict[float, Noise]:
-    """The seed noise of each model size (pooled over its token budgets), where it has seeds."""
-    out = {}
-    for n in np.unique(finals.params):
-        noise = seed_noise(finals.select(finals.params == n))
-        if noise:
-            out[float(n)] = noise
-    return out
-
-
-def residual_noise(residuals: np.ndarray, n_params: int) -> Noise:
-    """The spread of the fit's residuals, robustly: 1.4826 x their median absolute deviation
-    (the standard deviation, for Gaussian noise), so that a few outliers do not inflate it; at
-    least NOISE_FLOOR."""
-    mad = np.median(np.abs(residuals - np.median(residuals)))
-    return Noise(max(float(1.4826 * mad), NOISE_FLOOR), max(len(residuals) - n_params, 1),
-                 "residuals")
 
 
 # ----------------------------------------------------------------------------- robust fit

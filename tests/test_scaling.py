@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lm import scaling
+from lm import noise as noise_lib, scaling
 from lm.errors import FitError
 from lm.points import Points, load_csv, resample_runs
 from lm.scaling import Fit, fit, format_fit, format_prediction, predict
@@ -273,7 +273,7 @@ def test_the_noise_trend_is_found_where_seeds_show_one_and_only_there():
     rng = np.random.default_rng(3)
 
     def trends(noise):
-        return [scaling.noise_trend(study(rng, noise=noise, held_ratio=0.5)) for _ in range(20)]
+        return [noise_lib.noise_trend(study(rng, noise=noise, held_ratio=0.5)) for _ in range(20)]
 
     found = [t for t in trends(short_runs_noisier) if t]
     assert len(found) >= 12, len(found)
@@ -292,7 +292,7 @@ def test_seeds_that_cannot_measure_a_trend_or_any_noise_leave_the_fit_unweighted
                                                       * rng.standard_normal())}
             for n in np.geomspace(1e6, 1e8, 5) for s in range(4) for k in range(1, 5)]
     points = Points.from_rows(rows)
-    assert scaling.noise_trend(points.select(points.final_mask())) is None
+    assert noise_lib.noise_trend(points.select(points.final_mask())) is None
     result = fit(points, bootstrap=10)
     assert result.noise.trend is None and result.noise.source == "seeds"
     assert np.isfinite(predict(result, params=1e9, tokens=2e10)["intervals"]["loss"]).all()
@@ -354,7 +354,7 @@ def test_points_weighted_by_the_noise_trend_predict_better_and_still_cover():
     studies = [study(rng, noise=short_runs_noisier) for _ in range(30)]
     weighted = [fit(s, holdout=["held"]) for s in studies]
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(scaling, "noise_trend", lambda finals: None)
+        m.setattr(noise_lib, "noise_trend", lambda finals: None)
         plain = [fit(s, holdout=["held"]) for s in studies]
     assert sum(f.noise.trend is not None for f in weighted) >= 15
     assert np.mean([f.are for f in weighted]) <= 0.8 * np.mean([f.are for f in plain])
@@ -426,7 +426,7 @@ def test_exact_losses_are_fitted_exactly_and_converge():
     (the truth: 1.8)."""
     points = study(np.random.default_rng(0), noise=0.0)
     result = fit(points, bootstrap=10)
-    assert result.converged and result.noise.sigma == scaling.NOISE_FLOOR
+    assert result.converged and result.noise.sigma == noise_lib.NOISE_FLOOR
     for name, value in TRUE.items():
         assert within(result.params[name], value, 1e-6), name
     assert result.bootstrap.usable and result.bootstrap.not_converged == 0

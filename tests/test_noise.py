@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from lm.noise import NOISE_FLOOR, Noise, noise_by_size, residual_noise, seed_noise
+from lm.points import Points
+
+
+def finals(groups: dict[tuple[float, float], list[float]]) -> Points:
+    """Final points, one run per loss: {(N, D): [its seeds' losses]}."""
+    return Points.from_rows([{"params": n, "tokens": d, "loss": loss, "run": f"{n}-{d}-{s}",
+                              "annealed": True}
+                             for (n, d), losses in groups.items()
+                             for s, loss in enumerate(losses)])
+
+
+def test_seed_noise_pools_the_spread_of_log_loss_over_runs_of_one_n_and_d():
+    """Two groups of seeds (1 and 2 degrees of freedom) and a lone run (none): the pooled
+    standard deviation of log L over the groups, by hand."""
+    groups = {(1e6, 1e9): [3.0, 3.1], (2e6, 1e9): [2.8, 2.9, 2.75], (4e6, 1e9): [2.5]}
+    ss = sum(np.sum((np.log(v) - np.log(v).mean()) ** 2) for v in groups.values())
+    noise = seed_noise(finals(groups))
+    assert noise.source == "seeds" and noise.df == 3 and noise.trend is None
+    assert noise.sigma == pytest.approx(np.sqrt(ss / 3), rel=1e-12)
+    assert noise.weights(finals(groups)) == pytest.approx(np.ones(6))  # no trend: all alike
+
+
+def test_no_seeds_or_seeds_that_agree_exactly_measure_no_noise():
+    assert seed_noise(finals({(1e6, 1e9): [3.0], (2e6, 1e9): [2.8]})) is None
+    assert seed_noise(finals({(1e6, 1e9): [3.0, 3.0], (2e6, 1e9): [2.8, 2.8]})) is None
+
+
+def test_noise_by_size_pools_each_size_over_its_budgets_and_skips_sizes_without_seeds():
+    groups = {(1e6, 1e9): [3.0, 3.3], (1e6, 2e9): [2.9, 3.0], (2e6, 1e9): [2.8, 2.81],
+              (4e6, 1e9): [2.5]}
+    by_size = noise_by_size(finals(groups))
+    assert sorted(by_size) == [1e6, 2e6]
+    assert by_size[1e6].df == 2 and by_size[2e6].df == 1
+    assert by_size[1e6].sigma > 10 * by_size[2e6].sigma
+    assert by_size[2e6].sigma == pytest.approx(abs(np.log(2.81 / 2.8)) / np.sqrt(2))
+
+
+def test_residual_noise_is_robust_to_outliers_and_never_below_the_floor():
+    rng = np.random.default_rng(0)
+    residuals = 0.01 * rng.standard_normal(2000)
+    with_outliers = np.r_[residuals, np.full(40, 5.0)]
+    assert residual_noise(residuals, 3).sigma == pytest.approx(0.01, rel=0.05)
+    assert residual_noise(with_outliers, 3).sigma == pytest.approx(0.01, rel=0.08)
+    assert residual_noise(np.zeros(10), 3) == Noise(NOISE_FLOOR, 7, "residuals")
+
+
+def test_a_trend_sets_each_point_s_noise_and_weight():
+    """log sigma = c0 + c_N log N + c_D log D; a point twice as noisy as sigma weighs half."""
+    noise = Noise(0.01, 10, "seeds", trend=(np.log(0.02), 0.0, -1.0))
+    assert noise.at(1e6, [1.0, 2.0]) == pytest.approx([0.02, 0.01])
+    points = finals({(1e6, 1.0): [3.0], (1e6, 2.0): [2.9]})
+    assert noise.weights(points) == pytest.approx([0.5, 1.0])
+    assert "as N^+0.00 D^-1.00: points weighted by its inverse" in noise.describe()
