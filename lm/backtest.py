@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lm import scaling
+from lm import laws, scaling
 from lm.errors import FitError
 from lm.points import Points
 
@@ -36,7 +36,7 @@ def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
     compute is at most 1/`ratio` of the largest, and score the refit on the other runs' final
     points (none scored where either side is empty or too small to fit). `points`: those
     `fit` was fitted on or left out (its held-out runs are set aside)."""
-    if ratio <= 1 or fit.law not in scaling.LOSS_LAWS:  # no reach to try, or no loss to score
+    if ratio <= 1 or fit.law not in laws.LOSS_LAWS:  # no reach to try, or no loss to score
         return Backtest(float(ratio))
     held = np.isin(points.run, [h.run for h in fit.holdout])
     used = points.select(~held & ~scaling.unused_mask(fit, points))

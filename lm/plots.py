@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lm import scaling
+from lm import laws, scaling
 from lm.points import Points, group_budgets
 from lm.scaling import Fit
 
@@ -124,7 +124,7 @@ def plot_isoflops(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     fig.colorbar(colour, ax=ax, label="compute C (FLOPs)")
     for b, c in zip(budgets, centres):
         ax.scatter(b.params, b.loss, color=colour.to_rgba(c), s=14)
-        if fit.law in scaling.ND_LAWS:
+        if fit.law in laws.ND_LAWS:
             n = np.geomspace(b.params.min() / 1.5, b.params.max() * 1.5, 100)
             d = c / scaling.run_flops(fit, n, 1.0)  # the points' FLOPs per token, not 6N
             law = scaling.predict(fit, params=n, tokens=d)["loss"]
@@ -181,7 +181,7 @@ def plot_all(points: Points, fit: Fit, out_dir: str | Path) -> list[Path]:
     plots: list[Callable] = [plot_loss_vs_compute]
     if fit.law == "isoflop" or _budgets(points):
         plots.append(plot_isoflops)
-    if fit.law in scaling.LOSS_LAWS:
+    if fit.law in laws.LOSS_LAWS:
         plots.append(plot_residuals)
     if fit.holdout:
         plots.append(plot_holdout)

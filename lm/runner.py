@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lm import (backtest, config as config_lib, flops, report, rundir, scaling, schedule,
+from lm import (backtest, config as config_lib, flops, laws, report, rundir, scaling, schedule,
                 spec as spec_lib, trackers)
 from lm.errors import (Busy, ConfigError, Fenced, FitError, Incomplete, Interrupted, LMError,
                        StoreError, listed)
@@ -650,7 +650,7 @@ def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: lis
     """The law refitted with N counted another way (all parameters; the non-embedding ones
     where the spec counts all), and what it predicts for the held-out runs: how much the
     conclusions hang on that choice."""
-    if spec.fit.law not in scaling.ND_LAWS:
+    if spec.fit.law not in laws.ND_LAWS:
         return None
     other = "non_embedding" if spec.fit.params == "total" else "total"
     try:

@@ -1,19 +1,6 @@
-"""Scaling-law fits from (params, tokens, loss) points, honest about their error.
-
-Three laws:
-
-* ``chinchilla``: L = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Approach 3), fitted on
-  log L with a Huber loss summed over points (Besiroglu et al. 2024), E bounded to
-  [0, lowest loss observed).
-* ``kaplan-nd``: L = E + ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D (Kaplan et al. 2020,
-  eq. 1.5, with a floor E). Unlike Chinchilla's sum, how much a model gains from more data
-  depends on its size: small models saturate in D while large ones keep gaining, which is what
-  small ladders that give every size the same token budgets show.
-* ``kaplan``: L = E + (C0/C)^alpha, fitted on the compute-efficient frontier (the lower envelope
-  of loss against compute over all runs, as Kaplan et al. 2020 define it); it says nothing about
-  how to split C between N and D.
-* ``isoflop``: Chinchilla Approach 2: a parabola of loss against log N per compute budget; the
-  minima give N_opt(C) and D_opt(C).
+"""Scaling-law fits from (params, tokens, loss) points, honest about their error. `lm.laws` holds
+the laws (Chinchilla's sum, Kaplan's L(N, D) and L(C), IsoFLOP) and fits one once; here are the
+fit's uncertainty, the law's misfit, whether E is identified, predictions and held-out error.
 
 Compute is the exact FLOPs of each run where known (else 6ND), everywhere: the allocation solves
 C = f(N) * D with the FLOPs per token f(N) = k N^gamma fitted to the points (k = 6, gamma = 1
@@ -44,11 +31,13 @@ from typing import Any
 
 import numpy as np
 import threadpoolctl
-from scipy.optimize import brentq, minimize
+from scipy.optimize import brentq
 
 from lm.errors import FitError, listed
-from lm.noise import NOISE_FLOOR, Noise, residual_noise, seed_noise
-from lm.points import BUDGET_TOL, Points, group_budgets, resample_runs
+from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, by_name,
+                     centre, descend, flops_per_token, isoflop, power_fit, problem, uncentre)
+from lm.noise import Noise, residual_noise, seed_noise
+from lm.points import Points, group_budgets, resample_runs
 
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
 # What a fit's N counts (fit.params, lm fit --params), in words
@@ -64,400 +53,6 @@ MISFIT_KEEP = 0.5  # the misfit's refits keep at least this share of the fitting
 # pin the law down so loosely that their errors measure that, not the law's shape
 MISFIT_GRID = np.r_[0.0, np.geomspace(1e-4, 0.3, 120)]  # its terms' values tried (of log L)
 MISFIT_TIE = 0.1  # nats of log-likelihood within which its fits are equally good
-
-
-# ----------------------------------------------------------------------------- robust fit
-#
-# Both parametric laws are a constant plus a sum of power laws, fitted on log L:
-#   L = E + sum_j exp(a_j - alpha_j x_j),   x_j = log of N, D or C, centred on its mean,
-# so that a_j is the log of term j at a typical point and the grid of starts is unit-free.
-# theta = (E, a_1..a_k, alpha_1..alpha_k); E is bounded to [0, lowest loss).
-
-
-@dataclass(frozen=True)
-class _Problem:
-    """A power-sum fit, L = E + S or (with `outer`) L = E + S^p, S = sum_j exp(a_j - g_j x_j):
-    centred log inputs xc [n, k], log losses y [n], their weights w [n] (`Noise.weights`),
-    the robust loss. theta = [E, a_1..a_k, g_1..g_k] (+ [p]). With `outer` the last input's
-    exponent is 1 (Kaplan's D_c/D): the outer power sets the law's slope in it."""
-
-    xc: np.ndarray
-    y: np.ndarray
-    w: np.ndarray
-    delta: float  # Huber's delta in log-loss units; inf: least squares
-    e_max: float
-    outer: bool = False
-
-    @property
-    def k(self) -> int:
-        return self.xc.shape[1]
-
-    def bounds(self, e: float | None = None) -> list[tuple[float, float]]:
-        """E in [0, lowest loss) (or fixed at `e`); each term's level and exponent bounded so
-        that nothing overflows. Under an outer power p a level is log S = log(L - E) / p: 11.6
-        for Kaplan et al.'s own law (alpha_D 0.095), so its bounds reach L - E from e^-3 to
-        e^3 at p = 0.02; exp(150 + 4 |x|), squared, stays finite for inputs within 10^22 of
-        their centre."""
-        exponents = [(0.0, 4.0)] * self.k
-        levels = (-30.0, 10.0)
-        if self.outer:
-            exponents = exponents[:-1] + [(1.0, 1.0), (0.01, 2.0)]
-            levels = (-150.0, 150.0)
-        return [(0.0, self.e_max) if e is None else (e, e)] + [levels] * self.k + exponents
-
-    def psi(self, r: np.ndarray) -> np.ndarray:
-        """The robust loss's derivative: r, clipped to [-delta, delta] for Huber."""
-        return np.clip(r, -self.delta, self.delta)
-
-    def rho(self, r: np.ndarray) -> np.ndarray:
-        """r^2 / 2 within delta, delta (|r| - delta / 2) beyond: psi(r) (r - psi(r) / 2)."""
-        psi = self.psi(r)
-        return psi * (r - 0.5 * psi)
-
-    @property
-    def scale(self) -> float:
-        """Divides the objective so that it is O(points) and L-BFGS-B's tolerances hold."""
-        return min(self.delta, 0.05) ** 2
-
-    def terms(self, theta: np.ndarray) -> np.ndarray:
-        """exp(a_j - g_j x_j) [..., n, k] for theta [..., 1+2k(+1)]; the bounds on a and g
-        keep it finite."""
-        k = self.k
-        return np.exp(theta[..., None, 1:k + 1] - theta[..., None, k + 1:2 * k + 1] * self.xc)
-
-    def predicted(self, theta: np.ndarray) -> np.ndarray:
-        s = self.terms(theta).sum(-1)
-        return theta[..., :1] + (s ** theta[..., -1:] if self.outer else s)
-
-    def residuals(self, theta: np.ndarray) -> np.ndarray:
-        return (np.log(self.predicted(theta)) - self.y) * self.w
-
-    def objective(self, theta: np.ndarray) -> np.ndarray:
-        """Sum of rho over points, for one theta or a stack of them."""
-        return self.rho(self.residuals(theta)).sum(-1)
-
-    def jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The predicted losses [n] and their derivatives in theta [n, len(theta)]."""
-        t = self.terms(theta)
-        s = t.sum(-1)
-        if not self.outer:
-            return theta[0] + s, np.column_stack([np.ones_like(s), t, -t * self.xc])
-        p = theta[-1]
-        sp = s ** p
-        inner = (p * sp / s)[:, None]  # d S^p / d S
-        return theta[0] + sp, np.column_stack([np.ones_like(s), inner * t,
-                                               -inner * t * self.xc, sp * np.log(s)])
-
-    def objective_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        pred, jac = self.jacobian(theta)
-        r = (np.log(pred) - self.y) * self.w
-        psi = self.psi(r)
-        grad = (psi * self.w / pred) @ jac  # d rho / d pred, chained
-        return float(psi @ (r - 0.5 * psi)) / self.scale, grad / self.scale
-
-
-_ALPHAS = np.array([0.1, 0.25, 0.5, 0.8, 1.2])
-_LEVELS = np.array([0.03, 0.1, 0.3, 0.6])  # of the median loss, for each term at the centre
-_E_FRACTIONS = np.array([0.0, 0.25, 0.5, 0.75, 0.95])  # of the lowest loss
-_POWERS = np.array([0.1, 0.25, 0.5, 1.0])  # outer powers
-_N_STARTS = 6
-
-
-def _grid(p: _Problem) -> np.ndarray:
-    """Every combination of starting E, term levels and exponents (and outer powers: each
-    term's level is then that of S^p), within the bounds."""
-    levels = np.log(_LEVELS * np.exp(np.median(p.y)))
-    lo, hi = np.array(p.bounds()).T
-    axes = [_E_FRACTIONS * p.e_max, *[levels] * p.k, *[_ALPHAS] * p.k, *[_POWERS] * p.outer]
-    axes = [np.unique(np.clip(a, *b)) for a, *b in zip(axes, lo, hi)]  # a fixed exponent: once
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
-    if p.outer:  # (powers <= 1 only widen the levels: clipping them before changes nothing)
-        grid[:, 1:p.k + 1] /= grid[:, -1:]
-    return np.unique(np.clip(grid, lo, hi), axis=0)
-
-
-def _starts(p: _Problem, extra: Sequence[np.ndarray] = ()) -> np.ndarray:
-    """The best few of the grid (and of `extra` candidates), judged by the objective."""
-    grid = np.concatenate([_grid(p), *[np.asarray(e)[None] for e in extra]])
-    chunks = np.array_split(grid, max(1, grid.size * len(p.y) // 2_000_000))  # bounded memory
-    f = np.concatenate([p.objective(g) for g in chunks])
-    return grid[np.argsort(f)[:_N_STARTS]]
-
-
-def _converged(res, p: _Problem, bounds) -> bool:
-    """L-BFGS-B met its tolerance (not: stopped at its iteration limit or in a failed line
-    search), at a point whose projected gradient is small — or every residual, weighted as in
-    the fit, is within a thousandth of NOISE_FLOOR: exact losses, where no step can do better
-    and a line search in rounding error fails."""
-    if np.max(np.abs(p.residuals(res.x))) <= 1e-3 * NOISE_FLOOR:
-        return True
-    lo, hi = np.array(bounds).T
-    g = np.where((res.x <= lo + 1e-12) & (res.jac > 0) | (res.x >= hi - 1e-12) & (res.jac < 0),
-                 0.0, res.jac)
-    return bool(res.status == 0 and np.max(np.abs(g)) <= 1e-3 * max(1.0, abs(res.fun)))
-
-
-def _descend(p: _Problem, theta0: np.ndarray, bounds, ftol: float = 1e-13):
-    theta0 = np.clip(theta0, *np.array(bounds).T)
-    return minimize(p.objective_and_grad, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
-                    options={"maxiter": 10_000, "maxfun": 20_000, "ftol": ftol,
-                             "gtol": 1e-9, "maxls": 50})
-
-
-def _solve(p: _Problem, extra: Sequence[np.ndarray] = ()):
-    """The lowest optimum from the best starts of the grid and of `extra` (a bootstrap
-    refit's: the point estimate): (theta, objective, converged)."""
-    bounds = p.bounds()
-    starts = _starts(p, extra)
-    results = []
-    for s in starts:
-        results.append(_descend(p, s, bounds))
-        best = min(results, key=lambda res: res.fun)
-        if sum(res.fun <= best.fun * (1 + 1e-9) + 1e-12 for res in results) >= 2:
-            break  # two starts agree on the lowest optimum: the rest would find it again
-    if not _converged(best, p, bounds):  # a line search stalled, often in rounding noise:
-        best = _descend(p, best.x, bounds)  # fresh curvature memory there confirms or moves on
-    return best.x, float(best.fun * p.scale), _converged(best, p, bounds)
-
-
-def _problem(law: _Law, points: Points, delta: float, noise: Noise | None = None
-             ) -> tuple[_Problem, np.ndarray]:
-    logx = law.inputs(points)
-    mu = logx.mean(0)
-    w = noise.weights(points) if noise else np.ones(len(points))
-    return _Problem(logx - mu, np.log(points.loss), w, delta,
-                    float(points.loss.min()) * (1 - 1e-6), law.outer), mu
-
-
-def _uncentre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    """a_j + g_j mu_j: the log coefficient of term j in the raw inputs."""
-    k = len(mu)
-    return np.r_[theta[:1], theta[1:k + 1] + theta[k + 1:2 * k + 1] * mu, theta[k + 1:]]
-
-
-def _centre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    k = len(mu)
-    return np.r_[theta[:1], theta[1:k + 1] - theta[k + 1:2 * k + 1] * mu, theta[k + 1:]]
-
-
-# ----------------------------------------------------------------------------- laws
-
-
-_NOUNS = {"params": "model sizes (params)", "tokens": "token counts",
-          "flops": "compute values (flops)"}
-
-
-def _require_distinct(points: Points, law: str, **minimum: int) -> None:
-    """Refuse, before optimising, points that cannot pin the law down."""
-    got = {name: len(np.unique(getattr(points, name))) for name in minimum}
-    if any(got[name] < need for name, need in minimum.items()):
-        need = " and ".join(f">= {n} distinct {_NOUNS[name]}" for name, n in minimum.items())
-        have = ", ".join(f"{got[name]} {_NOUNS[name]}" for name in minimum)
-        raise FitError(f"a {law} fit needs {need}; the points to fit have {have}")
-
-
-def _inputs_chinchilla(points: Points) -> np.ndarray:
-    return np.log(np.column_stack([points.params, points.tokens]))
-
-
-def _inputs_kaplan(points: Points) -> np.ndarray:
-    return np.log(points.flops)[:, None]
-
-
-def _plain(x):
-    """A float for a scalar, the array itself for a stack of draws."""
-    return float(x) if np.ndim(x) == 0 else x
-
-
-def _from_theta_chinchilla(theta) -> dict:
-    e, a, b, alpha, beta = theta
-    return {"E": _plain(e), "A": _plain(np.exp(a)), "B": _plain(np.exp(b)),
-            "alpha": _plain(alpha), "beta": _plain(beta)}
-
-
-def _to_theta_chinchilla(p: Mapping[str, float]) -> np.ndarray:
-    return np.array([p["E"], math.log(p["A"]), math.log(p["B"]), p["alpha"], p["beta"]])
-
-
-def _from_theta_kaplan_nd(theta) -> dict:
-    # (N_c/N)^g = exp(g log N_c - g log N); D_c/D = exp(log D_c - log D); alpha_D = p
-    e, a_n, a_d, g, _, p = theta
-    return {"E": _plain(e), "N_c": _plain(np.exp(a_n / g)), "D_c": _plain(np.exp(a_d)),
-            "alpha_N": _plain(g * p), "alpha_D": _plain(p)}
-
-
-def _to_theta_kaplan_nd(p: Mapping[str, float]) -> np.ndarray:
-    g = p["alpha_N"] / p["alpha_D"]
-    return np.array([p["E"], g * math.log(p["N_c"]), math.log(p["D_c"]), g, 1.0, p["alpha_D"]])
-
-
-def _from_theta_kaplan(theta) -> dict:
-    # (C0/C)^alpha = exp(alpha log C0 - alpha log C): coefficient alpha log C0
-    e, k, alpha = theta
-    with np.errstate(divide="ignore", over="ignore"):
-        return {"E": _plain(e), "C0": _plain(np.exp(k / alpha)), "alpha": _plain(alpha)}
-
-
-def _to_theta_kaplan(p: Mapping[str, float]) -> np.ndarray:
-    return np.array([p["E"], p["alpha"] * math.log(p["C0"]), p["alpha"]])
-
-
-def _check_nd(law: str) -> Callable[[Points], None]:
-    return lambda points: _require_distinct(points, law, params=3, tokens=3)
-
-
-def _check_kaplan(points: Points) -> None:
-    _require_distinct(points, "kaplan", flops=3)
-
-
-def _budgets_of(points: Points) -> list[Points]:
-    labels = group_budgets(points.flops)
-    return [points.select(labels == label) for label in np.unique(labels)]
-
-
-def _check_isoflop(points: Points) -> list[Points]:
-    """The points grouped by compute budget, once checked to be enough for Approach 2."""
-    budgets = _budgets_of(points)
-    for b in budgets:
-        sizes = len(np.unique(b.params))
-        if sizes < 3:
-            raise FitError(f"an isoflop fit needs >= 3 distinct model sizes per compute "
-                           f"budget; the budget at C ~ {np.exp(np.log(b.flops).mean()):.3g} "
-                           f"FLOPs has {sizes} (runs are one budget when their FLOPs lie "
-                           f"within {BUDGET_TOL:.0%}: where 6ND strays from the budget the runs "
-                           "were sized for, give that budget in the flops column)")
-    if len(budgets) < 2:
-        raise FitError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
-                       f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")
-    return budgets
-
-
-def _chinchilla_loss(p, n, d, c):
-    return p["E"] + p["A"] * n ** -p["alpha"] + p["B"] * d ** -p["beta"]
-
-
-def _kaplan_nd_loss(p, n, d, c):
-    inner = (p["N_c"] / n) ** (p["alpha_N"] / p["alpha_D"]) + p["D_c"] / d
-    return p["E"] + inner ** p["alpha_D"]
-
-
-def _kaplan_loss(p, n, d, c):
-    return p["E"] + (p["C0"] / c) ** p["alpha"]
-
-
-@dataclass(frozen=True)
-class _Law:
-    formula: str
-    names: tuple[str, ...]
-    check: Callable[[Points], object]  # raises FitError if the points cannot pin the law down
-    inputs: Callable[[Points], np.ndarray] | None = None  # log inputs [n, k] of a power sum
-    from_theta: Callable | None = None
-    to_theta: Callable | None = None
-    loss: Callable | None = None  # (params, N, D, C) -> L
-    finals_only: bool = False  # IsoFLOP curves compare runs at their end, not along the way
-    frontier: bool = False  # Kaplan's L(C) is the envelope of all runs' points
-    outer: bool = False  # E + S^p rather than E + S (see _Problem)
-    # points of models that saw fewer tokens per parameter are not fitted unless told
-    # otherwise: the transient of early training, not the law
-    min_tokens_per_param: float = 1.0
-
-
-_LAWS = {
-    "chinchilla": _Law("L = E + A/N^alpha + B/D^beta", ("E", "A", "B", "alpha", "beta"),
-                       _check_nd("chinchilla"), _inputs_chinchilla, _from_theta_chinchilla,
-                       _to_theta_chinchilla, _chinchilla_loss),
-    "kaplan-nd": _Law("L = E + ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D",
-                      ("E", "N_c", "D_c", "alpha_N", "alpha_D"), _check_nd("kaplan-nd"),
-                      _inputs_chinchilla, _from_theta_kaplan_nd, _to_theta_kaplan_nd,
-                      _kaplan_nd_loss, outer=True),
-    "kaplan": _Law("L = E + (C0/C)^alpha", ("E", "C0", "alpha"), _check_kaplan,
-                   _inputs_kaplan, _from_theta_kaplan, _to_theta_kaplan, _kaplan_loss,
-                   frontier=True),
-    "isoflop": _Law("N_opt = k_N C^a, D_opt = k_D C^b", ("k_N", "a", "k_D", "b"),
-                    _check_isoflop, finals_only=True, min_tokens_per_param=0.0),  # an IsoFLOP
-    # curve's large-model arm lies under 1 token per parameter by design: without it, the
-    # parabola's vertex moves
-}
-LAWS = tuple(_LAWS)
-LOSS_LAWS = tuple(name for name, law in _LAWS.items() if law.loss is not None)
-ND_LAWS = ("chinchilla", "kaplan-nd")  # laws of N and D: they say how to split compute
-
-
-def _law(name: str) -> _Law:
-    if name not in _LAWS:
-        raise FitError(f"unknown law {name!r}; expected one of {', '.join(LAWS)}")
-    return _LAWS[name]
-
-
-def flops_per_token(points: Points) -> dict[str, float]:
-    """f(N) = coef * N^exponent, the training FLOPs of one token, fitted to the points' FLOPs
-    (6N for points that give none; exact matmul counts grow faster than N at small N)."""
-    logn, logf = np.log(points.params), np.log(points.flops / points.tokens)
-    if np.ptp(logn) < 1e-9:
-        return {"coef": float(np.exp(np.mean(logf - logn))), "exponent": 1.0}
-    exponent, log_coef = np.polyfit(logn, logf, 1)
-    return {"coef": float(np.exp(log_coef)), "exponent": float(exponent)}
-
-
-def _power_fit(points: Points, law: _Law, delta: float, noise: Noise | None,
-               start: Mapping | None = None):
-    """(params, objective, converged) of a power-sum law."""
-    p, mu = _problem(law, points, delta, noise)
-    extra = [] if start is None else [_centre(law.to_theta(start), mu)]
-    theta, objective, converged = _solve(p, extra)
-    return law.from_theta(_uncentre(theta, mu)), objective, converged
-
-
-def _isoflop(points: Points, fpt: Mapping[str, float]) -> tuple[dict, float, bool, list]:
-    """Approach 2: per budget, the minimum of a parabola of loss in log N; then log-log lines
-    N_opt = k_N C^a, and D_opt = C / f(N_opt) with the points' FLOPs per token f."""
-    budgets = _check_isoflop(points)
-    minima = []
-    for b in budgets:
-        c = float(np.exp(np.log(b.flops).mean()))
-        logn = np.log(b.params)
-        c2, c1, c0 = np.polyfit(logn, b.loss, 2)
-        if c2 <= 0:
-            raise FitError(f"isoflop: the loss-vs-log N parabola of the budget at C ~ {c:.3g} "
-                           "FLOPs curves downwards, so it has no minimum; add sizes on both "
-                           "sides of the optimum")
-        x = -c1 / (2 * c2)
-        n_opt = float(np.exp(x))
-        minima.append(Budget(c, n_opt, c / (fpt["coef"] * n_opt ** fpt["exponent"]),
-                             float(c0 - c1 * c1 / (4 * c2)), len(b),
-                             (float(b.params.min()), float(b.params.max())),
-                             bool(logn.min() <= x <= logn.max()), float(c2)))
-    logc, logn = np.log([m.flops for m in minima]), np.log([m.params for m in minima])
-    a, log_kn = np.polyfit(logc, logn, 1)
-    k, g = fpt["coef"], fpt["exponent"]
-    params = {"k_N": float(np.exp(log_kn)), "a": float(a),  # D = C / (k (k_N C^a)^g)
-              "k_D": float(1 / (k * np.exp(log_kn) ** g)), "b": float(1 - a * g)}
-    rss = float(np.sum((logn - (log_kn + a * logc)) ** 2))
-    return params, rss, True, minima
-
-
-def _allocation_coefs(law: str, p: Mapping[str, float], fpt: Mapping[str, float]):
-    """(k_N, a, k_D, b): N_opt = k_N C^a, D_opt = k_D C^b, or None when the law says
-    nothing about the split. Chinchilla: minimising L(N, C / f(N)) with f(N) = k N^g gives
-    N_opt^(alpha + g beta) = alpha A / (g beta B) (C/k)^beta (g = 1, k = 6: Hoffmann et al.).
-    Kaplan's L(N, D) is least where (N_c/N)^r + D_c k N^g / C is, r = alpha_N / alpha_D:
-    N_opt^(r + g) = r N_c^r C / (g D_c k)."""
-    if law == "isoflop":
-        return p["k_N"], p["a"], p["k_D"], p["b"]
-    if law not in ND_LAWS:
-        return None
-    k, g = fpt["coef"], fpt["exponent"]
-    q = {name: np.asarray(value, dtype=float) for name, value in p.items()}
-    with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
-        if law == "kaplan-nd":
-            r = q["alpha_N"] / q["alpha_D"]
-            a = 1 / (r + g)
-            k_n = (r * q["N_c"] ** r / (g * q["D_c"] * k)) ** a
-        else:
-            s = q["alpha"] + g * q["beta"]
-            a = q["beta"] / s
-            k_n = (q["alpha"] * q["A"] / (g * q["beta"] * q["B"])) ** (1 / s) * k ** -a
-        return k_n, a, 1 / (k * k_n ** g), 1 - g * a
 
 
 # ----------------------------------------------------------------------------- the result
@@ -484,20 +79,6 @@ class HeldOut:
     @property
     def label(self) -> str:
         return f"{self.run} (mean of {self.seeds} seeds)" if self.seeds > 1 else self.run
-
-
-@dataclass(frozen=True)
-class Budget:
-    """An IsoFLOP budget's parabola: loss = loss_opt + curvature * (ln N - ln N_opt)^2."""
-
-    flops: float
-    params: float
-    tokens: float
-    loss: float
-    n_runs: int
-    params_range: tuple[float, float]
-    inside: bool  # the minimum lies within the sizes tried
-    curvature: float
 
 
 @dataclass(frozen=True)
@@ -625,7 +206,7 @@ class Fit:
 
     @property
     def formula(self) -> str:
-        return _law(self.law).formula
+        return by_name(self.law).formula
 
     def to_json(self) -> dict:
         out = {"law": self.law, "formula": self.formula, **self.params}
@@ -653,14 +234,14 @@ class Fit:
         if not isinstance(raw, dict):
             raise FitError(f"{where}: not a fit (a JSON object written by lm fit)")
         law = _field(raw, "law", str, where)
-        if law not in _LAWS:
+        if law not in LAWS:
             raise FitError(f"{where}: law {law!r} is not one of {', '.join(LAWS)}")
         try:
             alloc = raw["allocation"]
             boot, noise, ident, laplace, misfit = (raw.get(k) for k in (
                 "bootstrap", "noise", "identifiability", "laplace", "misfit"))
             return cls(
-                law=law, params={k: _field(raw, k, float, where) for k in _LAWS[law].names},
+                law=law, params={k: _field(raw, k, float, where) for k in by_name(law).names},
                 objective=_field(raw, "objective", float, where),
                 converged=_field(raw, "converged", bool, where),
                 n_points=_field(raw, "n_points", int, where),
@@ -744,7 +325,7 @@ def _holdout_runs(points: Points, holdout: str | Collection[str] | None,
     return np.array(sorted(held | set(runs.tolist())), dtype=str)
 
 
-def _fitted(points: Points, law: _Law, drop_early: float, min_tokens_per_param: float
+def _fitted(points: Points, law: Law, drop_early: float, min_tokens_per_param: float
             ) -> tuple[Points, bool]:
     """The points a fit uses, and whether they are annealed ends only: where the points say
     which end a learning-rate decay, those; else all but the early ones. Never points with
@@ -765,7 +346,7 @@ def unused_mask(fit: Fit, points: Points) -> np.ndarray:
     under-trained, off the frontier or not a run's last, as its law chose (held-out runs'
     points are not among them)."""
     held = np.isin(points.run, [r.run for r in fit.holdout])
-    used, _ = _fitted(points.select(~held), _law(fit.law), fit.drop_early,
+    used, _ = _fitted(points.select(~held), by_name(fit.law), fit.drop_early,
                       fit.min_tokens_per_param)
     keys = set(zip(used.run, used.step, used.tokens))
     return ~held & np.array([k not in keys for k in zip(points.run, points.step, points.tokens)],
@@ -780,29 +361,29 @@ def too_few_tokens(tokens, params, min_tokens_per_param: float):
 
 def tokens_per_param_floor(law: str, given: float | None = None) -> float:
     """`given`, else `law`'s default (1 token per parameter; 0 for isoflop)."""
-    return _law(law).min_tokens_per_param if given is None else given
+    return by_name(law).min_tokens_per_param if given is None else given
 
 
 def check_design(points: Points, law: str = "chinchilla", drop_early: float = 0.1,
                  min_tokens_per_param: float | None = None) -> None:
     """Refuse planned points (say, a sweep's, before it trains) that could not pin `law` down:
     the same check a fit makes, made before any compute is spent."""
-    spec = _law(law)
+    spec = by_name(law)
     floor = tokens_per_param_floor(law, min_tokens_per_param)
     spec.check(_fitted(points, spec, drop_early, floor)[0])
 
 
-def _raw_fit(train: Points, law: _Law, delta: float, noise: Noise | None, fpt, start=None
+def _raw_fit(train: Points, law: Law, delta: float, noise: Noise | None, fpt, start=None
              ) -> tuple[dict, float, bool, list]:
     """(params, objective, converged, IsoFLOP budgets) of `law` on `train`, each point weighted
     by `noise` (where it has a trend)."""
     law.check(train)
     if law.inputs is None:
-        return _isoflop(train, fpt)
-    return *_power_fit(train, law, delta, noise, start), []
+        return isoflop(train, fpt)
+    return *power_fit(train, law, delta, noise, start), []
 
 
-def _residuals(law: _Law, params: Mapping, points: Points) -> np.ndarray:
+def _residuals(law: Law, params: Mapping, points: Points) -> np.ndarray:
     return np.log(law.loss(params, points.params, points.tokens, points.flops) / points.loss)
 
 
@@ -831,7 +412,7 @@ def _fit(points: Points, law: str = "chinchilla", *,
     bootstrap: refits on runs resampled with replacement, for 95% intervals (seeded by seed).
     loss: "huber" on log L, its delta set from the noise unless huber_delta is given; "lsq".
     """
-    spec = _law(law)
+    spec = by_name(law)
     min_tokens_per_param = tokens_per_param_floor(law, min_tokens_per_param)
     if not 0 <= drop_early < 1:
         raise FitError(f"drop_early={drop_early}; expected a fraction in [0, 1)")
@@ -891,7 +472,7 @@ def _fit(points: Points, law: str = "chinchilla", *,
     return replace(result, warnings=tuple(_warnings(result, train)))
 
 
-def _bootstrap(train: Points, law: _Law, delta: float, noise: Noise | None, fpt, start: dict,
+def _bootstrap(train: Points, law: Law, delta: float, noise: Noise | None, fpt, start: dict,
                n: int, seed: int) -> Bootstrap:
     """Refit on ``n`` resamples of whole runs, each from the grid of starts and the point
     estimate, whichever is better; failed and unconverged refits are counted and left out.
@@ -915,15 +496,15 @@ def _bootstrap(train: Points, law: _Law, delta: float, noise: Noise | None, fpt,
     return Bootstrap(n, seed, failed, not_converged, {k: [d[k] for d in draws] for k in law.names})
 
 
-def _laplace(train: Points, law: _Law, delta: float, noise: Noise | None, params: dict
+def _laplace(train: Points, law: Law, delta: float, noise: Noise | None, params: dict
              ) -> Laplace:
     """theta ~ N(theta_hat, c H^-1 M H^-1): H the Gauss-Newton curvature of the robust
     objective, M the spread of its gradient summed run by run, c = G/(G-1) (n-1)/(n-q) for G
     runs, n points and q free parameters (the clustered sandwich's usual small-sample
     correction: without it, refits on simulated studies of the fitted law missed by 1.19x
     what their intervals said; 1.13x with it). Parameters at a bound are held there."""
-    p, mu = _problem(law, train, delta, noise)
-    theta = _centre(law.to_theta(params), mu)
+    p, mu = problem(law, train, delta, noise)
+    theta = centre(law.to_theta(params), mu)
     pred, jac = p.jacobian(theta)
     jac = jac * (p.w / pred)[:, None]  # d r / d theta
     r = p.residuals(theta)
@@ -942,10 +523,10 @@ def _laplace(train: Points, law: _Law, delta: float, noise: Noise | None, params
     k = p.k
     m = np.eye(len(theta))  # uncentring: a_j += g_j mu_j
     m[1:k + 1, k + 1:2 * k + 1] = np.diag(mu)
-    return Laplace(tuple(_uncentre(theta, mu).tolist()), tuple(map(tuple, (m @ cov @ m.T).tolist())))
+    return Laplace(tuple(uncentre(theta, mu).tolist()), tuple(map(tuple, (m @ cov @ m.T).tolist())))
 
 
-def _misfit(train: Points, law: _Law, delta: float, noise: Noise, fpt) -> Misfit | None:
+def _misfit(train: Points, law: Law, delta: float, noise: Noise, fpt) -> Misfit | None:
     """The Misfit of `law` on `train` (see there), its refits with the fit's own settings;
     None where not even the runs below half the largest one's compute can be refitted. Where
     the likelihood cannot tell a constant from growth (the runs predicted share one reach),
@@ -963,7 +544,7 @@ def _misfit(train: Points, law: _Law, delta: float, noise: Noise, fpt) -> Misfit
     return Misfit(float(MISFIT_GRID[i]), float(MISFIT_GRID[j]), len(refits), len(z))
 
 
-def _refit_errors(train: Points, law: _Law, delta: float, noise: Noise, fpt):
+def _refit_errors(train: Points, law: Law, delta: float, noise: Noise, fpt):
     """Refit `law` on the runs with at most half the compute of the largest run (then of the
     largest run the refit kept, and so on) while they are at least MISFIT_KEEP of the runs;
     for each refit, the runs above it as (log(actual / predicted), log of their compute over
@@ -989,7 +570,7 @@ def _refit_errors(train: Points, law: _Law, delta: float, noise: Noise, fpt):
                np.sqrt(np.var(draws, axis=0) + noise.sigma ** 2))
 
 
-def _outliers(fit: Fit, law: _Law, train: Points) -> tuple[str, ...]:
+def _outliers(fit: Fit, law: Law, train: Points) -> tuple[str, ...]:
     """Runs with a point more than 3 noise sigmas (its own) off the law (they weigh little
     under Huber, but a reader should see them)."""
     r = _residuals(law, fit.params, train)
@@ -997,21 +578,21 @@ def _outliers(fit: Fit, law: _Law, train: Points) -> tuple[str, ...]:
     return tuple(sorted(set(train.run[far].tolist())))
 
 
-def _identifiability(fit: Fit, law: _Law, train: Points, delta: float) -> Identifiability:
+def _identifiability(fit: Fit, law: Law, train: Points, delta: float) -> Identifiability:
     """The objective profiled over E in [0, lowest loss), the other parameters refitted at
     each E from their neighbour's optimum; the E whose deviance from the best stays under the
     95% chi-squared cut, each run's points counted as one observation (points of one run are
     correlated). The cut's crossings are found between the grid's points by Brent's method
     (about half the refits bisection takes)."""
-    p, mu = _problem(law, train, delta, fit.noise)
-    best = _centre(law.to_theta(fit.params), mu)
+    p, mu = problem(law, train, delta, fit.noise)
+    best = centre(law.to_theta(fit.params), mu)
     cut = CHI2_95 * max(fit.noise.sigma, 1e-6) ** 2 / 2 * len(train) / len(np.unique(train.run))
     profile: dict[float, tuple[float, np.ndarray]] = {fit.params["E"]: (fit.objective, best)}
 
     def excess(e: float) -> float:  # the profile at E = e over the best, less the cut
         if e not in profile:  # refitted from the nearest E's optimum
             near = profile[min(profile, key=lambda x: abs(x - e))][1]
-            res = _descend(p, np.r_[e, near[1:]], p.bounds(e), ftol=1e-10)
+            res = descend(p, np.r_[e, near[1:]], p.bounds(e), ftol=1e-10)
             profile[e] = (float(res.fun * p.scale), res.x)
         return profile[e][0] - fit.objective - cut
 
@@ -1032,7 +613,7 @@ def _identifiability(fit: Fit, law: _Law, train: Points, delta: float) -> Identi
         ends.append(inside)
     allowed = (float(min(ends)), float(max(ends)))
     grid = sorted(profile)
-    laws = tuple(law.from_theta(_uncentre(profile[e][1], mu)) for e in grid
+    laws = tuple(law.from_theta(uncentre(profile[e][1], mu)) for e in grid
                  if allowed[0] <= e <= allowed[1])
     # Not identified: the data cannot tell the law from a pure power law (E = 0), or allow
     # E over half its range.
@@ -1044,7 +625,7 @@ def _identifiability(fit: Fit, law: _Law, train: Points, delta: float) -> Identi
 def _allocation(fit: Fit) -> Allocation:
     """N_opt = coef * C^exponent for params and tokens, with examples from the data's largest
     compute decade upwards."""
-    coefs = _allocation_coefs(fit.law, fit.params, fit.flops_per_token)
+    coefs = allocation_coefs(fit.law, fit.params, fit.flops_per_token)
     if coefs is None:
         return Allocation(False, "loss against compute alone does not say how to split it into "
                                  "N and D")
@@ -1073,7 +654,7 @@ def _sampled(fit: Fit, fn: Callable[[dict], np.ndarray]) -> np.ndarray | None:
                              for k, v in fit.bootstrap.samples.items()}))
     if fit.laplace is None:
         return None
-    return _positive(_laplace_values(_law(fit.law), fit.laplace, fn))
+    return _positive(_laplace_values(by_name(fit.law), fit.laplace, fn))
 
 
 def _positive(values: np.ndarray) -> np.ndarray:
@@ -1082,7 +663,7 @@ def _positive(values: np.ndarray) -> np.ndarray:
     return values[np.all(np.isfinite(values) & (values > 0), axis=tuple(range(1, values.ndim)))]
 
 
-def _laplace_values(law: _Law, laplace: Laplace, fn: Callable[[dict], np.ndarray]
+def _laplace_values(law: Law, laplace: Laplace, fn: Callable[[dict], np.ndarray]
                     ) -> np.ndarray:
     """``fn`` (as for `_sampled`) in LAPLACE_DRAWS draws theta = mean + delta of the Laplace
     approximation, to first order in log: log fn(mean) + J delta, J measured along each delta
@@ -1101,7 +682,7 @@ def _laplace_values(law: _Law, laplace: Laplace, fn: Callable[[dict], np.ndarray
 
 def _law_losses(fit: Fit, n, d, c) -> tuple[np.ndarray, np.ndarray | None]:
     """The law's loss at (N, D, C) [m], and in each of its draws [S, m] (None without)."""
-    law = _law(fit.law)
+    law = by_name(fit.law)
     point = np.asarray(law.loss(fit.params, n, d, c), dtype=float)
     with np.errstate(over="ignore", invalid="ignore"):  # a wild draw may overflow: dropped
         return point, _sampled(fit, lambda p: np.asarray(law.loss(p, n, d, c), dtype=float))
@@ -1138,7 +719,7 @@ def run_flops(fit: Fit, n: np.ndarray, d: np.ndarray) -> np.ndarray:
 def score(fit: Fit, points: Points, held: Collection[str]) -> Fit:
     """`fit` with the final losses of the runs `held` (left out of it) set against what it
     predicts for them: their ARE, and whether each falls in its interval for an actual run."""
-    law = _law(fit.law)
+    law = by_name(fit.law)
     if law.loss is None:
         raise FitError(f"an {fit.law} fit predicts no loss; use chinchilla or kaplan")
     final = points.select(points.final_mask() & np.isin(points.run, list(held)))
@@ -1184,7 +765,7 @@ def _seeds_name(runs: Sequence[str]) -> str:
 
 def predicted_loss(fit: Fit, points: Points) -> np.ndarray:
     """The law's loss at each point (point estimate)."""
-    law = _law(fit.law)
+    law = by_name(fit.law)
     if law.loss is None:
         raise FitError(f"an {fit.law} fit predicts no loss; use chinchilla or kaplan")
     return np.asarray(law.loss(fit.params, points.params, points.tokens, points.flops), float)
@@ -1195,7 +776,7 @@ def held_out_range(fit: Fit, run: HeldOut) -> tuple[float, float] | None:
     ident = fit.identifiability
     if not ident or not ident.laws:
         return None
-    law = _law(fit.law)
+    law = by_name(fit.law)
     losses = [float(law.loss(p, run.params, run.tokens, run.flops)) for p in ident.laws]
     return min(losses), max(losses)
 
@@ -1205,14 +786,14 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
     out = []
     if not fit.converged:
         out.append("the optimiser did not meet its tolerance; the fit may not be the best one")
-    if not fit.annealed_only and fit.n_points > fit.n_runs and not _law(fit.law).frontier:
+    if not fit.annealed_only and fit.n_points > fit.n_runs and not by_name(fit.law).frontier:
         out.append(f"{fit.n_points} points from {fit.n_runs} runs' learning curves: a point "
                    "before a run's learning-rate decay ends sits above the loss of a run "
                    "trained to that length, and bends the law; mark the points that end a "
                    "decay (column annealed), or keep run ends only (lm fit --drop-early 0.99)")
     need = (("params", "tokens") if fit.law in ND_LAWS else
             {"kaplan": ("flops",)}.get(fit.law, ("params",)))
-    few = [f"{len(np.unique(getattr(train, k)))} distinct {_NOUNS[k]}" for k in need
+    few = [f"{len(np.unique(getattr(train, k)))} distinct {NOUNS[k]}" for k in need
            if len(np.unique(getattr(train, k))) < 4]
     if few:
         out.append(f"only {' and '.join(few)}: fewer than 4 cannot test the law's shape; add "
@@ -1236,7 +817,7 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                    f"{max(r.compute_ratio for r in far):.3g}x the largest fitting run's "
                    f"compute, farther than the fitted points span ({span:.3g}x): trust "
                    f"{'its prediction' if len(far) == 1 else 'their predictions'} less")
-    if _law(fit.law).frontier and fit.holdout:  # beyond 2 noise sigmas: not noise
+    if by_name(fit.law).frontier and fit.holdout:  # beyond 2 noise sigmas: not noise
         flops = np.r_[train.flops, [r.flops for r in fit.holdout]]
         loss = np.r_[train.loss, [r.loss for r in fit.holdout]]
         off = [r.run for r in fit.holdout if np.any(
@@ -1278,7 +859,7 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
     law's 95% bounds (from its bootstrap, else its curvature); ``run_interval`` a 95% interval
     for the loss of an actual run, which adds the run's own noise and the law's misfit at its
     reach."""
-    law = _law(fit.law)
+    law = by_name(fit.law)
     query = {"params": params, "tokens": tokens, "flops": flops}
     given = [k for k, v in query.items() if v is not None]
     if {"params", "tokens"} <= set(given):
@@ -1292,7 +873,7 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
         inputs = {"params": n, "tokens": d, "flops": c}
     elif given == ["flops"]:
         c = _positive_array(flops, "flops")
-        coefs = _allocation_coefs(fit.law, fit.params, fit.flops_per_token)
+        coefs = allocation_coefs(fit.law, fit.params, fit.flops_per_token)
         inputs = {"flops": c}
         if coefs is not None:
             k_n, a, k_d, b = coefs
@@ -1326,11 +907,11 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
 
 def _allocation_draws(fit: Fit, c: np.ndarray) -> dict[str, np.ndarray]:
     """N_opt and D_opt at compute `c` in each of the law's draws [S, m]."""
-    if _allocation_coefs(fit.law, fit.params, fit.flops_per_token) is None:
+    if allocation_coefs(fit.law, fit.params, fit.flops_per_token) is None:
         return {}
 
     def optimum(p: dict) -> np.ndarray:  # [S, 2, m]
-        k_n, a, k_d, b = (np.asarray(x, dtype=float) for x in _allocation_coefs(
+        k_n, a, k_d, b = (np.asarray(x, dtype=float) for x in allocation_coefs(
             fit.law, p, fit.flops_per_token))
         return np.stack([k_n * c ** a, k_d * c ** b], axis=1)
 
@@ -1344,7 +925,7 @@ def _allocation_draws(fit: Fit, c: np.ndarray) -> dict[str, np.ndarray]:
 
 def format_fit(fit: Fit) -> str:
     """A few lines for the terminal."""
-    law = _law(fit.law)
+    law = by_name(fit.law)
     status = "converged" if fit.converged else "NOT CONVERGED"
     used = "annealed ends of runs" if fit.annealed_only else (
         f"{fit.points_dropped} points dropped (early or under-trained)")

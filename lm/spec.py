@@ -17,7 +17,7 @@ from typing import Literal
 
 import yaml
 
-from lm import config as config_lib, flops, rundir, scaling, schedule
+from lm import config as config_lib, flops, laws, rundir, scaling, schedule
 from lm.config import Config
 from lm.errors import ConfigError
 from lm.points import Points
@@ -124,10 +124,10 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
                           "`isoflop` (compute budgets)")
     if spec.fit.law == "isoflop" and not spec.isoflop:
         raise ConfigError(f"{path}: fit.law=isoflop needs `isoflop` compute budgets")
-    if spec.holdout and spec.fit.law not in scaling.LOSS_LAWS:
+    if spec.holdout and spec.fit.law not in laws.LOSS_LAWS:
         raise ConfigError(f"{path}: fit.law={spec.fit.law} gives the compute-optimal "
                           "allocation, not a loss to predict a held-out run with; use one of "
-                          f"{list(scaling.LOSS_LAWS)}, or drop `holdout`")
+                          f"{list(laws.LOSS_LAWS)}, or drop `holdout`")
     if spec.recipe.init_fan_in < 0:
         raise ConfigError(f"{path}: recipe.init_fan_in={spec.recipe.init_fan_in}: a scale is "
                           "positive (0: every size keeps the base config's init_std)")

@@ -18,7 +18,7 @@ import statistics
 
 import numpy as np
 
-from lm import backtest, scaling, store
+from lm import backtest, laws, scaling, store
 from lm.cli import holdout_names
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     holdout.add_argument("--holdout-above", type=float, metavar="FLOPS")
     holdout.add_argument("--holdout", metavar="RUNS",
                          help="run names, comma-separated, as for lm fit --holdout")
-    p.add_argument("--law", default="chinchilla", choices=scaling.LAWS)
+    p.add_argument("--law", default="chinchilla", choices=laws.LAWS)
     p.add_argument("--min-tokens-per-param", type=float, metavar="R")
     args = p.parse_args()
     tried, held = [], []
