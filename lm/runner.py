@@ -190,7 +190,8 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     points = _fitting_points(spec, store, fitting)
     fit = _fit(spec, points)
     body = {**registration(fit, held, spec), "backtest": _backtest(fit, points, held),
-            "fitted_runs": sorted(n for n in fitting if status[n] == "done")}
+            "fitted_runs": sorted(n for n in fitting if status[n] == "done"),
+            "fit_spec": dataclasses.asdict(spec.fit)}
     if not store.register(body, [t.name for t in held]):
         return False
     _write_atomic(spec.path / PREDICTION, json.dumps(body, indent=1))
@@ -595,8 +596,10 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store) -> Fit | None:
             scoring = points if same_count else store.points_of(
                 prior.n_counted, names=names, metric=spec.fit.metric)
             prior = scaling.score(prior, scoring, trained)
-        if same_count and registered.get("fitted_runs") == sorted(set(fitting) & set(points.run)):
-            fit = prior  # nothing changed since: a refit would be the registered fit
+        done, settings = set(points.run) if points else set(), dataclasses.asdict(spec.fit)
+        if same_count and registered.get("fitted_runs") == sorted(set(fitting) & done) and \
+                registered.get("fit_spec", settings) == settings:  # (older ones: not recorded)
+            fit = prior  # nothing changed since (runs, fit settings): a refit would be the same
     if fit is None:
         try:
             fit = _fit(spec, _fitting_points(spec, store, fitting))
@@ -738,7 +741,9 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
     with exclusive(spec.path):
         if path.exists():
             check_sweep_file(path, spec.name)
-            path.rename(aside)
+            for suffix in ("", "-journal", "-wal", "-shm"):  # a journal goes with its file
+                if (side := path.with_name(path.name + suffix)).exists():
+                    side.rename(aside.with_name(aside.name + suffix))
         store = Store(path)
         store.sync(spec.name, plan_digest(trials), trials)
         done = 0

@@ -194,12 +194,13 @@ def _check_held(where: str, held: str | None, name: str) -> str | None:
 
 
 def check_sweep_file(path: Path, name: str) -> None:
-    """Store.check_sweep of a SQLite file, read only: opening it as a Store would upgrade an
-    older store in place, and one about to be set aside must stay as it was. A file that does
-    not read as a store (damaged; the first runner's, which named no sweep) holds none."""
+    """Store.check_sweep of a SQLite file, by a bare query: opening it as a Store would upgrade
+    an older store in place, and one about to be set aside must stay as it was. (A hot journal,
+    left by a writer killed mid-transaction, is rolled back by the query: the file as last
+    committed.) A file that does not read as a store (damaged; the first runner's, which named
+    no sweep) holds none."""
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
-                                                uri=True)) as con:
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
             row = con.execute("SELECT value FROM sweep WHERE key = 'name'").fetchone()
     except sqlite3.Error:
         return

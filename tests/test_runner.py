@@ -204,6 +204,35 @@ def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
     assert "trials ended in one run of `lm sweep`" in report
 
 
+def test_the_report_refits_only_what_changed_since_the_registration(finished, tmp_path,
+                                                                    monkeypatch):
+    """Rerun on a finished sweep, the report takes the registered fit as it is; a fit setting
+    edited since (here the bootstrap's size) makes it refit, and report the refit beside it."""
+    path, _, _ = finished
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(path.parent / "sweep", sweep_dir)
+    refits = []
+    fit = runner._fit
+    monkeypatch.setattr(runner, "_fit", lambda spec, points, params=None: (
+        refits.append(params) or fit(spec, points, params)))
+
+    def report(**changes):
+        raw = dict(yaml.safe_load(path.read_text()), dir=str(sweep_dir), **changes)
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+        spec = spec_lib.load_spec(tmp_path / "s.yaml")
+        trials = spec_lib.plan(spec)
+        runner._report(spec, trials, Store(sweep_dir / "store.sqlite"))
+        return [p for p in refits if p is None], (sweep_dir / "report.md").read_text()
+
+    main_refits, text = report()
+    assert main_refits == [] and "Refit after registration" not in text
+    registered = json.loads((sweep_dir / "prediction.json").read_text())["fit"]
+    assert json.loads((sweep_dir / "fit.json").read_text())["objective"] == registered["objective"]
+    spec = yaml.safe_load(path.read_text())
+    main_refits, text = report(fit={**spec["fit"], "bootstrap": spec["fit"]["bootstrap"] + 1})
+    assert main_refits == [None] and "Refit after registration" in text
+
+
 def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_path):
     """Every trial ends done exactly once, with the losses of the one-worker SQLite run."""
     path, _, _ = finished

@@ -4,6 +4,8 @@ session."""
 import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -165,6 +167,31 @@ def test_checking_a_file_s_sweep_changes_no_byte_of_it(tmp_path, trials):
     with pytest.raises(StoreError, match="holds sweep 'theirs', not 't'"):
         check_sweep_file(theirs, "t")
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_store_whose_writer_died_mid_transaction_is_read_as_last_committed(tmp_path, trials):
+    """A writer killed in the middle of a transaction leaves a hot journal; the check of whose
+    sweep the store holds reads past it (rolled back), so another sweep's store is refused
+    still."""
+    path = tmp_path / "store.sqlite"
+    Store(path).sync("theirs", "p", trials)
+    crash = f"""
+import os, sqlite3
+con = sqlite3.connect({str(path)!r}, isolation_level=None)
+con.execute("CREATE TABLE big (x BLOB)")
+for i in range(200):
+    con.execute("INSERT INTO big VALUES (randomblob(4000))")
+con.execute("PRAGMA cache_size=1")  # dirty pages spill to the file mid-transaction
+con.execute("BEGIN")
+con.execute("UPDATE sweep SET value='half-written' WHERE key='name'")
+for i in range(200):
+    con.execute("UPDATE big SET x = randomblob(4000) WHERE rowid=?", (i + 1,))
+os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", crash], check=True)
+    assert path.with_name("store.sqlite-journal").exists()  # hot: the crash left it
+    with pytest.raises(StoreError, match="holds sweep 'theirs', not 'mine'"):
+        check_sweep_file(path, "mine")
 
 
 def test_garbage_or_a_foreign_database_is_not_a_store(tmp_path):
