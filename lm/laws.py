@@ -35,7 +35,7 @@ from lm.points import BUDGET_TOL, Points, group_budgets
 
 # ----------------------------------------------------------------------------- the power-sum fit
 #
-# Both parametric laws are a constant plus a sum of power laws, fitted on log L:
+# The three parametric laws are a constant plus a sum of power laws, fitted on log L:
 #   L = E + sum_j exp(a_j - alpha_j x_j),   x_j = log of N, D or C, centred on its mean,
 # so that a_j is the log of term j at a typical point and the grid of starts is unit-free.
 # theta = (E, a_1..a_k, alpha_1..alpha_k); E is bounded to [0, lowest loss).
@@ -165,6 +165,7 @@ def converged(res, p: Problem, bounds) -> bool:
 
 
 def descend(p: Problem, theta0: np.ndarray, bounds, ftol: float = 1e-13):
+    """One L-BFGS-B descent of `p`'s objective from theta0 (clipped into `bounds`)."""
     theta0 = np.clip(theta0, *np.array(bounds).T)
     return minimize(p.objective_and_grad, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
                     options={"maxiter": 10_000, "maxfun": 20_000, "ftol": ftol,
@@ -188,12 +189,14 @@ def _solve(p: Problem, extra: Sequence[np.ndarray] = ()):
 
 
 def problem(law: Law, points: Points, delta: float, noise: Noise | None = None
-             ) -> tuple[Problem, np.ndarray]:
+            ) -> tuple[Problem, np.ndarray]:
+    """`law`'s power sum over `points` (weighted by `noise` where it has a trend, Huber's
+    `delta`), and the mean log inputs mu it is centred on."""
     logx = law.inputs(points)
     mu = logx.mean(0)
     w = noise.weights(points) if noise else np.ones(len(points))
     return Problem(logx - mu, np.log(points.loss), w, delta,
-                    float(points.loss.min()) * (1 - 1e-6), law.outer), mu
+                   float(points.loss.min()) * (1 - 1e-6), law.outer), mu
 
 
 def uncentre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -203,6 +206,7 @@ def uncentre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
 
 
 def centre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """uncentre's inverse: a_j - g_j mu_j."""
     k = len(mu)
     return np.r_[theta[:1], theta[1:k + 1] - theta[k + 1:2 * k + 1] * mu, theta[k + 1:]]
 
@@ -211,7 +215,7 @@ def centre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:
 
 
 NOUNS = {"params": "model sizes (params)", "tokens": "token counts",
-          "flops": "compute values (flops)"}
+         "flops": "compute values (flops)"}
 
 
 def _require_distinct(points: Points, law: str, **minimum: int) -> None:
@@ -314,6 +318,9 @@ def _kaplan_loss(p, n, d, c):
 
 @dataclass(frozen=True)
 class Law:
+    """A law's formula and parameter names, and how it meets points: its check, its log inputs
+    and theta <-> parameters (power sums), its loss, which points it fits."""
+
     formula: str
     names: tuple[str, ...]
     check: Callable[[Points], object]  # raises FitError if the points cannot pin the law down
@@ -331,17 +338,17 @@ class Law:
 
 _LAWS = {
     "chinchilla": Law("L = E + A/N^alpha + B/D^beta", ("E", "A", "B", "alpha", "beta"),
-                       _check_nd("chinchilla"), _inputs_chinchilla, _from_theta_chinchilla,
-                       _to_theta_chinchilla, _chinchilla_loss),
+                      _check_nd("chinchilla"), _inputs_chinchilla, _from_theta_chinchilla,
+                      _to_theta_chinchilla, _chinchilla_loss),
     "kaplan-nd": Law("L = E + ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D",
-                      ("E", "N_c", "D_c", "alpha_N", "alpha_D"), _check_nd("kaplan-nd"),
-                      _inputs_chinchilla, _from_theta_kaplan_nd, _to_theta_kaplan_nd,
-                      _kaplan_nd_loss, outer=True),
+                     ("E", "N_c", "D_c", "alpha_N", "alpha_D"), _check_nd("kaplan-nd"),
+                     _inputs_chinchilla, _from_theta_kaplan_nd, _to_theta_kaplan_nd,
+                     _kaplan_nd_loss, outer=True),
     "kaplan": Law("L = E + (C0/C)^alpha", ("E", "C0", "alpha"), _check_kaplan,
-                   _inputs_kaplan, _from_theta_kaplan, _to_theta_kaplan, _kaplan_loss,
-                   frontier=True),
+                  _inputs_kaplan, _from_theta_kaplan, _to_theta_kaplan, _kaplan_loss,
+                  frontier=True),
     "isoflop": Law("N_opt = k_N C^a, D_opt = k_D C^b", ("k_N", "a", "k_D", "b"),
-                    _check_isoflop, finals_only=True, min_tokens_per_param=0.0),  # an IsoFLOP
+                   _check_isoflop, finals_only=True, min_tokens_per_param=0.0),  # an IsoFLOP
     # curve's large-model arm lies under 1 token per parameter by design: without it, the
     # parabola's vertex moves
 }
@@ -351,6 +358,7 @@ ND_LAWS = ("chinchilla", "kaplan-nd")  # laws of N and D: they say how to split 
 
 
 def by_name(name: str) -> Law:
+    """The law called `name` (one of LAWS)."""
     if name not in _LAWS:
         raise FitError(f"unknown law {name!r}; expected one of {', '.join(LAWS)}")
     return _LAWS[name]
@@ -367,12 +375,26 @@ def flops_per_token(points: Points) -> dict[str, float]:
 
 
 def power_fit(points: Points, law: Law, delta: float, noise: Noise | None,
-               start: Mapping | None = None):
+              start: Mapping | None = None):
     """(params, objective, converged) of a power-sum law."""
     p, mu = problem(law, points, delta, noise)
     extra = [] if start is None else [centre(law.to_theta(start), mu)]
-    theta, objective, converged = _solve(p, extra)
-    return law.from_theta(uncentre(theta, mu)), objective, converged
+    theta, objective, ok = _solve(p, extra)
+    return law.from_theta(uncentre(theta, mu)), objective, ok
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An IsoFLOP budget's parabola: loss = loss_opt + curvature * (ln N - ln N_opt)^2."""
+
+    flops: float
+    params: float
+    tokens: float
+    loss: float
+    n_runs: int
+    params_range: tuple[float, float]
+    inside: bool  # the minimum lies within the sizes tried
+    curvature: float
 
 
 def isoflop(points: Points, fpt: Mapping[str, float]) -> tuple[dict, float, bool, list]:
@@ -425,19 +447,3 @@ def allocation_coefs(law: str, p: Mapping[str, float], fpt: Mapping[str, float])
             a = q["beta"] / s
             k_n = (q["alpha"] * q["A"] / (g * q["beta"] * q["B"])) ** (1 / s) * k ** -a
         return k_n, a, 1 / (k * k_n ** g), 1 - g * a
-
-
-
-
-@dataclass(frozen=True)
-class Budget:
-    """An IsoFLOP budget's parabola: loss = loss_opt + curvature * (ln N - ln N_opt)^2."""
-
-    flops: float
-    params: float
-    tokens: float
-    loss: float
-    n_runs: int
-    params_range: tuple[float, float]
-    inside: bool  # the minimum lies within the sizes tried
-    curvature: float

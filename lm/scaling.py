@@ -1,6 +1,7 @@
 """Scaling-law fits from (params, tokens, loss) points, honest about their error. `lm.laws` holds
-the laws (Chinchilla's sum, Kaplan's L(N, D) and L(C), IsoFLOP) and fits one once; here are the
-fit's uncertainty, the law's misfit, whether E is identified, predictions and held-out error.
+the laws (Chinchilla's sum, Kaplan's L(N, D) and L(C), IsoFLOP) and fits one once, `lm.noise`
+measures the runs' own noise; here are the fit's uncertainty, the law's misfit, whether E is
+identified, predictions and held-out error.
 
 Compute is the exact FLOPs of each run where known (else 6ND), everywhere: the allocation solves
 C = f(N) * D with the FLOPs per token f(N) = k N^gamma fitted to the points (k = 6, gamma = 1
@@ -9,12 +10,10 @@ for 6ND data).
 Error is reported the way Choshen et al. 2024 advise: the absolute relative error (ARE) of a
 held-out run's final loss. The law's uncertainty comes from a bootstrap over whole runs (points
 of one learning curve are correlated), each refit started afresh from a grid; an interval for an
-*actual* run adds that run's own noise, measured across seeds where the points have them (runs
-of one N and D), else from the residuals, and the law's misfit, measured by refitting it on its
-smaller runs and predicting the larger ones (`Misfit`). The Huber delta is set from the same
-noise. Where the seeds show the noise trending in N and D (short runs of small models are far
-noisier than long ones), each point is weighted by its inverse (weighted least squares within
-Huber). Whether the points pin E down at all is checked by profiling the objective over E.
+*actual* run adds that run's own noise and the law's misfit, measured by refitting it on its
+smaller runs and predicting the larger ones (`Misfit`). The noise also sets Huber's delta and,
+where it trends in N and D, weights the points. Whether the points pin E down at all is checked
+by profiling the objective over E.
 
 Everything here is numpy/scipy; the result is a frozen `Fit` with a JSON round-trip (fit.json).
 """
