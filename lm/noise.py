@@ -113,6 +113,16 @@ def noise_by_size(finals: Points) -> dict[float, Noise]:
     return out
 
 
+def noise_by_budget(finals: Points) -> dict[tuple[float, float], Noise]:
+    """The seed noise of each (model size, token count) that has seeds: of each trial."""
+    out = {}
+    for n, d in sorted(set(zip(finals.params.tolist(), finals.tokens.tolist()))):
+        noise = seed_noise(finals.select((finals.params == n) & (finals.tokens == d)))
+        if noise:
+            out[(n, d)] = noise
+    return out
+
+
 def residual_noise(residuals: np.ndarray, n_params: int) -> Noise:
     """The spread of the fit's residuals, robustly: 1.4826 x their median absolute deviation
     (the standard deviation, for Gaussian noise), so that a few outliers do not inflate it; at

@@ -182,9 +182,13 @@ def _trust(r: Results) -> list[str]:
                      + (f"; held-out {moved}" if moved else "") + ".")
     if r.noise:
         lines += ["", "Run-to-run noise by model size (std of the final log loss across seeds, "
-                  "pooled over budgets), against the evaluation's own standard error:", "",
-                  "| N | seed std | d.o.f. | eval SEM | fitted |", "|---:|---:|---:|---:|---|"]
-        lines += [f"| {n['params']:,.0f} | {n['seed_std']:.2%} | {n['df']} | {n['eval_sem']:.2%} "
+                  "pooled over budgets, then at each budget), against the evaluation's own "
+                  "standard error:", "",
+                  "| N | seed std | d.o.f. | by budget (tokens: std) | eval SEM | fitted |",
+                  "|---:|---:|---:|---|---:|---|"]
+        lines += [f"| {n['params']:,.0f} | {n['seed_std']:.2%} | {n['df']} | "
+                  + ", ".join(f"{d:.3g}: {std:.2%}" for d, std in n["by_budget"])
+                  + f" | {n['eval_sem']:.2%} "
                   f"| {'no: too noisy (fit.max_noise)' if n['left_out'] else 'yes'} |"
                   for n in r.noise]
     return lines + [""]

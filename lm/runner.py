@@ -38,7 +38,7 @@ from lm import (backtest, config as config_lib, flops, laws, report, rundir, sca
                 spec as spec_lib, trackers)
 from lm.errors import (Busy, ConfigError, Fenced, FitError, Incomplete, Interrupted, LMError,
                        StoreError, listed)
-from lm.noise import Noise, noise_by_size
+from lm.noise import Noise, noise_by_budget, noise_by_size
 from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
@@ -132,10 +132,15 @@ def _fit(spec: SweepSpec, points: Points, params: str | None = None) -> Fit:
                        "than a factor of a few), or check the failed trials") from None
 
 
+def _finals(points: Points) -> Points:
+    """Each run's final point: its annealed end, where runs have them."""
+    return points.select(points.final_mask() & (points.annealed if points.annealed.any()
+                                                 else True))
+
+
 def size_noise(points: Points) -> dict[float, Noise]:
-    """Each size's spread of final losses across seeds (annealed ends, where runs have them)."""
-    finals = points.final_mask() & (points.annealed if points.annealed.any() else True)
-    return noise_by_size(points.select(finals))
+    """Each size's spread of final losses across seeds."""
+    return noise_by_size(_finals(points))
 
 
 def too_noisy(spec: SweepSpec, noise: dict[float, Noise]) -> set[float]:
@@ -631,20 +636,23 @@ def _summary(fit: Fit | None, timing: dict) -> dict[str, float]:
 
 
 def _noise_table(spec: SweepSpec, store: Store, fitting: list[str]) -> list[dict]:
-    """Per model size: the spread of its final losses across seeds, the evaluation's own
-    standard error, and whether the size was left out of the fit as too noisy."""
+    """Per model size: the spread of its final losses across seeds (pooled, and at each token
+    budget), the evaluation's own standard error, and whether the size was left out of the fit
+    as too noisy."""
     try:
         points = store.points_of(spec.fit.params, roles=("fit",), names=fitting,
                                  metric=spec.fit.metric)
     except LMError:
         return []
-    finals = points.select(points.final_mask())
+    finals = _finals(points)
     sems = store.last_sems(spec.fit.metric)
-    noise = size_noise(points)
+    noise = noise_by_size(finals)
     noisy = too_noisy(spec, noise)
+    budgets = noise_by_budget(finals)
     return [{"params": n, "seed_std": x.sigma, "df": x.df,
              "eval_sem": float(np.median([sems[r] for r in finals.run[finals.params == n]])),
-             "left_out": n in noisy}
+             "left_out": n in noisy,
+             "by_budget": [[d, b.sigma] for (m, d), b in budgets.items() if m == n]}
             for n, x in sorted(noise.items())]
 
 

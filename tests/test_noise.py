@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from lm.noise import NOISE_FLOOR, Noise, noise_by_size, residual_noise, seed_noise
+from lm.noise import (NOISE_FLOOR, Noise, noise_by_budget, noise_by_size, residual_noise,
+                      seed_noise)
 from lm.points import Points
 
 
@@ -55,3 +56,11 @@ def test_a_trend_sets_each_point_s_noise_and_weight():
     points = finals({(1e6, 1.0): [3.0], (1e6, 2.0): [2.9]})
     assert noise.weights(points) == pytest.approx([0.5, 1.0])
     assert "as N^+0.00 D^-1.00: points weighted by its inverse" in noise.describe()
+
+
+def test_noise_by_budget_is_each_trial_s_own_spread():
+    groups = {(1e6, 1e9): [3.0, 3.3], (1e6, 2e9): [2.9, 2.9001], (2e6, 1e9): [2.8]}
+    by_budget = noise_by_budget(finals(groups))
+    assert sorted(by_budget) == [(1e6, 1e9), (1e6, 2e9)]  # the lone run has none
+    assert by_budget[(1e6, 1e9)].sigma == pytest.approx(abs(np.log(3.3 / 3.0)) / np.sqrt(2))
+    assert by_budget[(1e6, 2e9)].sigma < 1e-4

@@ -3,6 +3,7 @@ store with a worker killed mid-trial, edits of a finished sweep, and bad stores.
 
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -231,6 +233,40 @@ def test_the_report_refits_only_what_changed_since_the_registration(finished, tm
     spec = yaml.safe_load(path.read_text())
     main_refits, text = report(fit={**spec["fit"], "bootstrap": spec["fit"]["bootstrap"] + 1})
     assert main_refits == [None] and "Refit after registration" in text
+
+
+def test_a_size_whose_seeds_spread_beyond_fit_max_noise_leaves_the_fit(tmp_path):
+    """The spec's rule: a size whose seeds spread by more than fit.max_noise is not fitted; the
+    report says so and gives each size's spread, pooled and budget by budget. (Losses written
+    to the store as they would come out of training: 3 seeds a size, the smallest 5% noisy,
+    the others 0.1%.)"""
+    import numpy as np
+
+    sizes = [{**s, "seeds": 3} for s in SIZES + [DIVERGES | {"model.init_std": 0.02}]]
+    path = spec_file(tmp_path, sizes=sizes, holdout={},
+                     fit={"bootstrap": 0, "min_tokens_per_param": 0, "max_noise": 0.01})
+    spec = spec_lib.load_spec(path)
+    trials = spec_lib.plan(spec)
+    spec.path.mkdir(parents=True)
+    store = Store(spec.path / "store.sqlite")
+    store.sync(spec.name, "test", trials)
+    rng = np.random.default_rng(0)
+    for t in trials:
+        f = t.facts()
+        noise = 0.05 if t.cfg.model.d_model == 16 else 0.001
+        loss = (2 + 50 * f["params"] ** -0.3 + 300 * f["tokens"] ** -0.3) * np.exp(
+            noise * rng.standard_normal())
+        store.finish(t.name, [{"step": t.cfg.train.steps, "tokens": f["tokens"],
+                               "flops": f["flops"], "train_loss": None, "val_loss": loss,
+                               "val_loss_sem": 0.01, "bpb": None}], wall_s=1.0)
+    fit = runner._report(spec, trials, store)
+    noisy = {t.name for t in trials if t.cfg.model.d_model == 16}
+    assert fit.n_runs == len(trials) - len(noisy)
+    table = (spec.path / "report.md").read_text().split("Run-to-run noise by model size")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 4 and rows[0].endswith("| no: too noisy (fit.max_noise) |")
+    assert all(r.endswith("| yes |") for r in rows[1:])
+    assert all(len(re.findall(r"\de\+\d+: \d", r)) == 3 for r in rows)  # each budget's spread
 
 
 def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_path):
