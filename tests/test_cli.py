@@ -8,14 +8,12 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from lm import cli, spec as spec_lib
-from lm.store import Store
+from lm import cli
 
-from sweeps import spec_file
+from sweeps import finished_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,26 +28,6 @@ loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "op
                 and sys.modules[m] is not None)
 print(json.dumps({"codes": codes, "loaded": loaded}))
 """
-
-
-def finished_sweep(tmp_path) -> Path:
-    """A sweep spec whose every trial is recorded done in its store, with learning curves that
-    follow a known law: what `lm sweep` finds when the training is over."""
-    path = spec_file(tmp_path)
-    spec = spec_lib.load_spec(path)
-    trials = spec_lib.plan(spec)
-    spec.path.mkdir(parents=True)
-    store = Store(spec.path / "store.sqlite")
-    store.sync(spec.name, "test", trials)
-    rng = np.random.default_rng(0)
-    for t in trials:
-        f = t.facts()
-        points = [{"step": k, "tokens": f["tokens"] * k // 4, "flops": f["flops"] * k / 4,
-                   "train_loss": None, "val_loss_sem": 0.01, "bpb": None,
-                   "val_loss": (2 + 50 * f["params"] ** -0.3 + 300 * (f["tokens"] * k / 4) ** -0.3)
-                   * (1 + 0.002 * rng.standard_normal())} for k in (1, 2, 3, 4)]
-        store.finish(t.name, points, wall_s=1.0)
-    return path
 
 
 def test_study_commands_run_without_jax(tmp_path):

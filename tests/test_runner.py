@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -19,7 +18,7 @@ from lm import cli, runner, spec as spec_lib
 from lm.errors import FitError, StoreError
 from lm.store import Store, load_points
 
-from sweeps import BASE, SIZES, spec_file
+from sweeps import BASE, SIZES, finished_sweep, spec_file
 from test_trackers import read_scalars
 
 DIVERGES = {"model.d_model": 24, "model.n_layers": 1, "model.n_heads": 2,
@@ -237,28 +236,15 @@ def test_the_report_refits_only_what_changed_since_the_registration(finished, tm
 
 def test_a_size_whose_seeds_spread_beyond_fit_max_noise_leaves_the_fit(tmp_path):
     """The spec's rule: a size whose seeds spread by more than fit.max_noise is not fitted; the
-    report says so and gives each size's spread, pooled and budget by budget. (Losses written
-    to the store as they would come out of training: 3 seeds a size, the smallest 5% noisy,
-    the others 0.1%.)"""
-    import numpy as np
-
+    report says so and gives each size's spread, pooled and budget by budget. (Finished trials
+    written to the store: 3 seeds a size, the smallest 5% noisy, the others 0.1%.)"""
     sizes = [{**s, "seeds": 3} for s in SIZES + [DIVERGES | {"model.init_std": 0.02}]]
-    path = spec_file(tmp_path, sizes=sizes, holdout={},
-                     fit={"bootstrap": 0, "min_tokens_per_param": 0, "max_noise": 0.01})
+    path = finished_sweep(tmp_path, lambda t: 0.05 if t.cfg.model.d_model == 16 else 0.001,
+                          sizes=sizes, holdout={},
+                          fit={"bootstrap": 0, "min_tokens_per_param": 0, "max_noise": 0.01})
     spec = spec_lib.load_spec(path)
     trials = spec_lib.plan(spec)
-    spec.path.mkdir(parents=True)
     store = Store(spec.path / "store.sqlite")
-    store.sync(spec.name, "test", trials)
-    rng = np.random.default_rng(0)
-    for t in trials:
-        f = t.facts()
-        noise = 0.05 if t.cfg.model.d_model == 16 else 0.001
-        loss = (2 + 50 * f["params"] ** -0.3 + 300 * f["tokens"] ** -0.3) * np.exp(
-            noise * rng.standard_normal())
-        store.finish(t.name, [{"step": t.cfg.train.steps, "tokens": f["tokens"],
-                               "flops": f["flops"], "train_loss": None, "val_loss": loss,
-                               "val_loss_sem": 0.01, "bpb": None}], wall_s=1.0)
     fit = runner._report(spec, trials, store)
     noisy = {t.name for t in trials if t.cfg.model.d_model == 16}
     assert fit.n_runs == len(trials) - len(noisy)
@@ -361,8 +347,6 @@ def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path)
 def test_a_fit_that_fails_registers_nothing_and_the_held_out_runs_wait(tmp_path, monkeypatch):
     """A registration is for ever, so a failed fit registers none: the held-out runs stay
     blocked until a fit succeeds (the cause fixed), which registers and releases them."""
-    from test_cli import finished_sweep
-
     path = finished_sweep(tmp_path)
     spec = spec_lib.load_spec(path)
     trials = spec_lib.plan(spec)
@@ -387,8 +371,6 @@ def test_a_fit_that_fails_registers_nothing_and_the_held_out_runs_wait(tmp_path,
 def test_a_sweep_whose_fitting_runs_all_failed_fails_and_can_retry_them(tmp_path):
     """No fitting run to fit: `lm sweep` ends with an error that says so and how to go on,
     registers nothing, trains no held-out run; --retry-failed queues the failed trials again."""
-    from test_cli import finished_sweep
-
     path = finished_sweep(tmp_path)
     store = Store(tmp_path / "sweep" / "store.sqlite")
     store.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout'")
@@ -498,8 +480,6 @@ def test_a_held_out_run_that_failed_is_reported_as_failed(tmp_path):
     not as waiting to train, and the header counts the runs the fit used."""
     from lm import report
     from lm.scaling import Fit
-    from test_cli import finished_sweep
-
     path = finished_sweep(tmp_path)
     spec = spec_lib.load_spec(path)
     store = Store(spec.path / "store.sqlite")
