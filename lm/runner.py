@@ -116,7 +116,8 @@ def _fitting_points(spec: SweepSpec, store: Store, names, params: str | None = N
     counted as `params` (default: the spec's), without the sizes too noisy to fit."""
     f = spec.fit
     points = store.points_of(params or f.params, roles=("fit",), names=names, metric=f.metric)
-    return points.select(~np.isin(points.params, list(too_noisy(spec, size_noise(points)))))
+    noisy = too_noisy(spec, noise_by_size(_finals(points)))
+    return points.select(~np.isin(points.params, list(noisy)))
 
 
 def _fit(spec: SweepSpec, points: Points, params: str | None = None) -> Fit:
@@ -136,11 +137,6 @@ def _finals(points: Points) -> Points:
     """Each run's final point: its annealed end, where runs have them."""
     return points.select(points.final_mask() & (points.annealed if points.annealed.any()
                                                  else True))
-
-
-def size_noise(points: Points) -> dict[float, Noise]:
-    """Each size's spread of final losses across seeds."""
-    return noise_by_size(_finals(points))
 
 
 def too_noisy(spec: SweepSpec, noise: dict[float, Noise]) -> set[float]:

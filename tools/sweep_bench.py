@@ -143,11 +143,12 @@ def main() -> None:
     differ, where = largest_difference(results)
     same = differ == 0
     ratio = min(r["wall_s"] for r in news) / min(r["wall_s"] for r in olds)
-    mfu = max(r["study_mfu"] for r in news) / max(r["study_mfu"] for r in olds)
+    best_new, best_old = (max(r["study_mfu"] for r in rs) for rs in (news, olds))
+    mfu = best_new / best_old
     print(f"{total:.3g} model FLOPs; new / old wall time (best of each): {ratio:.3f}; study MFU "
-          f"(at {peak / 1e9:.0f} GFLOP/s) new {max(r['study_mfu'] for r in news):.1%}, old "
-          f"{max(r['study_mfu'] for r in olds):.1%}: {mfu:.2f}x; the same final losses, trial by "
-          f"trial: {same}" + ("" if same else f" (at most {differ:.2%} apart: {where})"))
+          f"(at {peak / 1e9:.0f} GFLOP/s) new {best_new:.1%}, old {best_old:.1%}: {mfu:.2f}x; "
+          f"the same final losses, trial by trial: {same}"
+          + ("" if same else f" (at most {differ:.2%} apart: {where})"))
     print(json.dumps({"flops": total, "peak_flops_per_s": peak, "wall_ratio": ratio,
                       "mfu_ratio": mfu, "same_losses": same,
                       "largest_loss_difference": differ, "old_rev": args.old_rev,
