@@ -5,7 +5,8 @@ Two backends behind one class: a SQLite file in the sweep directory (the default
 and PostgreSQL (`postgresql://...`, psycopg 3), which workers on many machines share. Workers
 claim trials atomically (`FOR UPDATE SKIP LOCKED` on PostgreSQL, an immediate transaction on
 SQLite), send heartbeats while they train, and a trial whose worker stopped beating goes back
-to the queue. Each write is one transaction, so a killed process leaves the store consistent.
+to the queue. Each write is one transaction, so a killed process leaves the store consistent,
+and an operation whose PostgreSQL connection breaks runs again on a new one.
 
 The schema is versioned; a store an older lm wrote is upgraded in place, never dropped.
 Nothing here imports JAX.
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import logging
 import os
 import re
 import socket
@@ -32,11 +35,13 @@ from lm.errors import ConfigError, FitError, StoreError
 from lm.points import Points, load_csv
 from lm.spec import Trial
 
+log = logging.getLogger("lm.store")
 VERSION = 2
 SCHEMA_LOCK = 0x6C6D  # PostgreSQL advisory lock key ("lm") held while the schema changes
 SQLITE = "store.sqlite"
 FINAL = ("done", "failed")  # a failed trial is final once it failed the same way MAX_FAILURES times
 MAX_FAILURES = 3
+RECONNECT_S = 60.0  # how long an operation waits for a lost PostgreSQL server to come back
 
 POINTS = """CREATE TABLE IF NOT EXISTS points (
     trial TEXT NOT NULL REFERENCES trials(name), step INTEGER NOT NULL,
@@ -117,6 +122,10 @@ class _SQLite:
     def columns(self, table: str) -> set[str]:
         return {r["name"] for r in self.con.execute(f"PRAGMA table_info({table})")}
 
+    def lost(self, error: Exception) -> bool:
+        """A local file has no connection to lose."""
+        return False
+
     def lock_schema(self) -> None:
         """Nothing to do: SQLite's write lock already serialises schema changes."""
 
@@ -128,20 +137,45 @@ class _Postgres:
     placeholder = "%s"
 
     def __init__(self, url: str):
-        self.where = re.sub(r"//[^@/]*@", "//", url)  # no password in messages
+        self.url, self.where = url, re.sub(r"//[^@/]*@", "//", url)  # no password in messages
         try:
             import psycopg
-            from psycopg.rows import dict_row
         except ImportError:
             raise StoreError("--store postgresql://... needs psycopg 3: pip install "
                              "'psycopg[binary]'") from None
+        self.psycopg = psycopg
         try:
-            self.con = psycopg.connect(url, autocommit=True, row_factory=dict_row,
-                                       connect_timeout=10)
+            self.con = self._connect()
         except psycopg.Error as e:
-            raise StoreError(f"cannot reach the store {self.where}: "
-                             f"{str(e).strip().splitlines()[0]}; check the host, port, user, "
-                             "password and database of the URL") from None
+            raise StoreError(f"cannot reach the store {self.where}: {_first_line(e)}; check the "
+                             "host, port, user, password and database of the URL") from None
+
+    def _connect(self):
+        from psycopg.rows import dict_row
+
+        return self.psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
+                                    connect_timeout=10)
+
+    def lost(self, error: Exception) -> bool:
+        """Whether `error` broke the connection (the server restarted, the network failed, an
+        administrator ended the session): then a new one may carry on."""
+        return isinstance(error, self.psycopg.OperationalError) and self.con.broken
+
+    def reconnect(self, within: float) -> None:
+        """A new connection, tried again and again for `within` seconds."""
+        deadline, wait = time.monotonic() + within, 0.5
+        while True:
+            try:
+                self.con = self._connect()
+                return
+            except self.psycopg.Error as e:
+                if time.monotonic() + wait > deadline:
+                    raise StoreError(
+                        f"lost the store {self.where} and could not reach it again within "
+                        f"{within:.0f} s ({_first_line(e)}); what was committed is kept there: "
+                        "run the sweep again once the server is back") from None
+            time.sleep(wait)
+            wait = min(2 * wait, 5.0)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -169,6 +203,10 @@ class _Postgres:
 
     lock = " FOR UPDATE SKIP LOCKED"  # workers on many machines pass over each other's row
     now = "EXTRACT(EPOCH FROM clock_timestamp())"
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def is_postgres(url: str) -> bool:
@@ -210,6 +248,36 @@ def check_sweep_file(path: Path, name: str) -> None:
 # --------------------------------------------------------------------------- the store
 
 
+def _surviving(operation):
+    """A store operation that outlives a lost PostgreSQL connection: reconnect and run it
+    again, for up to RECONNECT_S. Each operation is one statement or one transaction, committed
+    whole or not at all, so running it again is safe; where the connection broke after a
+    commit, before its reply came, the replay (`replaying`) finds its own work done (a claim,
+    a finish, a failure, a registration) instead of doing it twice. An operation called by
+    another is replayed with it."""
+
+    @functools.wraps(operation)
+    def run(self, *args, **kwargs):
+        if self._busy:
+            return operation(self, *args, **kwargs)
+        self._busy, deadline = True, time.monotonic() + RECONNECT_S
+        try:
+            while True:
+                try:
+                    return operation(self, *args, **kwargs)
+                except Exception as e:
+                    if not self.db.lost(e):
+                        raise
+                    log.warning("lost the store %s (%s); reconnecting", self.path,
+                                _first_line(e))
+                    self.db.reconnect(max(deadline - time.monotonic(), 0.0))
+                    self.replaying = True
+        finally:
+            self._busy = self.replaying = False
+
+    return run
+
+
 class Store:
     """A sweep's trials, points and prediction, in SQLite (a path) or PostgreSQL (a URL)."""
 
@@ -219,8 +287,10 @@ class Store:
             raise StoreError(f"{url} not found: run the sweep first (lm sweep SWEEP.yaml)")
         self.db = _connect(self.url)
         self.path = self.db.where
+        self._busy = self.replaying = False  # see _surviving
         self._open()
 
+    @_surviving
     def _open(self) -> None:
         """Create the tables, or check that they are a sweep store's and upgrade them."""
         try:
@@ -269,10 +339,12 @@ class Store:
 
     # ----------------------------------------------------------------------- the plan
 
+    @_surviving
     def check_sweep(self, name: str) -> str | None:
         """Refuse a store that holds a sweep other than `name`; the sweep it holds, if any."""
         return _check_held(self.path, self._get("name"), name)
 
+    @_surviving
     def sync(self, name: str, digest: str, trials: list[Trial], replan: bool = False) -> None:
         """Open the store for sweep `name` as planned (`digest` of its plan): record new trials,
         in one transaction. Refused: a store holding another sweep; a trial whose config changed
@@ -313,10 +385,16 @@ class Store:
 
     # ----------------------------------------------------------------------- workers
 
+    @_surviving
     def claim(self, worker: str, among: Collection[str] | None = None) -> str | None:
         """The name of a pending trial (one of `among`, if given), now running under `worker`;
         None if none is pending. The largest first: they take longest, so the sweep ends
         sooner."""
+        if self.replaying:  # the lost attempt may have claimed one: it is this worker's
+            row = self.db.execute("SELECT name FROM trials WHERE status='running' AND worker=?",
+                                  (worker,)).fetchone()
+            if row:
+                return row["name"]
         names = sorted(among or ())
         if among is not None and not names:
             return None
@@ -325,12 +403,14 @@ class Store:
                               (worker, time.time(), *names)).fetchone()
         return row["name"] if row else None
 
+    @_surviving
     def beat(self, name: str, worker: str) -> bool:
         """Say `worker` is still training `name`; False if the trial is no longer its own."""
         cur = self.db.execute(f"UPDATE trials SET heartbeat={self.db.now} WHERE name=? AND "
                               "worker=? AND status='running'", (name, worker))
         return cur.rowcount == 1
 
+    @_surviving
     def reclaim(self, stale_s: float, dead_workers=()) -> list[str]:
         """Running trials whose worker stopped beating `stale_s` ago (or is known dead) go back
         to the queue; they resume from their checkpoints. One statement, so that a heartbeat
@@ -343,6 +423,7 @@ class Store:
             (stale_s, *dead)).fetchall()
         return sorted(r["name"] for r in rows)
 
+    @_surviving
     def fail_orphans(self) -> list[str]:
         """Branches whose stable run failed for good cannot start: they fail too."""
         with self.db.transaction():
@@ -355,6 +436,7 @@ class Store:
                                            time.time(), r["name"]))
         return [r["name"] for r in rows]
 
+    @_surviving
     def release(self, name: str, worker: str) -> None:
         """A worker stopped (a signal) before `name` ended: pending again, for anyone."""
         self.db.execute("UPDATE trials SET status='pending', worker=NULL, updated=? WHERE "
@@ -365,6 +447,7 @@ class Store:
         """The condition that the trial is still `worker`'s (none without a worker: a rebuild)."""
         return (" AND worker=? AND status='running'", (worker,)) if worker else ("", ())
 
+    @_surviving
     def finish(self, name: str, points: list[dict], wall_s: float | None,
                timings: dict | None = None, worker: str | None = None) -> bool:
         """A trial's evaluations and its `done` status, in one transaction. With `worker`,
@@ -375,8 +458,8 @@ class Store:
             cur = self.db.execute("UPDATE trials SET status='done', error=NULL, wall_s=?, "
                                   f"timings=?, updated=? WHERE name=?{owned}",
                                   (wall_s, json.dumps(timings or {}), time.time(), name, *args))
-            if cur.rowcount != 1:
-                return False
+            if cur.rowcount != 1:  # another's now, or this one's, finished by the lost attempt
+                return self.replaying and self._ended(name, worker, "done")
             self.db.execute("DELETE FROM points WHERE trial=?", (name,))
             for p in points:
                 self.db.execute(
@@ -387,6 +470,7 @@ class Store:
                      int(p.get("annealed", False))))
         return True
 
+    @_surviving
     def fail(self, name: str, error: str, wall_s: float, timings: dict | None = None,
              worker: str | None = None) -> bool | None:
         """Record a failure. The trial is retried until it fails the same way MAX_FAILURES
@@ -394,7 +478,7 @@ class Store:
         is still that worker's: None if another has taken it over."""
         owned, args = self._owned(worker)
         with self.db.transaction():
-            row = self.db.execute("SELECT error, failures FROM trials WHERE name=?",
+            row = self.db.execute("SELECT status, error, failures FROM trials WHERE name=?",
                                   (name,)).fetchone()
             same = row["error"] == error
             failures = row["failures"] + 1 if same else 1
@@ -404,9 +488,19 @@ class Store:
                                   ("failed" if final else "pending", error, failures, wall_s,
                                    json.dumps(timings or {}), time.time(), name, *args))
             if cur.rowcount != 1:  # taken over (PostgreSQL locks no row between the two)
+                if self.replaying and self._ended(name, worker, "pending", "failed"):
+                    return row["status"] == "failed"  # recorded by the lost attempt
                 return None
         return final
 
+    def _ended(self, name: str, worker: str, *statuses: str) -> bool:
+        """Whether `worker` ended trial `name` with one of `statuses` (a trial another worker
+        took over bears that one's name)."""
+        return self.db.execute(
+            f"SELECT 1 FROM trials WHERE name=? AND worker=? AND status IN "
+            f"({', '.join('?' * len(statuses))})", (name, worker, *statuses)).fetchone() is not None
+
+    @_surviving
     def retry_failed(self, names: Collection[str]) -> list[str]:
         """The failed trials among `names` queued again with their failures forgotten (the
         user fixed the cause); a held-out one waits for the prediction as before."""
@@ -423,39 +517,45 @@ class Store:
 
     # ----------------------------------------------------------------------- the prediction
 
+    @_surviving
     def register(self, body: dict, held: list[str]) -> bool:
         """Store the prediction, once: the first caller wins and releases the held-out trials;
         returns whether this call registered it."""
         with self.db.transaction():
             cur = self.db.execute("INSERT INTO prediction (id, made, body) VALUES (1, ?, ?) "
                                   "ON CONFLICT (id) DO NOTHING", (time.time(), json.dumps(body)))
-            if cur.rowcount != 1:
-                return False
+            if cur.rowcount != 1:  # another's registration, or this one's by the lost attempt
+                return self.replaying and self.prediction() == json.loads(json.dumps(body))
             for name in held:
                 self.db.execute("UPDATE trials SET status='pending' WHERE name=? AND "
                                 "status='blocked'", (name,))
         return True
 
+    @_surviving
     def prediction(self) -> dict | None:
         row = self.db.execute("SELECT body FROM prediction WHERE id=1").fetchone()
         return json.loads(row["body"]) if row else None
 
     # ----------------------------------------------------------------------- the runs
 
+    @_surviving
     def add_run(self, run: dict) -> None:
         """Record a run of `lm sweep` that ended trials (its workers, start, end and the
         machine's peak), under a key of its own: runners on two machines overwrite nothing."""
         self._set(f"run:{run['started']!r}:{worker_name()}", json.dumps(run))
 
+    @_surviving
     def runs(self) -> list[dict]:
         return [json.loads(r["value"]) for r in self.db.execute(
             "SELECT value FROM sweep WHERE key LIKE ?", ("run:%",))]
 
     # ----------------------------------------------------------------------- reading
 
+    @_surviving
     def trials(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM trials ORDER BY flops, name")]
 
+    @_surviving
     def points(self, params: str = "total", metric: str = "val") -> list[dict]:
         """Every evaluation on validation set `metric` of every finished trial, as rows for
         Points."""
@@ -468,6 +568,7 @@ class Store:
             (metric,))
         return [dict(r) for r in rows]
 
+    @_surviving
     def points_of(self, params: str = "total", roles=("fit", "holdout"), names=None,
                   metric: str = "val") -> Points:
         """The points of the finished trials of `roles` (and of `names`, if given)."""
@@ -478,10 +579,12 @@ class Store:
                              f"evaluations on {metric!r} to fit")
         return Points.from_rows(rows)
 
+    @_surviving
     def sets(self) -> list[str]:
         """The validation sets the store has evaluations on."""
         return sorted(r["s"] for r in self.db.execute('SELECT DISTINCT "set" AS s FROM points'))
 
+    @_surviving
     def last_sems(self, metric: str = "val") -> dict[str, float]:
         """Each trial's standard error of its latest loss on `metric`, relative to the loss:
         the evaluation's own noise, to set against the runs' noise."""
@@ -489,6 +592,7 @@ class Store:
                                "ORDER BY step", (metric,))
         return {r["trial"]: (r["val_loss_sem"] or 0.0) / r["val_loss"] for r in rows}
 
+    @_surviving
     def last_losses(self, metric: str = "val") -> dict[str, float]:
         """Each trial's latest loss on validation set `metric`."""
         rows = self.db.execute('SELECT trial, val_loss FROM points WHERE "set" = ? ORDER BY step',

@@ -67,26 +67,46 @@ def _postgres_bin(name: str) -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def postgres():
+class PostgresServer:
     """A PostgreSQL server of this test session's own, on a Unix socket in a fresh directory
-    under /tmp, stopped at the end: its URL. As root it runs as `nobody` (initdb refuses
-    root)."""
-    import subprocess
+    under /tmp. As root it runs as `nobody` (initdb refuses root)."""
 
-    root = tempfile.mkdtemp(prefix="lm-pg-", dir="/tmp")
-    os.chmod(root, 0o777)
-    as_owner = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
-    data = os.path.join(root, "data")
+    def __init__(self):
+        self.root = tempfile.mkdtemp(prefix="lm-pg-", dir="/tmp")
+        os.chmod(self.root, 0o777)
+        self.data = os.path.join(self.root, "data")
+        self.url = f"postgresql://lm@/postgres?host={self.root}"
+        self._run(_postgres_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "lm",
+                  "--no-sync")
+        self.start()
 
-    def pg(*cmd):
+    def _run(self, *cmd):
+        import subprocess
+
+        as_owner = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
         subprocess.run(as_owner + list(cmd), check=True, capture_output=True, timeout=120)
 
-    pg(_postgres_bin("initdb"), "-D", data, "-A", "trust", "-U", "lm", "--no-sync")
-    pg(_postgres_bin("pg_ctl"), "-D", data, "-w", "-l", os.path.join(root, "log"), "-o",
-       f"-k {root} -c listen_addresses='' -c fsync=off", "start")
+    def start(self):
+        self._run(_postgres_bin("pg_ctl"), "-D", self.data, "-w", "-l",
+                  os.path.join(self.root, "log"), "-o",
+                  f"-k {self.root} -c listen_addresses='' -c fsync=off", "start")
+
+    def stop(self, mode: str = "fast"):
+        self._run(_postgres_bin("pg_ctl"), "-D", self.data, "-m", mode, "stop")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's PostgreSQL server, stopped at the end."""
+    server = PostgresServer()
     try:
-        yield f"postgresql://lm@/postgres?host={root}"
+        yield server
     finally:
-        pg(_postgres_bin("pg_ctl"), "-D", data, "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop("immediate")
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(postgres_server):
+    """The URL of the session's PostgreSQL server."""
+    return postgres_server.url

@@ -19,6 +19,7 @@ from lm.errors import FitError, StoreError
 from lm.store import Store, load_points
 
 from sweeps import BASE, SIZES, finished_sweep, spec_file
+from test_store import cut, fresh_database
 from test_trackers import read_scalars
 
 DIVERGES = {"model.d_model": 24, "model.n_layers": 1, "model.n_heads": 2,
@@ -256,13 +257,12 @@ def test_a_size_whose_seeds_spread_beyond_fit_max_noise_leaves_the_fit(tmp_path)
 
 
 def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_path):
-    """Every trial ends done exactly once, with the losses of the one-worker SQLite run."""
-    path, _, _ = finished
-    import psycopg
+    """Every trial ends done exactly once, with the losses of the one-worker SQLite run, though
+    one worker is killed and every connection to the store is ended every 3 s."""
+    import threading
 
-    with psycopg.connect(postgres, autocommit=True) as con:
-        con.execute("CREATE DATABASE shared")
-    url = postgres.replace("/postgres?", "/shared?")
+    path, _, _ = finished
+    url = fresh_database(postgres)
     spec = spec_file(tmp_path, recipe=WSD)  # the same trials, without the ones that fail
     args = ["sweep", str(spec), "--worker", "--store", url, "--cpu-devices", "1",
             "--stale-after", "8"]  # a lease of 4 s: no healthy worker fenced on a busy host
@@ -280,7 +280,18 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
         time.sleep(0.1)
     assert victim, "worker 0 never got a trial"
     workers[0].kill()
-    err = workers[1].communicate(timeout=600)[1]
+    done = threading.Event()
+
+    def cutting():
+        while not done.wait(3):
+            cut(url)
+
+    threading.Thread(target=cutting, daemon=True).start()
+    try:
+        err = workers[1].communicate(timeout=600)[1]
+    finally:
+        done.set()
+    assert "lost the store" in err  # the cuts came while it worked
     assert workers[1].returncode == 0, err[-3000:]
     rows = {r["name"]: r for r in store.trials()}
     assert all(r["status"] == "done" for r in rows.values())

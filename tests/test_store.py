@@ -17,17 +17,21 @@ from lm.store import MAX_FAILURES, Store, check_sweep_file, load_points
 from sweeps import spec_file
 
 
+def fresh_database(base: str) -> str:
+    """The URL of a new database on the server at `base`: one for each test."""
+    import psycopg
+
+    name = f"t{time.time_ns()}"
+    with psycopg.connect(base, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    return base.replace("/postgres?", f"/{name}?")
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "store.sqlite")
-    base = request.getfixturevalue("postgres")
-    name = f"t{time.time_ns()}"  # a database of its own for each test
-    import psycopg
-
-    with psycopg.connect(base, autocommit=True) as con:
-        con.execute(f"CREATE DATABASE {name}")
-    return base.replace("/postgres?", f"/{name}?")
+    return fresh_database(request.getfixturevalue("postgres"))
 
 
 @pytest.fixture
@@ -289,3 +293,95 @@ def test_a_csvs_n_is_its_params_column_or_its_flops_per_token_over_6(tmp_path):
     assert list(load_points(path, params="flops")[0].params) == [1000, 4000]
     with pytest.raises(FitError, match="params column is its N"):
         load_points(path, params="non_embedding")
+
+
+def cut(url: str, *pids: int) -> None:
+    """End the PostgreSQL sessions `pids` (all of `url`'s database but this one's, if none
+    given) as an administrator would, waiting until they are gone."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE "
+                    "datname = current_database() AND pid <> pg_backend_pid()"
+                    + (" AND pid = ANY(%s)" if pids else ""), (list(pids),) if pids else ())
+
+
+def lose_the_reply(store: Store, monkeypatch, step: str) -> None:
+    """The store's next `step` ("execute": a statement; "transaction") commits, then its
+    connection breaks before the reply comes back."""
+    original, pending = getattr(store.db, step), [True]
+
+    def broken():
+        if pending and pending.pop():
+            cut(store.url, store.db.con.info.backend_pid)
+            store.db.con.execute("SELECT 1")  # raises: the connection is gone
+
+    def execute(sql, params=()):
+        cursor = original(sql, params)
+        broken()
+        return cursor
+
+    @contextlib.contextmanager
+    def transaction():
+        with original() as db:
+            yield db
+        broken()
+
+    monkeypatch.setattr(store.db, step, {"execute": execute, "transaction": transaction}[step])
+
+
+def test_a_lost_connection_is_made_again_and_no_work_done_twice(postgres, trials, monkeypatch,
+                                                                caplog):
+    """Every operation outlives its PostgreSQL session's end: a claim, finish, failure or
+    registration whose commit got through but whose reply did not is found done, not done
+    again."""
+    store = Store(fresh_database(postgres))
+    store.sync("t", "plan1", trials)
+    cut(store.url)
+    assert len(store.trials()) == len(trials)  # a new connection, the same store
+    assert "lost the store" in caplog.text
+
+    lose_the_reply(store, monkeypatch, "execute")
+    first = store.claim("w1")
+    running = [r for r in store.trials() if r["status"] == "running"]
+    assert [(r["name"], r["worker"], r["attempts"]) for r in running] == [(first, "w1", 1)]
+    second = store.claim("w2")
+
+    point = {"step": 1, "tokens": 8, "flops": 1.0, "train_loss": 3.0, "val_loss": 3.1,
+             "val_loss_sem": 0.01, "bpb": 1.2}
+    lose_the_reply(store, monkeypatch, "transaction")
+    assert store.finish(first, [point], 1.0, worker="w1")
+    assert len(store.points()) == 1 and not store.finish(first, [point], 1.0, worker="w9")
+
+    lose_the_reply(store, monkeypatch, "transaction")
+    assert store.fail(second, "Boom", 1.0, worker="w2") is False  # to be retried
+    row = next(r for r in store.trials() if r["name"] == second)
+    assert (row["status"], row["failures"]) == ("pending", 1)  # counted once
+
+    held = [t.name for t in trials if t.role == "holdout"]
+    lose_the_reply(store, monkeypatch, "transaction")
+    assert store.register({"made": "now", "runs": []}, held)
+    assert not store.register({"made": "later", "runs": []}, held)
+    assert store.prediction() == {"made": "now", "runs": []}
+
+
+def test_a_store_outlives_a_server_restart_but_says_when_it_stays_away(postgres_server, trials,
+                                                                       monkeypatch):
+    import threading
+
+    import lm.store
+
+    store = Store(fresh_database(postgres_server.url))
+    store.sync("t", "plan1", trials)
+    postgres_server.stop()
+    threading.Timer(2.0, postgres_server.start).start()
+    assert store.claim("w1") is not None  # waited for the server
+    monkeypatch.setattr(lm.store, "RECONNECT_S", 1.0)
+    postgres_server.stop()
+    try:
+        with pytest.raises(StoreError, match=r"lost the store .* could not reach it again "
+                                             r"within 1 s .* run the sweep again"):
+            store.trials()
+    finally:
+        postgres_server.start()
+    assert sum(r["status"] == "running" for r in store.trials()) == 1
