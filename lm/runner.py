@@ -42,7 +42,8 @@ from lm.noise import Noise, noise_by_budget, noise_by_size
 from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
-from lm.store import FINAL, SQLITE, Store, check_sweep_file, is_postgres, worker_name
+from lm.store import (FINAL, RECONNECT_S, SQLITE, Store, check_sweep_file, is_postgres,
+                      worker_name)
 
 log = logging.getLogger("lm.sweep")
 PREDICTION = "prediction.json"
@@ -355,7 +356,7 @@ def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S
     started = time.perf_counter()
     spec = spec_lib.load_spec(spec_path, overrides)
     trials = {t.name: t for t in spec_lib.plan(spec)}
-    store = Store(store_url(spec, url))
+    store = Store(store_url(spec, url), wait=RECONNECT_S)  # a server restarting: wait for it
     store.sync(spec.name, plan_digest(list(trials.values())), list(trials.values()))
     _compilation_cache()
     import jax

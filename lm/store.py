@@ -42,6 +42,10 @@ SQLITE = "store.sqlite"
 FINAL = ("done", "failed")  # a failed trial is final once it failed the same way MAX_FAILURES times
 MAX_FAILURES = 3
 RECONNECT_S = 60.0  # how long an operation waits for a lost PostgreSQL server to come back
+# libpq's connection settings, where the URL does not give them: a network that goes silent is
+# a lost connection within ~30 s, not the kernel's ~15 minutes of retransmissions (TCP only).
+TCP = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+       "keepalives_count": 3, "tcp_user_timeout": 30_000}
 
 POINTS = """CREATE TABLE IF NOT EXISTS points (
     trial TEXT NOT NULL REFERENCES trials(name), step INTEGER NOT NULL,
@@ -136,7 +140,7 @@ class _SQLite:
 class _Postgres:
     placeholder = "%s"
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, wait: float = 0.0):
         self.url, self.where = url, re.sub(r"//[^@/]*@", "//", url)  # no password in messages
         try:
             import psycopg
@@ -147,35 +151,39 @@ class _Postgres:
         try:
             self.con = self._connect()
         except psycopg.Error as e:
-            raise StoreError(f"cannot reach the store {self.where}: {_first_line(e)}; check the "
-                             "host, port, user, password and database of the URL") from None
+            if not wait:
+                raise StoreError(f"cannot reach the store {self.where}: {_first_line(e)}; check "
+                                 "the host, port, user, password and database of the URL") from None
+            log.warning("cannot reach the store %s yet (%s); trying for %.0f s", self.where,
+                        _first_line(e), wait)
+            self.reconnect(time.monotonic() + wait, f"cannot reach the store within {wait:.0f} s")
 
     def _connect(self):
+        from psycopg.conninfo import conninfo_to_dict
         from psycopg.rows import dict_row
 
+        given = conninfo_to_dict(self.url)  # the URL's own settings win
         return self.psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
-                                    connect_timeout=10)
+                                    **{k: v for k, v in TCP.items() if k not in given})
 
     def lost(self, error: Exception) -> bool:
-        """Whether `error` broke the connection (the server restarted, the network failed, an
-        administrator ended the session): then a new one may carry on."""
-        return isinstance(error, self.psycopg.OperationalError) and self.con.broken
+        """Whether `error` came with the connection's end (the server restarted, the network
+        failed, an administrator or a timeout ended the session): a new one may carry on."""
+        return isinstance(error, self.psycopg.Error) and self.con.broken
 
-    def reconnect(self, within: float) -> None:
-        """A new connection, tried again and again for `within` seconds."""
-        deadline, wait = time.monotonic() + within, 0.5
-        while True:
+    def reconnect(self, deadline: float, failure: str, cause: str = "") -> None:
+        """A new connection, tried again and again until `deadline` (time.monotonic())."""
+        wait = 0.5
+        while time.monotonic() < deadline:
             try:
                 self.con = self._connect()
                 return
             except self.psycopg.Error as e:
-                if time.monotonic() + wait > deadline:
-                    raise StoreError(
-                        f"lost the store {self.where} and could not reach it again within "
-                        f"{within:.0f} s ({_first_line(e)}); what was committed is kept there: "
-                        "run the sweep again once the server is back") from None
-            time.sleep(wait)
+                cause = _first_line(e)
+            time.sleep(min(wait, max(deadline - time.monotonic(), 0.0)))
             wait = min(2 * wait, 5.0)
+        raise StoreError(f"{failure} ({self.where}: {cause}); what was committed is kept there: "
+                         "run the sweep again once the server is back")
 
     @contextlib.contextmanager
     def transaction(self):
@@ -220,8 +228,8 @@ def is_postgres(url: str) -> bool:
     return False
 
 
-def _connect(url: str):
-    return _Postgres(url) if is_postgres(url) else _SQLite(Path(url))
+def _connect(url: str, wait: float):
+    return _Postgres(url, wait) if is_postgres(url) else _SQLite(Path(url))
 
 
 def _check_held(where: str, held: str | None, name: str) -> str | None:
@@ -253,14 +261,15 @@ def _surviving(operation):
     again, for up to RECONNECT_S. Each operation is one statement or one transaction, committed
     whole or not at all, so running it again is safe; where the connection broke after a
     commit, before its reply came, the replay (`replaying`) finds its own work done (a claim,
-    a finish, a failure, a registration) instead of doing it twice. An operation called by
-    another is replayed with it."""
+    a finish, a failure, a registration: each stamped with the operation's `stamp`) instead of
+    doing it twice. An operation called by another is replayed with it. A Store is one
+    thread's."""
 
     @functools.wraps(operation)
     def run(self, *args, **kwargs):
         if self._busy:
             return operation(self, *args, **kwargs)
-        self._busy, deadline = True, time.monotonic() + RECONNECT_S
+        self._busy, self.stamp, deadline = True, time.time(), None
         try:
             while True:
                 try:
@@ -270,7 +279,9 @@ def _surviving(operation):
                         raise
                     log.warning("lost the store %s (%s); reconnecting", self.path,
                                 _first_line(e))
-                    self.db.reconnect(max(deadline - time.monotonic(), 0.0))
+                    deadline = deadline or time.monotonic() + RECONNECT_S
+                    self.db.reconnect(deadline, "lost the store and could not reach it again "
+                                      f"within {RECONNECT_S:.0f} s", _first_line(e))
                     self.replaying = True
         finally:
             self._busy = self.replaying = False
@@ -281,13 +292,16 @@ def _surviving(operation):
 class Store:
     """A sweep's trials, points and prediction, in SQLite (a path) or PostgreSQL (a URL)."""
 
-    def __init__(self, url: str | Path, *, create: bool = True):
+    def __init__(self, url: str | Path, *, create: bool = True, wait: float = 0.0):
+        """`wait`: seconds to keep trying a PostgreSQL server that cannot be reached (a worker
+        started while its database restarts), saying why at once."""
         self.url = str(url)
         if not create and not is_postgres(self.url) and not Path(url).is_file():
             raise StoreError(f"{url} not found: run the sweep first (lm sweep SWEEP.yaml)")
-        self.db = _connect(self.url)
+        self.db = _connect(self.url, wait)
         self.path = self.db.where
         self._busy = self.replaying = False  # see _surviving
+        self.stamp = time.time()
         self._open()
 
     @_surviving
@@ -390,17 +404,14 @@ class Store:
         """The name of a pending trial (one of `among`, if given), now running under `worker`;
         None if none is pending. The largest first: they take longest, so the sweep ends
         sooner."""
-        if self.replaying:  # the lost attempt may have claimed one: it is this worker's
-            row = self.db.execute("SELECT name FROM trials WHERE status='running' AND worker=?",
-                                  (worker,)).fetchone()
-            if row:
-                return row["name"]
+        if self.replaying and (name := self._stamped(worker)) is not None:
+            return name  # claimed by the lost attempt
         names = sorted(among or ())
         if among is not None and not names:
             return None
         where = f" AND name IN ({', '.join('?' * len(names))})" if among is not None else ""
         row = self.db.execute(CLAIM.format(lock=self.db.lock, among=where, now=self.db.now),
-                              (worker, time.time(), *names)).fetchone()
+                              (worker, self.stamp, *names)).fetchone()
         return row["name"] if row else None
 
     @_surviving
@@ -457,9 +468,9 @@ class Store:
         with self.db.transaction():
             cur = self.db.execute("UPDATE trials SET status='done', error=NULL, wall_s=?, "
                                   f"timings=?, updated=? WHERE name=?{owned}",
-                                  (wall_s, json.dumps(timings or {}), time.time(), name, *args))
-            if cur.rowcount != 1:  # another's now, or this one's, finished by the lost attempt
-                return self.replaying and self._ended(name, worker, "done")
+                                  (wall_s, json.dumps(timings or {}), self.stamp, name, *args))
+            if cur.rowcount != 1:  # another's now, or finished by the lost attempt
+                return self.replaying and self._stamped(worker, name) == name
             self.db.execute("DELETE FROM points WHERE trial=?", (name,))
             for p in points:
                 self.db.execute(
@@ -486,19 +497,20 @@ class Store:
             cur = self.db.execute("UPDATE trials SET status=?, error=?, failures=?, wall_s=?, "
                                   f"timings=?, updated=? WHERE name=?{owned}",
                                   ("failed" if final else "pending", error, failures, wall_s,
-                                   json.dumps(timings or {}), time.time(), name, *args))
+                                   json.dumps(timings or {}), self.stamp, name, *args))
             if cur.rowcount != 1:  # taken over (PostgreSQL locks no row between the two)
-                if self.replaying and self._ended(name, worker, "pending", "failed"):
+                if self.replaying and self._stamped(worker, name) == name:
                     return row["status"] == "failed"  # recorded by the lost attempt
                 return None
         return final
 
-    def _ended(self, name: str, worker: str, *statuses: str) -> bool:
-        """Whether `worker` ended trial `name` with one of `statuses` (a trial another worker
-        took over bears that one's name)."""
-        return self.db.execute(
-            f"SELECT 1 FROM trials WHERE name=? AND worker=? AND status IN "
-            f"({', '.join('?' * len(statuses))})", (name, worker, *statuses)).fetchone() is not None
+    def _stamped(self, worker: str | None, name: str | None = None) -> str | None:
+        """The trial (`name`, or any) that `worker` last changed in this operation, before its
+        connection was lost; None if none."""
+        row = self.db.execute("SELECT name FROM trials WHERE worker=? AND updated=?"
+                              + (" AND name=?" if name else ""),
+                              (worker, self.stamp) + ((name,) if name else ())).fetchone()
+        return row["name"] if row else None
 
     @_surviving
     def retry_failed(self, names: Collection[str]) -> list[str]:
@@ -523,9 +535,10 @@ class Store:
         returns whether this call registered it."""
         with self.db.transaction():
             cur = self.db.execute("INSERT INTO prediction (id, made, body) VALUES (1, ?, ?) "
-                                  "ON CONFLICT (id) DO NOTHING", (time.time(), json.dumps(body)))
+                                  "ON CONFLICT (id) DO NOTHING", (self.stamp, json.dumps(body)))
             if cur.rowcount != 1:  # another's registration, or this one's by the lost attempt
-                return self.replaying and self.prediction() == json.loads(json.dumps(body))
+                return self.replaying and self.db.execute(
+                    "SELECT made FROM prediction WHERE id=1").fetchone()["made"] == self.stamp
             for name in held:
                 self.db.execute("UPDATE trials SET status='pending' WHERE name=? AND "
                                 "status='blocked'", (name,))

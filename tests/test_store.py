@@ -306,15 +306,19 @@ def cut(url: str, *pids: int) -> None:
                     + (" AND pid = ANY(%s)" if pids else ""), (list(pids),) if pids else ())
 
 
-def lose_the_reply(store: Store, monkeypatch, step: str) -> None:
+def lose_the_connection(store: Store, monkeypatch, step: str, meanwhile=None) -> None:
     """The store's next `step` ("execute": a statement; "transaction") commits, then its
-    connection breaks before the reply comes back."""
+    connection breaks before the reply comes back; or, given `meanwhile` (what another worker
+    does then), the connection breaks before the transaction's commit."""
     original, pending = getattr(store.db, step), [True]
 
     def broken():
         if pending and pending.pop():
             cut(store.url, store.db.con.info.backend_pid)
-            store.db.con.execute("SELECT 1")  # raises: the connection is gone
+            if meanwhile:
+                meanwhile()  # and the commit that follows fails
+            else:
+                store.db.con.execute("SELECT 1")  # raises: the connection is gone
 
     def execute(sql, params=()):
         cursor = original(sql, params)
@@ -325,6 +329,8 @@ def lose_the_reply(store: Store, monkeypatch, step: str) -> None:
     def transaction():
         with original() as db:
             yield db
+            if meanwhile:
+                broken()
         broken()
 
     monkeypatch.setattr(store.db, step, {"execute": execute, "transaction": transaction}[step])
@@ -334,53 +340,85 @@ def test_a_lost_connection_is_made_again_and_no_work_done_twice(postgres, trials
                                                                 caplog):
     """Every operation outlives its PostgreSQL session's end: a claim, finish, failure or
     registration whose commit got through but whose reply did not is found done, not done
-    again."""
-    store = Store(fresh_database(postgres))
+    again; one that did not get through is not taken for done."""
+    url = fresh_database(postgres)
+    store = Store(url)
     store.sync("t", "plan1", trials)
     cut(store.url)
     assert len(store.trials()) == len(trials)  # a new connection, the same store
     assert "lost the store" in caplog.text
 
-    lose_the_reply(store, monkeypatch, "execute")
-    first = store.claim("w1")
-    running = [r for r in store.trials() if r["status"] == "running"]
-    assert [(r["name"], r["worker"], r["attempts"]) for r in running] == [(first, "w1", 1)]
+    old = store.claim("w1")  # still its own: a worker fenced off a trial does not release it
+    lose_the_connection(store, monkeypatch, "execute")
+    first = store.claim("w1", [t.name for t in trials if t.name != old])
+    running = {r["name"]: r["attempts"] for r in store.trials()
+               if r["status"] == "running" and r["worker"] == "w1"}
+    assert first != old and running == {old: 1, first: 1}
     second = store.claim("w2")
 
     point = {"step": 1, "tokens": 8, "flops": 1.0, "train_loss": 3.0, "val_loss": 3.1,
              "val_loss_sem": 0.01, "bpb": 1.2}
-    lose_the_reply(store, monkeypatch, "transaction")
+    lose_the_connection(store, monkeypatch, "transaction")
     assert store.finish(first, [point], 1.0, worker="w1")
     assert len(store.points()) == 1 and not store.finish(first, [point], 1.0, worker="w9")
 
-    lose_the_reply(store, monkeypatch, "transaction")
+    lose_the_connection(store, monkeypatch, "transaction")
     assert store.fail(second, "Boom", 1.0, worker="w2") is False  # to be retried
     row = next(r for r in store.trials() if r["name"] == second)
     assert (row["status"], row["failures"]) == ("pending", 1)  # counted once
 
-    held = [t.name for t in trials if t.role == "holdout"]
-    lose_the_reply(store, monkeypatch, "transaction")
-    assert store.register({"made": "now", "runs": []}, held)
+    held, body = [t.name for t in trials if t.role == "holdout"], {"made": "now", "runs": []}
+    lose_the_connection(store, monkeypatch, "transaction")
+    assert store.register(body, held)
     assert not store.register({"made": "later", "runs": []}, held)
-    assert store.prediction() == {"made": "now", "runs": []}
+    assert store.prediction() == body
+    store.db.execute("DELETE FROM prediction")
+    other = Store(url)  # registers the same prediction while this one's connection is down
+    lose_the_connection(store, monkeypatch, "transaction", lambda: other.register(body, held))
+    assert not store.register(body, held)  # the other's, not this one's
+
+
+def test_replays_end_when_the_connection_keeps_breaking(postgres, trials, monkeypatch):
+    import lm.store
+
+    store = Store(fresh_database(postgres))
+    store.sync("t", "plan1", trials)
+    monkeypatch.setattr(lm.store, "RECONNECT_S", 1.0)
+    original, calls = store.db.execute, []
+
+    def execute(sql, params=()):  # every statement's session ended as it is sent
+        calls.append(sql)
+        assert len(calls) < 100, "replayed without end"
+        cut(store.url, store.db.con.info.backend_pid)
+        return original(sql, params)
+
+    monkeypatch.setattr(store.db, "execute", execute)
+    with pytest.raises(StoreError, match="lost the store and could not reach it again within 1 s"):
+        store.trials()
 
 
 def test_a_store_outlives_a_server_restart_but_says_when_it_stays_away(postgres_server, trials,
                                                                        monkeypatch):
+    """An operation waits for a restarting server, up to RECONNECT_S; so does a worker's store
+    opened while the server is down."""
     import threading
 
     import lm.store
 
-    store = Store(fresh_database(postgres_server.url))
+    url = fresh_database(postgres_server.url)
+    store = Store(url)
     store.sync("t", "plan1", trials)
     postgres_server.stop()
     threading.Timer(2.0, postgres_server.start).start()
     assert store.claim("w1") is not None  # waited for the server
+    postgres_server.stop()
+    threading.Timer(2.0, postgres_server.start).start()
+    assert len(Store(url, wait=60).trials()) == len(trials)
     monkeypatch.setattr(lm.store, "RECONNECT_S", 1.0)
     postgres_server.stop()
     try:
-        with pytest.raises(StoreError, match=r"lost the store .* could not reach it again "
-                                             r"within 1 s .* run the sweep again"):
+        with pytest.raises(StoreError, match=r"lost the store and could not reach it again "
+                                             r"within 1 s \(postgresql://.* run the sweep again"):
             store.trials()
     finally:
         postgres_server.start()
