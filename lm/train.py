@@ -179,25 +179,33 @@ def _resume(cfg: Config, program: Program, mngr) -> tuple[dict, int, list, colle
 
 def _start(cfg: Config, program: Program) -> tuple[dict, dict]:
     """A run's first state and meta: fresh at step 0, or a cooldown branch's, from its parent's
-    checkpoint at the branch step (the same state the parent had there, bit for bit)."""
+    checkpoint at the branch step (the same state the parent had there, bit for bit). A parent
+    that saved no checkpoint there (a budget added to a sweep after its stable run ended) lends
+    its latest one before it, and the branch trains the stable steps in between itself: the
+    parent's learning rates and batches up to the branch step are the branch's own, so it ends
+    as if branched at the step. Without one before it, the branch starts afresh."""
     t, lay = cfg.train, program.layout
     if not t.branch_from:
         return program.init(t.seed), {"step": 0}
     parent = checkpoint.manager(t.branch_from, read_only=True)
-    if t.branch_step not in parent.all_steps():
-        raise CheckpointError(
-            f"train.branch_from={t.branch_from} has no checkpoint at train.branch_step="
-            f"{t.branch_step} (it has {sorted(parent.all_steps())}); train that run first, with "
-            f"checkpoint.steps including {t.branch_step}")
-    log.info("branching from step %d of %s", t.branch_step, t.branch_from)
+    if not parent.all_steps():
+        raise CheckpointError(f"train.branch_from={t.branch_from} has no checkpoint; train that "
+                              "run first")
+    step = max((s for s in parent.all_steps() if s <= t.branch_step), default=None)
+    if step is None:
+        log.info("%s has no checkpoint up to step %d: starting afresh", t.branch_from,
+                 t.branch_step)
+        return program.init(t.seed), {"step": 0}
+    log.info("branching from step %d of %s%s", step, t.branch_from,
+             f" (its latest up to step {t.branch_step})" if step < t.branch_step else "")
     try:
-        return checkpoint.restore(parent, t.branch_step, lay.abstract, lay.shardings)
+        return checkpoint.restore(parent, step, lay.abstract, lay.shardings)
     except CheckpointError:
         raise
     except Exception as e:  # damaged: the branch cannot start, and must not start elsewhere
         raise CheckpointError(
-            f"train.branch_from={t.branch_from}: its checkpoint at step {t.branch_step} does "
-            f"not restore ({type(e).__name__}: {str(e)[:200]}); train that run again") from e
+            f"train.branch_from={t.branch_from}: its checkpoint at step {step} does not "
+            f"restore ({type(e).__name__}: {str(e)[:200]}); train that run again") from e
 
 
 STABILITY = ("max_attention_logit", "output_logit_rms")  # train.log_stability's metrics

@@ -262,7 +262,8 @@ def test_a_run_reports_to_tensorboard_traces_its_steps_and_names_its_peak(run_di
 
 def test_a_cooldown_branch_trains_exactly_as_a_run_of_its_length(tmp_path):
     """A stable run to step 18 and a branch from there decaying to step 24 give, bit for bit,
-    the losses and parameters of a 24-step wsd run trained from scratch."""
+    the losses and parameters of a 24-step wsd run trained from scratch; so do branches from
+    steps the stable run did not save."""
     common = ["train.log_every=1", "optim.warmup_steps=4", "optim.lr=1e-2", "mesh.data=-1",
               "optim.decay_fraction=0.25", "train.peak_flops=1e12"]
     scratch = small(*common, "train.steps=24", "optim.schedule=wsd",
@@ -283,12 +284,27 @@ def test_a_cooldown_branch_trains_exactly_as_a_run_of_its_length(tmp_path):
     assert curve(stable, range(19)) + curve(branch, range(19, 25)) == curve(scratch, range(25))
     assert [r["step"] for r in rundir.metrics(branch.train.run_dir)] == list(range(19, 25))
 
-    def final(cfg):
+    def final(cfg, step):
         lay = state.layout(cfg)
         mngr = checkpoint.manager(cfg.train.run_dir, read_only=True)
         return jax.tree.leaves(jax.device_get(checkpoint.restore(
-            mngr, 24, lay.abstract, lay.shardings, ("params",))[0]))
+            mngr, step, lay.abstract, lay.shardings, ("params",))[0]))
 
-    for a, b in zip(final(branch), final(scratch)):
+    for a, b in zip(final(branch, 24), final(scratch, 24)):
         np.testing.assert_array_equal(a, b)
     assert sorted(checkpoint.manager(stable.train.run_dir, read_only=True).all_steps()) == [18, 30]
+
+    # Budgets added after the stable run ended: it saved no checkpoint at their branch steps.
+    # One branches from its latest checkpoint before (18) and trains the stable steps up to 21
+    # itself, one with none before starts afresh; each ends as its run from scratch does.
+    for steps, branch_step, first in ((28, 21, 19), (16, 12, 1)):
+        late, alone = (small(*common, f"train.steps={steps}", "optim.schedule=wsd", *more,
+                             f"train.run_dir={tmp_path}/{name}{steps}")
+                       for name, more in (("branch", [f"train.branch_from={tmp_path}/stable",
+                                                      f"train.branch_step={branch_step}"]),
+                                          ("scratch", [])))
+        for cfg in (late, alone):
+            train.train(cfg, session=session)
+        assert curve(late, range(steps + 1)) == curve(alone, range(first, steps + 1))
+        for a, b in zip(final(late, steps), final(alone, steps)):
+            np.testing.assert_array_equal(a, b)
