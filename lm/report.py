@@ -133,8 +133,9 @@ def _prediction(r: Results) -> list[str]:
               "prediction outside it is a miss, not bad luck.", ""]
     if r.fit and r.fit is not r.prior and r.fit.holdout:
         lines += ["### Refit after registration (not a pre-registered prediction)", "",
-                  "The fitting runs changed since the registration (trials added, retried or "
-                  "removed); this is the law of the runs in the spec now.", ""]
+                  "The fitting runs, the fit's settings or the held-out runs changed since the "
+                  "registration; this is the law of the runs in the spec now, scored on its "
+                  "held-out runs.", ""]
         lines += _held_out_table(r.fit)
     return lines
 

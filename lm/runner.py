@@ -181,14 +181,25 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     """Once every fitting trial has ended, fit them and register the held-out prediction,
     exactly once however many workers get here; then the held-out trials may start. Returns
     whether this call registered it. A fit that fails raises (LMError) and registers nothing:
-    the held-out runs wait for a prediction, which a rerun makes once the cause is fixed."""
+    the held-out runs wait for a prediction, which a rerun makes once the cause is fixed. So
+    does a held-out run that trained without one (a store rebuilt without its prediction.json):
+    a prediction made now would not be one made before it."""
     held = [t for t in trials if t.role == "holdout"]
-    if not held or store.prediction() is not None:
+    if not held:
+        return False
+    _sync_registration(spec, trials, store)
+    if store.prediction() is not None:
+        store.unblock_held()
         return False
     status = {r["name"]: r["status"] for r in store.trials()}
     fitting = [t.name for t in trials if t.role == "fit"]
     if any(status.get(name) not in FINAL for name in fitting):
         return False
+    if started := [t.name for t in held if status.get(t.name) != "blocked"]:
+        raise StoreError(
+            f"held-out run {listed(started)} trained without a registered prediction, and one "
+            f"made now would not be a prediction: put the sweep's {PREDICTION} back (it is read "
+            "into the store), or run the study afresh in a new directory")
     points = _fitting_points(spec, store, fitting)
     fit = _fit(spec, points)
     body = {**registration(fit, held, spec), "backtest": _backtest(fit, points, held),
@@ -493,7 +504,7 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
         store.sync(spec.name, plan_digest(trials), trials, replan=True)
         _write_atomic(spec.path / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec),
                                                                sort_keys=False))
-        _adopt_registered(spec, trials, store)
+        _sync_registration(spec, trials, store)
         if not is_postgres(url):  # SQLite: this runner is the sweep's only one
             store.reclaim(0.0)
         if retry_failed:
@@ -557,11 +568,17 @@ def _count(names: list, noun: str = "trial") -> str:
     return f"{len(names)} {noun}{'s' * (len(names) != 1)}"
 
 
-def _adopt_registered(spec: SweepSpec, trials: list[Trial], store: Store) -> None:
-    """A prediction.json registered by an earlier lm (its store had no prediction table)
-    becomes the store's registered prediction, unless a held-out run trained without it."""
+def _sync_registration(spec: SweepSpec, trials: list[Trial], store: Store) -> None:
+    """The registered prediction in the store and in prediction.json alike. A file the store
+    lacks (an earlier lm's store had no prediction table; a store rebuilt or new) becomes the
+    store's registered prediction; a registration whose file is missing (its writer killed
+    between the two writes) is written out."""
     path = spec.path / PREDICTION
-    if store.prediction() is not None or not path.exists():
+    if (registered := store.prediction()) is not None:
+        if not path.exists():
+            _write_atomic(path, json.dumps(registered, indent=1))
+        return
+    if not path.exists():
         return
     try:
         body = json.loads(path.read_text())
@@ -582,6 +599,7 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store) -> Fit | None:
     # the time went into every trial, those the spec no longer has too
     timing = report.time_split([report.Timing(**r) for r in store.runs()], rows)
     orphans = sorted(r["name"] for r in rows if r["name"] not in names)
+    done_ever = {r["name"] for r in rows if r["status"] == "done"}
     rows = [r for r in rows if r["name"] in names]
     fitting = [t.name for t in trials if t.role == "fit"]
     held = sorted(t.name for t in trials if t.role == "holdout")
@@ -594,14 +612,16 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store) -> Fit | None:
         prior = dataclasses.replace(Fit.from_json(registered["fit"], str(spec.path / PREDICTION)),
                                     n_counted=registered_count(registered, trials))
         same_count = prior.n_counted == spec.fit.params
-        if trained:  # at N counted as when it was registered, whatever the spec says now
-            scoring = points if same_count else store.points_of(
-                prior.n_counted, names=names, metric=spec.fit.metric)
-            prior = scaling.score(prior, scoring, trained)
+        # the runs it was registered for, also those an edited spec no longer plans, at N
+        # counted as when it was registered, whatever the spec says now
+        if ours := sorted({p["run"] for p in registered["runs"]} & done_ever):
+            prior = scaling.score(prior, store.points_of(
+                prior.n_counted, names=set(ours), metric=spec.fit.metric), ours)
         done, settings = set(points.run) if points else set(), dataclasses.asdict(spec.fit)
         if same_count and registered.get("fitted_runs") == sorted(set(fitting) & done) and \
-                registered.get("fit_spec", settings) == settings:  # (older ones: not recorded)
-            fit = prior  # nothing changed since (runs, fit settings): a refit would be the same
+                registered.get("fit_spec", settings) == settings and set(trained) <= set(ours):
+            fit = prior  # nothing changed since (runs, fit settings (older registrations did
+            # not record them), held-out runs): a refit would be the same
     if fit is None:
         try:
             fit = _fit(spec, _fitting_points(spec, store, fitting))
@@ -757,7 +777,7 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
             if rows and rows[-1]["step"] == t.cfg.train.steps and rundir.evals(t.run_dir):
                 store.finish(t.name, _ingest(t), None)
                 done += 1
-        _adopt_registered(spec, trials, store)
+        _sync_registration(spec, trials, store)
     kept = f" (the old store kept as {aside.name})" if aside.exists() else ""
     return f"rebuilt {path}{kept}: {done} of {len(trials)} trials done, the rest pending"
 

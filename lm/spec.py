@@ -163,8 +163,9 @@ def _check_numbers(path: Path, spec: SweepSpec) -> None:
             ("fit.min_tokens_per_param", f.min_tokens_per_param,
              f.min_tokens_per_param is None or f.min_tokens_per_param >= 0, ">= 0 (or null)"),
             ("fit.max_noise", f.max_noise, f.max_noise >= 0, ">= 0 (0: no size leaves the fit)"),
-            ("recipe.decay_fraction", r.decay_fraction, 0 < r.decay_fraction <= 1,
-             "a fraction of each run in (0, 1]")):
+            ("recipe.decay_fraction", r.decay_fraction, 0 < r.decay_fraction < 1,
+             "a fraction of each run in (0, 1): a decay over the whole run leaves no stable run "
+             "to branch from")):
         if not ok:
             raise ConfigError(f"{path}: {key}={value} is not valid: {valid}")
     if spec.seed < 0 or any(s < 0 for s in spec.seeds):
@@ -398,7 +399,8 @@ def plan(spec: SweepSpec) -> list[Trial]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"the sweep repeats trials {duplicates}: sizes, seeds and budgets "
-                          "must differ (a held-out run may not be one of the fitting runs)")
+                          "must differ (budgets in their first 3 significant digits, which name "
+                          "them; a held-out run may not be one of the fitting runs)")
     sets = trials[0].cfg.data.set_names
     if spec.fit.metric not in sets:
         raise ConfigError(f"fit.metric={spec.fit.metric!r} is not a validation set of the "

@@ -378,7 +378,7 @@ class Store:
                 self.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout' AND "
                                 "status='pending'")
             for t in trials:
-                old = self.db.execute("SELECT config FROM trials WHERE name=?",
+                old = self.db.execute("SELECT config, role FROM trials WHERE name=?",
                                       (t.name,)).fetchone()
                 if old is None:
                     facts = t.facts()
@@ -392,10 +392,11 @@ class Store:
                          facts["params"], facts["params_non_embedding"], facts["tokens"],
                          facts["flops_per_token"], facts["flops"], facts["flops_6nd"],
                          facts["spent_flops"], t.parent, time.time()))
-                elif not _same_config(old["config"], t.cfg):
+                elif not _same_config(old["config"], t.cfg) or old["role"] != t.role:
                     raise ConfigError(
-                        f"trial {t.name} in {self.path} was planned with another config; the "
-                        "spec changed under an existing sweep: use a new `dir` (or name)")
+                        f"trial {t.name} in {self.path} was planned with another config or "
+                        f"role ({old['role']}); the spec changed under an existing sweep: use a "
+                        "new `dir` (or name)")
 
     # ----------------------------------------------------------------------- workers
 
@@ -543,6 +544,13 @@ class Store:
                 self.db.execute("UPDATE trials SET status='pending' WHERE name=? AND "
                                 "status='blocked'", (name,))
         return True
+
+    @_surviving
+    def unblock_held(self) -> None:
+        """Release held-out trials still blocked after the registration: a worker's `sync` that
+        read no prediction just before another's registration committed blocks them again."""
+        self.db.execute("UPDATE trials SET status='pending' WHERE status='blocked' AND "
+                        "EXISTS (SELECT 1 FROM prediction)")
 
     @_surviving
     def prediction(self) -> dict | None:

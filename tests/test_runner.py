@@ -234,6 +234,26 @@ def test_the_report_refits_only_what_changed_since_the_registration(finished, tm
     main_refits, text = report(fit={**spec["fit"], "bootstrap": spec["fit"]["bootstrap"] + 1})
     assert main_refits == [None] and "Refit after registration" in text
 
+    # The held-out run edited after it trained: the registered one is scored as registered
+    # (though the spec plans it no more), the new one, once trained, by the refit only.
+    (old,) = [r["run"] for r in json.loads((sweep_dir / "prediction.json").read_text())["runs"]]
+    raw = dict(spec, dir=str(sweep_dir), holdout={**spec["holdout"],
+                                                  "tokens": 2 * spec["holdout"]["tokens"]})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    edited = spec_lib.load_spec(tmp_path / "s.yaml")
+    trials = spec_lib.plan(edited)
+    store = Store(sweep_dir / "store.sqlite")
+    store.sync(edited.name, "edited", trials, replan=True)
+    (new,) = [t for t in trials if t.role == "holdout"]
+    store.finish(new.name, [{"step": new.cfg.train.steps, "tokens": new.facts()["tokens"],
+                             "flops": new.facts()["flops"], "train_loss": None, "val_loss": 2.5,
+                             "val_loss_sem": 0.01, "bpb": None}], 1.0)
+    runner._report(edited, trials, store)
+    registered_part, refit = (sweep_dir / "report.md").read_text().split(
+        "## Held-out prediction (registered)")[1].split("Refit after registration")
+    assert f"| {old} |" in registered_part and "not trained yet" not in registered_part
+    assert new.name not in registered_part and f"| {new.name} |" in refit
+
 
 def test_a_size_whose_seeds_spread_beyond_fit_max_noise_leaves_the_fit(tmp_path):
     """The spec's rule: a size whose seeds spread by more than fit.max_noise is not fitted; the
@@ -380,6 +400,30 @@ def test_a_fit_that_fails_registers_nothing_and_the_held_out_runs_wait(tmp_path,
     assert runner.register_when_ready(spec, trials, store)
     assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"pending"}
     assert json.loads((spec.path / "prediction.json").read_text()) == store.prediction()
+
+
+def test_no_prediction_is_registered_after_a_held_out_run_trained(tmp_path):
+    """A store without its registration whose held-out run trained (rebuilt without
+    prediction.json) registers none now, and says how to go on; the file put back is read into
+    the store. A registration whose file went missing is written out again, and held-out runs
+    blocked again after it (a worker's sync racing it on PostgreSQL) are released."""
+    path = finished_sweep(tmp_path)  # every trial done, nothing registered
+    spec = spec_lib.load_spec(path)
+    trials = spec_lib.plan(spec)
+    store = Store(spec.path / "store.sqlite")
+    file = spec.path / "prediction.json"
+    with pytest.raises(StoreError, match="held-out run .* trained without a registered "
+                                         "prediction.*put the sweep's prediction.json back"):
+        runner.register_when_ready(spec, trials, store)
+    assert store.prediction() is None and not file.exists()
+    file.write_text(json.dumps({"made": "before", "runs": []}))
+    assert not runner.register_when_ready(spec, trials, store)  # registered already: read in
+    assert store.prediction() == {"made": "before", "runs": []}
+    file.unlink()
+    store.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout'")  # as a worker's
+    assert not runner.register_when_ready(spec, trials, store)  # sync racing the registration
+    assert json.loads(file.read_text()) == store.prediction()
+    assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"pending"}
 
 
 def test_a_sweep_whose_fitting_runs_all_failed_fails_and_can_retry_them(tmp_path):

@@ -100,6 +100,8 @@ def test_claims_heartbeats_failures_and_the_prediction(url, trials):
 
 
 def test_another_sweep_another_plan_or_a_changed_trial_is_refused(url, trials):
+    """A store of another sweep, a worker with another plan, and a trial whose config or role
+    changed (a fitting budget now held out would have trained before its registration)."""
     store = Store(url)
     store.sync("t", "plan1", trials)
     with pytest.raises(StoreError, match="holds sweep 't', not 'u'"):
@@ -110,6 +112,10 @@ def test_another_sweep_another_plan_or_a_changed_trial_is_refused(url, trials):
     changed = config.replace(trials[0].cfg, train={"steps": 7})
     with pytest.raises(ConfigError, match="another config"):
         store.sync("t", "plan2", [spec_lib.Trial(trials[0].name, "fit", changed)], replan=True)
+    fitting = next(t for t in trials if t.role == "fit")  # a budget now held out, say
+    with pytest.raises(ConfigError, match=r"another config or role \(fit\)"):
+        store.sync("t", "plan2", [spec_lib.Trial(fitting.name, "holdout", fitting.cfg)],
+                   replan=True)
 
 
 def test_trials_stored_before_a_new_config_key_are_the_same(tmp_path, trials):
