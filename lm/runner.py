@@ -501,10 +501,11 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
     names = {t.name for t in trials}
     with exclusive(spec.path):
         store = Store(url)
+        store.check_sweep(spec.name)
+        _sync_registration(spec, trials, store)  # first: the plan is checked against it
         store.sync(spec.name, plan_digest(trials), trials, replan=True)
         _write_atomic(spec.path / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec),
                                                                sort_keys=False))
-        _sync_registration(spec, trials, store)
         if not is_postgres(url):  # SQLite: this runner is the sweep's only one
             store.reclaim(0.0)
         if retry_failed:
@@ -582,12 +583,13 @@ def _sync_registration(spec: SweepSpec, trials: list[Trial], store: Store) -> No
         return
     try:
         body = json.loads(path.read_text())
-    except ValueError:
-        raise StoreError(f"{path} is damaged (not valid JSON: cut short?). It held the "
-                         "registered held-out prediction, which cannot be made again after the "
-                         "fitting runs; restore it from a backup, or move it away to continue "
-                         "without a pre-registered prediction") from None
-    store.register(body, [t.name for t in trials if t.role == "holdout"])
+        runs = [r["run"] for r in body["runs"]]
+    except (ValueError, TypeError, KeyError):
+        raise StoreError(f"{path} is damaged (not a registration's JSON: cut short?). It held "
+                         "the registered held-out prediction, which cannot be made again after "
+                         "the fitting runs; restore it from a backup, or move it away to "
+                         "continue without a pre-registered prediction") from None
+    store.register(body, runs)
 
 
 # --------------------------------------------------------------------------- the report
@@ -770,6 +772,7 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
                 if (side := path.with_name(path.name + suffix)).exists():
                     side.rename(aside.with_name(aside.name + suffix))
         store = Store(path)
+        _sync_registration(spec, trials, store)
         store.sync(spec.name, plan_digest(trials), trials)
         done = 0
         for t in trials:
@@ -777,7 +780,6 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
             if rows and rows[-1]["step"] == t.cfg.train.steps and rundir.evals(t.run_dir):
                 store.finish(t.name, _ingest(t), None)
                 done += 1
-        _sync_registration(spec, trials, store)
     kept = f" (the old store kept as {aside.name})" if aside.exists() else ""
     return f"rebuilt {path}{kept}: {done} of {len(trials)} trials done, the rest pending"
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from lm import config as config_lib
 from lm.config import Config
-from lm.errors import ConfigError, FitError, StoreError
+from lm.errors import ConfigError, FitError, StoreError, listed
 from lm.points import Points, load_csv
 from lm.spec import Trial
 
@@ -373,7 +373,15 @@ class Store:
                                  "(the sweep directory's sweep.yaml)")
             self._set("name", name)
             self._set("plan", digest)
-            registered = self.prediction() is not None
+            prediction = self.prediction()
+            registered = prediction is not None
+            if registered and (new := sorted(
+                    {t.name for t in trials if t.role == "holdout"}
+                    - {r["run"] for r in prediction.get("runs", [])})):
+                raise ConfigError(
+                    f"held-out run {listed(new)} is not in the prediction registered in "
+                    f"{self.path}, which is never edited: it would train unpredicted. Hold it "
+                    "out in a sweep of its own (a new `dir`), or take it out of the spec")
             if not registered:  # a store of an older lm let them start before registration
                 self.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout' AND "
                                 "status='pending'")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from lm import cli, runner, spec as spec_lib
-from lm.errors import FitError, StoreError
+from lm.errors import ConfigError, FitError, StoreError
 from lm.store import Store, load_points
 
 from sweeps import BASE, SIZES, finished_sweep, spec_file
@@ -234,25 +234,24 @@ def test_the_report_refits_only_what_changed_since_the_registration(finished, tm
     main_refits, text = report(fit={**spec["fit"], "bootstrap": spec["fit"]["bootstrap"] + 1})
     assert main_refits == [None] and "Refit after registration" in text
 
-    # The held-out run edited after it trained: the registered one is scored as registered
-    # (though the spec plans it no more), the new one, once trained, by the refit only.
+    # A held-out run the registration does not hold is refused before anything trains; one
+    # taken out of the spec after it trained is still scored as registered.
     (old,) = [r["run"] for r in json.loads((sweep_dir / "prediction.json").read_text())["runs"]]
-    raw = dict(spec, dir=str(sweep_dir), holdout={**spec["holdout"],
-                                                  "tokens": 2 * spec["holdout"]["tokens"]})
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
-    edited = spec_lib.load_spec(tmp_path / "s.yaml")
-    trials = spec_lib.plan(edited)
     store = Store(sweep_dir / "store.sqlite")
+    for holdout in ({**spec["holdout"], "tokens": 2 * spec["holdout"]["tokens"]}, {}):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(dict(spec, dir=str(sweep_dir),
+                                                             holdout=holdout)))
+        edited = spec_lib.load_spec(tmp_path / "s.yaml")
+        trials = spec_lib.plan(edited)
+        if holdout:
+            with pytest.raises(ConfigError, match=r"held-out run .*-t6.55e04-s0 is not in the "
+                                                  r"prediction registered in .* new `dir`"):
+                store.sync(edited.name, "edited", trials, replan=True)
     store.sync(edited.name, "edited", trials, replan=True)
-    (new,) = [t for t in trials if t.role == "holdout"]
-    store.finish(new.name, [{"step": new.cfg.train.steps, "tokens": new.facts()["tokens"],
-                             "flops": new.facts()["flops"], "train_loss": None, "val_loss": 2.5,
-                             "val_loss_sem": 0.01, "bpb": None}], 1.0)
     runner._report(edited, trials, store)
-    registered_part, refit = (sweep_dir / "report.md").read_text().split(
-        "## Held-out prediction (registered)")[1].split("Refit after registration")
+    registered_part = (sweep_dir / "report.md").read_text().split(
+        "## Held-out prediction (registered)")[1].split("##")[0]
     assert f"| {old} |" in registered_part and "not trained yet" not in registered_part
-    assert new.name not in registered_part and f"| {new.name} |" in refit
 
 
 def test_a_size_whose_seeds_spread_beyond_fit_max_noise_leaves_the_fit(tmp_path):
