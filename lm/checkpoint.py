@@ -245,9 +245,10 @@ def _out_of_memory(e: Exception) -> bool:
     return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
 
 
-def check_fits(run_dir: str | Path, abstract: dict) -> None:
+def check_fits(run_dir: str | Path, abstract: dict, steps: int) -> None:
     """Refuse a run directory whose newest readable checkpoint does not fit the model and
-    optimiser, before the run writes anything into it."""
+    optimiser, or lies beyond the run's `steps` (a run is not shortened), before the run writes
+    anything into it."""
     if not directory(run_dir).is_dir():
         return
     mngr = manager(run_dir, read_only=True)
@@ -258,4 +259,8 @@ def check_fits(run_dir: str | Path, abstract: dict) -> None:
             raise
         except Exception:  # unreadable metadata: the restore will move it aside
             continue
+        if step > steps:
+            raise CheckpointError(
+                f"{run_dir} has a checkpoint at step {step}, beyond train.steps={steps}: a run "
+                f"is not shortened; give train.steps >= {step}, or another train.run_dir")
         return

@@ -189,6 +189,8 @@ def cmd_sweep(args) -> int:
     from lm import runner
 
     spec, o = args.spec, args.overrides
+    if args.json and not args.status:
+        raise ConfigError("--json is --status's output; give --status --json")
     if args.plan:
         print(runner.plan_text(spec, args.cpu_devices, o))
     elif args.status:
@@ -250,6 +252,15 @@ def holdout_names(value: str, runs: set[str]) -> list[str]:
     return [value]
 
 
+def _a_fit_file(path: Path) -> bool:
+    """Whether `path` holds a fit.json (not a prediction.json, which also holds a fit)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(raw, dict) and {"law", "objective"} <= raw.keys() and "runs" not in raw
+
+
 def cmd_fit(args) -> int:
     from lm import backtest, scaling, store
 
@@ -261,6 +272,10 @@ def cmd_fit(args) -> int:
         raise ConfigError(f"--out {out}: no directory {out.parent}; create it first")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file, e.g. {out / 'fit.json'}")
+    if out.exists() and not _a_fit_file(out):
+        raise ConfigError(f"--out {out} exists and is not a fit lm wrote (lm fit replaces only "
+                          "its own fit.json files: not its data, not a registered prediction); "
+                          "give another path")
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
     if isinstance(holdout, str) and holdout != "largest":
         holdout = holdout_names(holdout.strip(), set(points.run.tolist()))
@@ -288,12 +303,20 @@ def cmd_predict(args) -> int:
 
     pair = args.params is not None and args.tokens is not None
     if not pair and (args.flops is None or args.params is not None or args.tokens is not None):
-        raise SystemExit("error: give --params N --tokens D (and --flops C, that run's exact "
-                         "FLOPs, if known), or --flops C alone")
+        raise ConfigError("give --params N --tokens D (and --flops C, that run's exact FLOPs, "
+                          "if known), or --flops C alone")
+    ratio = args.flops / (6 * args.params * args.tokens) if pair and args.flops else 1.0
+    if not 0.5 <= ratio <= 100:  # a run's exact FLOPs: 6ND, and attention's besides
+        raise ConfigError(f"--flops {args.flops:g} is {ratio:.3g} x 6ND of --params "
+                          f"{args.params:g} --tokens {args.tokens:g}: not that run's FLOPs; "
+                          "check the numbers, or leave --flops out")
     try:
         raw = json.loads(Path(args.fit).read_text())
     except (OSError, ValueError) as e:
         raise FitError(f"{args.fit}: cannot be read as a fit.json ({e})") from None
+    if isinstance(raw, dict) and {"runs", "fit"} <= raw.keys():  # a sweep's prediction.json
+        print(f"the fit registered in {args.fit}")
+        raw = raw["fit"]
     fit = scaling.Fit.from_json(raw, args.fit)
     pred = scaling.predict(fit, params=args.params, tokens=args.tokens, flops=args.flops)
     if fit.n_counted != "total":
@@ -320,7 +343,7 @@ def _at_least(kind: type, low: float):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
         if not value >= low:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+            raise argparse.ArgumentTypeError(f"{text} is not a number >= {low}")
         return value
 
     return parse

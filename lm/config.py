@@ -237,8 +237,12 @@ def find(name: str | Path) -> Path:
     raise ConfigError(f"config {str(name)!r} not found: give a YAML file or one of {presets}")
 
 
-def read_yaml(path: Path) -> dict:
-    """A YAML mapping; a `base:` key names a file (or preset) it extends."""
+def read_yaml(path: Path, extending: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping; a `base:` key names a file (or preset) it extends (`extending`: the
+    files that extend this one, which it may not extend in turn)."""
+    if path.resolve() in extending:
+        chain = " -> ".join(str(p) for p in (*extending, path.resolve()))
+        raise ConfigError(f"configs extend each other in a loop ({chain}); fix their `base:`")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -249,7 +253,8 @@ def read_yaml(path: Path) -> dict:
     if base is None:
         return raw
     base_path = path.parent / f"{base}.yaml"
-    return merge(read_yaml(base_path if base_path.is_file() else find(base)), raw)
+    return merge(read_yaml(base_path if base_path.is_file() else find(base),
+                           (*extending, path.resolve())), raw)
 
 
 def merge(base: dict, update: dict) -> dict:

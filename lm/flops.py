@@ -6,6 +6,9 @@ from it, `lm info` prints it, and the counts below sum it. Each parameter's role
 initialisation and, under muP (`MUP`), how its initialisation, learning rate and output scale
 with width.
 
+`memory_bytes` is a rough estimate of a training step's peak memory, to refuse runs that
+cannot fit before they start.
+
 FLOPs count multiply-adds as 2 and follow the matmul shapes the model really runs:
 projections, attention scores and values over the full T x T square (the causal mask halves
 the useful work, not the computed work), MLP and output head; backward = 2 x forward.
@@ -212,3 +215,15 @@ def peak_flops_per_s(devices) -> float:
         # (a host) has its own cores: assume each measures about what this one does.
         return _measured["cpu"] * len({d.process_index for d in devices})
     return PEAKS[data_sheet_entry(kind)] * len(devices)
+
+
+def memory_bytes(cfg: Config) -> int:
+    """Rough peak training memory: fp32 parameters, gradients and two Adam moments, plus
+    activations kept for the backward pass (about 34·d bytes per token and layer, Korthikanti
+    et al. 2022, and the attention scores) and the logits."""
+    m = cfg.model
+    tokens = cfg.train.batch_size // cfg.train.micro_batches * cfg.seq_len
+    layer = tokens * (34 * m.d_model + 5 * m.n_heads * cfg.seq_len)
+    remat = {"none": 1.0, "dots": 0.5, "full": 0.1}[m.remat]
+    logits = 4 * tokens * m.vocab_size * (1 if m.loss_chunk else 3)
+    return int(16 * param_counts(m)["total"] + remat * m.n_layers * layer + logits)

@@ -104,9 +104,13 @@ def _held_out_table(fit: Fit) -> list[str]:
 def _prediction(r: Results) -> list[str]:
     reg = r.registered
     if reg is None:
-        held = [t["name"] for t in r.trials if t["role"] == "holdout"]
-        return ["## Held-out prediction", "", "Not registered yet." if held else
-                "The spec holds out no run.", ""]
+        held = [t for t in r.trials if t["role"] == "holdout"]
+        trained = [t["name"] for t in held if t["status"] != "blocked"]
+        return ["## Held-out prediction", "", (
+            f"None registered, and none can be: {', '.join(trained)} trained without one (a "
+            "store rebuilt without its prediction.json?). Any score of it here is a fit's made "
+            "after it trained, not a prediction." if trained else "Not registered yet."
+            if held else "The spec holds out no run."), ""]
     if "failed" in reg:
         return ["## Held-out prediction", "", f"None could be registered ({reg['made']}): "
                 f"{reg['failed']}", ""]

@@ -83,7 +83,11 @@ def locked(run_dir: Path):
     """Hold the run directory for as long as the block runs, so that no second process trains
     or evaluates it at the same time. The OS releases the lock however the process ends, kill
     -9 included; a second process gets an error naming the holder."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"train.run_dir={run_dir} cannot be created ({e.strerror}); give a "
+                          "directory where this user can write") from None
     with open(run_dir / LOCK, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

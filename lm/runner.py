@@ -43,7 +43,7 @@ from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
 from lm.store import (FINAL, RECONNECT_S, SQLITE, Store, check_sweep_file, is_postgres,
-                      worker_name)
+                      same_config, worker_name)
 
 log = logging.getLogger("lm.sweep")
 PREDICTION = "prediction.json"
@@ -754,6 +754,15 @@ def status_text(spec_path: str | Path, url: str | None = None, overrides=()) -> 
 # --------------------------------------------------------------------------- repair
 
 
+def _ran_as_planned(trial: Trial) -> bool:
+    """Whether the trial's run directory, if it holds a run, holds one of the trial's config."""
+    ran = trial.run_dir / "config.yaml"
+    try:
+        return not ran.is_file() or same_config(yaml.safe_load(ran.read_text()), trial.cfg)
+    except (OSError, yaml.YAMLError, TypeError):  # unreadable: not the plan's
+        return False
+
+
 def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -> str:
     """A new store from the trials' run directories: a damaged one is moved aside, every trial
     whose run finished is recorded done with its evaluations, the others pending. It trains
@@ -766,6 +775,11 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
                          "sweep's tables (or create a new database) and run it again")
     aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
     with exclusive(spec.path):
+        if otherwise := [t.name for t in trials if not _ran_as_planned(t)]:
+            raise ConfigError(
+                f"trial {listed(otherwise)} ran with another config than the spec plans now (it "
+                f"changed under the sweep), and a rebuild would record it as planned: rebuild "
+                f"with the spec it ran with ({spec.path / 'sweep.yaml'}), or use a new `dir`")
         if path.exists():
             check_sweep_file(path, spec.name)
             for suffix in ("", "-journal", "-wal", "-shm"):  # a journal goes with its file

@@ -104,7 +104,9 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
     """A sweep spec from YAML, with dotted `overrides` (e.g. seed=1, recipe.lr=3e-3)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"sweep spec {path} not found")
+        raise ConfigError(f"sweep spec {path} " + ("is a directory; give the spec's YAML file "
+                                                   "(a sweep's own is its sweep.yaml)"
+                                                   if path.is_dir() else "not found"))
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -134,6 +136,9 @@ def load_spec(path: str | Path, overrides=()) -> SweepSpec:
     if spec.recipe.eval_points < 1:
         raise ConfigError(f"{path}: recipe.eval_points={spec.recipe.eval_points}: a trial needs "
                           "at least 1 evaluation (its final loss, which the fit takes)")
+    if spec.path.exists() and not spec.path.is_dir():
+        raise ConfigError(f"{path}: the sweep's directory {spec.path} is a file; give `dir` (or "
+                          "`name`) a directory of its own")
     _check_numbers(path, spec)
     _check_sizes(path, spec.sizes)
     for i, h in enumerate(spec.holdout):
@@ -446,18 +451,6 @@ def planned_points(trials: list[Trial], spec: SweepSpec) -> Points:
     return Points.from_rows(rows)
 
 
-def memory_bytes(cfg: Config) -> int:
-    """Rough peak training memory: fp32 parameters, gradients and two Adam moments, plus
-    activations kept for the backward pass (about 34·d bytes per token and layer, Korthikanti
-    et al. 2022, and the attention scores) and the logits."""
-    m = cfg.model
-    tokens = cfg.train.batch_size // cfg.train.micro_batches * cfg.seq_len
-    layer = tokens * (34 * m.d_model + 5 * m.n_heads * cfg.seq_len)
-    remat = {"none": 1.0, "dots": 0.5, "full": 0.1}[m.remat]
-    logits = 4 * tokens * m.vocab_size * (1 if m.loss_chunk else 3)
-    return int(16 * flops.param_counts(m)["total"] + remat * m.n_layers * layer + logits)
-
-
 def check_devices(trials: list[Trial], count: int) -> None:
     """Refuse trials whose mesh does not fit `count` devices (0: unknown), before any trains."""
     for t in trials if count else ():
@@ -470,7 +463,7 @@ def check_devices(trials: list[Trial], count: int) -> None:
 def check_memory(trials: list[Trial], limit: int) -> None:
     """Refuse trials that would not fit in `limit` bytes of device memory (0: unknown)."""
     for t in trials:
-        need = memory_bytes(t.cfg)
+        need = flops.memory_bytes(t.cfg)
         if limit and need > 0.8 * limit:
             raise ConfigError(
                 f"trial {t.name} needs about {need / 2**30:.1f} GiB but the devices have "

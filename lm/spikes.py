@@ -1,8 +1,8 @@
 """Loss spikes (PaLM, Chowdhery et al. 2022): which step is one, and the data it skips.
 
-A step whose loss is non-finite, or above `factor` x the running median of the `window` steps
-before it, rolls the run back to its newest checkpoint and passes over the batches from there
-through the spike. All of it is a pure function of (step, losses, ranges skipped), so a resumed
+A step whose loss or gradient is non-finite, or whose loss is above `factor` x the running
+median of the `window` steps before it, rolls the run back to its newest checkpoint and passes
+over the batches from there through the spike. All of it is a pure function of (step, losses, ranges skipped), so a resumed
 run reads exactly the batches an uninterrupted one does.
 """
 
@@ -53,7 +53,7 @@ class Spike:
 
     def describe(self, s: SpikeConfig) -> str:
         if not math.isfinite(self.loss):
-            return f"loss became non-finite at step {self.step}"
+            return f"loss or gradient became non-finite at step {self.step}"
         return (f"loss spiked to {self.loss:.4g} at step {self.step}, over {s.factor} × the "
                 f"median of the {s.window} steps before it ({self.threshold / s.factor:.4g})")
 
@@ -70,6 +70,14 @@ class Spike:
         too_many = f", one spike more than train.spikes.max_spikes={s.max_spikes} allows"
         return TrainingError(f"{self.describe(s)}{too_many if s.max_spikes else ''}; lower "
                              f"optim.lr (now {o.lr}) or set optim.clip_norm (now {o.clip_norm})")
+
+
+def checked_loss(metrics: dict) -> float:
+    """A step's loss as the check sees it: non-finite where its gradient was, as the update it
+    made left the parameters non-finite though the loss it was taken at was not (the last step
+    of a run, or the step before a save, would otherwise pass them on unseen)."""
+    loss = float(metrics["loss"])
+    return loss if math.isfinite(float(metrics["grad_norm"])) else math.nan
 
 
 def threshold(s: SpikeConfig, step: int, recent) -> float:

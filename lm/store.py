@@ -400,7 +400,7 @@ class Store:
                          facts["params"], facts["params_non_embedding"], facts["tokens"],
                          facts["flops_per_token"], facts["flops"], facts["flops_6nd"],
                          facts["spent_flops"], t.parent, time.time()))
-                elif not _same_config(old["config"], t.cfg) or old["role"] != t.role:
+                elif not same_config(old["config"], t.cfg) or old["role"] != t.role:
                     raise ConfigError(
                         f"trial {t.name} in {self.path} was planned with another config or "
                         f"role ({old['role']}); the spec changed under an existing sweep: use a "
@@ -633,12 +633,13 @@ def _config_json(cfg: Config) -> str:
     return json.dumps(config_lib.to_dict(cfg), sort_keys=True)
 
 
-def _same_config(stored: str, cfg: Config) -> bool:
-    """Whether a stored trial config is `cfg` in all that decides its losses: read with today's
-    defaults (a key added to lm since the sweep started does not orphan its trials), wherever
-    the sweep directory is now, however often it checkpoints or logs."""
+def same_config(stored: str | dict, cfg: Config) -> bool:
+    """Whether a stored trial config (its JSON, or a run's config.yaml as a dict) is `cfg` in
+    all that decides its losses: read with today's defaults (a key added to lm since the sweep
+    started does not orphan its trials), wherever the sweep directory is now, however often it
+    checkpoints or logs."""
     try:
-        old = config_lib.from_dict(json.loads(stored))
+        old = config_lib.from_dict(json.loads(stored) if isinstance(stored, str) else stored)
     except ConfigError:  # a key that no longer exists
         return False
     t = cfg.train

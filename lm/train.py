@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops, profiling,
                 rundir, schedule, sharding, spikes, state as state_lib, trackers)
 from lm.config import Config
-from lm.errors import CheckpointError, Fenced, Interrupted
+from lm.errors import CheckpointError, ConfigError, Fenced, Interrupted
 from lm.processes import StopSignals, agree, is_primary, primary_first, sync
 
 log = logging.getLogger("lm")
@@ -283,7 +284,7 @@ def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
         checked = jax.device_get(pending)
         pending.clear()
         spike = spikes.first_spike(t.spikes, step - len(checked) + 1,
-                                   [float(m["loss"]) for m in checked], run.recent)
+                                   [spikes.checked_loss(m) for m in checked], run.recent)
         if spike:
             return spike
     if log_now:
@@ -406,11 +407,27 @@ def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
     run_dir = rundir.checked(cfg.train.run_dir)
     trackers.require(cfg.train.trackers)
     session = session or Session(devices)
-    config_lib.check_devices(  # before the run directory exists
-        cfg, len(jax.devices() if session.devices is None else session.devices))
+    devices = jax.devices() if session.devices is None else session.devices
+    config_lib.check_devices(cfg, len(devices))  # before the run directory exists
+    _check_memory(cfg, devices)
     with rundir.locked(run_dir) if is_primary() else contextlib.nullcontext():
         sync("run directory locked")  # by every process, before process 0 writes into it
         return _train(cfg, run_dir, session)
+
+
+def _check_memory(cfg: Config, devices) -> None:
+    """Refuse a run that needs more memory than its devices have together (a context or batch
+    off by orders of magnitude): the estimate is rough, the error it prevents comes after the
+    run directory is written. Simulated CPU devices share the host's memory."""
+    if devices[0].platform == "cpu":
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        have = sum((d.memory_stats() or {}).get("bytes_limit", 0) for d in devices)
+    need = flops.memory_bytes(cfg)
+    if have and need > have:
+        raise ConfigError(f"the run needs about {need / 2**30:,.0f} GiB, and its devices have "
+                          f"{have / 2**30:,.0f} GiB; lower model.context or train.batch_size, "
+                          "raise train.micro_batches or set model.remat")
 
 
 def _train(cfg: Config, run_dir, session: Session) -> dict:
@@ -422,7 +439,7 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
     with session.timed("data"):
         source = primary_first(lambda: data.source(cfg))
     _fence(session, run_dir, "before its first step")  # compiling may have been long
-    checkpoint.check_fits(run_dir, lay.abstract)
+    checkpoint.check_fits(run_dir, lay.abstract, t.steps)
     rundir.bind_data(run_dir, corpus.identity(cfg), training=True, writes=is_primary())
     if is_primary():
         rundir.write_config(run_dir, cfg)

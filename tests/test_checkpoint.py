@@ -122,15 +122,18 @@ def test_shape_mismatch_lists_parameters(tmp_path):
 def test_a_changed_optimiser_is_refused_and_its_run_left_whole(tmp_path):
     """optim.clip_norm=0 drops the clipping stage, so the optimiser state's structure changes:
     resuming so must stop before writing, not take the checkpoints for damaged, move them
-    aside and restart the run from step 0."""
+    aside and restart the run from step 0. So must a run shortened below its checkpoint."""
     run = tmp_path / "run"
     trained(run)
     before = (sorted(checkpoint.manager(run, read_only=True).all_steps()), losses(run))
     with pytest.raises(CheckpointError, match=r"optimiser.*\n  opt "):
         trained(run, "optim.clip_norm=0", "train.steps=12")
+    with pytest.raises(CheckpointError, match=r"checkpoint at step 8, beyond train.steps=4"):
+        trained(run, "train.steps=4")  # a run is not shortened
     assert (sorted(checkpoint.manager(run, read_only=True).all_steps()), losses(run)) == before
     assert not list((run / "checkpoints").glob("*corrupt*"))
-    assert config.load(run / "config.yaml").optim.clip_norm == 1.0
+    cfg = config.load(run / "config.yaml")
+    assert (cfg.optim.clip_norm, cfg.train.steps) == (1.0, 8)
 
 
 def test_a_save_killed_before_it_commits_leaves_the_last_complete_checkpoint(tmp_path,

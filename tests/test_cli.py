@@ -49,8 +49,11 @@ def test_study_commands_run_without_jax(tmp_path):
     assert "10 done" in out.stdout and "held-out" in out.stdout and "loss=" in out.stdout
     assert "tokens=1e+07 -> flops~" in out.stdout  # derived from the fit's FLOPs per token
     assert "tokens=1e+07 flops=7e+12 -> loss=" in out.stdout  # a run's exact FLOPs, given
-    for name in ("report.md", "fit.json", "prediction.json", "plots/loss_vs_compute.png"):
+    for name in ("report.md", "fit.json", "plots/loss_vs_compute.png"):
         assert (sweep_dir / name).is_file(), name
+    # its held-out run was recorded done with nothing registered: none is registered now
+    assert not (sweep_dir / "prediction.json").exists()
+    assert "None registered, and none can be" in (sweep_dir / "report.md").read_text()
     assert json.loads(fit_json.read_text())["law"] == "chinchilla"
 
 
@@ -83,6 +86,13 @@ def test_fit_checks_where_it_will_write_before_fitting(tmp_path, capsys, monkeyp
     assert "no directory" in capsys.readouterr().err
     assert cli.main(["fit", str(csv), "--out", str(tmp_path)]) == 2
     assert "is a directory; give a file" in capsys.readouterr().err
+    registered = tmp_path / "prediction.json"  # holds a fit too, and is never to be edited
+    registered.write_text(json.dumps({"made": "then", "law": "chinchilla", "runs": [],
+                                      "fit": {"law": "chinchilla", "objective": 1.0}}))
+    for out in (csv, registered):
+        before = out.read_bytes()
+        assert cli.main(["fit", str(csv), "--out", str(out)]) == 2
+        assert "is not a fit lm wrote" in capsys.readouterr().err and out.read_bytes() == before
 
 
 def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list(tmp_path, capsys):
@@ -129,3 +139,30 @@ def test_fitting_a_sweep_directory_takes_its_own_fit_settings(tmp_path, capsys):
         (sweep_dir / "sweep.yaml").write_text(damaged)
         assert cli.main(["fit", str(sweep_dir), "--out", str(out)]) == 2
         assert "its fit settings cannot be read" in capsys.readouterr().err
+
+
+def test_predict_refuses_what_cannot_be_a_run_and_reads_a_registration(tmp_path, capsys):
+    """--flops far from 6ND of --params and --tokens, or missing arguments, are usage errors;
+    a sweep's prediction.json predicts with the fit registered in it."""
+    path = finished_sweep(tmp_path)
+    fit_json = tmp_path / "fit.json"
+    assert cli.main(["fit", str(tmp_path / "sweep"), "--out", str(fit_json), "--bootstrap", "0",
+                     "--min-tokens-per-param", "0"]) == 0
+    for argv, message in [(["--params", "1e5", "--tokens", "1e7", "--flops", "5"],
+                           "x 6ND of --params 100000 --tokens 1e+07: not that run's FLOPs"),
+                          (["--params", "1e5"], "give --params N --tokens D")]:
+        capsys.readouterr()
+        assert cli.main(["predict", str(fit_json), *argv]) == 2
+        assert message in capsys.readouterr().err
+    registered = tmp_path / "prediction.json"
+    registered.write_text(json.dumps({"made": "then", "runs": [],
+                                      "fit": json.loads(fit_json.read_text())}))
+    query = ["--params", "1e5", "--tokens", "1e7"]
+    capsys.readouterr()
+    assert cli.main(["predict", str(fit_json), *query]) == 0
+    direct = capsys.readouterr().out
+    assert cli.main(["predict", str(registered), *query]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"the fit registered in {registered}") and out.endswith(direct)
+    assert cli.main(["sweep", str(path), "--json"]) == 2
+    assert "--json is --status's output" in capsys.readouterr().err

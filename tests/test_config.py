@@ -26,6 +26,11 @@ def test_base_inheritance(tmp_path):
     (tmp_path / "child.yaml").write_text("base: tiny\ntrain:\n  steps: 3\n")
     cfg = config.load(tmp_path / "child.yaml")
     assert cfg.train.steps == 3 and cfg.model == config.load("tiny").model
+    (tmp_path / "a.yaml").write_text("base: b\n")
+    (tmp_path / "b.yaml").write_text("base: a\n")
+    with pytest.raises(ConfigError, match=r"extend each other in a loop \(.*a.yaml -> "
+                                          r".*b.yaml -> .*a.yaml\)"):
+        config.load(tmp_path / "a.yaml")
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -1,4 +1,9 @@
+from pathlib import Path
+
+import pytest
+
 from lm import rundir
+from lm.errors import ConfigError
 
 from conftest import small
 
@@ -27,3 +32,10 @@ def test_a_row_cut_short_by_a_kill_gives_way_to_the_next(tmp_path):
     assert rundir.evals(tmp_path) == [{"step": 1, "loss": 3.0},
                                       {"step": 2, "loss": 2.5, "set": "val"},
                                       {"step": 2, "loss": 2.7, "set": "other"}]
+
+
+def test_a_run_directory_that_cannot_be_created_says_so():
+    with pytest.raises(ConfigError, match=r"/proc/lm-none/run cannot be created \(.*\); give a "
+                                          "directory where this user can write"):
+        with rundir.locked(Path("/proc/lm-none/run")):
+            pass

@@ -360,6 +360,7 @@ def test_a_url_of_another_scheme_is_refused_not_taken_for_a_file(tmp_path, monke
 
 
 def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path):
+    """...but not by a spec other than the one the trials ran with."""
     path, _, _ = finished
     spec = yaml.safe_load(path.read_text())
     sweep_dir = tmp_path / "sweep"
@@ -369,6 +370,11 @@ def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path)
     out = lm("sweep", "--status", str(tmp_path / "s.yaml"))
     assert out.returncode == 2 and "not a sweep store" in out.stderr
     assert "--rebuild-store" in out.stderr
+    edited = dict(spec, dir=str(sweep_dir), recipe={**spec["recipe"], "lr": 2e-2})
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))  # not what the trials ran
+    out = lm("sweep", str(tmp_path / "edited.yaml"), "--rebuild-store")
+    assert out.returncode == 2 and "ran with another config than the spec plans" in out.stderr
+    assert not list(sweep_dir.glob("store.sqlite.damaged-*"))  # nothing moved or written
     out = lm("sweep", str(tmp_path / "s.yaml"), "--rebuild-store")
     assert out.returncode == 0 and "13 of 17 trials done" in out.stdout, out.stderr
     assert final_losses(sweep_dir / "store.sqlite") == final_losses(

@@ -35,3 +35,12 @@ def test_spike_threshold_waits_for_the_start_and_a_full_window():
     spike = spikes.first_spike(s, 5, [1.5, 1.9, 3.1, 1.0], recent)
     assert (spike.step, spike.threshold) == (7, 3.0) and list(recent) == [1.0, 1.5, 1.9]
     assert spikes.first_spike(s, 1, [float("nan")], collections.deque()).step == 1
+
+
+def test_a_step_whose_gradient_is_not_finite_is_one_though_its_loss_is():
+    """Its update left the parameters non-finite: a save after it, or the run's end, would keep
+    them (a sweep trial recorded done with a NaN validation loss)."""
+    s = small().train.spikes
+    losses = [spikes.checked_loss({"loss": 2.0, "grad_norm": g}) for g in (1.0, float("inf"))]
+    spike = spikes.first_spike(s, 4, losses, collections.deque())
+    assert spike.step == 5 and "loss or gradient became non-finite at step 5" in spike.describe(s)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from lm import checkpoint, cli, data, evaluate, rundir, schedule, state, train
-from lm.errors import TrainingError
+from lm.errors import ConfigError, TrainingError
 from lm.model import Transformer
 
 from conftest import small
@@ -72,6 +72,14 @@ def test_loss_falls_and_metrics_are_logged(run_dir):
     assert last == rows[-1]
     assert rows[-1]["loss"] < 0.6 * np.log(cfg.vocab_size)  # from log(V) towards log(4)
     assert (Path(run_dir) / "config.yaml").is_file()
+
+
+def test_a_run_far_beyond_the_devices_memory_is_refused_before_its_directory(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"the run needs about [\d,]+ GiB, and its devices "
+                                          r"have [\d,]+ GiB; lower model.context"):
+        train.train(small("model.context=100000", "mesh.data=-1", f"train.run_dir={run}"))
+    assert not run.exists()
 
 
 def test_a_sessions_fresh_state_is_compiled_once_in_its_compile_phase():
