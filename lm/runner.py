@@ -187,7 +187,7 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     held = [t for t in trials if t.role == "holdout"]
     if not held:
         return False
-    _sync_registration(spec, trials, store)
+    _sync_registration(spec, store)
     if store.prediction() is not None:
         store.unblock_held()
         return False
@@ -502,7 +502,7 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
     with exclusive(spec.path):
         store = Store(url)
         store.check_sweep(spec.name)
-        _sync_registration(spec, trials, store)  # first: the plan is checked against it
+        _sync_registration(spec, store)  # first: the plan is checked against it
         store.sync(spec.name, plan_digest(trials), trials, replan=True)
         _write_atomic(spec.path / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec),
                                                                sort_keys=False))
@@ -569,7 +569,7 @@ def _count(names: list, noun: str = "trial") -> str:
     return f"{len(names)} {noun}{'s' * (len(names) != 1)}"
 
 
-def _sync_registration(spec: SweepSpec, trials: list[Trial], store: Store) -> None:
+def _sync_registration(spec: SweepSpec, store: Store) -> None:
     """The registered prediction in the store and in prediction.json alike. A file the store
     lacks (an earlier lm's store had no prediction table; a store rebuilt or new) becomes the
     store's registered prediction; a registration whose file is missing (its writer killed
@@ -786,7 +786,7 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
                 if (side := path.with_name(path.name + suffix)).exists():
                     side.rename(aside.with_name(aside.name + suffix))
         store = Store(path)
-        _sync_registration(spec, trials, store)
+        _sync_registration(spec, store)
         store.sync(spec.name, plan_digest(trials), trials)
         done = 0
         for t in trials:
