@@ -36,6 +36,7 @@ from lm.errors import Busy, CheckpointError, ConfigError, DataError
 CONFIG, METRICS, EVALS, CHECKPOINTS, LOCK, DATA = (
     "config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", ".lock", "data.json")
 RUN_FILES = (METRICS, EVALS, CHECKPOINTS)  # besides config.yaml
+SWEEP_FILES = ("store.sqlite", "prediction.json")  # a sweep directory's, which no run shares
 
 log = logging.getLogger("lm")
 
@@ -66,6 +67,9 @@ def checked(run_dir: str) -> Path:
     blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise ConfigError(f"train.run_dir={run_dir}: {blocked} is a file, not a directory")
+    if sweep := next((n for n in SWEEP_FILES if (path / n).exists()), None):
+        raise ConfigError(f"train.run_dir={run_dir} is a sweep's directory (it holds {sweep}); "
+                          "give the run a directory of its own")
     config_file = path / CONFIG
     if config_file.exists() and not _is_run_config(config_file):
         raise ConfigError(f"train.run_dir={run_dir}: {config_file} is not the config of an lm "

@@ -733,6 +733,10 @@ def status(spec_path: str | Path, url: str | None = None, overrides=()) -> list[
 def status_text(spec_path: str | Path, url: str | None = None, overrides=()) -> str:
     spec = spec_lib.load_spec(spec_path, overrides)
     rows = status(spec_path, url, overrides)
+    if not rows and any((spec.path / "trials").glob("*/config.yaml")):
+        return (f"sweep {spec.name}: its store ({store_url(spec, url)}) holds no trials, but its "
+                f"trials have run directories: rebuild it from them with `"
+                f"{invocation(spec_path, overrides, url)} --rebuild-store`")
     if not rows:
         return f"sweep {spec.name} has not started (no store at {store_url(spec, url)})"
     counts = {s: sum(r["status"] == s for r in rows)

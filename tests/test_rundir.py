@@ -39,3 +39,9 @@ def test_a_run_directory_that_cannot_be_created_says_so():
                                           "directory where this user can write"):
         with rundir.locked(Path("/proc/lm-none/run")):
             pass
+
+
+def test_a_sweeps_directory_is_no_run_directory(tmp_path):
+    (tmp_path / "prediction.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"is a sweep's directory \(it holds prediction.json\)"):
+        rundir.checked(str(tmp_path))

@@ -366,6 +366,10 @@ def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path)
     sweep_dir = tmp_path / "sweep"
     shutil.copytree(path.parent / "sweep", sweep_dir)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(dict(spec, dir=str(sweep_dir))))
+    (sweep_dir / "store.sqlite").write_bytes(b"")  # emptied
+    status = runner.status_text(tmp_path / "s.yaml")
+    assert "holds no trials, but its trials have run directories" in status
+    assert status.endswith(f"lm sweep {tmp_path / 's.yaml'} --rebuild-store`")
     (sweep_dir / "store.sqlite").write_bytes(b"garbage " * 512)
     out = lm("sweep", "--status", str(tmp_path / "s.yaml"))
     assert out.returncode == 2 and "not a sweep store" in out.stderr
