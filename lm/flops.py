@@ -217,13 +217,15 @@ def peak_flops_per_s(devices) -> float:
     return PEAKS[data_sheet_entry(kind)] * len(devices)
 
 
-def memory_bytes(cfg: Config) -> int:
+def memory_bytes(cfg: Config, attention_scores: bool = True) -> int:
     """Rough peak training memory: fp32 parameters, gradients and two Adam moments, plus
     activations kept for the backward pass (about 34·d bytes per token and layer, Korthikanti
-    et al. 2022, and the attention scores) and the logits."""
+    et al. 2022, and the attention scores, which flash attention does not keep) and the
+    logits."""
     m = cfg.model
     tokens = cfg.train.batch_size // cfg.train.micro_batches * cfg.seq_len
-    layer = tokens * (34 * m.d_model + 5 * m.n_heads * cfg.seq_len)
+    scores = 5 * m.n_heads * cfg.seq_len if attention_scores else 0
+    layer = tokens * (34 * m.d_model + scores)
     remat = {"none": 1.0, "dots": 0.5, "full": 0.1}[m.remat]
     logits = 4 * tokens * m.vocab_size * (1 if m.loss_chunk else 3)
     return int(16 * param_counts(m)["total"] + remat * m.n_layers * layer + logits)

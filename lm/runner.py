@@ -578,18 +578,23 @@ def _sync_registration(spec: SweepSpec, store: Store) -> None:
     if (registered := store.prediction()) is not None:
         if not path.exists():
             _write_atomic(path, json.dumps(registered, indent=1))
-        return
+    elif (read := _registered_file(path)) is not None:
+        store.register(*read)
+
+
+def _registered_file(path: Path) -> tuple[dict, list[str]] | None:
+    """A prediction.json's registration and the held-out runs it holds; None if there is none.
+    (An lm of 4f5a8c7-2741309 recorded a failed fit as {made, failed}: it holds none.)"""
     if not path.exists():
-        return
+        return None
     try:
         body = json.loads(path.read_text())
-        runs = [r["run"] for r in body["runs"]]
+        return body, [] if "failed" in body else [r["run"] for r in body["runs"]]
     except (ValueError, TypeError, KeyError):
         raise StoreError(f"{path} is damaged (not a registration's JSON: cut short?). It held "
                          "the registered held-out prediction, which cannot be made again after "
                          "the fitting runs; restore it from a backup, or move it away to "
                          "continue without a pre-registered prediction") from None
-    store.register(body, runs)
 
 
 # --------------------------------------------------------------------------- the report
@@ -784,6 +789,7 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
                 f"trial {listed(otherwise)} ran with another config than the spec plans now (it "
                 f"changed under the sweep), and a rebuild would record it as planned: rebuild "
                 f"with the spec it ran with ({spec.path / 'sweep.yaml'}), or use a new `dir`")
+        _registered_file(spec.path / PREDICTION)  # damaged: said before anything is moved
         if path.exists():
             check_sweep_file(path, spec.name)
             for suffix in ("", "-journal", "-wal", "-shm"):  # a journal goes with its file

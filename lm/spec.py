@@ -168,9 +168,10 @@ def _check_numbers(path: Path, spec: SweepSpec) -> None:
             ("fit.min_tokens_per_param", f.min_tokens_per_param,
              f.min_tokens_per_param is None or f.min_tokens_per_param >= 0, ">= 0 (or null)"),
             ("fit.max_noise", f.max_noise, f.max_noise >= 0, ">= 0 (0: no size leaves the fit)"),
-            ("recipe.decay_fraction", r.decay_fraction, 0 < r.decay_fraction < 1,
-             "a fraction of each run in (0, 1): a decay over the whole run leaves no stable run "
-             "to branch from")):
+            ("recipe.decay_fraction", r.decay_fraction,
+             0 < r.decay_fraction < 1 if r.schedule == "wsd" else 0 < r.decay_fraction <= 1,
+             "a fraction of each run in (0, 1) under wsd: a decay over the whole run leaves no "
+             "stable run to branch from")):
         if not ok:
             raise ConfigError(f"{path}: {key}={value} is not valid: {valid}")
     if spec.seed < 0 or any(s < 0 for s in spec.seeds):

@@ -375,7 +375,7 @@ class Store:
             self._set("plan", digest)
             prediction = self.prediction()
             registered = prediction is not None
-            if registered and (new := sorted(
+            if registered and "failed" not in prediction and (new := sorted(
                     {t.name for t in trials if t.role == "holdout"}
                     - {r["run"] for r in prediction.get("runs", [])})):
                 raise ConfigError(

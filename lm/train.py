@@ -417,20 +417,25 @@ def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
 
 def _check_memory(cfg: Config, devices) -> None:
     """Refuse a run that needs more memory than its devices have together (a context or batch
-    off by orders of magnitude): the estimate is rough, the error it prevents comes after the
-    run directory is written. Simulated CPU devices share the host's memory."""
+    off by orders of magnitude): the estimate is rough (a lower bound: the attention scores
+    counted only where the einsum path keeps them, not where flash attention may run), the
+    error it prevents comes after the run directory is written. Simulated CPU devices share
+    the host's memory."""
     local = [d for d in devices if d.process_index == jax.process_index()]
-    if devices[0].platform == "cpu":
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if devices[0].platform == "cpu":  # each process's host taken to be alike
+        have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                * len({d.process_index for d in devices}))
     else:  # other hosts' devices report nothing here: taken to be alike
         try:
             have = sum((d.memory_stats() or {}).get("bytes_limit", 0) for d in local)
         except Exception:  # noqa: BLE001 - a platform without memory statistics: unknown
             have = 0
         have = have * len(devices) // max(len(local), 1)
-    need = flops.memory_bytes(cfg)
+    einsum = cfg.model.attention == "einsum" or (cfg.model.attention == "auto"
+                                                 and devices[0].platform == "cpu")
+    need = flops.memory_bytes(cfg, attention_scores=einsum)
     if have and need > have:
-        raise ConfigError(f"the run needs about {need / 2**30:,.0f} GiB, and its devices have "
+        raise ConfigError(f"the run needs at least {need / 2**30:,.0f} GiB, and its devices have "
                           f"{have / 2**30:,.0f} GiB; lower model.context or train.batch_size, "
                           "raise train.micro_batches or set model.remat")
 

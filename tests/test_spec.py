@@ -230,7 +230,8 @@ def test_trials_whose_mesh_does_not_fit_a_workers_devices_are_refused_before_any
     ({"fit": {"drop_early": 1.0}}, r"fit.drop_early=1.0 is not valid"),
     ({"tokens": [-1, 8192]}, r"tokens=\[-1.0, 8192.0\]: budgets are positive"),
     ({"recipe": {"lr": 1e-2, "decay_fraction": 1.5}}, r"recipe.decay_fraction=1.5 is not valid"),
-    ({"recipe": {"lr": 1e-2, "decay_fraction": 1.0}}, r"decay_fraction=1.0 .* no stable run"),
+    ({"recipe": {"lr": 1e-2, "schedule": "wsd", "decay_fraction": 1.0}},
+     r"decay_fraction=1.0 .* no stable run"),
     ({"dir": "/dev/null"}, r"the sweep's directory /dev/null is a file"),
     ({"holdout": {"size": {**SIZES[2], "seeds": 0}, "tokens": 32768}}, r"holdout\[0\].size.seeds=0"),
     ({"fit": {"law": "isoflop"}, "tokens": [], "isoflop": [1e12]},  # its held-out run: no loss

@@ -429,3 +429,21 @@ def test_a_store_outlives_a_server_restart_but_says_when_it_stays_away(postgres_
     finally:
         postgres_server.start()
     assert sum(r["status"] == "running" for r in store.trials()) == 1
+
+
+def test_held_out_runs_outside_the_registration_are_refused_but_not_by_a_failed_one(tmp_path,
+                                                                                   trials):
+    """A registration holds its held-out runs; an older lm's record of a failed fit ({made,
+    failed}, which let them train unpredicted) holds none and refuses none."""
+    held = [t.name for t in trials if t.role == "holdout"]
+    for body, refused in (({"made": "then", "runs": []}, True),
+                          ({"made": "then", "failed": "the fit failed"}, False)):
+        store = Store(tmp_path / f"{refused}.sqlite")
+        store.sync("t", "plan1", trials)
+        store.register(body, [])
+        if refused:
+            with pytest.raises(ConfigError, match=f"held-out run {held[0]} is not in the "
+                                                  "prediction registered"):
+                store.sync("t", "plan1", trials)
+        else:
+            store.sync("t", "plan1", trials)
