@@ -245,6 +245,17 @@ def _out_of_memory(e: Exception) -> bool:
     return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
 
 
+def branch_point(run_dir: str | Path, step: int) -> int | None:
+    """The checkpoint of run `run_dir` that a branch at `step` starts from: its latest at or
+    before the step (a budget added after the run ended finds none at it); None if none is
+    (the branch starts afresh). A run without any checkpoint has not trained yet: an error."""
+    steps = manager(run_dir, read_only=True).all_steps()
+    if not steps:
+        raise CheckpointError(f"train.branch_from={run_dir} has no checkpoint; train that run "
+                              "first")
+    return max((s for s in steps if s <= step), default=None)
+
+
 def check_fits(run_dir: str | Path, abstract: dict, steps: int) -> None:
     """Refuse a run directory whose newest readable checkpoint does not fit the model and
     optimiser, or lies beyond the run's `steps` (a run is not shortened), before the run writes

@@ -344,12 +344,26 @@ def _train_one(trial: Trial, session, store: Store, worker: str, stale_s: float)
                     trial.run_dir / "train.log")
     else:
         points = _ingest(trial)
-        if store.finish(trial.name, points, time.time() - start, _spent(session), worker):
+        if store.finish(trial.name, points, time.time() - start, _spent(session), worker,
+                        _spent_flops(trial)):
             log.info("sweep: finished %s in %.0f s, validation loss %.4f", trial.name,
                      time.time() - start, points[-1]["val_loss"])
         else:
             log.warning("sweep: %s ended after another worker had taken it over; its result "
                         "is that worker's to record", trial.name)
+
+
+def _spent_flops(trial: Trial) -> float | None:
+    """The FLOPs a cooldown branch spent: from the checkpoint it started from, before its
+    branch step where its stable run saved none there (`checkpoint.branch_point`); None for
+    other trials, which spend what they were planned to."""
+    t = trial.cfg.train
+    if not t.branch_from:
+        return None
+    from lm import checkpoint
+
+    start = checkpoint.branch_point(t.branch_from, t.branch_step) or 0
+    return trial.facts()["flops_per_token"] * trial.cfg.tokens_per_step * (t.steps - start)
 
 
 def _spent(session) -> dict:

@@ -469,15 +469,19 @@ class Store:
 
     @_surviving
     def finish(self, name: str, points: list[dict], wall_s: float | None,
-               timings: dict | None = None, worker: str | None = None) -> bool:
-        """A trial's evaluations and its `done` status, in one transaction. With `worker`,
-        only while the trial is still that worker's: False if another has taken it over (the
-        result is then the new owner's to record)."""
+               timings: dict | None = None, worker: str | None = None,
+               spent_flops: float | None = None) -> bool:
+        """A trial's evaluations and its `done` status, in one transaction, with the FLOPs it
+        spent where they were not the planned ones. With `worker`, only while the trial is
+        still that worker's: False if another has taken it over (the result is then the new
+        owner's to record)."""
         owned, args = self._owned(worker)
         with self.db.transaction():
             cur = self.db.execute("UPDATE trials SET status='done', error=NULL, wall_s=?, "
-                                  f"timings=?, updated=? WHERE name=?{owned}",
-                                  (wall_s, json.dumps(timings or {}), self.stamp, name, *args))
+                                  "timings=?, updated=?, spent_flops=COALESCE(?, spent_flops) "
+                                  f"WHERE name=?{owned}",
+                                  (wall_s, json.dumps(timings or {}), self.stamp, spent_flops,
+                                   name, *args))
             if cur.rowcount != 1:  # another's now, or finished by the lost attempt
                 return self.replaying and self._stamped(worker, name) == name
             self.db.execute("DELETE FROM points WHERE trial=?", (name,))

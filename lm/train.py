@@ -188,17 +188,14 @@ def _start(cfg: Config, program: Program) -> tuple[dict, dict]:
     t, lay = cfg.train, program.layout
     if not t.branch_from:
         return program.init(t.seed), {"step": 0}
-    parent = checkpoint.manager(t.branch_from, read_only=True)
-    if not parent.all_steps():
-        raise CheckpointError(f"train.branch_from={t.branch_from} has no checkpoint; train that "
-                              "run first")
-    step = max((s for s in parent.all_steps() if s <= t.branch_step), default=None)
+    step = checkpoint.branch_point(t.branch_from, t.branch_step)
     if step is None:
         log.info("%s has no checkpoint up to step %d: starting afresh", t.branch_from,
                  t.branch_step)
         return program.init(t.seed), {"step": 0}
     log.info("branching from step %d of %s%s", step, t.branch_from,
              f" (its latest up to step {t.branch_step})" if step < t.branch_step else "")
+    parent = checkpoint.manager(t.branch_from, read_only=True)
     try:
         return checkpoint.restore(parent, step, lay.abstract, lay.shardings)
     except CheckpointError:

@@ -89,8 +89,9 @@ def test_claims_heartbeats_failures_and_the_prediction(url, trials):
             assert store.claim("w2") == claims[1]  # retried until it fails the same way thrice
     rows = {r["name"]: r for r in store.trials()}
     assert rows[claims[1]]["status"] == "failed" and rows[claims[1]]["attempts"] == 3
-    assert store.finish(claims[0], [point], 2.0, {"steps": 1.5}, worker="w3")
+    assert store.finish(claims[0], [point], 2.0, {"steps": 1.5}, worker="w3", spent_flops=7.0)
     assert store.last_losses() == {claims[0]: 3.1}
+    assert {r["name"]: r for r in store.trials()}[claims[0]]["spent_flops"] == 7.0
     finished = {r["name"]: r for r in Store(url).trials()}[claims[0]]
     assert finished["status"] == "done" and json.loads(finished["timings"]) == {"steps": 1.5}
     assert store.register({"runs": {}}, [trials[-1].name])

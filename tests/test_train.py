@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import checkpoint, cli, data, evaluate, rundir, schedule, state, train
+from lm import (checkpoint, cli, data, evaluate, flops, rundir, runner, schedule, spec,
+                state, train)
 from lm.errors import ConfigError, TrainingError
 from lm.model import Transformer
 
@@ -300,6 +301,8 @@ def test_a_cooldown_branch_trains_exactly_as_a_run_of_its_length(tmp_path):
 
     for a, b in zip(final(branch, 24), final(scratch, 24)):
         np.testing.assert_array_equal(a, b)
+    planned = spec.Trial("branch", "fit", branch)
+    assert runner._spent_flops(planned) == planned.facts()["spent_flops"]  # its decay alone
     assert sorted(checkpoint.manager(stable.train.run_dir, read_only=True).all_steps()) == [18, 30]
 
     # Budgets added after the stable run ended: it saved no checkpoint at their branch steps.
@@ -316,3 +319,7 @@ def test_a_cooldown_branch_trains_exactly_as_a_run_of_its_length(tmp_path):
         assert curve(late, range(steps + 1)) == curve(alone, range(first, steps + 1))
         for a, b in zip(final(late, steps), final(alone, steps)):
             np.testing.assert_array_equal(a, b)
+        # what a sweep records it spent: the steps it trained, not only its decay
+        spent = runner._spent_flops(spec.Trial("late", "fit", late))
+        assert spent == (late.tokens_per_step * (steps + 1 - first)
+                         * flops.train_flops_per_token(late.model, late.seq_len))
