@@ -24,6 +24,11 @@ def simulate_cpu_devices(n: int) -> None:
         os.environ["NPROC"] = str(max(4 * n, int(os.environ.get("NPROC", 0))))
 
 
+def host_memory_bytes() -> int:
+    """This host's physical memory, which its simulated CPU devices share."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def keep_freed_memory() -> None:
     """Make glibc's malloc keep the memory a step frees for the next step.
 

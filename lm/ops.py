@@ -22,6 +22,14 @@ def hand_written_gradients() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def attention_path(path: str) -> str:
+    """model.attention resolved: `auto` is einsum where the written-out backward passes run
+    (CPU), dot_product elsewhere."""
+    if path != "auto":
+        return path
+    return "einsum" if hand_written_gradients() else "dot_product"
+
+
 # --------------------------------------------------------------------------- projections
 
 
@@ -68,8 +76,7 @@ def attention(q_bthk, k_bsgk, v_bsgk, positions_t, scale: float, path: str = "au
     among the s keys) over keys and values of g heads; query head i uses kv head i // (h/g).
     `path`: `einsum` (the written-out backward pass), `dot_product`
     (jax.nn.dot_product_attention), or `auto`: einsum on CPU, dot_product elsewhere."""
-    if path == "auto":
-        path = "einsum" if hand_written_gradients() else "dot_product"
+    path = attention_path(path)
     b, t, h, k = q_bthk.shape
     s, g = k_bsgk.shape[1], k_bsgk.shape[2]
     mask_ts = jnp.arange(s)[None, :] <= positions_t[:, None]

@@ -36,6 +36,7 @@ import yaml
 
 from lm import (backtest, config as config_lib, flops, laws, report, rundir, scaling, schedule,
                 spec as spec_lib, trackers)
+from lm.devices import host_memory_bytes
 from lm.errors import (Busy, ConfigError, Fenced, FitError, Incomplete, Interrupted, LMError,
                        StoreError, listed)
 from lm.noise import Noise, noise_by_budget, noise_by_size
@@ -58,7 +59,7 @@ POLL_S = 0.5
 def devices(cpu_devices: int | None) -> tuple[int, int]:
     """How many devices a worker has (0: unknown) and their memory in bytes. Asked of a child
     process, so that the runner itself never starts JAX."""
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    host = host_memory_bytes()
     if cpu_devices:
         return cpu_devices, host  # simulated devices share the host's memory
     probe = ("import jax; d = jax.devices(); print(d[0].platform, len(d), "
@@ -187,8 +188,7 @@ def register_when_ready(spec: SweepSpec, trials: list[Trial], store: Store) -> b
     held = [t for t in trials if t.role == "holdout"]
     if not held:
         return False
-    _sync_registration(spec, store)
-    if store.prediction() is not None:
+    if _sync_registration(spec, store) is not None:
         store.unblock_held()
         return False
     status = {r["name"]: r["status"] for r in store.trials()}
@@ -583,17 +583,21 @@ def _count(names: list, noun: str = "trial") -> str:
     return f"{len(names)} {noun}{'s' * (len(names) != 1)}"
 
 
-def _sync_registration(spec: SweepSpec, store: Store) -> None:
-    """The registered prediction in the store and in prediction.json alike. A file the store
-    lacks (an earlier lm's store had no prediction table; a store rebuilt or new) becomes the
-    store's registered prediction; a registration whose file is missing (its writer killed
-    between the two writes) is written out."""
+def _sync_registration(spec: SweepSpec, store: Store) -> dict | None:
+    """The registered prediction in the store and in prediction.json alike, and that
+    prediction (None: none yet). A file the store lacks (an earlier lm's store had no
+    prediction table; a store rebuilt or new) becomes the store's registered prediction; a
+    registration whose file is missing (its writer killed between the two writes) is written
+    out."""
     path = spec.path / PREDICTION
     if (registered := store.prediction()) is not None:
         if not path.exists():
             _write_atomic(path, json.dumps(registered, indent=1))
-    elif (read := _registered_file(path)) is not None:
-        store.register(*read)
+        return registered
+    if (read := _registered_file(path)) is None:
+        return None
+    store.register(*read)
+    return read[0]
 
 
 def _registered_file(path: Path) -> tuple[dict, list[str]] | None:

@@ -2,8 +2,8 @@
 
 A step whose loss or gradient is non-finite, or whose loss is above `factor` x the running
 median of the `window` steps before it, rolls the run back to its newest checkpoint and passes
-over the batches from there through the spike. All of it is a pure function of (step, losses, ranges skipped), so a resumed
-run reads exactly the batches an uninterrupted one does.
+over the batches from there through the spike. All of it is a pure function of (step, losses,
+ranges skipped), so a resumed run reads exactly the batches an uninterrupted one does.
 """
 
 from __future__ import annotations

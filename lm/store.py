@@ -156,7 +156,8 @@ class _Postgres:
                                  "the host, port, user, password and database of the URL") from None
             log.warning("cannot reach the store %s yet (%s); trying for %.0f s", self.where,
                         _first_line(e), wait)
-            self.reconnect(time.monotonic() + wait, f"cannot reach the store within {wait:.0f} s")
+            self.reconnect(time.monotonic() + wait, f"cannot reach the store within {wait:.0f} s",
+                           _first_line(e))
 
     def _connect(self):
         from psycopg.conninfo import conninfo_to_dict

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -21,8 +20,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops, profiling,
-                rundir, schedule, sharding, spikes, state as state_lib, trackers)
+from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops, ops,
+                profiling, rundir, schedule, sharding, spikes, state as state_lib, trackers)
+from lm.devices import host_memory_bytes
 from lm.config import Config
 from lm.errors import CheckpointError, ConfigError, Fenced, Interrupted
 from lm.processes import StopSignals, agree, is_primary, primary_first, sync
@@ -420,16 +420,14 @@ def _check_memory(cfg: Config, devices) -> None:
     the host's memory."""
     local = [d for d in devices if d.process_index == jax.process_index()]
     if devices[0].platform == "cpu":  # each process's host taken to be alike
-        have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                * len({d.process_index for d in devices}))
+        have = host_memory_bytes() * len({d.process_index for d in devices})
     else:  # other hosts' devices report nothing here: taken to be alike
         try:
             have = sum((d.memory_stats() or {}).get("bytes_limit", 0) for d in local)
         except Exception:  # noqa: BLE001 - a platform without memory statistics: unknown
             have = 0
         have = have * len(devices) // max(len(local), 1)
-    einsum = cfg.model.attention == "einsum" or (cfg.model.attention == "auto"
-                                                 and devices[0].platform == "cpu")
+    einsum = ops.attention_path(cfg.model.attention) == "einsum"
     need = flops.memory_bytes(cfg, attention_scores=einsum)
     if have and need > have:
         raise ConfigError(f"the run needs at least {need / 2**30:,.0f} GiB, and its devices have "
