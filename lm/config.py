@@ -536,6 +536,14 @@ def eval_batch_size(cfg: Config) -> int:
     return cfg.eval.batch_size or cfg.train.batch_size // cfg.train.micro_batches
 
 
+def attention_path(attention: str, platform: str) -> str:
+    """model.attention as it runs on `platform`: `auto` is einsum on CPU, where the kernels'
+    written-out backward passes were measured faster (lm.ops), dot_product elsewhere."""
+    if attention != "auto":
+        return attention
+    return "einsum" if platform == "cpu" else "dot_product"
+
+
 def check_devices(cfg: Config, n_devices: int) -> dict[str, int]:
     """The mesh sizes of `cfg` on `n_devices`, once the mesh and the training batch fit them."""
     sizes = mesh_shape(cfg, n_devices)

@@ -20,7 +20,8 @@ import math
 import time
 from typing import NamedTuple
 
-from lm.config import Config, ModelConfig
+from lm.config import Config, ModelConfig, attention_path
+from lm.errors import ConfigError
 
 # What a parameter does, which decides its initialisation (and its parametrisation).
 EMBEDDING, UNEMBEDDING, NORM, HIDDEN, RESIDUAL_OUT = (
@@ -217,15 +218,27 @@ def peak_flops_per_s(devices) -> float:
     return PEAKS[data_sheet_entry(kind)] * len(devices)
 
 
-def memory_bytes(cfg: Config, attention_scores: bool = True) -> int:
-    """Rough peak training memory: fp32 parameters, gradients and two Adam moments, plus
-    activations kept for the backward pass (about 34·d bytes per token and layer, Korthikanti
-    et al. 2022, and the attention scores, which flash attention does not keep) and the
-    logits."""
+def memory_bytes(cfg: Config, platform: str) -> int:
+    """Rough peak training memory on `platform`: fp32 parameters, gradients and two Adam
+    moments, plus activations kept for the backward pass (about 34·d bytes per token and
+    layer, Korthikanti et al. 2022, and the attention scores where the einsum path keeps them;
+    flash attention may not) and the logits. A lower bound more than a forecast."""
     m = cfg.model
     tokens = cfg.train.batch_size // cfg.train.micro_batches * cfg.seq_len
-    scores = 5 * m.n_heads * cfg.seq_len if attention_scores else 0
+    keeps_scores = attention_path(m.attention, platform) == "einsum"
+    scores = 5 * m.n_heads * cfg.seq_len if keeps_scores else 0
     layer = tokens * (34 * m.d_model + scores)
     remat = {"none": 1.0, "dots": 0.5, "full": 0.1}[m.remat]
     logits = 4 * tokens * m.vocab_size * (1 if m.loss_chunk else 3)
     return int(16 * param_counts(m)["total"] + remat * m.n_layers * layer + logits)
+
+
+def check_memory(cfg: Config, have: int, platform: str, who: str = "the run") -> None:
+    """Refuse `cfg` where `memory_bytes` exceeds the `have` bytes of its devices together (0:
+    unknown): a context or batch off by orders of magnitude, caught before anything is
+    written."""
+    need = memory_bytes(cfg, platform)
+    if have and need > have:
+        raise ConfigError(f"{who} needs at least {need / 2**30:,.1f} GiB, and its devices have "
+                          f"{have / 2**30:,.1f} GiB; lower model.context or train.batch_size, "
+                          "raise train.micro_batches or set model.remat")

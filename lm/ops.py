@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lm import config as config_lib
+
 F32 = jnp.float32
 
 
@@ -20,14 +22,6 @@ def hand_written_gradients() -> bool:
     """Whether the kernels below use their written-out backward passes: on CPU, where they
     were measured to be faster."""
     return jax.default_backend() == "cpu"
-
-
-def attention_path(path: str) -> str:
-    """model.attention resolved: `auto` is einsum where the written-out backward passes run
-    (CPU), dot_product elsewhere."""
-    if path != "auto":
-        return path
-    return "einsum" if hand_written_gradients() else "dot_product"
 
 
 # --------------------------------------------------------------------------- projections
@@ -76,7 +70,7 @@ def attention(q_bthk, k_bsgk, v_bsgk, positions_t, scale: float, path: str = "au
     among the s keys) over keys and values of g heads; query head i uses kv head i // (h/g).
     `path`: `einsum` (the written-out backward pass), `dot_product`
     (jax.nn.dot_product_attention), or `auto`: einsum on CPU, dot_product elsewhere."""
-    path = attention_path(path)
+    path = config_lib.attention_path(path, jax.default_backend())
     b, t, h, k = q_bthk.shape
     s, g = k_bsgk.shape[1], k_bsgk.shape[2]
     mask_ts = jnp.arange(s)[None, :] <= positions_t[:, None]

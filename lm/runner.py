@@ -56,18 +56,18 @@ POLL_S = 0.5
 # --------------------------------------------------------------------------- the sweep
 
 
-def devices(cpu_devices: int | None) -> tuple[int, int]:
-    """How many devices a worker has (0: unknown) and their memory in bytes. Asked of a child
-    process, so that the runner itself never starts JAX."""
+def devices(cpu_devices: int | None) -> tuple[int, int, str]:
+    """How many devices a worker has (0: unknown), their memory in bytes and their platform.
+    Asked of a child process, so that the runner itself never starts JAX."""
     host = host_memory_bytes()
     if cpu_devices:
-        return cpu_devices, host  # simulated devices share the host's memory
+        return cpu_devices, host, "cpu"  # simulated devices share the host's memory
     probe = ("import jax; d = jax.devices(); print(d[0].platform, len(d), "
              "(d[0].memory_stats() or {}).get('bytes_limit', 0) * len(d))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=300)
     platform, count, limit = (out.stdout.split() + ["cpu", "0", "0"])[:3]
-    return int(count), host if platform == "cpu" else int(limit)
+    return int(count), host if platform == "cpu" else int(limit), platform
 
 
 def planned(spec_path: str | Path, cpu_devices: int | None, overrides=()
@@ -76,9 +76,9 @@ def planned(spec_path: str | Path, cpu_devices: int | None, overrides=()
     devices: their mesh and memory."""
     spec = spec_lib.load_spec(spec_path, overrides)
     trials = spec_lib.plan(spec)
-    count, memory = devices(cpu_devices)
+    count, memory, platform = devices(cpu_devices)
     spec_lib.check_devices(trials, count)
-    spec_lib.check_memory(trials, memory)
+    spec_lib.check_memory(trials, memory, platform)
     return spec, trials
 
 

@@ -461,15 +461,11 @@ def check_devices(trials: list[Trial], count: int) -> None:
             raise ConfigError(f"trial {t.name} on a worker's {count} device(s): {e}") from None
 
 
-def check_memory(trials: list[Trial], limit: int) -> None:
-    """Refuse trials that would not fit in `limit` bytes of device memory (0: unknown)."""
+def check_memory(trials: list[Trial], limit: int, platform: str) -> None:
+    """Refuse trials that would not fit in the `limit` bytes of a worker's devices on
+    `platform` (0: unknown), as `lm train` would (`flops.check_memory`)."""
     for t in trials:
-        need = flops.memory_bytes(t.cfg)
-        if limit and need > 0.8 * limit:
-            raise ConfigError(
-                f"trial {t.name} needs about {need / 2**30:.1f} GiB but the devices have "
-                f"{limit / 2**30:.1f} GiB; lower train.batch_size, raise train.micro_batches "
-                "or set model.remat")
+        flops.check_memory(t.cfg, limit, platform, f"trial {t.name}")
 
 
 # What a trial's time is estimated from: a typical small-model MFU on CPU, compiling a model

@@ -20,11 +20,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops, ops,
+from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops,
                 profiling, rundir, schedule, sharding, spikes, state as state_lib, trackers)
 from lm.devices import host_memory_bytes
 from lm.config import Config
-from lm.errors import CheckpointError, ConfigError, Fenced, Interrupted
+from lm.errors import CheckpointError, Fenced, Interrupted
 from lm.processes import StopSignals, agree, is_primary, primary_first, sync
 
 log = logging.getLogger("lm")
@@ -413,26 +413,19 @@ def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
 
 
 def _check_memory(cfg: Config, devices) -> None:
-    """Refuse a run that needs more memory than its devices have together (a context or batch
-    off by orders of magnitude): the estimate is rough (a lower bound: the attention scores
-    counted only where the einsum path keeps them, not where flash attention may run), the
-    error it prevents comes after the run directory is written. Simulated CPU devices share
-    the host's memory."""
+    """`flops.check_memory` against what `devices` have together. Simulated CPU devices share
+    the host's memory; each process's host, or other hosts' devices, which report nothing
+    here, are taken to be alike."""
     local = [d for d in devices if d.process_index == jax.process_index()]
-    if devices[0].platform == "cpu":  # each process's host taken to be alike
+    if devices[0].platform == "cpu":
         have = host_memory_bytes() * len({d.process_index for d in devices})
-    else:  # other hosts' devices report nothing here: taken to be alike
+    else:
         try:
             have = sum((d.memory_stats() or {}).get("bytes_limit", 0) for d in local)
         except Exception:  # noqa: BLE001 - a platform without memory statistics: unknown
             have = 0
         have = have * len(devices) // max(len(local), 1)
-    einsum = ops.attention_path(cfg.model.attention) == "einsum"
-    need = flops.memory_bytes(cfg, attention_scores=einsum)
-    if have and need > have:
-        raise ConfigError(f"the run needs at least {need / 2**30:,.0f} GiB, and its devices have "
-                          f"{have / 2**30:,.0f} GiB; lower model.context or train.batch_size, "
-                          "raise train.micro_batches or set model.remat")
+    flops.check_memory(cfg, have, devices[0].platform)
 
 
 def _train(cfg: Config, run_dir, session: Session) -> dict:

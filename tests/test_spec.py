@@ -99,8 +99,30 @@ def test_isoflop_plan_spends_each_budget(tmp_path):
 def test_bad_specs_fail_before_any_compute(tmp_path, changes, message):
     path = spec_file(tmp_path, **changes)
     with pytest.raises(ConfigError, match=message):
-        spec_lib.check_memory(spec_lib.plan(spec_lib.load_spec(path)), limit=24 * 2**30)
+        spec_lib.check_memory(spec_lib.plan(spec_lib.load_spec(path)), 24 * 2**30, "cpu")
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("attention, platform, refused", [
+    ("auto", "cpu", True), ("auto", "gpu", False), ("einsum", "gpu", True),
+    ("dot_product", "cpu", False)])
+def test_the_sweep_counts_attention_scores_where_the_attention_path_keeps_them(
+        tmp_path, attention, platform, refused):
+    """A long context: its attention scores (~2.7 GB over 2 layers) need more than 1 GiB, the
+    rest far less. The sweep refuses its trials exactly where `lm train` would (the einsum
+    path: `auto` on CPU), not where flash attention runs."""
+    tokens = 8 * 4096 * 40
+    path = spec_file(tmp_path, overrides={**BASE, "model.context": 4096, "model.attention":
+                                          attention}, tokens=[tokens, 2 * tokens, 3 * tokens],
+                     holdout={})
+    trials = spec_lib.plan(spec_lib.load_spec(path))
+    check = lambda: spec_lib.check_memory(trials, 2**30, platform)  # noqa: E731
+    if refused:
+        with pytest.raises(ConfigError, match=r"trial \S+ needs at least [\d.]+ GiB, and its devices "
+                                              r"have 1.0 GiB"):
+            check()
+    else:
+        check()
 
 
 @pytest.mark.parametrize("name, ratio", [("quick", 4), ("reference", 30)])

@@ -77,8 +77,8 @@ def test_loss_falls_and_metrics_are_logged(run_dir):
 
 def test_a_run_far_beyond_the_devices_memory_is_refused_before_its_directory(tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"the run needs at least [\d,]+ GiB, and its devices "
-                                          r"have [\d,]+ GiB; lower model.context"):
+    with pytest.raises(ConfigError, match=r"the run needs at least [\d,.]+ GiB, and its devices "
+                                          r"have [\d,.]+ GiB; lower model.context"):
         train.train(small("model.context=100000", "mesh.data=-1", f"train.run_dir={run}"))
     assert not run.exists()
 
