@@ -439,10 +439,10 @@ class Store:
         dead = list(dead_workers)
         of_dead = f" OR worker IN ({', '.join('?' * len(dead))})" if dead else ""
         rows = self.db.execute(
-            "UPDATE trials SET status='pending', worker=NULL WHERE status='running' AND "
-            f"(COALESCE(heartbeat, 0) < {self.db.now} - ?{of_dead}) RETURNING name",
-            (stale_s, *dead)).fetchall()
-        return sorted(r["name"] for r in rows)
+            "UPDATE trials SET status='pending', worker=NULL, updated=? WHERE status='running' "
+            f"AND (COALESCE(heartbeat, 0) < {self.db.now} - ?{of_dead}) RETURNING name",
+            (self.stamp, stale_s, *dead)).fetchall()
+        return sorted({r["name"] for r in rows} | self._requeued())
 
     @_surviving
     def fail_orphans(self) -> list[str]:
@@ -538,8 +538,17 @@ class Store:
             for r in rows:
                 waits = r["role"] == "holdout" and not registered
                 self.db.execute("UPDATE trials SET status=?, failures=0, updated=? WHERE name=?",
-                                ("blocked" if waits else "pending", time.time(), r["name"]))
-        return sorted(r["name"] for r in rows)
+                                ("blocked" if waits else "pending", self.stamp, r["name"]))
+        return sorted({r["name"] for r in rows} | self._requeued())
+
+    def _requeued(self) -> set[str]:
+        """The trials this operation queued again before its connection was lost (after the
+        commit, before the reply): what a replay reports as its own."""
+        if not self.replaying:
+            return set()
+        return {r["name"] for r in self.db.execute(
+            "SELECT name FROM trials WHERE updated=? AND status IN ('pending', 'blocked')",
+            (self.stamp,)).fetchall()}
 
     # ----------------------------------------------------------------------- the prediction
 

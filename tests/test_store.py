@@ -345,9 +345,10 @@ def lose_the_connection(store: Store, monkeypatch, step: str, meanwhile=None) ->
 
 def test_a_lost_connection_is_made_again_and_no_work_done_twice(postgres, trials, monkeypatch,
                                                                 caplog):
-    """Every operation outlives its PostgreSQL session's end: a claim, finish, failure or
-    registration whose commit got through but whose reply did not is found done, not done
-    again; one that did not get through is not taken for done."""
+    """Every operation outlives its PostgreSQL session's end: a claim, finish, failure,
+    retry, reclaim or registration whose commit got through but whose reply did not is found
+    done, not done again (nor reported as nothing done); one that did not get through is not
+    taken for done."""
     url = fresh_database(postgres)
     store = Store(url)
     store.sync("t", "plan1", trials)
@@ -373,6 +374,11 @@ def test_a_lost_connection_is_made_again_and_no_work_done_twice(postgres, trials
     assert store.fail(second, "Boom", 1.0, worker="w2") is False  # to be retried
     row = next(r for r in store.trials() if r["name"] == second)
     assert (row["status"], row["failures"]) == ("pending", 1)  # counted once
+    store.db.execute("UPDATE trials SET status='failed' WHERE name=?", (second,))
+    lose_the_connection(store, monkeypatch, "transaction")
+    assert store.retry_failed([second]) == [second]  # requeued by the lost attempt: said so
+    lose_the_connection(store, monkeypatch, "execute")
+    assert store.reclaim(3600, dead_workers=["w1"]) == [old]
 
     held, body = [t.name for t in trials if t.role == "holdout"], {"made": "now", "runs": []}
     lose_the_connection(store, monkeypatch, "transaction")
