@@ -279,6 +279,9 @@ def cmd_fit(args) -> int:
     holdout = {"designated": designated, "none": None}.get(args.holdout, args.holdout)
     if isinstance(holdout, str) and holdout != "largest":
         holdout = holdout_names(holdout.strip(), set(points.run.tolist()))
+        if not holdout:
+            raise ConfigError(f"--holdout {args.holdout!r} names no run; give run names "
+                              "(comma-separated), `largest`, or leave --holdout out")
     result = scaling.fit(points, args.law, holdout=holdout or None,
                          holdout_above=args.holdout_above, bootstrap=args.bootstrap,
                          drop_early=args.drop_early,
@@ -300,15 +303,16 @@ def cmd_fit(args) -> int:
 def cmd_predict(args) -> int:
     from lm import scaling
     from lm.errors import FitError
+    from lm.points import FLOPS_OVER_6ND
 
     pair = args.params is not None and args.tokens is not None
     if not pair and (args.flops is None or args.params is not None or args.tokens is not None):
         raise ConfigError("give --params N --tokens D (and --flops C, that run's exact FLOPs, "
                           "if known), or --flops C alone")
-    ratio = args.flops / (6 * args.params * args.tokens) if pair and args.flops else 1.0
-    # a run's exact FLOPs: 6ND, less where embeddings are most of N, more for attention and,
-    # with N counted without embeddings, the output head (100x at small widths)
-    if not 0.25 <= ratio <= 1e4:
+    given = (args.params, args.tokens, args.flops)
+    valid = all(v is not None and 0 < v < float("inf") for v in given)  # else predict says so
+    ratio = args.flops / (6 * args.params * args.tokens) if valid else 1.0
+    if not FLOPS_OVER_6ND[0] <= ratio <= FLOPS_OVER_6ND[1]:
         raise ConfigError(f"--flops {args.flops:g} is {ratio:.3g} x 6ND of --params "
                           f"{args.params:g} --tokens {args.tokens:g}: not that run's FLOPs; "
                           "check the numbers, or leave --flops out")

@@ -22,6 +22,11 @@ _COLUMNS = "params, tokens, loss (optional: flops, run, step, annealed)"
 _FIELDS = ("params", "tokens", "loss", "flops", "run", "step", "annealed")
 
 
+# A run's exact FLOPs over 6ND: less where embeddings are most of N, more for attention and,
+# with N counted without embeddings, the output head (100x at small widths)
+FLOPS_OVER_6ND = (0.25, 1e4)
+
+
 def _own_run(i: int) -> str:
     """Run id of a point that names none: it is a run of its own."""
     return f"#{i}"
@@ -177,6 +182,11 @@ def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -
             blank_flops.append(i)
         row["flops"] = (6 * row["params"] * row["tokens"] if _blank(flops)
                         else _positive(flops, where("flops")))
+        ratio = row["flops"] / (6 * row["params"] * row["tokens"])
+        if not FLOPS_OVER_6ND[0] <= ratio <= FLOPS_OVER_6ND[1]:
+            raise FitError(f"{where('flops')}: {flops!r} is {ratio:.3g} x 6 * params * tokens: "
+                           "not that run's FLOPs (another unit, PF-days? params or tokens in "
+                           "millions?); give FLOPs, or leave the column out for 6ND")
         row["run"] = _own_run(i) if _blank(run) else str(run).strip()
         row["step"] = -1 if _blank(step) else _step(step, where("step"))
         row["annealed"] = _flag(rec.get("annealed"), where("annealed"))
@@ -199,30 +209,11 @@ def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
     path = Path(path)
     if not path.is_file():
         raise FitError(f"{path}: no such file; expected a CSV with columns {_COLUMNS}")
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no name
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise FitError(f"{path}: empty file; expected a header line with columns {_COLUMNS}")
-        reader.fieldnames = header = [h.strip() for h in reader.fieldnames]
-        missing = [c for c in ("params", "tokens", "loss") if c not in header]
-        if missing:
-            raise FitError(f"{path}, line 1: missing column(s) {', '.join(missing)}; "
-                           f"found {', '.join(header)}; expected {_COLUMNS}")
-        unknown = [c for c in header if c and c not in _FIELDS]  # "": a trailing comma
-        if unknown and not ignore_columns:
-            raise FitError(f"{path}, line 1: unknown column(s) {', '.join(unknown)}; the columns "
-                           f"are {_COLUMNS}: rename a misspelt one, or ignore the others "
-                           "(lm fit --ignore-columns)")
-        records, lines = [], []
-        for rec in reader:
-            if None in rec:  # DictReader's key for cells beyond the header's
-                raise FitError(f"{path}, line {reader.line_num}: {len(header) + len(rec[None])} "
-                               f"cells for the header's {len(header)} columns")
-            if any((v or "").strip() for v in rec.values()):  # ",,,": a spreadsheet's blank row
-                records.append(rec)
-                lines.append(reader.line_num)
-    if not records:
-        raise FitError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
+    try:
+        records, lines = _read_csv(path, ignore_columns)
+    except UnicodeDecodeError as e:  # an Excel UTF-16 export, cp1252, a .csv.gz
+        raise FitError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as a "
+                       "UTF-8 CSV") from None
     points = _parse(records, lambda i: f"{path}, line {lines[i]}")
     # a file appended to itself, not two measurements; rows that name no run (each a run of
     # its own) repeat one another by their size instead
@@ -240,6 +231,41 @@ def load_csv(path: str | Path, ignore_columns: bool = False) -> Points:
                               "run" if own[i] else ""))
     _check_named_runs(points, own, lambda i: f"{path}, line {lines[i]}")
     return points
+
+
+def _read_csv(path: Path, ignore_columns: bool) -> tuple[list[dict], list[int]]:
+    """The data rows of a points CSV (blank rows skipped) and their line numbers, once its
+    header is checked."""
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no name
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise FitError(f"{path}: empty file; expected a header line with columns {_COLUMNS}")
+        reader.fieldnames = header = [h.strip().lower() for h in reader.fieldnames]
+        missing = [c for c in ("params", "tokens", "loss") if c not in header]
+        if missing:
+            raise FitError(f"{path}, line 1: missing column(s) {', '.join(missing)}; "
+                           f"found {', '.join(header)}; expected {_COLUMNS}")
+        unknown = [c for c in header if c and c not in _FIELDS]  # "": a trailing comma
+        if unknown and not ignore_columns:
+            raise FitError(f"{path}, line 1: unknown column(s) {', '.join(unknown)}; the columns "
+                           f"are {_COLUMNS}: rename a misspelt one, or ignore the others "
+                           "(lm fit --ignore-columns)")
+        # else the points of a learning curve would count as runs of their own
+        if "step" in header and "run" not in header:
+            raise FitError(f"{path}, line 1: column step orders the points of a run, but no "
+                           "column run says which rows are one run: name each row's run (or, "
+                           "one run per row, leave step out)")
+        records, lines = [], []
+        for rec in reader:
+            if None in rec:  # DictReader's key for cells beyond the header's
+                raise FitError(f"{path}, line {reader.line_num}: {len(header) + len(rec[None])} "
+                               f"cells for the header's {len(header)} columns")
+            if any((v or "").strip() for v in rec.values()):  # ",,,": a spreadsheet's blank row
+                records.append(rec)
+                lines.append(reader.line_num)
+    if not records:
+        raise FitError(f"{path}: no data rows after the header; expected rows of {_COLUMNS}")
+    return records, lines
 
 
 def _check_named_runs(points: Points, own: list[bool], locate: Callable[[int], str]) -> None:

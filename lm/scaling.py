@@ -308,6 +308,9 @@ def _holdout_runs(points: Points, holdout: str | Collection[str] | None,
     held = set()
     if above is not None:
         held |= set(final.run[final.flops > above])
+        if not held:
+            raise FitError(f"holdout_above={above:g} holds out no run: the largest run's "
+                           f"compute is {final.flops.max():.3g} FLOPs")
     if holdout is None:
         return np.array(sorted(held), dtype=str)
     if holdout == "largest":  # every run whose final compute ties (within 1%) with the largest

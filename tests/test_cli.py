@@ -95,7 +95,7 @@ def test_fit_checks_where_it_will_write_before_fitting(tmp_path, capsys, monkeyp
         assert "is not a fit lm wrote" in capsys.readouterr().err and out.read_bytes() == before
 
 
-def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list(tmp_path, capsys):
+def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list_never_none(tmp_path, capsys):
     from lm import cli
 
     rows = [(n, n * r, 1.8 + 400 * n ** -0.34 + 1500 * (n * r) ** -0.3, f"N{n:g}-r{r}")
@@ -116,6 +116,9 @@ def test_holdout_takes_a_run_whose_name_holds_commas_else_a_list(tmp_path, capsy
     assert cli.main(["fit", str(path), "--holdout", " N8e+06-r10,N8e+06-r20",
                      "--out", str(out)]) == 2
     assert "is one run's name and also a list of runs" in capsys.readouterr().err
+    for value in ("", " , "):  # a shell variable left empty holds out nothing: said, not done
+        assert cli.main(["fit", str(path), "--holdout", value, "--out", str(out)]) == 2
+        assert f"--holdout {value!r} names no run" in capsys.readouterr().err
 
 
 def test_fitting_a_sweep_directory_takes_its_own_fit_settings(tmp_path, capsys):
@@ -150,7 +153,9 @@ def test_predict_refuses_what_cannot_be_a_run_and_reads_a_registration(tmp_path,
                      "--min-tokens-per-param", "0"]) == 0
     for argv, message in [(["--params", "1e5", "--tokens", "1e7", "--flops", "5"],
                            "x 6ND of --params 100000 --tokens 1e+07: not that run's FLOPs"),
-                          (["--params", "1e5"], "give --params N --tokens D")]:
+                          (["--params", "1e5"], "give --params N --tokens D"),
+                          (["--params", "0", "--tokens", "1e7", "--flops", "1e13"],
+                           "params=0.0; expected positive finite")]:
         capsys.readouterr()
         assert cli.main(["predict", str(fit_json), *argv]) == 2
         assert message in capsys.readouterr().err

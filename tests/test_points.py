@@ -55,9 +55,14 @@ HEADER = "params,tokens,loss\n"
     (HEADER + "1e8,inf,3\n", r"line 2, column 'tokens': 'inf' is not a positive finite number"),
     (HEADER + "1e8,1e9,nan\n", r"line 2, column 'loss': 'nan' is not a positive finite number"),
     (HEADER + "1e8,,3\n", r"line 2, column 'tokens': missing value"),
-    ("params,tokens,loss,step\n1e8,1e9,3,1.5\n", r"line 2, column 'step': '1.5' is not a step"),
+    ("params,tokens,loss,run,step\n1e8,1e9,3,a,1.5\n", r"line 2, column 'step': '1.5' is not a step"),
+    ("params,tokens,loss,step\n1e8,1e9,3,1\n1e8,2e9,2.9,2\n",  # learning curves of no run
+     r"line 1: column step orders the points of a run, but no column run says which rows"),
     ("params,tokens,loss,annealed\n1e8,1e9,3,maybe\n", r"column 'annealed': 'maybe' is not a flag"),
     (HEADER + "1e8,1e9,3\n1e8,2e9,3,52\n", r"line 3: 4 cells for the header's 3 columns"),
+    ("params,tokens,loss,flops\n1e8,1e9,3,6.94\n",  # Chinchilla's 6e17 FLOPs in PF-days
+     r"line 2, column 'flops': '6.94' is 1.16e-17 x 6 \* params \* tokens: not that run's FLOPs "
+     r"\(another unit, PF-days\?"),
     ("params,tokens,loss,flops\n1e8,1e9,3,7e17\n1e8,2e9,2.9,\n",
      r"line 3, column 'flops': missing value, where other rows have one"),
     ("params,tokens,loss,run,step\n1e8,1e9,3,a,1\n1e8,2e9,2.9,a,2\n1e8,1e9,3,a,1\n",
@@ -93,7 +98,7 @@ def test_missing_csv_and_bad_rows():
     assert points.run[0] == "r" and points.step[0] == -1 and points.flops[0] == pytest.approx(6e17)
 
 
-def test_csv_with_a_byte_order_mark_and_misspelt_columns(tmp_path):
+def test_csv_with_a_byte_order_mark_capitals_misspelt_columns_or_not_utf8(tmp_path):
     text = "run,params,tokens,loss\na,1e8,1e9,3.0\na,1e8,2e9,2.9\nb,2e8,1e9,2.8\n"
     path = tmp_path / "bom.csv"
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Excel writes it
@@ -105,6 +110,13 @@ def test_csv_with_a_byte_order_mark_and_misspelt_columns(tmp_path):
     exported = write(tmp_path, "run,params,tokens,loss,\na,1e8,1e9,3.0,\n,,,,\nb,2e8,1e9,2.8,\n",
                      "exported.csv")  # a spreadsheet's trailing commas and blank row
     assert load_csv(exported).loss.tolist() == [3.0, 2.8]
+    capitals = write(tmp_path, text.replace("run,params", "Run, Params"), "capitals.csv")
+    assert load_csv(capitals).params.tolist() == load_csv(path).params.tolist()
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_text(text, encoding="utf-16")  # as a spreadsheet's "Unicode text" export
+    with pytest.raises(ValueError, match=r"utf16.csv: not UTF-8 text \(byte 0: .*\); save it as a "
+                                         "UTF-8 CSV"):
+        load_csv(utf16)
 
 
 def test_group_budgets_does_not_chain():

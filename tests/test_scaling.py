@@ -685,6 +685,9 @@ def test_holdout_ties_explicit_ids_and_errors():
         fit(isoflop_curves(), "isoflop", holdout="largest")
     with pytest.raises(ValueError, match="every one of the 5 runs is held out"):
         fit(points, holdout_above=1e10)  # not blamed on drop_early or the token floor
+    with pytest.raises(ValueError, match=r"holdout_above=1e\+30 holds out no run: the largest "
+                                         r"run's compute is [\d.e+]+ FLOPs"):
+        fit(points, holdout_above=1e30)
 
 
 # ----------------------------------------------------------------------------- bootstrap
