@@ -41,6 +41,13 @@ from lm.points import BUDGET_TOL, Points, group_budgets
 # theta = (E, a_1..a_k, alpha_1..alpha_k); E is bounded to [0, lowest loss).
 
 
+# Kaplan's (N_c/N)^(alpha_N/alpha_D) is stored as N_c = exp(a / g) for the ratio g: as g
+# goes to 0, N_c over- or underflows and the term turns into 0^0 = 1. A ratio under 1/20 is
+# a loss that hardly depends on N (on public sweeps and this project's studies it is 0.33 to
+# 1.2), so the fit stops there.
+OUTER_RATIO_MIN = 0.05
+
+
 @dataclass(frozen=True)
 class Problem:
     """A power-sum fit, L = E + S or (with `outer`) L = E + S^p, S = sum_j exp(a_j - g_j x_j):
@@ -67,8 +74,8 @@ class Problem:
         their centre."""
         exponents = [(0.0, 4.0)] * self.k
         levels = (-30.0, 10.0)
-        if self.outer:
-            exponents = exponents[:-1] + [(1.0, 1.0), (0.01, 2.0)]
+        if self.outer:  # the inner exponents are ratios, alpha_N / alpha_D: see OUTER_RATIO_MIN
+            exponents = [(OUTER_RATIO_MIN, 4.0)] * (self.k - 1) + [(1.0, 1.0), (0.01, 2.0)]
             levels = (-150.0, 150.0)
         return [(0.0, self.e_max) if e is None else (e, e)] + [levels] * self.k + exponents
 
@@ -259,7 +266,9 @@ def _from_theta_kaplan_nd(theta) -> dict:
 
 def _to_theta_kaplan_nd(p: Mapping[str, float]) -> np.ndarray:
     g = p["alpha_N"] / p["alpha_D"]
-    return np.array([p["E"], g * math.log(p["N_c"]), math.log(p["D_c"]), g, 1.0, p["alpha_D"]])
+    with np.errstate(divide="ignore"):  # a term that vanished (N_c = 0): a level of -inf,
+        log_nc, log_dc = np.log([p["N_c"], p["D_c"]])  # which its bounds clip
+    return np.array([p["E"], g * log_nc, log_dc, g, 1.0, p["alpha_D"]])
 
 
 def _from_theta_kaplan(theta) -> dict:
@@ -399,7 +408,8 @@ class Budget:
 
 def isoflop(points: Points, fpt: Mapping[str, float]) -> tuple[dict, float, bool, list]:
     """Approach 2: per budget, the minimum of a parabola of loss in log N; then log-log lines
-    N_opt = k_N C^a, and D_opt = C / f(N_opt) with the points' FLOPs per token f."""
+    N_opt = k_N C^a through the minima inside the sizes tried (all, if fewer than two are),
+    and D_opt = C / f(N_opt) with the points' FLOPs per token f."""
     budgets = _check_isoflop(points)
     minima = []
     for b in budgets:
@@ -416,7 +426,9 @@ def isoflop(points: Points, fpt: Mapping[str, float]) -> tuple[dict, float, bool
                              float(c0 - c1 * c1 / (4 * c2)), len(b),
                              (float(b.params.min()), float(b.params.max())),
                              bool(logn.min() <= x <= logn.max()), float(c2)))
-    logc, logn = np.log([m.flops for m in minima]), np.log([m.params for m in minima])
+    line = [m for m in minima if m.inside]  # a minimum outside the sizes is extrapolated:
+    line = line if len(line) >= 2 else minima  # left out where two others can draw the line
+    logc, logn = np.log([m.flops for m in line]), np.log([m.params for m in line])
     a, log_kn = np.polyfit(logc, logn, 1)
     k, g = fpt["coef"], fpt["exponent"]
     params = {"k_N": float(np.exp(log_kn)), "a": float(a),  # D = C / (k (k_N C^a)^g)

@@ -106,10 +106,13 @@ class Points:
         np.maximum.at(last, inv, self.tokens)
         return inv, last
 
-    def final_mask(self) -> np.ndarray:
-        """True at each run's last point (most tokens, then highest step)."""
+    def final_mask(self, annealed: bool = False) -> np.ndarray:
+        """True at each run's last point (most tokens, then highest step); with `annealed`,
+        at its last annealed point where it has one (a WSD run's last cooldown end, not the
+        stable phase it went on with)."""
         inv, _ = self._run_groups()
-        order = np.lexsort((self.step, self.tokens, inv))
+        keys = (self.step, self.tokens) + ((self.annealed,) if annealed else ()) + (inv,)
+        order = np.lexsort(keys)
         is_last = np.r_[inv[order][1:] != inv[order][:-1], True]
         mask = np.zeros(len(self), dtype=bool)
         mask[order[is_last]] = True

@@ -52,6 +52,12 @@ MISFIT_KEEP = 0.5  # the misfit's refits keep at least this share of the fitting
 # pin the law down so loosely that their errors measure that, not the law's shape
 MISFIT_GRID = np.r_[0.0, np.geomspace(1e-4, 0.3, 120)]  # its terms' values tried (of log L)
 MISFIT_TIE = 0.1  # nats of log-likelihood within which its fits are equally good
+# The fitted points' (log N, log D) must spread this far off one line (`_nd_spread`) for the
+# law to split the loss between N and D (two budgets 1.4x apart at every size spread 0.12)
+ND_SPREAD_MIN = 0.1
+ONE_LADDER = ("N and D moved together in the fitted runs (one tokens-per-parameter ratio, or "
+              "one line in log N and log D): the fit cannot tell N's effect from D's, so the "
+              "compute-optimal split is not measured; train some sizes on other budgets")
 
 
 # ----------------------------------------------------------------------------- the result
@@ -468,7 +474,7 @@ def _fit(points: Points, law: str = "chinchilla", *,
     if spec.loss is not None:
         result = replace(result, outliers=_outliers(result, spec, train),
                          identifiability=_identifiability(result, spec, train, delta))
-    result = replace(result, allocation=_allocation(result))
+    result = replace(result, allocation=_allocation(result, train))
     if held.size:
         result = score(result, points, held)
     return replace(result, warnings=tuple(_warnings(result, train)))
@@ -506,7 +512,7 @@ def _laplace(train: Points, law: Law, delta: float, noise: Noise | None, params:
     correction: without it, refits on simulated studies of the fitted law missed by 1.19x
     what their intervals said; 1.13x with it). Parameters at a bound are held there."""
     p, mu = problem(law, train, delta, noise)
-    theta = centre(law.to_theta(params), mu)
+    theta = np.clip(centre(law.to_theta(params), mu), *np.array(p.bounds()).T)
     pred, jac = p.jacobian(theta)
     jac = jac * (p.w / pred)[:, None]  # d r / d theta
     r = p.residuals(theta)
@@ -624,20 +630,31 @@ def _identifiability(fit: Fit, law: Law, train: Points, delta: float) -> Identif
                            identified, laws)
 
 
-def _allocation(fit: Fit) -> Allocation:
+def _nd_spread(train: Points) -> float:
+    """How far the fitted points' (log N, log D) spread off the line they lie along: the
+    smallest standard deviation of the cloud. Near 0 (one tokens-per-parameter ladder), N
+    and D moved together and the law's split of the loss between them is not measured."""
+    x = np.log(np.column_stack([train.params, train.tokens]))
+    return float(np.sqrt(max(np.linalg.eigvalsh(np.cov(x.T))[0], 0.0)))
+
+
+def _allocation(fit: Fit, train: Points) -> Allocation:
     """N_opt = coef * C^exponent for params and tokens, with examples from the data's largest
     compute decade upwards."""
     coefs = allocation_coefs(fit.law, fit.params, fit.flops_per_token)
     if coefs is None:
         return Allocation(False, "loss against compute alone does not say how to split it into "
                                  "N and D")
+    if _nd_spread(train) < ND_SPREAD_MIN:
+        return Allocation(False, ONE_LADDER)
     k_n, a, k_d, b = map(float, coefs)
     if not all(np.isfinite([k_n, a, k_d, b])) or min(k_n, k_d) <= 0:
         exponents = ", ".join(f"{k} {v:.3g}" for k, v in fit.params.items() if "alpha" in k
                               or k == "beta")
         return Allocation(False, f"the exponents ({exponents}) put the optimum out of reach")
     decade = math.ceil(math.log10(fit.max_fit_flops))
-    examples = predict(fit, flops=10.0 ** np.arange(decade, decade + 4))
+    examples = predict(replace(fit, allocation=Allocation(True)),  # what this one says
+                       flops=10.0 ** np.arange(decade, decade + 4))
     keys = [k for k in ("flops", "params", "tokens", "loss") if k in examples]
     return Allocation(True, params={"coef": k_n, "exponent": a},
                       tokens={"coef": k_d, "exponent": b},
@@ -724,7 +741,8 @@ def score(fit: Fit, points: Points, held: Collection[str]) -> Fit:
     law = by_name(fit.law)
     if law.loss is None:
         raise FitError(f"an {fit.law} fit predicts no loss; use chinchilla or kaplan")
-    final = points.select(points.final_mask() & np.isin(points.run, list(held)))
+    # against what the fit saw: annealed ends, where it took only those
+    final = points.select(points.final_mask(fit.annealed_only) & np.isin(points.run, list(held)))
     held_out = _scored(fit, final)
     seeds = _same_n_and_d(final)
     means = replace(final.select(np.array([g[0] for g in seeds], dtype=int)),
@@ -830,16 +848,24 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                        f"loss lower by more than the noise with no more compute), which "
                        f"{fit.law} predicts: their errors measure how far off they lie, not "
                        "the law's")
+    drawn = sum(b.inside for b in fit.budgets) >= 2  # the N_opt line through those alone
     for b in fit.budgets:
         if not b.inside:
-            out.append(f"the IsoFLOP minimum at C={b.flops:.3g} lies outside the sizes tried; "
-                       "add sizes on its far side")
+            out.append(f"the IsoFLOP minimum at C={b.flops:.3g} lies outside the sizes tried"
+                       + (" (left out of the N_opt line)" if drawn else "")
+                       + "; add sizes on its far side")
+    if fit.budgets and not 0 < fit.params["a"] < 1:
+        out.append(f"N_opt grows as C^{fit.params['a']:.3g}: {'D_opt' if fit.params['a'] > 1 else 'N_opt'} "
+                   "falls as compute grows, which no scaling law does; the budgets' minima "
+                   "are not measured well enough: add sizes around each minimum")
     if fit.bootstrap and (bad := fit.bootstrap.failed + fit.bootstrap.not_converged):
         out.append(f"{bad} of {fit.bootstrap.n} bootstrap refits failed or did not converge and "
                    + ("are left out of the intervals" if fit.bootstrap.usable else
                       "the rest cannot stand for the law's uncertainty: intervals from the "
                       "fit's curvature instead, which understates them when E is not "
                       "identified; add sizes or budgets"))
+    if fit.law in ND_LAWS and _nd_spread(train) < ND_SPREAD_MIN:
+        out.append(ONE_LADDER + "; predictions hold along that line only")
     if fit.outliers:
         out.append(f"{len(fit.outliers)} run(s) lie more than 3 noise sigmas off the law: "
                    f"{listed(fit.outliers)}")
@@ -876,6 +902,9 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
     elif given == ["flops"]:
         c = _positive_array(flops, "flops")
         coefs = allocation_coefs(fit.law, fit.params, fit.flops_per_token)
+        if coefs is not None and not fit.allocation.determined:
+            raise FitError(f"this fit does not determine the compute-optimal split: "
+                           f"{fit.allocation.note}; give params and tokens instead")
         inputs = {"flops": c}
         if coefs is not None:
             k_n, a, k_d, b = coefs

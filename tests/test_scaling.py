@@ -586,6 +586,47 @@ def test_isoflop_bootstrap_resamples_runs_within_each_budget():
     assert result.bootstrap.failed == 0 and result.bootstrap.not_converged == 0
 
 
+def test_isoflop_draws_its_line_through_the_minima_it_measured():
+    """A budget whose sizes all lie on one side of its optimum has a parabola's minimum
+    extrapolated off them: left out of the N_opt line while two others can draw it (fitted
+    with it, such a budget turned a public sweep's exponent negative), and named."""
+    g, a, _, _ = laws.allocation_coefs("chinchilla", TRUE, SIX)
+
+    def budget(c, around):
+        return [{"params": n, "tokens": c / (6 * n), "loss": law(n, c / (6 * n)),
+                 "run": f"C{c:.0e}-N{n:.3g}"} for n in g * c ** a * around]
+
+    rows = budget(1e17, np.geomspace(1 / 64, 1 / 8, 7))  # all 8-64x below its optimum
+    rows += [r for c in (1e18, 1e19, 1e20) for r in budget(c, np.geomspace(1 / 8, 8, 7))]
+    result = fit(Points.from_rows(rows), "isoflop")
+    assert [b.inside for b in result.budgets] == [False, True, True, True]
+    assert result.params["a"] == pytest.approx(a, abs=0.01)
+    assert any("C=1e+17 lies outside the sizes tried (left out of the N_opt line)" in w
+               for w in result.warnings)
+
+
+def test_one_tokens_per_parameter_ladder_determines_no_split_and_kaplan_nd_fits_it():
+    """Every size at 20 tokens per parameter: N and D move together, so the fit predicts along
+    the ladder but cannot split compute between them; it says so, and so does predict. Kaplan's
+    L(N, D) on it put its N term at a ratio of exponents 0, where N_c overflowed and its
+    curvature raised a math domain error."""
+    sizes = np.geomspace(1e7, 1e9, 6)
+    rng = np.random.default_rng(0)
+    points = Points(sizes, 20 * sizes, law(sizes, 20 * sizes) * np.exp(
+        0.002 * rng.standard_normal(6)))
+    for name in ("chinchilla", "kaplan-nd"):
+        result = fit(points, name, bootstrap=0)
+        assert not result.allocation.determined and "N and D moved together" in \
+            result.allocation.note
+        assert any("predictions hold along that line only" in w for w in result.warnings)
+        n = 2e9
+        assert within(predict(result, params=n, tokens=20 * n)["loss"], law(n, 20 * n), 0.02)
+        with pytest.raises(ValueError, match="does not determine the compute-optimal split"):
+            predict(result, flops=1e22)
+    assert result.params["alpha_N"] / result.params["alpha_D"] >= laws.OUTER_RATIO_MIN
+    assert fit(points, "kaplan-nd", bootstrap=20).bootstrap.failed == 0
+
+
 def test_isoflop_needs_three_sizes_per_budget():
     points = isoflop_curves(steps=1)
     smallest = points.flops < 2e17
@@ -653,6 +694,25 @@ def test_annealed_points_are_fitted_alone_and_undertrained_ones_dropped():
     assert result.annealed_only and result.n_points == int(annealed.sum())
     lean = fit(points, min_tokens_per_param=20, drop_early=0)
     assert lean.n_points == int(np.sum(points.tokens >= 20 * points.params))
+
+
+def test_a_held_out_wsd_run_is_scored_at_its_last_cooldown_end_like_the_fitted_ones():
+    """WSD runs in one CSV: stable-phase points 4% above the law, cooldown ends on it, and a
+    stable phase that went on past the last cooldown. The fit takes the annealed ends; the
+    held-out run is scored at its last one too, not at the stable point after it."""
+    rows = []
+    for n in [*np.geomspace(1e6, 1e7, 5), 3e7]:
+        name = "held" if n == 3e7 else f"N{n:.3g}"
+        for k, r in enumerate((5, 10, 20, 40, 100)):
+            rows.append({"params": n, "tokens": n * r, "loss": 1.04 * law(n, n * r),
+                         "run": name, "step": 2 * k})
+            if r < 100:
+                rows.append({"params": n, "tokens": 1.1 * n * r, "loss": law(n, 1.1 * n * r),
+                             "run": name, "step": 2 * k + 1, "annealed": True})
+    result = fit(Points.from_rows(rows), holdout=["held"], bootstrap=0)
+    assert result.annealed_only
+    (held,) = result.holdout
+    assert held.tokens == pytest.approx(1.1 * 40 * 3e7) and held.are < 1e-3
 
 
 def test_holdout_largest_above_and_by_name(holdout_fit):
