@@ -587,7 +587,8 @@ def mesh_shape(cfg: Config, n_devices: int) -> dict[str, int]:
     _require(eval_batch_size(cfg) % batch_shards == 0,
              "train.batch_size" if follows else "eval.batch_size", eval_batch_size(cfg),
              f"must be divisible by replica*data = {batch_shards}"
-             + (" (it is the eval batch too: eval.batch_size=0)" if follows else ""))
+             + (" (it is the eval batch too, while eval.batch_size=0: to evaluate on this "
+                f"mesh, set eval.batch_size to a multiple of {batch_shards})" if follows else ""))
     if mesh.fsdp:
         _require(m.d_model % sizes["data"] == 0, "model.d_model", m.d_model,
                  f"with mesh.fsdp, must be divisible by mesh.data={sizes['data']}")

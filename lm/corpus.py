@@ -694,12 +694,12 @@ def _atomic(path: Path, mode: str = "wb"):
 # --------------------------------------------------------------------------- tokens <-> text
 
 
-def identity(cfg: Config) -> dict | None:
-    """What a run's token ids and batches depend on (None for synthetic tokens): its
-    tokenizer's bytes and the length of each training stream (the dataset's own hash also
-    covers file times, which a copy to another machine changes without changing a token)."""
+def identity(cfg: Config) -> dict:
+    """What a run's token ids and batches depend on: its tokenizer's bytes and the length of
+    each training stream (the dataset's own hash also covers file times, which a copy to
+    another machine changes without changing a token); synthetic tokens have neither."""
     if cfg.data.source == "synthetic":
-        return None
+        return {"tokenizer_sha256": None, "train_tokens": None, "dataset": "synthetic"}
     dataset = prepare(cfg)
     tokenizer = (dataset.dir / dataset.manifest["tokenizer"]).read_bytes()
     return {"tokenizer_sha256": hashlib.sha256(tokenizer).hexdigest(),

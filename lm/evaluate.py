@@ -106,6 +106,7 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
     on every set yet."""
     run_dir = Path(run_dir)
     cfg = rundir.load_config(run_dir, overrides)
+    tokens_per_step = rundir.load_config(run_dir).tokens_per_step  # as trained, overrides aside
     rundir.bind_data(run_dir, corpus.identity(cfg), training=False)
     mngr = checkpoint.manager(run_dir, read_only=True)
     available = sorted(mngr.all_steps())
@@ -145,6 +146,7 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
                 continue
             params, meta = restored
             for row in ev.rows(params["params"], meta["step"]):
+                row["tokens"] = meta["step"] * tokens_per_step
                 rows.append(row)
                 if (row["step"], row["set"]) not in done:
                     log.append("eval", row)

@@ -112,16 +112,14 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     config_lib.dump(cfg, run_dir / CONFIG)
 
 
-def bind_data(run_dir: Path, identity: dict | None, *, training: bool, writes: bool = True
-              ) -> None:
-    """Hold a run to the data it was trained on (`corpus.identity`; None: synthetic tokens).
-    Training records it on the first start and must meet the same tokenizer and training
-    streams on every resume; evaluating, sampling and exporting must meet the same tokenizer.
-    A changed corpus (files added or edited) or another machine's default corpus would
-    otherwise prepare a new tokenizer, silently, under the old embeddings. Runs of older lm
-    versions have no record: training makes one, the others take the run on trust."""
-    if identity is None:
-        return
+def bind_data(run_dir: Path, identity: dict, *, training: bool, writes: bool = True) -> None:
+    """Hold a run to the data it was trained on (`corpus.identity`). Training records it on
+    the first start and must meet the same tokenizer and training streams on every resume;
+    evaluating, sampling and exporting must meet the same tokenizer (synthetic tokens have
+    none: text for a synthetic run, or synthetic for a text run, is refused too). A changed
+    corpus (files added or edited) or another machine's default corpus would otherwise
+    prepare a new tokenizer, silently, under the old embeddings. Runs of older lm versions
+    have no record: training makes one, the others take the run on trust."""
     path = run_dir / DATA
     try:
         recorded = json.loads(path.read_text())

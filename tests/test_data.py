@@ -135,6 +135,13 @@ def test_a_single_file_corpus_trains_and_evaluates_with_the_default_settings(tmp
     recorded = json.loads((run / rundir.DATA).read_text())
     assert recorded == corpus.identity(cfg)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(DataError, match="other data"):  # its model, on synthetic tokens
+        evaluate.evaluate_run(run, ["data.source=synthetic"])
+    synthetic = tmp_path / "synthetic"  # and a synthetic run's, on this text
+    train.train(small("model.vocab_size=384", f"train.run_dir={synthetic}", "mesh.data=-1"))
+    with pytest.raises(DataError, match="other data"):
+        evaluate.evaluate_run(synthetic, [f"data.source={tmp_path}/input.txt",
+                                          f"data.cache_dir={tmp_path}/cache"])
     with open(tmp_path / "input.txt", "a") as f:
         f.write("".join(stdlib_texts(300_000, skip=400)))
     with pytest.raises(DataError, match="tokenizer_sha256, train_tokens differ"):

@@ -57,3 +57,15 @@ def test_eval_all_writes_one_row_per_checkpoint(tmp_path, capsys):
     assert [line.split()[0] for line in printed[1:]] == ["2", "4", "6"]
     assert cli.main(argv) == 0 and len(rundir.read_rows(run / "eval.jsonl")) == 3
     assert "evaluated already" in capsys.readouterr().out
+
+
+def test_eval_rows_count_the_tokens_the_run_trained_on_whatever_the_overrides(tmp_path):
+    """A mesh the training batch does not divide: the message points at eval.batch_size; a
+    train.batch_size override to fit it would have written tokens the run never saw."""
+    run = tmp_path / "run"
+    train.train(small("train.steps=4", f"train.run_dir={run}", "mesh.data=-1"))
+    with pytest.raises(ConfigError, match="set eval.batch_size to a multiple of 3"):
+        evaluate.evaluate_run(run, ["mesh.data=3"], devices=jax.devices()[:3])
+    for overrides in (["eval.batch_size=6", "mesh.data=3"], ["train.batch_size=6", "mesh.data=3"]):
+        (row,) = evaluate.evaluate_run(run, overrides, devices=jax.devices()[:3])
+        assert row["step"] == 4 and row["tokens"] == 4 * 8 * 32  # steps x batch x context
