@@ -556,8 +556,13 @@ def _building(out: Path):
     """Hold `out`'s build lock (the OS releases it however the process ends), so that a sweep's
     workers starting together build a dataset once, not once each. Builds at once are safe,
     only wasted: where the filesystem has no locks, they go ahead."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / BUILD_LOCK, "a") as f:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / BUILD_LOCK, "a")
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir: cannot write the prepared dataset into {out} "
+                          f"({e.strerror}); give a directory this user can write") from None
+    with lock as f:
         with contextlib.suppress(OSError):
             fcntl.flock(f, fcntl.LOCK_EX)
         yield

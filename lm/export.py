@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -134,9 +135,12 @@ def write_weights(tensors: dict[str, np.ndarray], out: Path, max_bytes: float) -
     else:
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors"
                  for i in range(1, len(groups) + 1)]
+    umask = os.umask(0)
+    os.umask(umask)
     for name, group in zip(names, groups):
         # transformers refuses safetensors files without format metadata
         save_file({t: tensors[t] for t in group}, str(out / name), metadata={"format": "pt"})
+        os.chmod(out / name, 0o666 & ~umask)  # safetensors writes 0600: a server could not read it
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(w.nbytes for w in tensors.values())},
                  "weight_map": {t: name for name, group in zip(names, groups) for t in group}}
@@ -195,11 +199,15 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, ove
     check_mappable(cfg.model)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not an empty directory; give a new one")
+    try:  # before the restore: an empty directory is all a later failure leaves
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be created ({e.strerror}); give a directory "
+                          "this user can write") from None
     params, step = restored_params(run_dir, cfg, step)
     # the tokenizer (synthetic tokens have none), found or prepared before anything is written
     dataset = None if cfg.data.source == "synthetic" else corpus.prepare(cfg)
     rundir.bind_data(run_dir, corpus.identity(cfg), training=False)
-    out.mkdir(parents=True, exist_ok=True)
     files = write_tokenizer(dataset, cfg.model.context, out) if dataset else []
     (out / "config.json").write_text(
         json.dumps(hf_config(cfg.model, corpus.EOD_ID if dataset else None), indent=1))

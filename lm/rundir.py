@@ -92,7 +92,13 @@ def locked(run_dir: Path):
     except OSError as e:
         raise ConfigError(f"train.run_dir={run_dir} cannot be created ({e.strerror}); give a "
                           "directory where this user can write") from None
-    with open(run_dir / LOCK, "a+") as f:
+    try:
+        lock = open(run_dir / LOCK, "a+")
+    except OSError as e:  # a read-only copy: sampling and exporting need no lock
+        raise ConfigError(f"{run_dir}: cannot take its lock ({e.strerror}); training and "
+                          "evaluating write into the run directory: copy it where this user "
+                          "can write") from None
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

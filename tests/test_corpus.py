@@ -281,6 +281,16 @@ def test_missing_inputs_are_named(tmp_path, source, message):
                            f"data.cache_dir={tmp_path}/cache"))
 
 
+def test_a_cache_dir_that_cannot_be_written_is_named(tmp_path):
+    (tmp_path / "a.txt").write_text("text " * 1000)
+    (tmp_path / "file").write_text("")
+    for cache in ("/proc/lm-none", f"{tmp_path}/file"):
+        with pytest.raises(ConfigError, match=r"data.cache_dir: cannot write the prepared dataset "
+                                              r"into .*; give a directory this user can write"):
+            corpus.prepare(small(f"data.source={tmp_path}/a.txt", "model.vocab_size=320",
+                                 f"data.cache_dir={cache}"))
+
+
 def test_empty_inputs_fail(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="holds no text"):

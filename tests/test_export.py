@@ -59,6 +59,8 @@ def test_transformers_loads_an_untied_gqa_model_from_a_sharded_checkpoint(tmp_pa
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (config["num_key_value_heads"], config["tie_word_embeddings"]) == (2, False)
     np.testing.assert_allclose(hf_logits(out, tokens), expected, atol=1e-4, rtol=0)
+    mode = (out / "config.json").stat().st_mode & 0o777  # as the umask allows, for a server
+    assert {(out / name).stat().st_mode & 0o777 for name in index["weight_map"].values()} == {mode}
 
 
 def test_transformers_loads_a_tied_mup_qk_norm_model_and_its_tokenizer(tmp_path):
@@ -109,3 +111,5 @@ def test_a_missing_step_or_a_used_directory_is_refused(tmp_path, capsys):
     (tmp_path / "used" / "x").write_text("")
     assert cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "used")]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "run"), "--out", "/proc/lm-none/hf"]) == 2
+    assert "--out /proc/lm-none/hf cannot be created (" in capsys.readouterr().err

@@ -34,10 +34,14 @@ def test_a_row_cut_short_by_a_kill_gives_way_to_the_next(tmp_path):
                                       {"step": 2, "loss": 2.7, "set": "other"}]
 
 
-def test_a_run_directory_that_cannot_be_created_says_so():
+def test_a_run_directory_that_cannot_be_created_or_written_says_so():
     with pytest.raises(ConfigError, match=r"/proc/lm-none/run cannot be created \(.*\); give a "
                                           "directory where this user can write"):
         with rundir.locked(Path("/proc/lm-none/run")):
+            pass
+    with pytest.raises(ConfigError, match=r"/proc/self: cannot take its lock \(.*\); training "
+                                          "and evaluating write into the run directory"):
+        with rundir.locked(Path("/proc/self")):  # there, but not writable: a read-only copy
             pass
 
 
