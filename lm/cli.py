@@ -164,13 +164,15 @@ def cmd_sample(args) -> int:
     cfg = rundir.load_config(args.run_dir, args.overrides)
     tokenizer = corpus.tokenizer(cfg)
     rundir.bind_data(Path(args.run_dir), corpus.identity(cfg), training=False)
+    prompt = tokenizer.encode(args.prompt)
+    max_tokens = evaluate.sample_length(cfg, prompt, args.max_tokens)  # before the restore
     lay = state.layout(cfg)
     mngr = checkpoint.manager(args.run_dir, read_only=True)
     restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, ("params",))
     if restored is None:
         raise CheckpointError(f"no checkpoints in {checkpoint.directory(args.run_dir)}")
-    tokens = evaluate.generate(lay, restored[0]["params"], tokenizer.encode(args.prompt),
-                               args.max_tokens, args.temperature, args.top_k, args.seed)
+    tokens = evaluate.generate(lay, restored[0]["params"], prompt, max_tokens,
+                               args.temperature, args.top_k, args.seed)
     print(tokenizer.decode(tokens))
     return 0
 
@@ -340,16 +342,18 @@ def cmd_predict(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def _at_least(kind: type, low: float):
-    """An argparse type: a number of `kind` that is at least `low` (a usage error otherwise)."""
+def _at_least(kind: type, low: float, high: float = float("inf")):
+    """An argparse type: a finite number of `kind` from `low` to `high` (a usage error
+    otherwise)."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value >= low:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{text} is not a number >= {low}")
+        if not low <= value <= high or value in (float("inf"), float("-inf")):  # and nan
+            span = f">= {low}" if high == float("inf") else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {span}")
         return value
 
     return parse
@@ -405,10 +409,11 @@ def parser() -> argparse.ArgumentParser:
     p = command("sample", cmd_sample, "generate text from a run's newest checkpoint",
                 first="run_dir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=_at_least(int, 1), default=64)
+    p.add_argument("--max-tokens", type=_at_least(int, 1),
+                   help="default: as many as the context leaves after the prompt")
     p.add_argument("--temperature", type=_at_least(float, 0), default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=_at_least(int, 0), default=0, help="0: the whole vocabulary")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_at_least(int, 0, 2**32 - 1), default=0)
     p = command("export", cmd_export, "write a checkpoint as a Hugging Face model directory "
                 "(safetensors, config.json, tokenizer) for transformers and lm-evaluation-harness",
                 first="run_dir")
@@ -486,7 +491,7 @@ def _add_fit(sub) -> None:
     p.add_argument("--params", choices=["total", "non_embedding", "flops"],
                    help="N: all parameters, the non-embedding ones (a sweep's; a CSV's N is "
                    "its params column), or the training FLOPs per token / 6")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_at_least(int, 0, 2**32 - 1), default=0)
     p.add_argument("--ignore-columns", action="store_true",
                    help="ignore CSV columns other than the known ones (default: an error)")
     p.add_argument("--out", default="fit.json")

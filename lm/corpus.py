@@ -493,11 +493,13 @@ def _input(key: str, source: str, mode: str, suffix: str = "") -> Input:
     return Input(key, source, corpus_files(source, key), mode, suffix)
 
 
-def prepare(cfg: Config) -> Dataset:
+def prepare(cfg: Config, validation: bool = True) -> Dataset:
     """The prepared training dataset of `cfg` — a tokenizer, and the training and held-out
     validation tokens of data.source or of each data.mixture source — with the validation sets
-    given apart, encoded by that tokenizer. Each is reused when a manifest matches its sources
-    and settings, built otherwise (tokenizer, token files, and the manifest last)."""
+    given apart, encoded by that tokenizer (unless `validation` is False: what sampling and
+    exporting need is the tokenizer, not validation files that may have moved since). Each is
+    reused when a manifest matches its sources and settings, built otherwise (tokenizer, token
+    files, and the manifest last)."""
     d = cfg.data
     if d.source == "synthetic":
         raise ConfigError("data.source=synthetic is generated on the fly and needs no preparing; "
@@ -510,6 +512,8 @@ def prepare(cfg: Config) -> Dataset:
         inputs = [_input("data.source", d.source, mode)]
     label = "mixture" if d.mixture else "default" if d.source == "default" else "files"
     dataset = _prepared(cfg, inputs, label, "data.mixture" if d.mixture else "data.source")
+    if not validation:
+        return dataset
     given = {"val": ("data.val_source", d.val_source)} if d.val_source else {}
     given |= {name: (f"data.val_sets.{name}", spec) for name, spec in d.val_sets.items()}
     sets = {name: _prepared(cfg, [_input(key, spec, "val")], "val", key, dataset)
@@ -705,7 +709,7 @@ def identity(cfg: Config) -> dict:
     another machine changes without changing a token); synthetic tokens have neither."""
     if cfg.data.source == "synthetic":
         return {"tokenizer_sha256": None, "train_tokens": None, "dataset": "synthetic"}
-    dataset = prepare(cfg)
+    dataset = prepare(cfg, validation=False)
     tokenizer = (dataset.dir / dataset.manifest["tokenizer"]).read_bytes()
     return {"tokenizer_sha256": hashlib.sha256(tokenizer).hexdigest(),
             "train_tokens": {name: dataset.manifest["splits"][name]["tokens"]
@@ -717,7 +721,7 @@ def tokenizer(cfg: Config) -> spm.SentencePieceProcessor:
     """The tokenizer of `cfg`'s dataset (prepared on first use): text <-> token ids."""
     if cfg.data.source == "synthetic":
         raise ConfigError("data.source=synthetic has no tokenizer: its tokens are not text")
-    return prepare(cfg).tokenizer()
+    return prepare(cfg, validation=False).tokenizer()
 
 
 def token_bytes(sp: spm.SentencePieceProcessor) -> np.ndarray:

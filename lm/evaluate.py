@@ -159,18 +159,28 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
 # --------------------------------------------------------------------------- sampling
 
 
+def sample_length(cfg: config_lib.Config, prompt: list[int], max_tokens: int | None) -> int:
+    """`max_tokens`, or (None) as many as the context leaves after `prompt`, once the prompt
+    and they fit in it."""
+    if not prompt:
+        raise ConfigError("the prompt is empty; give at least one token")
+    room = cfg.model.context - len(prompt)
+    if room < 1:
+        raise ConfigError(f"the prompt ({len(prompt)} tokens) leaves no room in "
+                          f"model.context={cfg.model.context}; shorten it")
+    if max_tokens is not None and max_tokens > room:
+        raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} = "
+                          f"{len(prompt) + max_tokens} exceeds model.context="
+                          f"{cfg.model.context}")
+    return room if max_tokens is None else max_tokens
+
+
 def generate(lay: state_lib.Layout, params, prompt: list[int], max_tokens: int,
              temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
     """Continue `prompt` by `max_tokens` tokens with a KV cache, in one jitted decode loop.
     temperature 0 is greedy; top_k > 0 samples among the k likeliest tokens."""
     cfg = lay.cfg
-    total = len(prompt) + max_tokens
-    if total > cfg.model.context:
-        raise ConfigError(
-            f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} = {total} exceeds "
-            f"model.context={cfg.model.context}")
-    if not prompt:
-        raise ConfigError("the prompt is empty; give at least one token")
+    total = len(prompt) + sample_length(cfg, prompt, max_tokens)
 
     def pick(logits_v, key):
         logits_v = jnp.where(jnp.arange(logits_v.shape[-1]) < cfg.vocab_size, logits_v, -jnp.inf)

@@ -206,7 +206,7 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, ove
                           "this user can write") from None
     params, step = restored_params(run_dir, cfg, step)
     # the tokenizer (synthetic tokens have none), found or prepared before anything is written
-    dataset = None if cfg.data.source == "synthetic" else corpus.prepare(cfg)
+    dataset = None if cfg.data.source == "synthetic" else corpus.prepare(cfg, validation=False)
     rundir.bind_data(run_dir, corpus.identity(cfg), training=False)
     files = write_tokenizer(dataset, cfg.model.context, out) if dataset else []
     (out / "config.json").write_text(

@@ -184,6 +184,11 @@ def test_val_source_and_named_sets_are_evaluated_and_reported_apart(tmp_path, ca
     printed = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
     assert printed == [["4", name] for name in ("val", "code", "prose", "more")]
     assert [(r["step"], r["set"]) for r in rundir.evals(run)[6:]] == [(4, "more")]
+    # sampling needs the tokenizer, not validation files moved since; by default it fills
+    # the context the prompt leaves (32 - 1 tokens here)
+    (tmp_path / "code").rename(tmp_path / "code-moved")
+    assert cli.main(["sample", str(run), "--prompt", "d", "--temperature", "0"]) == 0
+    assert len(corpus.tokenizer(cfg).encode(capsys.readouterr().out.strip())) >= 16
 
 
 # --------------------------------------------------------------------------- mixtures
