@@ -235,8 +235,9 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
             log.warning("checkpoint: step %d is unreadable (%s: %s)%s; trying an older one",
                         step, type(e).__name__, str(e)[:200], where)
             continue
-        log.info("checkpoint: restored step %d, the newest complete checkpoint in %s", step,
-                 mngr.directory)
+        newest = steps is None or len(steps) > 1  # else the one step asked for
+        log.info("checkpoint: restored step %d%s in %s", step,
+                 ", the newest complete checkpoint" * newest, mngr.directory)
         return state, meta
     return None
 

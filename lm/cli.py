@@ -362,9 +362,10 @@ def _at_least(kind: type, low: float, high: float = float("inf")):
 def parser() -> argparse.ArgumentParser:
     """The `lm` command line: the run commands here, the study's in functions of their own."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cpu-devices", type=_at_least(int, 1), metavar="N",
+    # (XLA's CPU client starts threads per device: 2048 took minutes, 4096 never came up)
+    common.add_argument("--cpu-devices", type=_at_least(int, 1, 1024), metavar="N",
                         help="simulate N CPU devices (e.g. 8 for a 2x4 mesh on a laptop; "
-                        "in a multi-process run, N per process)")
+                        "in a multi-process run, N per process; at most 1024)")
     processes = argparse.ArgumentParser(add_help=False)
     group = processes.add_argument_group(
         "multi-process runs", "one process per host; every process runs the same command")

@@ -245,8 +245,8 @@ def read_yaml(path: Path, extending: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"configs extend each other in a loop ({chain}); fix their `base:`")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML (UTF-8): {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
     base = raw.pop("base", None)

@@ -123,6 +123,9 @@ def test_configs_load_without_running_anything(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(path)
     assert not marker.exists()
+    path.write_bytes(b"train:\n  steps: 10\xff\n")  # not UTF-8
+    with pytest.raises(ConfigError, match=r"evil.yaml: not valid YAML \(UTF-8\)"):
+        config.load(path)
 
 
 def test_run_directories_no_run_wrote_are_refused(tmp_path):
@@ -324,6 +327,7 @@ def test_retention_deletes_only_what_lm_wrote(tmp_path, capsys):
     (["train", "tiny", "train.seed=-1"], "train.seed"),
     (["train", "tiny", "data.seed=4294967296"], "data.seed"),
     (["sample", "RUN", "--prompt", "x", "--cpu-devices", "0"], "--cpu-devices"),
+    (["sample", "RUN", "--prompt", "x", "--cpu-devices", "4096"], "from 1 to 1024"),
 ])
 def test_bad_arguments_are_errors_not_tracebacks(finished, capsys, argv, message):
     argv = [str(finished) if a == "RUN" else a for a in argv]
