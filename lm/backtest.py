@@ -29,6 +29,7 @@ class Backtest:
     runs: int = 0  # the fitting runs above, predicted (0: too few runs on a side to try)
     rms: float | None = None  # of log(actual / predicted) over them: a relative error
     mean: float | None = None  # its mean: > 0 where the law predicts too low
+    refit_runs: int = 0  # the runs the refit saw (0 in fits written before it was kept)
 
 
 def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
@@ -44,7 +45,8 @@ def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
     if not len(final):
         return Backtest(float(ratio))
     below = final.flops <= final.flops.max() / ratio
-    if below.all() or not below.any():
+    # a refit on no more runs than the law has parameters measures its own looseness
+    if below.all() or below.sum() <= len(laws.by_name(fit.law).names):
         return Backtest(float(ratio))
     try:  # a few runs may not pin the law down: no backtest, and no noise about it
         with np.errstate(all="ignore"):
@@ -57,7 +59,7 @@ def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
     above = final.select(~below)
     z = np.log(above.loss / scaling.predicted_loss(refit, above))
     return Backtest(float(ratio), len(above), float(np.sqrt(np.mean(z ** 2))),
-                    float(np.mean(z)))
+                    float(np.mean(z)), int(below.sum()))
 
 
 def farthest(fit: scaling.Fit, points: Points, ratios) -> Backtest:
@@ -81,7 +83,8 @@ def describe(b: Backtest) -> str:
     if not b.runs:
         return (f"backtest: too few fitting runs below 1/{b.ratio:.3g} of the largest's "
                 "compute to refit the law and try a reach of that size on the runs above")
-    return (f"backtest: refitted on the runs with at most 1/{b.ratio:.3g} of the largest "
+    return (f"backtest: refitted on the {f'{b.refit_runs} ' if b.refit_runs else ''}runs "
+            f"with at most 1/{b.ratio:.3g} of the largest "
             f"fitting run's compute, the law predicts the {b.runs} above with an RMS error of "
             f"{100 * b.rms:.2f}% (mean {100 * b.mean:+.2f}%: "
             f"{'actual above predicted' if b.mean > 0 else 'actual below predicted'})")

@@ -20,9 +20,9 @@ def grid(loss_fn, noise, seed=0, sizes=np.geomspace(1e6, 1e9, 10), ratios=(5, 10
 def test_where_the_law_holds_its_reach_misses_by_about_the_noise():
     points = grid(law, 0.003)
     tried = backtest.backtest(scaling.fit(points), points, 16.0)
-    assert tried.ratio == 16.0 and tried.runs == 6
+    assert tried.ratio == 16.0 and tried.runs == 6 and tried.refit_runs == 34
     assert tried.rms < 3 * 0.003 and abs(tried.mean) < 2 * 0.003
-    assert "the law predicts the" in backtest.describe(tried)
+    assert "refitted on the 34 runs with at most 1/16" in backtest.describe(tried)
 
 
 def test_a_law_of_the_wrong_shape_shows_in_its_reach_with_its_sign():
@@ -43,6 +43,12 @@ def test_too_few_runs_below_the_reach_say_so():
     assert tried.runs == 0 and tried.rms is None
     assert backtest.describe(tried).startswith("backtest: too few fitting runs below 1/1e+03")
     assert backtest.backtest(fit, points, 1.0).runs == 0  # no reach to try
+    # five runs below, for the five parameters of Chinchilla's sum: a refit, but no test
+    points = grid(law, 0.003, sizes=np.geomspace(1e6, 1e9, 20), ratios=(5, 40))
+    fit, flops = scaling.fit(points), np.sort(points.flops)
+    for k in (5, 6):
+        tried = backtest.backtest(fit, points, flops[-1] / flops[k - 1] / 1.001)
+        assert (tried.runs > 0, tried.refit_runs) == ((True, 6) if k == 6 else (False, 0))
 
 
 def test_the_farthest_reach_the_runs_can_try_is_tried():
