@@ -440,7 +440,8 @@ def _fit(points: Points, law: str = "chinchilla", *,
     if not len(train):
         raise FitError(f"no point is left to fit: of {len(rest)}, every one is early "
                        f"(drop_early={drop_early}) or has fewer than min_tokens_per_param="
-                       f"{min_tokens_per_param} tokens per parameter; lower them")
+                       f"{min_tokens_per_param} tokens per parameter; lower them (or are "
+                       "params and tokens in different units, millions and billions?)")
     fpt = flops_per_token(train)
     finals = train.select(train.final_mask())
     noise = seed_noise(finals)
@@ -960,9 +961,11 @@ def format_fit(fit: Fit) -> str:
     status = "converged" if fit.converged else "NOT CONVERGED"
     used = "annealed ends of runs" if fit.annealed_only else (
         f"{fit.points_dropped} points dropped (early or under-trained)")
-    robust = ("least squares" if fit.loss == "lsq" else f"Huber delta {fit.huber_delta:.3g}")
+    robust = ("a parabola in log N per budget, then a line through the minima in log N"
+              if law.inputs is None else "least squares on log L" if fit.loss == "lsq"
+              else f"Huber delta {fit.huber_delta:.3g} on log L")
     lines = [f"{fit.law} fit: {law.formula}",
-             f"  {fit.n_points} points from {fit.n_runs} runs ({used}); {robust} on log L; "
+             f"  {fit.n_points} points from {fit.n_runs} runs ({used}); {robust}; "
              f"objective {fit.objective:.6g}, {status}"]
     if fit.n_counted != "total":  # predictions need N counted the same way
         lines.append(f"  N counts {N_COUNTS[fit.n_counted]}")
