@@ -7,6 +7,7 @@ before anything is compiled: unknown keys, wrong types, impossible shapes and me
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.resources
 import math
 import re
@@ -373,7 +374,9 @@ def _coerce(value, kind, key: str):
         return value
     expected = f"a list, e.g. [{_example(args[0])}]" if origin is tuple else getattr(
         kind, "__name__", kind)
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {expected}")
+    quote = (f" (YAML read the value as a {type(value).__name__}: quote it)"
+             if kind is str and isinstance(value, (int, float, bool, datetime.date)) else "")
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {expected}{quote}")
 
 
 def _example(kind) -> str:
