@@ -24,8 +24,8 @@ def _use_cpu_devices(n: int | None) -> None:
         import jax
 
         if jax.device_count() != n:
-            raise SystemExit(f"error: --cpu-devices {n} came after jax started with "
-                             f"{jax.device_count()} devices")
+            raise ConfigError(f"--cpu-devices {n} came after jax started with "
+                              f"{jax.device_count()} devices")
         return
     simulate_cpu_devices(n)
 
@@ -43,9 +43,9 @@ def _join_processes(args) -> None:
     try:
         jax.distributed.initialize(*given)
     except (RuntimeError, ValueError) as e:
-        raise SystemExit(f"error: cannot join the multi-process run ({e}); outside Cloud TPU, "
-                         "SLURM and Open MPI give --coordinator HOST:PORT --num-processes P "
-                         "--process-id I") from None
+        raise ConfigError(f"cannot join the multi-process run ({e}); outside Cloud TPU, "
+                          "SLURM and Open MPI give --coordinator HOST:PORT --num-processes P "
+                          "--process-id I") from None
 
 
 class _Progress(logging.Handler):
@@ -520,9 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     keep_freed_memory()
-    _use_cpu_devices(args.cpu_devices)
-    _join_processes(args)
     try:
+        _use_cpu_devices(args.cpu_devices)
+        _join_processes(args)
         with _log_to_stderr():
             return args.func(args)
     except LMError as e:

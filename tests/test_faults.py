@@ -328,6 +328,7 @@ def test_retention_deletes_only_what_lm_wrote(tmp_path, capsys):
     (["train", "tiny", "data.seed=4294967296"], "data.seed"),
     (["sample", "RUN", "--prompt", "x", "--cpu-devices", "0"], "--cpu-devices"),
     (["sample", "RUN", "--prompt", "x", "--cpu-devices", "4096"], "from 1 to 1024"),
+    (["info", "tiny", "--cpu-devices", "4"], "--cpu-devices 4 came after jax started with 8"),
 ])
 def test_bad_arguments_are_errors_not_tracebacks(finished, capsys, argv, message):
     argv = [str(finished) if a == "RUN" else a for a in argv]
