@@ -125,7 +125,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from lm import config, corpus
+    from lm import config, corpus, data
 
     cfg = config.load(args.config, args.overrides)
     dataset = corpus.prepare(cfg)
@@ -137,6 +137,11 @@ def cmd_data(args) -> int:
     for split, s in m["splits"].items():
         print(f"{split:<9} {s['documents']:>9,} documents {s['bytes']:>15,} bytes "
               f"{s['tokens']:>15,} tokens {s['bytes_per_token']:>7.3f} bytes/token")
+    # what evaluation will read, drawn now: a set too short for a sequence fails here, not at
+    # the end of a run's first evaluation interval
+    for name, v in data.validation_sets(cfg).items():
+        print(f"eval {name:<4} {len(v.rows):>9,} sequences of {v.rows.shape[1] - 1} tokens, "
+              f"{v.bytes_per_token:.3f} bytes/token")
     return 0
 
 

@@ -415,12 +415,17 @@ def test_bad_settings_name_their_key(override, key):
         small(override)
 
 
-def test_cli_prepares_and_reports(prepared, capsys):
+def test_cli_prepares_and_reports(prepared, capsys, tmp_path):
     cfg, dataset = prepared
     argv = ["data", "prepare", "tiny", "data.source=default", "data.max_bytes=300000",
             "data.vocab_size=384", "data.val_fraction=0.2", f"data.cache_dir={cfg.data.cache_dir}"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert str(dataset.dir) in out and "bytes/token" in out
+    assert re.search(r"eval val +128 sequences of 64 tokens", out)  # what evaluation reads
+    short = tmp_path / "short.py"
+    short.write_text("def f(): pass\n")
+    assert cli.main([*argv, f"data.val_sets={{short: '{short}'}}"]) == 2
+    assert "fewer than one sequence" in capsys.readouterr().err  # now, not at a first eval
     assert cli.main(["data", "prepare", "tiny", "data.source=/no/such.txt"]) == 2
     assert "no such file" in capsys.readouterr().err
