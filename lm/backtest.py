@@ -7,9 +7,9 @@ wrong shape, which on public sweeps was most of the error (their held-out residu
 times the fitted ones; the README). It is reported beside the interval, a check on it: one
 split, with fewer runs than the fit, is a noisy measure; what goes into the interval is
 `scaling.Misfit`, modelled over many splits. On the main job's 28 registered studies and 16
-fits of eight public sweeps its RMS error was of the order of the held-out runs' (median 2.4%
-against 1.2% and 1.8%) and its sign theirs in 31 of 44, but single values ranged from a third
-to sixty times theirs.
+fits of eight public sweeps its RMS error was of the order of the held-out runs' (median 1.9%
+against 1.2% and 1.8%) and its sign theirs in 33 of 44, but single values ranged from a
+quarter to sixty times theirs.
 """
 
 from __future__ import annotations
