@@ -30,7 +30,7 @@ from scipy.optimize import minimize
 
 from lm.errors import FitError
 from lm.noise import NOISE_FLOOR, Noise
-from lm.points import BUDGET_TOL, Points, group_budgets
+from lm.points import BUDGET_TOL, Points, budget_labels
 
 
 # ----------------------------------------------------------------------------- the power-sum fit
@@ -291,7 +291,7 @@ def _check_kaplan(points: Points) -> None:
 
 
 def _budgets_of(points: Points) -> list[Points]:
-    labels = group_budgets(points.flops)
+    labels = budget_labels(points)
     return [points.select(labels == label) for label in np.unique(labels)]
 
 
@@ -303,9 +303,10 @@ def _check_isoflop(points: Points) -> list[Points]:
         if sizes < 3:
             raise FitError(f"an isoflop fit needs >= 3 distinct model sizes per compute "
                            f"budget; the budget at C ~ {np.exp(np.log(b.flops).mean()):.3g} "
-                           f"FLOPs has {sizes} (runs are one budget when their FLOPs lie "
-                           f"within {BUDGET_TOL:.0%}: where 6ND strays from the budget the runs "
-                           "were sized for, give that budget in the flops column)")
+                           f"FLOPs has {sizes} (without a budget column, runs are one budget "
+                           f"when their FLOPs lie within {BUDGET_TOL:.0%}: where exact FLOPs "
+                           "stray from the budget the runs were sized for, name it in a column "
+                           "budget)")
     if len(budgets) < 2:
         raise FitError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
                        f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lm import laws, scaling
-from lm.points import Points, group_budgets
+from lm.points import Points, budget_labels
 from lm.scaling import Fit
 
 
@@ -72,7 +72,7 @@ def _scatter_roles(ax, x, y, colours, unused, held, outlier) -> None:
 def _budgets(points: Points) -> list[Points]:
     """Runs' final points per compute budget, where a budget has enough sizes for a curve."""
     final = points.select(points.final_mask())
-    labels = group_budgets(final.flops)
+    labels = budget_labels(final)
     groups = (final.select(labels == label) for label in np.unique(labels))
     return [g for g in groups if len(np.unique(g.params)) >= 3]
 

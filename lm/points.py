@@ -17,9 +17,9 @@ import numpy as np
 
 from lm.errors import FitError
 
-BUDGET_TOL = 0.05  # FLOPs within 5% of each other belong to one IsoFLOP budget
-_COLUMNS = "params, tokens, loss (optional: flops, run, step, annealed)"
-_FIELDS = ("params", "tokens", "loss", "flops", "run", "step", "annealed")
+BUDGET_TOL = 0.05  # without a budget column, FLOPs within 5% of each other are one budget
+_COLUMNS = "params, tokens, loss (optional: flops, run, step, annealed, budget)"
+_FIELDS = ("params", "tokens", "loss", "flops", "run", "step", "annealed", "budget")
 
 
 # A run's exact FLOPs over 6ND: less where embeddings are most of N, more for attention and,
@@ -39,6 +39,8 @@ class Points:
     ``flops`` defaults to 6·N·D, ``run`` to one run per point, ``step`` to -1 (unknown),
     ``annealed`` to False: whether the point ends a learning-rate decay (a cosine run's end, a
     WSD cooldown branch's end), so that it sits on the loss a run of that length reaches.
+    ``budget`` is the IsoFLOP budget a run was sized for, where given (NaN: not given), which
+    its exact FLOPs may stray from by more than BUDGET_TOL.
     """
 
     params: np.ndarray
@@ -48,6 +50,7 @@ class Points:
     run: np.ndarray | None = None
     step: np.ndarray | None = None
     annealed: np.ndarray | None = None
+    budget: np.ndarray | None = None
 
     def __post_init__(self):
         def put(name, value):
@@ -64,6 +67,8 @@ class Points:
             else np.asarray(self.step, dtype=int).reshape(-1))
         put("annealed", np.zeros(n, bool) if self.annealed is None
             else np.asarray(self.annealed, dtype=bool).reshape(-1))
+        put("budget", np.full(n, np.nan) if self.budget is None
+            else np.asarray(self.budget, dtype=float).reshape(-1))
         lengths = {f.name: len(getattr(self, f.name)) for f in fields(self)}
         if len(set(lengths.values())) != 1:
             raise FitError(f"Points arrays differ in length: {lengths}")
@@ -77,7 +82,7 @@ class Points:
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> Points:
         """Points from dicts (or sqlite3.Rows) with keys params, tokens, loss and optional
-        flops, run, step, annealed."""
+        flops, run, step, annealed, budget."""
         if not rows:
             raise FitError(f"no rows; expected dicts with keys {_COLUMNS}")
         return _parse([dict(row) for row in rows], lambda i: f"row {i}")
@@ -87,9 +92,12 @@ class Points:
 
     def write_csv(self, path: str | Path) -> None:
         """The points as a CSV that `load_csv` (and `lm fit`) reads back."""
-        names = [f.name for f in fields(Points)]
+        names = [f.name for f in fields(Points)
+                 if f.name != "budget" or np.isfinite(self.budget).any()]
         cols = {n: getattr(self, n).tolist() for n in names}
         cols["step"] = ["" if s < 0 else s for s in cols["step"]]  # -1: unknown
+        if "budget" in cols:
+            cols["budget"] = ["" if math.isnan(b) else b for b in cols["budget"]]
         with Path(path).open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(names)
@@ -176,13 +184,14 @@ def _flag(value: Any, where: str) -> bool:
 def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -> Points:
     """Records of cells (strings or numbers) → Points; each error names the record and column."""
     cols: dict[str, list] = {f.name: [] for f in fields(Points)}
-    blank_flops = []
+    blank = {"flops": [], "budget": []}
     for i, rec in enumerate(records):
         where = lambda name: f"{locate(i)}, column '{name}'"  # noqa: E731
         row = {k: _positive(rec.get(k), where(k)) for k in ("params", "tokens", "loss")}
-        flops, run, step = (rec.get(k) for k in ("flops", "run", "step"))
-        if _blank(flops):
-            blank_flops.append(i)
+        flops, run, step, budget = (rec.get(k) for k in ("flops", "run", "step", "budget"))
+        for k in blank:
+            if _blank(rec.get(k)):
+                blank[k].append(i)
         row["flops"] = (6 * row["params"] * row["tokens"] if _blank(flops)
                         else _positive(flops, where("flops")))
         ratio = row["flops"] / (6 * row["params"] * row["tokens"])
@@ -193,12 +202,16 @@ def _parse(records: Sequence[Mapping[str, Any]], locate: Callable[[int], str]) -
         row["run"] = _own_run(i) if _blank(run) else str(run).strip()
         row["step"] = -1 if _blank(step) else _step(step, where("step"))
         row["annealed"] = _flag(rec.get("annealed"), where("annealed"))
+        row["budget"] = math.nan if _blank(budget) else _positive(budget, where("budget"))
         for k, v in row.items():
             cols[k].append(v)
-    if 0 < len(blank_flops) < len(records):  # 6ND beside exact FLOPs skews FLOPs per token
-        raise FitError(f"{locate(blank_flops[0])}, column 'flops': missing value, where other "
-                       "rows have one; fill it in every row, or leave the column empty to use "
-                       "6ND throughout")
+    if 0 < len(blank["flops"]) < len(records):  # 6ND beside exact FLOPs: FLOPs per token skew
+        raise FitError(f"{locate(blank['flops'][0])}, column 'flops': missing value, where "
+                       "other rows have one; fill it in every row, or leave the column empty "
+                       "to use 6ND throughout")
+    if 0 < len(blank["budget"]) < len(records):  # a budget by name beside budgets by FLOPs
+        raise FitError(f"{locate(blank['budget'][0])}, column 'budget': missing value, where "
+                       "other rows have one; name every run's budget, or none")
     return Points(**cols)
 
 
@@ -305,6 +318,14 @@ def resample_runs(run: np.ndarray, rng: np.random.Generator,
     lengths = counts[drawn]
     within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     return order[np.repeat(starts[drawn], lengths) + within]
+
+
+def budget_labels(points: Points) -> np.ndarray:
+    """IsoFLOP budget label per point: by its budget column where given, else by its FLOPs
+    (`group_budgets`)."""
+    if np.all(np.isfinite(points.budget)):
+        return np.unique(points.budget, return_inverse=True)[1]
+    return group_budgets(points.flops)
 
 
 def group_budgets(flops: np.ndarray, tol: float = BUDGET_TOL) -> np.ndarray:

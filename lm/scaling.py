@@ -36,7 +36,7 @@ from lm.errors import FitError, listed
 from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, by_name,
                      centre, descend, flops_per_token, isoflop, power_fit, problem, uncentre)
 from lm.noise import Noise, residual_noise, seed_noise
-from lm.points import Points, group_budgets, resample_runs
+from lm.points import Points, budget_labels, resample_runs
 
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
 # What a fit's N counts (fit.params, lm fit --params), in words
@@ -489,7 +489,7 @@ def _bootstrap(train: Points, law: Law, delta: float, noise: Noise | None, fpt, 
     on each the sample (drawn across budgets, most refits left some budget with too few sizes
     for its parabola)."""
     rng = np.random.default_rng(seed)
-    strata = group_budgets(train.flops) if law.finals_only else None
+    strata = budget_labels(train) if law.finals_only else None
     draws, failed, not_converged = [], 0, 0
     for _ in range(n):
         try:

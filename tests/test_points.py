@@ -26,11 +26,12 @@ def write(tmp_path, text, name="points.csv"):
 
 
 def test_load_csv_reads_optional_columns(tmp_path):
-    path = write(tmp_path, "run,step,params,tokens,loss,flops,annealed,note\n"
-                           "a,10,1e8,1e9,3.5,6e17,0,x\n"
-                           "a,20,1e8,2e9,3.1,1.3e18,1,y\n"
-                           "b,,2e8,4e9,2.9,4.8e18,true,z\n")
+    path = write(tmp_path, "run,step,params,tokens,loss,flops,annealed,budget,note\n"
+                           "a,10,1e8,1e9,3.5,6e17,0,1e18,x\n"
+                           "a,20,1e8,2e9,3.1,1.3e18,1,1e18,y\n"
+                           "b,,2e8,4e9,2.9,4.8e18,true,5e18,z\n")
     points = load_csv(path, ignore_columns=True)  # `note` is not one of lm's
+    assert points.budget.tolist() == [1e18, 1e18, 5e18]
     assert list(points.run) == ["a", "a", "b"] and list(points.step) == [10, 20, -1]
     assert points.flops.tolist() == [6e17, 1.3e18, pytest.approx(4.8e18)]
     assert points.annealed.tolist() == [False, True, True]
@@ -39,8 +40,11 @@ def test_load_csv_reads_optional_columns(tmp_path):
     assert no_runs.flops.tolist() == [6e17, 1.2e18]  # 6ND without a flops column
     points.write_csv(tmp_path / "again.csv")  # what a sweep writes beside its report
     again = load_csv(tmp_path / "again.csv")
-    for name in ("params", "tokens", "loss", "flops", "run", "step", "annealed"):
+    for name in ("params", "tokens", "loss", "flops", "run", "step", "annealed", "budget"):
         assert getattr(again, name).tolist() == getattr(points, name).tolist(), name
+    no_runs.write_csv(tmp_path / "plain-again.csv")  # no budgets given: no column written
+    assert (tmp_path / "plain-again.csv").read_text().startswith(
+        "params,tokens,loss,flops,run,step,annealed\n")
 
 
 HEADER = "params,tokens,loss\n"
@@ -63,6 +67,8 @@ HEADER = "params,tokens,loss\n"
     ("params,tokens,loss,flops\n1e8,1e9,3,6.94\n",  # Chinchilla's 6e17 FLOPs in PF-days
      r"line 2, column 'flops': '6.94' is 1.16e-17 x 6 \* params \* tokens: not that run's FLOPs "
      r"\(another unit, PF-days\?"),
+    ("params,tokens,loss,budget\n1e8,1e9,3,1e18\n1e8,2e9,2.9,\n",
+     r"line 3, column 'budget': missing value, where other rows have one"),
     ("params,tokens,loss,flops\n1e8,1e9,3,7e17\n1e8,2e9,2.9,\n",
      r"line 3, column 'flops': missing value, where other rows have one"),
     ("params,tokens,loss,run,step\n1e8,1e9,3,a,1\n1e8,2e9,2.9,a,2\n1e8,1e9,3,a,1\n",

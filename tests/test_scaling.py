@@ -8,7 +8,7 @@ import pytest
 
 from lm import laws, noise as noise_lib, scaling
 from lm.errors import FitError
-from lm.points import Points, load_csv, resample_runs
+from lm.points import Points, budget_labels, load_csv, resample_runs
 from lm.scaling import Fit, fit, format_fit, format_prediction, predict
 
 TRUE = {"E": 1.8, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.30}
@@ -578,7 +578,7 @@ def test_isoflop_bootstrap_resamples_runs_within_each_budget():
     points = isoflop_curves(steps=1)
     rng = np.random.default_rng(0)
     points = replace(points, loss=points.loss * np.exp(0.003 * rng.standard_normal(len(points))))
-    budgets = scaling.group_budgets(points.flops)
+    budgets = budget_labels(points)
     drawn = resample_runs(points.run, rng, budgets)
     assert np.array_equal(np.bincount(budgets[drawn]), np.bincount(budgets))
     assert len(np.unique(points.run[drawn])) < len(points)  # drawn with replacement
@@ -625,6 +625,22 @@ def test_one_tokens_per_parameter_ladder_determines_no_split_and_kaplan_nd_fits_
             predict(result, flops=1e22)
     assert result.params["alpha_N"] / result.params["alpha_D"] >= laws.OUTER_RATIO_MIN
     assert fit(points, "kaplan-nd", bootstrap=20).bootstrap.failed == 0
+
+
+def test_isoflop_takes_each_runs_budget_by_name_where_its_flops_stray():
+    """Runs sized for a budget whose exact FLOPs spread +-12% around it (attention, the head):
+    by FLOPs they split into budgets of too few sizes; named in a column budget they fit, and
+    recover the allocation."""
+    points = isoflop_curves(steps=1)
+    labels = budget_labels(points)
+    stray = points.flops * np.tile([0.88, 0.94, 1.0, 1.06, 1.12, 0.9, 1.1], 4)
+    with pytest.raises(ValueError, match="name it in a column budget"):
+        fit(replace(points, flops=stray), "isoflop")
+    named = replace(points, flops=stray, budget=np.array([1e17, 1e18, 1e19, 1e20])[labels])
+    assert np.array_equal(budget_labels(named), labels)
+    result = fit(named, "isoflop")
+    assert len(result.budgets) == 4 and result.params["a"] == pytest.approx(
+        laws.allocation_coefs("chinchilla", TRUE, SIX)[1], abs=0.03)
 
 
 def test_isoflop_needs_three_sizes_per_budget():
