@@ -259,9 +259,11 @@ def read_yaml(path: Path, extending: tuple[Path, ...] = ()) -> dict:
 
 
 def merge(base: dict, update: dict) -> dict:
+    """`update` over `base`: a mapping merges into the one it meets, key by key, except an
+    empty one, which empties it (`data.val_sets={}` drops the file's validation sets)."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value and isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = value
@@ -289,7 +291,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge_override(tree: dict, update: dict, item: str, prefix: str = "") -> None:
     for key, value in update.items():
         old = tree.get(key)
-        if isinstance(old, dict) and isinstance(value, dict):
+        if isinstance(old, dict) and isinstance(value, dict) and value:  # {} empties (merge)
             _merge_override(old, value, item, f"{prefix}{key}.")
         elif key in tree and isinstance(old, dict) != isinstance(value, dict):
             raise ConfigError(f"override {item!r} and an earlier one give {prefix}{key} both a "

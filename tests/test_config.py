@@ -107,8 +107,15 @@ def test_cli_reports_config_errors(capsys):
     assert "model.d_model" in err and "Traceback" not in err
 
 
-def test_a_section_override_merges_into_earlier_dotted_ones():
+def test_a_section_override_merges_into_earlier_dotted_ones_and_an_empty_one_empties(tmp_path):
     cfg = config.load("tiny", ["train.run_dir=runs/x", "train={steps: 3}", "train.seed=2"])
     assert (cfg.train.run_dir, cfg.train.steps, cfg.train.seed) == ("runs/x", 3, 2)
+    path = tmp_path / "sets.yaml"  # a run's validation sets, one of which has moved since
+    path.write_text(f"base: tiny\ndata:\n  val_sets: {{moved: {path}}}\n")
+    assert config.load(path).data.val_sets == {"moved": str(path)}
+    assert config.load(path, ["data.val_sets={}"]).data.val_sets == {}
+    assert config.load(path, [f"data.val_sets.b={path}", "data.val_sets={}"]).data.val_sets == {}
+    assert config.load(path, [f"data.val_sets.b={path}"]).data.val_sets == {
+        "moved": str(path), "b": str(path)}
     with pytest.raises(ConfigError, match="both a value and keys"):
         config.load("tiny", ["model=5", "model.d_model=3"])
