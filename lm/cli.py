@@ -336,7 +336,14 @@ def cmd_predict(args) -> int:
         print(f"N counts {scaling.N_COUNTS[fit.n_counted]}, as in {args.fit}")
     print(scaling.format_prediction(pred))
     flops = pred["flops"]  # every query's compute, given or from the fit's FLOPs per token
-    beyond = max(flops if isinstance(flops, list) else [flops]) > fit.max_fit_flops
+    reach = max(flops if isinstance(flops, list) else [flops]) / fit.max_fit_flops
+    beyond = reach > 1
+    if beyond:
+        print(f"up to {reach:.3g}x the largest fitting run's compute ({fit.max_fit_flops:.3g} "
+              "FLOPs): the farther, the more it rests on the law's form")
+    if fit.law == "kaplan" and args.params is not None:
+        print("kaplan's L(C) is the compute-efficient frontier: the loss above is the best a run "
+              "of this compute reaches, not this N and D's")
     if "run_interval" in pred and fit.misfit is None and beyond:  # what the interval leaves out
         print("the law's misfit on its own runs is not in this fit (lm fit says why): the "
               "interval for an actual run beyond the fitting runs holds the law's sampling "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm import cli
+from lm import cli, scaling
 
 from sweeps import finished_sweep
 
@@ -146,7 +146,8 @@ def test_fitting_a_sweep_directory_takes_its_own_fit_settings(tmp_path, capsys):
 
 def test_predict_refuses_what_cannot_be_a_run_and_reads_a_registration(tmp_path, capsys):
     """--flops far from 6ND of --params and --tokens, or missing arguments, are usage errors;
-    a sweep's prediction.json predicts with the fit registered in it."""
+    a query beyond the fitting runs says how far; a sweep's prediction.json predicts with the
+    fit registered in it."""
     path = finished_sweep(tmp_path)
     fit_json = tmp_path / "fit.json"
     assert cli.main(["fit", str(tmp_path / "sweep"), "--out", str(fit_json), "--bootstrap", "0",
@@ -166,6 +167,15 @@ def test_predict_refuses_what_cannot_be_a_run_and_reads_a_registration(tmp_path,
     capsys.readouterr()
     assert cli.main(["predict", str(fit_json), *query]) == 0
     direct = capsys.readouterr().out
+    fitted = scaling.Fit.from_json(json.loads(fit_json.read_text()))
+    reach = scaling.predict(fitted, params=1e5, tokens=1e7)["flops"] / fitted.max_fit_flops
+    assert f"up to {reach:.3g}x the largest fitting run's compute" in direct
+    frontier = tmp_path / "kaplan.json"
+    assert cli.main(["fit", str(tmp_path / "sweep"), "--law", "kaplan", "--out", str(frontier),
+                     "--bootstrap", "0", "--min-tokens-per-param", "0"]) == 0
+    capsys.readouterr()
+    assert cli.main(["predict", str(frontier), *query]) == 0
+    assert "not this N and D's" in capsys.readouterr().out  # the frontier, said so
     assert cli.main(["predict", str(registered), *query]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"the fit registered in {registered}") and out.endswith(direct)
