@@ -336,9 +336,11 @@ def cmd_predict(args) -> int:
         print(f"N counts {scaling.N_COUNTS[fit.n_counted]}, as in {args.fit}")
     print(scaling.format_prediction(pred))
     flops = pred["flops"]  # every query's compute, given or from the fit's FLOPs per token
-    reach = max(flops if isinstance(flops, list) else [flops]) / fit.max_fit_flops
+    largest = max(flops if isinstance(flops, list) else [flops])
+    # an older fit.json does not say how far its runs went: any query may be beyond them
+    reach = largest / fit.max_fit_flops if fit.max_fit_flops else float("inf")
     beyond = reach > 1
-    if beyond:
+    if 1 < reach < float("inf"):
         print(f"up to {reach:.3g}x the largest fitting run's compute ({fit.max_fit_flops:.3g} "
               "FLOPs): the farther, the more it rests on the law's form")
     if fit.law == "kaplan" and args.params is not None:
@@ -355,17 +357,17 @@ def cmd_predict(args) -> int:
 
 
 def _at_least(kind: type, low: float, high: float = float("inf")):
-    """An argparse type: a finite number of `kind` from `low` to `high` (a usage error
-    otherwise)."""
+    """An argparse type: a number of `kind` from `low` to `high` (a usage error otherwise;
+    inf is one where `high` allows it: --stale-after inf never reclaims)."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not low <= value <= high or value in (float("inf"), float("-inf")):  # and nan
+        if not low <= value <= high:  # also refuses nan
             span = f">= {low}" if high == float("inf") else f"from {low} to {high}"
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number {span}")
+            raise argparse.ArgumentTypeError(f"{text} is not a number {span}")
         return value
 
     return parse

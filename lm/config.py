@@ -258,15 +258,21 @@ def read_yaml(path: Path, extending: tuple[Path, ...] = ()) -> dict:
                            (*extending, path.resolve())), raw)
 
 
+class _Emptied(dict):
+    """An override's mapping that began as `{}`: it replaces the one it meets, with whatever
+    later overrides put into it (`'data.val_sets={}' data.val_sets.b=X`: b alone)."""
+
+
 def merge(base: dict, update: dict) -> dict:
     """`update` over `base`: a mapping merges into the one it meets, key by key, except an
     empty one, which empties it (`data.val_sets={}` drops the file's validation sets)."""
     out = dict(base)
     for key, value in update.items():
-        if value and isinstance(value, dict) and isinstance(out.get(key), dict):
+        if (isinstance(value, dict) and value and not isinstance(value, _Emptied)
+                and isinstance(out.get(key), dict)):
             out[key] = merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = dict(value) if isinstance(value, dict) else value
     return out
 
 
@@ -291,11 +297,13 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge_override(tree: dict, update: dict, item: str, prefix: str = "") -> None:
     for key, value in update.items():
         old = tree.get(key)
-        if isinstance(old, dict) and isinstance(value, dict) and value:  # {} empties (merge)
-            _merge_override(old, value, item, f"{prefix}{key}.")
-        elif key in tree and isinstance(old, dict) != isinstance(value, dict):
+        if key in tree and isinstance(old, dict) != isinstance(value, dict):
             raise ConfigError(f"override {item!r} and an earlier one give {prefix}{key} both a "
                               "value and keys; a section takes keys (e.g. model.d_model=64)")
+        if value == {}:  # empties the mapping, what earlier overrides put into it included
+            tree[key] = _Emptied()
+        elif isinstance(value, dict):  # key by key, so that a {} inside is seen
+            _merge_override(tree.setdefault(key, {}), value, item, f"{prefix}{key}.")
         else:
             tree[key] = value
 

@@ -160,8 +160,8 @@ def evaluate_run(run_dir: str | Path, overrides=(), step: int | None = None,
 
 
 def sample_length(cfg: config_lib.Config, prompt: list[int], max_tokens: int | None) -> int:
-    """`max_tokens`, or (None) as many as the context leaves after `prompt`, once the prompt
-    and they fit in it."""
+    """`max_tokens`, or (None) as many as the trained sequence length leaves after `prompt`
+    (at least one), once the prompt and they fit in the context."""
     if not prompt:
         raise ConfigError("the prompt is empty; give at least one token")
     room = cfg.model.context - len(prompt)
@@ -172,7 +172,7 @@ def sample_length(cfg: config_lib.Config, prompt: list[int], max_tokens: int | N
         raise ConfigError(f"prompt ({len(prompt)} tokens) + --max-tokens {max_tokens} = "
                           f"{len(prompt) + max_tokens} exceeds model.context="
                           f"{cfg.model.context}")
-    return room if max_tokens is None else max_tokens
+    return max(min(room, cfg.seq_len - len(prompt)), 1) if max_tokens is None else max_tokens
 
 
 def generate(lay: state_lib.Layout, params, prompt: list[int], max_tokens: int,

@@ -308,8 +308,9 @@ def _check_isoflop(points: Points) -> list[Points]:
                            "stray from the budget the runs were sized for, name it in a column "
                            "budget)")
     if len(budgets) < 2:
-        raise FitError(f"an isoflop fit needs >= 2 compute budgets (FLOPs apart by more than "
-                       f"{BUDGET_TOL:.0%}); the points to fit have {len(budgets)}")
+        raise FitError(f"an isoflop fit needs >= 2 compute budgets (named in a column budget, "
+                       f"else FLOPs apart by more than {BUDGET_TOL:.0%}); the points to fit "
+                       f"have {len(budgets)}")
     return budgets
 
 

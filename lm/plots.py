@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lm import laws, scaling
+from lm.errors import FitError
 from lm.points import Points, budget_labels
 from lm.scaling import Fit
 
@@ -92,7 +93,10 @@ def plot_loss_vs_compute(points: Points, fit: Fit, out_dir: str | Path) -> Path:
     _scatter_roles(ax, points.flops, points.loss, colours, *_roles(points, fit))
 
     grid = np.geomspace(points.flops.min(), 10 * points.flops.max(), 200)
-    pred = scaling.predict(fit, flops=grid)
+    try:
+        pred = scaling.predict(fit, flops=grid)
+    except FitError:  # no compute-optimal split to draw: the fit's allocation says why
+        pred = {}
     if "loss" in pred:
         label = "L(C) fit" if fit.law == "kaplan" else "compute-optimal frontier L(N_opt, D_opt)"
         ax.plot(grid, pred["loss"], "k-", lw=1.5, label=label)

@@ -22,9 +22,10 @@ _COLUMNS = "params, tokens, loss (optional: flops, run, step, annealed, budget)"
 _FIELDS = ("params", "tokens", "loss", "flops", "run", "step", "annealed", "budget")
 
 
-# A run's exact FLOPs over 6ND: less where embeddings are most of N, more for attention and,
-# with N counted without embeddings, the output head (100x at small widths)
-FLOPS_OVER_6ND = (0.25, 1e4)
+# A run's exact FLOPs over 6ND: less where embeddings are most of N or only some of it is
+# active (a mixture of experts), more for attention and, with N counted without embeddings,
+# the output head (100x at small widths). Another unit is orders of magnitude off.
+FLOPS_OVER_6ND = (0.01, 1e4)
 
 
 def _own_run(i: int) -> str:
@@ -72,12 +73,15 @@ class Points:
         lengths = {f.name: len(getattr(self, f.name)) for f in fields(self)}
         if len(set(lengths.values())) != 1:
             raise FitError(f"Points arrays differ in length: {lengths}")
-        for name in ("params", "tokens", "loss", "flops"):
+        for name in ("params", "tokens", "loss", "flops", "budget"):
             values = getattr(self, name)
+            if name == "budget" and np.isnan(values).all():
+                continue  # not given
             bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
             if bad.size:
                 raise FitError(f"Points.{name}[{bad[0]}] = {values[bad[0]]}; "
-                               "expected a positive finite number")
+                               "expected a positive finite number"
+                               + (" (a budget for every point, or none)" * (name == "budget")))
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> Points:

@@ -310,7 +310,8 @@ def _pair(value) -> tuple[float, float] | None:
 
 def _holdout_runs(points: Points, holdout: str | Collection[str] | None,
                   above: float | None) -> np.ndarray:
-    final = points.select(points.final_mask())
+    # each run's compute where it will be scored: its last annealed point, where there are any
+    final = points.select(points.final_mask(bool(points.annealed.any())))
     held = set()
     if above is not None:
         held |= set(final.run[final.flops > above])

@@ -176,6 +176,8 @@ def test_predict_refuses_what_cannot_be_a_run_and_reads_a_registration(tmp_path,
     capsys.readouterr()
     assert cli.main(["predict", str(frontier), *query]) == 0
     assert "not this N and D's" in capsys.readouterr().out  # the frontier, said so
+    older = ROOT / "experiments/results/stdlib-chinchilla/fit.json"  # no max_fit_flops in it
+    assert cli.main(["predict", str(older), *query]) == 0 and "loss=" in capsys.readouterr().out
     assert cli.main(["predict", str(registered), *query]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"the fit registered in {registered}") and out.endswith(direct)

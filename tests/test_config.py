@@ -115,6 +115,8 @@ def test_a_section_override_merges_into_earlier_dotted_ones_and_an_empty_one_emp
     assert config.load(path).data.val_sets == {"moved": str(path)}
     assert config.load(path, ["data.val_sets={}"]).data.val_sets == {}
     assert config.load(path, [f"data.val_sets.b={path}", "data.val_sets={}"]).data.val_sets == {}
+    assert config.load(path, ["data.val_sets={}", f"data.val_sets.b={path}"]).data.val_sets == {
+        "b": str(path)}  # emptied, then given one
     assert config.load(path, [f"data.val_sets.b={path}"]).data.val_sets == {
         "moved": str(path), "b": str(path)}
     with pytest.raises(ConfigError, match="both a value and keys"):

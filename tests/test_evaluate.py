@@ -69,3 +69,15 @@ def test_eval_rows_count_the_tokens_the_run_trained_on_whatever_the_overrides(tm
     for overrides in (["eval.batch_size=6", "mesh.data=3"], ["train.batch_size=6", "mesh.data=3"]):
         (row,) = evaluate.evaluate_run(run, overrides, devices=jax.devices()[:3])
         assert row["step"] == 4 and row["tokens"] == 4 * 8 * 32  # steps x batch x context
+
+
+def test_a_sample_fills_the_trained_length_by_default_and_never_the_context_beyond():
+    cfg = small("model.context=32", "data.seq_len=16")
+    assert evaluate.sample_length(cfg, [1, 2, 3], None) == 13  # to the trained 16 tokens
+    assert evaluate.sample_length(cfg, [1] * 20, None) == 1  # past them: one, if asked nothing
+    assert evaluate.sample_length(cfg, [1, 2, 3], 29) == 29  # the context's room, if asked
+    for prompt, max_tokens, message in [([1, 2, 3], 30, "exceeds model.context=32"),
+                                        ([1] * 32, None, "leaves no room"),
+                                        ([], None, "the prompt is empty")]:
+        with pytest.raises(ConfigError, match=message):
+            evaluate.sample_length(cfg, prompt, max_tokens)

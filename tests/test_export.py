@@ -1,4 +1,5 @@
 import json
+import os
 
 import jax
 import numpy as np
@@ -49,8 +50,12 @@ def test_transformers_loads_an_untied_gqa_model_from_a_sharded_checkpoint(tmp_pa
                 "mesh.model=2", "mesh.fsdp=true")
     tokens, expected = saved_run(cfg, tmp_path / "run")
     out = tmp_path / "hf"
-    assert cli.main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(out),
-                     "--max-shard-gb", "1e-4"]) == 0
+    umask = os.umask(0o022)  # the common one, whatever this process's
+    try:
+        assert cli.main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(out),
+                         "--max-shard-gb", "1e-4"]) == 0
+    finally:
+        os.umask(umask)
     assert "no tokenizer" in capsys.readouterr().out
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # 100 kB files
@@ -59,8 +64,9 @@ def test_transformers_loads_an_untied_gqa_model_from_a_sharded_checkpoint(tmp_pa
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (config["num_key_value_heads"], config["tie_word_embeddings"]) == (2, False)
     np.testing.assert_allclose(hf_logits(out, tokens), expected, atol=1e-4, rtol=0)
-    mode = (out / "config.json").stat().st_mode & 0o777  # as the umask allows, for a server
-    assert {(out / name).stat().st_mode & 0o777 for name in index["weight_map"].values()} == {mode}
+    # readable by others, as the umask allows (safetensors alone writes 0600): for a server
+    assert {(out / name).stat().st_mode & 0o777 for name in index["weight_map"].values()} == {
+        0o644}
 
 
 def test_transformers_loads_a_tied_mup_qk_norm_model_and_its_tokenizer(tmp_path):

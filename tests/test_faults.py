@@ -319,7 +319,6 @@ def test_retention_deletes_only_what_lm_wrote(tmp_path, capsys):
     (["sample", "RUN", "--prompt", "x", "--top-k", "-1"], "--top-k"),
     (["sample", "RUN", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
     (["sample", "RUN", "--prompt", "x", "--temperature", "-0.5"], "--temperature"),
-    (["sample", "RUN", "--prompt", "x", "--temperature", "inf"], "not a finite number >= 0"),
     (["sample", "RUN", "--prompt", "x", "--seed", str(2**64)], "from 0 to 4294967295"),
     (["train", "tiny", "model=5", "model.d_model=3"], "both a value and keys"),
     (["train", "tiny", "train.run_dir=/"], "a directory of its own"),

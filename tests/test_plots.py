@@ -39,6 +39,16 @@ def test_plot_all_chinchilla_with_holdout_and_bootstrap(tmp_path):
     assert_pngs(paths, ["loss_vs_compute.png", "residuals.png", "holdout.png"])
 
 
+def test_plot_all_for_runs_on_one_tokens_per_parameter_line(tmp_path):
+    """A fit with no compute-optimal split (every size at 20 tokens per parameter) still
+    plots, without the frontier it cannot draw, so that a sweep's report gets written."""
+    n = np.geomspace(1e6, 1e9, 6)
+    points = Points(params=n, tokens=20 * n, loss=1.8 + 400 * n ** -0.34 + 1500 * (20 * n) ** -0.3)
+    fit = scaling.fit(points, bootstrap=0)
+    assert not fit.allocation.determined
+    assert_pngs(plots.plot_all(points, fit, tmp_path), ["loss_vs_compute.png", "residuals.png"])
+
+
 def test_plot_all_isoflop(tmp_path):
     points = isoflop_points()
     fit = scaling.fit(points, "isoflop")

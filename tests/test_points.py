@@ -93,6 +93,12 @@ def test_rows_without_runs_that_differ_beyond_six_digits_are_not_repeats(tmp_pat
     assert len(points) == 2
 
 
+def test_budgets_are_given_for_every_point_or_none():
+    with pytest.raises(ValueError, match=r"Points.budget\[1\] = nan; .*a budget for every point"):
+        Points([1e8, 2e8], [1e9, 1e9], [3.0, 2.9], budget=[1e18, np.nan])
+    assert np.isnan(Points([1e8], [1e9], [3.0]).budget).all()
+
+
 def test_missing_csv_and_bad_rows():
     with pytest.raises(ValueError, match="no such file"):
         load_csv("/nonexistent/points.csv")

@@ -725,10 +725,15 @@ def test_a_held_out_wsd_run_is_scored_at_its_last_cooldown_end_like_the_fitted_o
             if r < 100:
                 rows.append({"params": n, "tokens": 1.1 * n * r, "loss": law(n, 1.1 * n * r),
                              "run": name, "step": 2 * k + 1, "annealed": True})
-    result = fit(Points.from_rows(rows), holdout=["held"], bootstrap=0)
+    points = Points.from_rows(rows)
+    result = fit(points, holdout=["held"], bootstrap=0)
     assert result.annealed_only
     (held,) = result.holdout
     assert held.tokens == pytest.approx(1.1 * 40 * 3e7) and held.are < 1e-3
+    # and chosen by that point's compute (2.4e17), not the stable phase's last (5.4e17)
+    assert [r.run for r in fit(points, holdout_above=2e17, bootstrap=0).holdout] == ["held"]
+    with pytest.raises(ValueError, match="holds out no run"):
+        fit(points, holdout_above=3e17)
 
 
 def test_holdout_largest_above_and_by_name(holdout_fit):
