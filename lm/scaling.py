@@ -856,10 +856,10 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
             out.append(f"the IsoFLOP minimum at C={b.flops:.3g} lies outside the sizes tried"
                        + (" (left out of the N_opt line)" if drawn else "")
                        + "; add sizes on its far side")
-    if fit.budgets and not 0 < fit.params["a"] < 1:
-        out.append(f"N_opt grows as C^{fit.params['a']:.3g}: {'D_opt' if fit.params['a'] > 1 else 'N_opt'} "
-                   "falls as compute grows, which no scaling law does; the budgets' minima "
-                   "are not measured well enough: add sizes around each minimum")
+    if fit.budgets and not 0 < (a := fit.params["a"]) < 1:
+        out.append(f"N_opt grows as C^{a:.3g}: {'D_opt' if a > 1 else 'N_opt'} falls as compute "
+                   "grows, which no scaling law does; the budgets' minima are not measured "
+                   "well enough: add sizes around each minimum")
     if fit.bootstrap and (bad := fit.bootstrap.failed + fit.bootstrap.not_converged):
         out.append(f"{bad} of {fit.bootstrap.n} bootstrap refits failed or did not converge and "
                    + ("are left out of the intervals" if fit.bootstrap.usable else

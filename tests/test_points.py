@@ -59,7 +59,8 @@ HEADER = "params,tokens,loss\n"
     (HEADER + "1e8,inf,3\n", r"line 2, column 'tokens': 'inf' is not a positive finite number"),
     (HEADER + "1e8,1e9,nan\n", r"line 2, column 'loss': 'nan' is not a positive finite number"),
     (HEADER + "1e8,,3\n", r"line 2, column 'tokens': missing value"),
-    ("params,tokens,loss,run,step\n1e8,1e9,3,a,1.5\n", r"line 2, column 'step': '1.5' is not a step"),
+    ("params,tokens,loss,run,step\n1e8,1e9,3,a,1.5\n",
+     r"line 2, column 'step': '1.5' is not a step"),
     ("params,tokens,loss,step\n1e8,1e9,3,1\n1e8,2e9,2.9,2\n",  # learning curves of no run
      r"line 1: column step orders the points of a run, but no column run says which rows"),
     ("params,tokens,loss,annealed\n1e8,1e9,3,maybe\n", r"column 'annealed': 'maybe' is not a flag"),
