@@ -218,9 +218,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
                    items=("params", "opt"), *, steps=None,
                    aside: bool = False) -> tuple[dict, dict] | None:
     """The newest checkpoint (of `steps`, default all) that restores, saying which and why;
-    None when there is none. A step that is unreadable or damaged is skipped, or moved aside
-    (`aside`: a run that will save again, and must not meet it); one that does not fit the
-    model raises."""
+    None when there is none. A step that is unreadable or damaged is skipped, and once an
+    older one restores, moved aside (`aside`: a run that will save again, and must not meet
+    it; where none restores, all stay as they were); one that does not fit the model raises."""
+    failed = []
     for step in sorted(mngr.all_steps() if steps is None else steps, reverse=True):
         try:
             state, meta = restore(mngr, step, abstract, shardings, items)
@@ -231,10 +232,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
                 raise CheckpointError(f"restoring checkpoint {step} from {mngr.directory} ran "
                                       f"out of memory ({str(e)[:200]}); use more devices or a "
                                       "mesh that shards it further") from e
-            where = f"; moved to {set_aside(mngr, step).name}" if aside else ""
-            log.warning("checkpoint: step %d is unreadable (%s: %s)%s; trying an older one",
-                        step, type(e).__name__, str(e)[:200], where)
+            log.warning("checkpoint: step %d is unreadable (%s: %s); trying an older one",
+                        step, type(e).__name__, str(e)[:200])
+            failed.append(step)
             continue
+        for bad in failed if aside else ():
+            log.warning("checkpoint: step %d moved to %s", bad, set_aside(mngr, bad).name)
         newest = steps is None or len(steps) > 1  # else the one step asked for
         log.info("checkpoint: restored step %d%s in %s", step,
                  ", the newest complete checkpoint" * newest, mngr.directory)

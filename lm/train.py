@@ -171,7 +171,13 @@ def _resume(cfg: Config, program: Program, mngr) -> tuple[dict, int, list, colle
     """From the newest checkpoint that restores (a fresh state at step 0 without one): the
     state, the step, the data positions skipped so far and the losses of the steps before."""
     lay = program.layout
+    saved = sorted(mngr.all_steps())
     restored = checkpoint.restore_latest(mngr, lay.abstract, lay.shardings, aside=True)
+    if restored is None and saved:  # starting afresh would rewind the run's logs to step 0
+        raise CheckpointError(
+            f"no checkpoint in {checkpoint.directory(cfg.train.run_dir)} restores (steps "
+            f"{saved}, each unreadable or damaged, are left as they were, and so are the run's "
+            "logs): restore them from a copy, or train afresh in another train.run_dir")
     state, meta = restored or _start(cfg, program)
     state["step"] = jax.device_put(np.int32(meta["step"]), lay.shardings["step"])
     return (state, meta["step"], [tuple(r) for r in meta.get("skipped", [])],
@@ -439,8 +445,6 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
     _fence(session, run_dir, "before its first step")  # compiling may have been long
     checkpoint.check_fits(run_dir, lay.abstract, t.steps)
     rundir.bind_data(run_dir, corpus.identity(cfg), training=True, writes=is_primary())
-    if is_primary():
-        rundir.write_config(run_dir, cfg)
     with session.timed("restore"):
         mngr = checkpoint.manager(run_dir)
         state, start, skipped, recent = _resume(cfg, program, mngr)
@@ -454,14 +458,16 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
           trackers.opened(cfg, run_dir, writes=is_primary()) as tracked):
         run_log = rundir.Log(run_dir, writes=is_primary(), sinks=[tracked])
         run_log.rewind(start, skipped)
+        if is_primary():  # once nothing can refuse the run any more: else it keeps its config
+            rundir.write_config(run_dir, cfg)
         run = _Run(cfg, program, mngr, source, run_log, evaluator, peak, peak_name,
                    profiling.Trace(t.profile, run_dir), stop, bar, state, start, skipped, recent,
                    run_log.last_metrics(), session)
         try:
             while (spike := _segment(run)) is not None:
                 _roll_back(run, spike)
-        except Fenced:
-            mngr.wait_until_finished()  # a save begun while the claim held ends under the lock
+        except Exception:  # a fence, a spike past its budget: a save under way ends first
+            mngr.wait_until_finished()  # (under the claim, for a fence)
             raise
         with session.timed("checkpoint"):
             mngr.wait_until_finished()

@@ -221,6 +221,22 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_finishes_alike(
     assert lm(capsys, *run_args(run))[0] == 0  # and again: nothing left to trip over
 
 
+def test_a_run_none_of_whose_checkpoints_restores_is_refused_and_loses_nothing(
+        finished, tmp_path, capsys):
+    """Every checkpoint damaged: starting afresh would rewind metrics.jsonl and eval.jsonl to
+    step 0; the run is refused instead, checkpoints and logs as they were."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for step in (4, 8):
+        path = data_file(run, step)
+        path.write_bytes(path.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    code, _, err = lm(capsys, *run_args(run, "train.steps=12"))
+    assert code == 2 and "no checkpoint in" in err and "steps [4, 8]" in err
+    assert {p: p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and p.name != ".lock"} == before
+
+
 def test_eval_never_scores_a_damaged_checkpoint(finished, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
