@@ -242,7 +242,7 @@ def eval_steps(cfg: Config) -> set[int]:
     if e.log_points:  # from the last step down, so that one point is the last step
         first = max(1, steps // 32)
         out |= {int(round(s)) for s in np.geomspace(steps, first, e.log_points)}
-    return out | {steps} if out else out
+    return out | {steps} if e.every_steps or e.log_points else out
 
 
 def save_steps(cfg: Config) -> set[int]:

@@ -16,6 +16,7 @@ def test_eval_and_save_schedules():
     ratios = [b / a for a, b in zip(curve, curve[1:])]
     assert max(ratios) / min(ratios) < 1.2  # log-spaced
     assert rundir.eval_steps(small("train.steps=10", "eval.every_steps=4")) == {4, 8, 10}
+    assert rundir.eval_steps(small("train.steps=10", "eval.every_steps=50")) == {10}  # the last
     assert rundir.save_steps(small("train.steps=10", "checkpoint.every_steps=4")) == {4, 8, 10}
     assert rundir.save_steps(small("train.steps=10")) == {10}
 
