@@ -24,7 +24,7 @@ from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops,
                 profiling, rundir, schedule, sharding, spikes, state as state_lib, trackers)
 from lm.devices import host_memory_bytes
 from lm.config import Config
-from lm.errors import CheckpointError, Fenced, Interrupted
+from lm.errors import CheckpointError, ConfigError, Fenced, Interrupted
 from lm.processes import StopSignals, agree, is_primary, primary_first, sync
 
 log = logging.getLogger("lm")
@@ -418,6 +418,24 @@ def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
         return _train(cfg, run_dir, session)
 
 
+def _check_same_batches(cfg: Config, run_dir) -> None:
+    """A run resumed reads the batches of its steps by their number, and counts its tokens so:
+    refuse what would change them (the batch size, the sequence length, the data order, a
+    mixture's weights) for a run that has checkpoints."""
+    if not checkpoint.directory(run_dir).is_dir() or not checkpoint.manager(
+            run_dir, read_only=True).all_steps():
+        return
+    was = rundir.load_config(run_dir)
+    changed = [f"{key} {a} -> {b}" for key, a, b in (
+        ("train.batch_size", was.train.batch_size, cfg.train.batch_size),
+        ("data.seq_len", was.seq_len, cfg.seq_len), ("data.seed", was.data_seed, cfg.data_seed),
+        ("data.mixture", was.data.mixture, cfg.data.mixture)) if a != b]
+    if changed:
+        raise ConfigError(f"{run_dir} trained on other batches ({'; '.join(changed)}): its steps "
+                          "would read other data and its token counts be wrong; keep them, or "
+                          "train a new run (another train.run_dir, or train.branch_from it)")
+
+
 def _check_memory(cfg: Config, devices) -> None:
     """`flops.check_memory` against what `devices` have together. Simulated CPU devices share
     the host's memory; each process's host, or other hosts' devices, which report nothing
@@ -444,6 +462,7 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
         source = primary_first(lambda: data.source(cfg))
     _fence(session, run_dir, "before its first step")  # compiling may have been long
     checkpoint.check_fits(run_dir, lay.abstract, t.steps)
+    _check_same_batches(cfg, run_dir)
     rundir.bind_data(run_dir, corpus.identity(cfg), training=True, writes=is_primary())
     with session.timed("restore"):
         mngr = checkpoint.manager(run_dir)

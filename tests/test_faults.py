@@ -237,6 +237,20 @@ def test_a_run_none_of_whose_checkpoints_restores_is_refused_and_loses_nothing(
             if p.is_file() and p.name != ".lock"} == before
 
 
+@pytest.mark.parametrize("override, changed", [
+    ("train.batch_size=32", "train.batch_size 16 -> 32"), ("data.seed=5", "data.seed 0 -> 5")])
+def test_a_resume_on_other_batches_is_refused_and_changes_nothing(finished, tmp_path, capsys,
+                                                                  override, changed):
+    """Its steps would read other data and log tokens it never saw (step x the new batch)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    code, _, err = lm(capsys, *run_args(run, "train.steps=12", override))
+    assert code == 2 and f"trained on other batches ({changed})" in err
+    assert {p: p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and p.name != ".lock"} == before
+
+
 def test_eval_never_scores_a_damaged_checkpoint(finished, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
