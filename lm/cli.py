@@ -92,7 +92,8 @@ def cmd_train(args) -> int:
     cfg = config.load(args.config, args.overrides)
     row = train.train(cfg)
     if is_primary():
-        print(f"done: step {row['step']}, loss {row['loss']:.4f}; run dir {cfg.train.run_dir}")
+        loss = f", loss {row['loss']:.4f}" if "loss" in row else ""  # no metrics.jsonl left
+        print(f"done: step {row.get('step', cfg.train.steps)}{loss}; run dir {cfg.train.run_dir}")
     return 0
 
 

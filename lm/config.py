@@ -253,6 +253,8 @@ def read_yaml(path: Path, extending: tuple[Path, ...] = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: {base!r} must name a config (a preset or a file)")
     base_path = path.parent / f"{base}.yaml"
     return merge(read_yaml(base_path if base_path.is_file() else find(base),
                            (*extending, path.resolve())), raw)
@@ -338,7 +340,7 @@ def build(cls, raw, prefix: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers
     if unknown:
         raise ConfigError(
             f"unknown key {prefix}{unknown[0]}; valid keys in "
@@ -419,6 +421,8 @@ def _check_model(cfg: Config) -> None:
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
              f"must divide model.n_heads={m.n_heads}")
     _require(m.loss_chunk >= 0, "model.loss_chunk", m.loss_chunk, "0 (off) or a positive chunk")
+    for key in ("rope_theta", "norm_eps"):
+        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
     _require(m.parametrization == "sp" or m.base_width > 0, "model.base_width", m.base_width,
              "model.parametrization=mup needs the width its hyperparameters were tuned at, "
              "e.g. model.base_width=32")
@@ -479,6 +483,12 @@ def _check_optim(cfg: Config) -> None:
     _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must be >= 0 (0 disables)")
     _require(o.z_loss >= 0, "optim.z_loss", o.z_loss, "must be >= 0 (0: off; 1e-4 is usual)")
     _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    for key in ("b1", "b2"):  # AdamW's moment decays: 1 never forgets, above it diverges
+        _require(0 <= getattr(o, key) < 1, f"optim.{key}", getattr(o, key), "must be in [0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(t.peak_flops >= 0, "train.peak_flops", t.peak_flops,
+             "must be >= 0 (0: the data sheet's, or measured on CPU)")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(o.final_lr_ratio is None or 0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio",
              o.final_lr_ratio, "must be in [0, 1]")

@@ -166,12 +166,17 @@ def read_rows(path: Path) -> list[dict]:
     rows = []
     for n, line in lines:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             if n != lines[-1][0]:
                 raise DataError(f"{path}, line {n}: not a JSON row ({line[:80]!r}); the file "
                                 "was edited or damaged: remove that line") from None
             log.warning("%s: dropping its last line, a row cut short (%r)", path, line[:80])
+            continue
+        if not isinstance(row, dict) or not ("step" in row or "event" in row):
+            raise DataError(f"{path}, line {n}: not a row lm wrote (no step: {line[:80]!r}); "
+                            "the file was edited: remove that line")
+        rows.append(row)
     return rows
 
 

@@ -58,6 +58,9 @@ def test_resolved_config_round_trips(tmp_path):
     (["optim.z_loss=-1e-4"], "optim.z_loss"),
     (["train.run_dir="], "train.run_dir"),  # an unset shell variable: not the cwd
     (["train.steps=0"], "train.steps"),  # not the branch step derived from it
+    (["optim.b1=1.0"], "optim.b1"), (["optim.b2=1.5"], "optim.b2"), (["optim.eps=-1"], "optim.eps"),
+    (["optim.weight_decay=-5"], "optim.weight_decay"), (["model.rope_theta=0"], "model.rope_theta"),
+    (["model.norm_eps=-1"], "model.norm_eps"), (["train.peak_flops=-1"], "train.peak_flops"),
     (["train.run_dir=2024-01-01"], "train.run_dir=datetime.date(2024, 1, 1) has the wrong "
                                    "type; expected str (YAML read the value as a date: quote it)"),
 ])

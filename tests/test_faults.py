@@ -126,6 +126,11 @@ def test_configs_load_without_running_anything(tmp_path):
     path.write_bytes(b"train:\n  steps: 10\xff\n")  # not UTF-8
     with pytest.raises(ConfigError, match=r"evil.yaml: not valid YAML \(UTF-8\)"):
         config.load(path)
+    for text, message in [("base: 5\n", "base: 5 must name a config"),
+                          ("base: tiny\n1: x\nfoo: y\n", "unknown key 1; valid keys")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            config.load(path)
 
 
 def test_run_directories_no_run_wrote_are_refused(tmp_path):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from lm import rundir
-from lm.errors import ConfigError
+from lm.errors import ConfigError, DataError
 
 from conftest import small
 
@@ -33,6 +33,13 @@ def test_a_row_cut_short_by_a_kill_gives_way_to_the_next(tmp_path):
     assert rundir.evals(tmp_path) == [{"step": 1, "loss": 3.0},
                                       {"step": 2, "loss": 2.5, "set": "val"},
                                       {"step": 2, "loss": 2.7, "set": "other"}]
+
+
+@pytest.mark.parametrize("line", ['{"note": "x"}', "5"])
+def test_a_row_lm_did_not_write_is_named(tmp_path, line):
+    (tmp_path / rundir.EVALS).write_text(f'{{"step": 1, "loss": 3.0}}\n{line}\n{{"step": 2}}\n')
+    with pytest.raises(DataError, match=r"line 2: not a row lm wrote \(no step"):
+        rundir.evals(tmp_path)
 
 
 def test_a_run_directory_that_cannot_be_created_or_written_says_so():
