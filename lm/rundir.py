@@ -113,6 +113,21 @@ def locked(run_dir: Path):
         yield
 
 
+def holder(run_dir: Path) -> str | None:
+    """Who holds `run_dir` (a process training or evaluating it), or None; the lock file is
+    only read."""
+    try:
+        f = open(run_dir / LOCK)
+    except OSError:  # never locked, or not readable: nobody can be told to wait
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        return None
+
+
 def write_config(run_dir: Path, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, run_dir / CONFIG)

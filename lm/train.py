@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from lm import (checkpoint, config as config_lib, corpus, data, evaluate, flops,
                 profiling, rundir, schedule, sharding, spikes, state as state_lib, trackers)
 from lm.devices import host_memory_bytes
 from lm.config import Config
-from lm.errors import CheckpointError, ConfigError, Fenced, Interrupted
+from lm.errors import Busy, CheckpointError, ConfigError, Fenced, Interrupted
 from lm.processes import StopSignals, agree, is_primary, primary_first, sync
 
 log = logging.getLogger("lm")
@@ -413,9 +414,23 @@ def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
     devices = jax.devices() if session.devices is None else session.devices
     config_lib.check_devices(cfg, len(devices))  # before the run directory exists
     _check_memory(cfg, devices)
+    _check_parent(cfg.train)
     with rundir.locked(run_dir) if is_primary() else contextlib.nullcontext():
         sync("run directory locked")  # by every process, before process 0 writes into it
         return _train(cfg, run_dir, session)
+
+
+def _check_parent(t) -> None:
+    """A branch's parent is a run directory, and not one still training: its checkpoint at the
+    branch step may not be written yet, or be pruned while it is read."""
+    if not t.branch_from:
+        return
+    parent = Path(t.branch_from)
+    if not (parent / rundir.CONFIG).is_file():
+        raise ConfigError(f"train.branch_from={parent} is not a run directory (no "
+                          f"{rundir.CONFIG}); give the train.run_dir of the run to branch from")
+    if who := rundir.holder(parent):
+        raise Busy(f"train.branch_from={parent} is in use by {who}; branch once it has ended")
 
 
 def _check_same_batches(cfg: Config, run_dir) -> None:

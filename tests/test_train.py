@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import (checkpoint, cli, data, evaluate, flops, rundir, runner, schedule, spec,
-                state, train)
-from lm.errors import ConfigError, TrainingError
+from lm import (checkpoint, cli, config, data, evaluate, flops, rundir, runner, schedule,
+                spec, state, train)
+from lm.errors import Busy, ConfigError, TrainingError
 from lm.model import Transformer
 
 from conftest import small
@@ -304,6 +304,14 @@ def test_a_cooldown_branch_trains_exactly_as_a_run_of_its_length(tmp_path):
     planned = spec.Trial("branch", "fit", branch)
     assert runner._spent_flops(planned) == planned.facts()["spent_flops"]  # its decay alone
     assert sorted(checkpoint.manager(stable.train.run_dir, read_only=True).all_steps()) == [18, 30]
+    # refused before anything compiles or is written: a parent that is no run, or still in use
+    for parent, error in ((tmp_path / "nowhere", ConfigError), (tmp_path / "stable", Busy)):
+        later = config.replace(branch, train={"branch_from": str(parent),
+                                              "run_dir": str(tmp_path / "later")})
+        with rundir.locked(tmp_path / "stable"):
+            with pytest.raises(error, match=f"train.branch_from={parent}"):
+                train.train(later, session=session)
+        assert not (tmp_path / "later").exists()
 
     # Budgets added after the stable run ended: it saved no checkpoint at their branch steps.
     # One branches from its latest checkpoint before (18) and trains the stable steps up to 21
