@@ -188,10 +188,18 @@ def read_rows(path: Path) -> list[dict]:
                                 "was edited or damaged: remove that line") from None
             log.warning("%s: dropping its last line, a row cut short (%r)", path, line[:80])
             continue
-        if not isinstance(row, dict) or not ("step" in row or "event" in row):
-            raise DataError(f"{path}, line {n}: not a row lm wrote (no step: {line[:80]!r}); "
-                            "the file was edited: remove that line")
         rows.append(row)
+    return rows
+
+
+def log_rows(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl or eval.jsonl (`read_rows`), each one lm wrote: an
+    object with its step."""
+    rows = read_rows(path)
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "step" not in row:
+            raise DataError(f"{path}: row {n} is not one lm wrote (no step: {str(row)[:80]!r});"
+                            " the file was edited: remove that line")
     return rows
 
 
@@ -206,11 +214,11 @@ def _drop_partial_line(f) -> None:
 
 
 def metrics(run_dir: str | Path) -> list[dict]:
-    return read_rows(Path(run_dir) / METRICS)
+    return log_rows(Path(run_dir) / METRICS)
 
 
 def evals(run_dir: str | Path) -> list[dict]:
-    return read_rows(Path(run_dir) / EVALS)
+    return log_rows(Path(run_dir) / EVALS)
 
 
 class Log:
@@ -232,7 +240,7 @@ class Log:
 
         if self.writes:
             for path in self.paths.values():
-                rows = [r for r in read_rows(path) if kept(r)]
+                rows = [r for r in log_rows(path) if kept(r)]
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
                 tmp.replace(path)
@@ -248,7 +256,7 @@ class Log:
                 sink.append(name, row)
 
     def last_metrics(self) -> dict:
-        return (read_rows(self.paths["metrics"]) or [{}])[-1]
+        return (log_rows(self.paths["metrics"]) or [{}])[-1]
 
 
 # --------------------------------------------------------------------------- schedules

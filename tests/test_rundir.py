@@ -38,7 +38,7 @@ def test_a_row_cut_short_by_a_kill_gives_way_to_the_next(tmp_path):
 @pytest.mark.parametrize("line", ['{"note": "x"}', "5"])
 def test_a_row_lm_did_not_write_is_named(tmp_path, line):
     (tmp_path / rundir.EVALS).write_text(f'{{"step": 1, "loss": 3.0}}\n{line}\n{{"step": 2}}\n')
-    with pytest.raises(DataError, match=r"line 2: not a row lm wrote \(no step"):
+    with pytest.raises(DataError, match=r"row 2 is not one lm wrote \(no step"):
         rundir.evals(tmp_path)
 
 
