@@ -412,7 +412,8 @@ def check(cfg: Config) -> None:
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "context"):
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "context",
+                "rope_theta", "norm_eps"):
         _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
     _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
              f"must be divisible by model.n_heads={m.n_heads}")
@@ -421,8 +422,6 @@ def _check_model(cfg: Config) -> None:
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
              f"must divide model.n_heads={m.n_heads}")
     _require(m.loss_chunk >= 0, "model.loss_chunk", m.loss_chunk, "0 (off) or a positive chunk")
-    for key in ("rope_theta", "norm_eps"):
-        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
     _require(m.parametrization == "sp" or m.base_width > 0, "model.base_width", m.base_width,
              "model.parametrization=mup needs the width its hyperparameters were tuned at, "
              "e.g. model.base_width=32")
@@ -458,6 +457,8 @@ def _check_train(cfg: Config) -> None:
              "must name the run's directory, e.g. runs/my-run")
     for key in ("steps", "batch_size", "micro_batches", "log_every"):
         _require(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be positive")
+    _require(t.peak_flops >= 0, "train.peak_flops", t.peak_flops,
+             "must be >= 0 (0: the data sheet's, or measured on CPU)")
     for key, seed in (("train.seed", t.seed), ("data.seed", cfg.data.seed or 0)):
         _require(0 <= seed < 2**32, key, seed, "must be in [0, 2^32): it seeds uint32 keys")
     _require(t.batch_size % t.micro_batches == 0, "train.micro_batches", t.micro_batches,
@@ -487,8 +488,6 @@ def _check_optim(cfg: Config) -> None:
         _require(0 <= getattr(o, key) < 1, f"optim.{key}", getattr(o, key), "must be in [0, 1)")
     _require(o.eps > 0, "optim.eps", o.eps, "must be positive")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _require(t.peak_flops >= 0, "train.peak_flops", t.peak_flops,
-             "must be >= 0 (0: the data sheet's, or measured on CPU)")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(o.final_lr_ratio is None or 0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio",
              o.final_lr_ratio, "must be in [0, 1]")

@@ -866,7 +866,7 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
                       "the rest cannot stand for the law's uncertainty: intervals from the "
                       "fit's curvature instead, which understates them when E is not "
                       "identified; add sizes or budgets"))
-    if fit.law in ND_LAWS and _nd_spread(train) < ND_SPREAD_MIN:
+    if fit.law in ND_LAWS and fit.allocation.note == ONE_LADDER:  # `_allocation` measured it
         out.append(ONE_LADDER + "; predictions hold along that line only")
     if fit.outliers:
         out.append(f"{len(fit.outliers)} run(s) lie more than 3 noise sigmas off the law: "
