@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -545,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # before a run could save (start-up), or a second Ctrl-C
+        print("interrupted; a run keeps its checkpoints up to its last save", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:  # `lm info | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

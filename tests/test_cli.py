@@ -76,6 +76,35 @@ def test_the_wheel_ships_the_presets(tmp_path):
     assert out.stdout.strip() == str(tmp_path / "site" / "lm" / "configs" / "tiny.yaml")
 
 
+# `lm info` that writes 100 MB, as `lm ... | head` meets it: the reader goes before lm is done.
+CHATTY = """
+import sys
+from lm import cli
+def chatty(args):
+    for _ in range(10**6):
+        print("x" * 100)
+    return 0
+cli.cmd_info = chatty
+sys.exit(cli.main(["info", "tiny"]))
+"""
+
+
+def test_an_interrupt_or_a_reader_gone_ends_in_a_line_not_a_traceback(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt  # Ctrl-C while a command starts up, before any run can save
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert cli.main(["info", "tiny"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted; a run keeps its checkpoints up to its last save"]
+    proc = subprocess.Popen([sys.executable, "-c", CHATTY], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.read(50) == b"x" * 50
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""  # nor an "Exception ignored" as Python exits
+
+
 def test_fit_checks_where_it_will_write_before_fitting(tmp_path, capsys, monkeypatch):
     from lm import cli, scaling
 
