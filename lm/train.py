@@ -125,7 +125,11 @@ def compiled_key(cfg: Config) -> tuple:
 
 
 def compile_program(cfg: Config, devices=None) -> Program:
-    lay = state_lib.layout(cfg, devices)
+    return _compile(state_lib.layout(cfg, devices))
+
+
+def _compile(lay: state_lib.Layout) -> Program:
+    cfg = lay.cfg
     config_lib.check_train_batch(cfg, dict(lay.mesh.shape))
     batch = jax.ShapeDtypeStruct(lay.batch_shape, jnp.int32, sharding=lay.batch_sharding)
     init = jax.jit(state_lib.init_fn(cfg, lay.tx), out_shardings=lay.shardings)
@@ -210,7 +214,7 @@ def _start(cfg: Config, program: Program) -> tuple[dict, dict]:
     except Exception as e:  # damaged: the branch cannot start, and must not start elsewhere
         raise CheckpointError(
             f"train.branch_from={t.branch_from}: its checkpoint at step {step} does not "
-            f"restore ({type(e).__name__}: {str(e)[:200]}); train that run again") from e
+            f"restore ({checkpoint.why(e)}); train that run again") from e
 
 
 STABILITY = ("max_attention_logit", "output_logit_rms")  # train.log_stability's metrics
@@ -356,6 +360,7 @@ class Session:
         # A sweep worker's claim on the run it trains (`runner.Lease`): once it is no longer
         # valid, the loop stops before writing anything more. None: the run is this process's.
         self.lease = None
+        self._layouts: dict = {}
         self._programs: dict = {}
         self._evaluators: dict = {}
         self._phases: list[str] = []
@@ -378,11 +383,18 @@ class Session:
             self._charge()
             self._phases.pop()
 
+    def layout(self, cfg: Config) -> state_lib.Layout:
+        """`cfg`'s layout (mesh, shardings, abstract state), without compiling anything."""
+        key = compiled_key(cfg)
+        if key not in self._layouts:
+            self._layouts[key] = state_lib.layout(cfg, self.devices)
+        return self._layouts[key]
+
     def program(self, cfg: Config) -> Program:
         key = compiled_key(cfg)
         if key not in self._programs:
             with self.timed("compile"):
-                self._programs[key] = dataclasses.replace(compile_program(cfg, self.devices),
+                self._programs[key] = dataclasses.replace(_compile(self.layout(cfg)),
                                                           timed=self.timed)
         return self._programs[key]
 
@@ -393,7 +405,7 @@ class Session:
     def evaluator(self, cfg: Config) -> evaluate.Evaluator:
         key = (compiled_key(cfg), cfg.data, cfg.eval.batch_size)
         if key not in self._evaluators:
-            lay = dataclasses.replace(self.program(cfg).layout, cfg=cfg)
+            lay = dataclasses.replace(self.layout(cfg), cfg=cfg)
             with self.timed("compile"):
                 self._evaluators[key] = evaluate.evaluator(lay)
         return self._evaluators[key]
@@ -431,6 +443,15 @@ def _check_parent(t) -> None:
                           f"{rundir.CONFIG}); give the train.run_dir of the run to branch from")
     if who := rundir.holder(parent):
         raise Busy(f"train.branch_from={parent} is in use by {who}; branch once it has ended")
+
+
+def _check_parent_fits(parent: str, abstract: dict) -> None:
+    """A branch's parent trained the configured model and optimiser."""
+    try:
+        checkpoint.newest_fitting(parent, abstract)
+    except CheckpointError as e:
+        raise CheckpointError(f"train.branch_from={parent} trained another model or optimiser"
+                              f": {e}") from None
 
 
 def _check_same_batches(cfg: Config, run_dir) -> None:
@@ -471,13 +492,15 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
     from tqdm import tqdm
 
     t = cfg.train
-    program = session.program(cfg)  # these check the mesh, the data and the checkpoints
-    lay = program.layout            # before anything is written
-    with session.timed("data"):
+    lay = session.layout(cfg)  # the mesh, the data and the checkpoints are checked before
+    with session.timed("data"):  # anything compiles or is written
         source = primary_first(lambda: data.source(cfg))
-    _fence(session, run_dir, "before its first step")  # compiling may have been long
     checkpoint.check_fits(run_dir, lay.abstract, t.steps)
     _check_same_batches(cfg, run_dir)
+    if t.branch_from:
+        _check_parent_fits(t.branch_from, lay.abstract)
+    program = session.program(cfg)
+    _fence(session, run_dir, "before its first step")  # compiling may have been long
     rundir.bind_data(run_dir, corpus.identity(cfg), training=True, writes=is_primary())
     with session.timed("restore"):
         mngr = checkpoint.manager(run_dir)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from lm import (checkpoint, cli, config, data, evaluate, flops, rundir, runner, schedule,
                 spec, state, train)
-from lm.errors import Busy, ConfigError, TrainingError
+from lm.errors import Busy, CheckpointError, ConfigError, DataError, TrainingError
 from lm.model import Transformer
 
 from conftest import small
@@ -312,6 +312,18 @@ def test_a_cooldown_branch_trains_exactly_as_a_run_of_its_length(tmp_path):
             with pytest.raises(error, match=f"train.branch_from={parent}"):
                 train.train(later, session=session)
         assert not (tmp_path / "later").exists()
+    # ... and before anything compiles: a parent of another model, data that is not there
+    fresh = train.Session()
+    wider = config.replace(later, model={"d_model": 48},
+                           train={"branch_from": str(tmp_path / "stable")})
+    nodata = config.replace(scratch, data={"source": str(tmp_path / "*.nothing")},
+                            model={"vocab_size": 512}, train={"run_dir": str(tmp_path / "later")})
+    for cfg, error, match in ((wider, CheckpointError, "trained another model"),
+                              (nodata, DataError, "matches no file")):
+        with pytest.raises(error, match=match):
+            train.train(cfg, session=fresh)
+        assert not fresh.compiled(cfg) and fresh.seconds["compile"] == 0
+        assert [p.name for p in (tmp_path / "later").iterdir()] == [rundir.LOCK]  # no run file
 
     # Budgets added after the stable run ended: it saved no checkpoint at their branch steps.
     # One branches from its latest checkpoint before (18) and trains the stable steps up to 21
