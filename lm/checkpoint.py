@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -195,7 +196,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict, shardings: d
     targets = {name: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract[name], shardings[name]) for name in items}
     args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
-    restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
+                                                              **args))
+    except Exception:
+        _quiet_abandoned_reads()
+        raise
     saved = restored["meta"].get("fingerprints", {})  # none in checkpoints of older lm versions
     for name in items:
         if name in saved and fingerprints(restored[name]) != saved[name]:
@@ -214,6 +220,34 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
     return aside
 
 
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore, orbax's reads of the checkpoint's other arrays still end in
+    TensorStore's threads and, their event loop gone, print their errors as "unraisable"
+    tracebacks (dozens, at random, after lm has said the step is unreadable). Drop those, and
+    only those, for the rest of the process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        message = str(unraisable.exc_value)
+        if not (message == "Event loop is closed"
+                or message.startswith("Encountered error while reading array index")):
+            previous(unraisable)
+
+    hook.quiets_abandoned_reads = True
+    sys.unraisablehook = hook
+
+
+def why(e: BaseException) -> str:
+    """What made a read fail, in a line: the innermost exception of the chain (orbax wraps
+    TensorStore's precise error, "byte range ... not valid for value of size ...", in one that
+    prints the store's whole spec)."""
+    while (inner := e.__cause__ or e.__context__) is not None:
+        e = inner
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:400]}"
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
                    items=("params", "opt"), *, steps=None,
                    aside: bool = False) -> tuple[dict, dict] | None:
@@ -230,10 +264,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract: dict, shardings: dict,
         except Exception as e:  # unreadable or damaged: fall back to an older one
             if _out_of_memory(e):  # the checkpoint is sound: this mesh cannot hold it
                 raise CheckpointError(f"restoring checkpoint {step} from {mngr.directory} ran "
-                                      f"out of memory ({str(e)[:200]}); use more devices or a "
-                                      "mesh that shards it further") from e
-            log.warning("checkpoint: step %d is unreadable (%s: %s); trying an older one",
-                        step, type(e).__name__, str(e)[:200])
+                                      f"out of memory ({why(e)}); use more devices or a mesh "
+                                      "that shards it further") from e
+            log.warning("checkpoint: step %d is unreadable (%s); trying an older one", step,
+                        why(e))
             failed.append(step)
             continue
         for bad in failed if aside else ():
@@ -260,12 +294,11 @@ def branch_point(run_dir: str | Path, step: int) -> int | None:
     return max((s for s in steps if s <= step), default=None)
 
 
-def check_fits(run_dir: str | Path, abstract: dict, steps: int) -> None:
-    """Refuse a run directory whose newest readable checkpoint does not fit the model and
-    optimiser, or lies beyond the run's `steps` (a run is not shortened), before the run writes
-    anything into it."""
+def newest_fitting(run_dir: str | Path, abstract: dict) -> int | None:
+    """The step of `run_dir`'s newest checkpoint with readable metadata (None: none), once its
+    arrays fit the model and optimiser of `abstract`; raises where they do not."""
     if not directory(run_dir).is_dir():
-        return
+        return None
     mngr = manager(run_dir, read_only=True)
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
@@ -274,8 +307,16 @@ def check_fits(run_dir: str | Path, abstract: dict, steps: int) -> None:
             raise
         except Exception:  # unreadable metadata: the restore will move it aside
             continue
-        if step > steps:
-            raise CheckpointError(
-                f"{run_dir} has a checkpoint at step {step}, beyond train.steps={steps}: a run "
-                f"is not shortened; give train.steps >= {step}, or another train.run_dir")
-        return
+        return step
+    return None
+
+
+def check_fits(run_dir: str | Path, abstract: dict, steps: int) -> None:
+    """Refuse a run directory whose newest readable checkpoint does not fit the model and
+    optimiser, or lies beyond the run's `steps` (a run is not shortened), before the run writes
+    anything into it."""
+    step = newest_fitting(run_dir, abstract)
+    if step is not None and step > steps:
+        raise CheckpointError(
+            f"{run_dir} has a checkpoint at step {step}, beyond train.steps={steps}: a run is "
+            f"not shortened; give train.steps >= {step}, or another train.run_dir")

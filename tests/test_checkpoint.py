@@ -110,6 +110,29 @@ def test_corrupt_and_half_written_checkpoints_are_skipped(tmp_path, caplog):
     assert "never finished" in err and "step 8 is unreadable" in err and "restored step 4" in err
 
 
+def test_a_failed_restore_says_why_in_a_line_and_silences_only_its_abandoned_reads(
+        tmp_path, monkeypatch):
+    cfg = trained(tmp_path / "run")
+    files = (checkpoint.directory(tmp_path / "run") / "8" / "params").rglob("*")
+    data_file = max((f for f in files if f.is_file()), key=lambda f: f.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(str(u.exc_value)))
+    lay = state.layout(cfg)
+    with pytest.raises(Exception) as failed:
+        checkpoint.restore(checkpoint.manager(tmp_path / "run", read_only=True), 8,
+                           lay.abstract, lay.shardings)
+    # orbax's own message prints TensorStore's whole spec; the innermost error names the fault
+    assert "TensorStore details" in str(failed.value)
+    reason = checkpoint.why(failed.value)
+    assert "byte range" in reason and "\n" not in reason and len(reason) < 440
+    # the other arrays' reads, abandoned, report into a closed event loop: those are dropped
+    for message in ("Event loop is closed", "Encountered error while reading array index: (1,)",
+                    "another failure"):
+        sys.unraisablehook(type("Unraisable", (), {"exc_value": RuntimeError(message)}))
+    assert reported[-1:] == ["another failure"] and "Event loop is closed" not in reported
+
+
 def test_shape_mismatch_lists_parameters(tmp_path):
     trained(tmp_path / "run")
     cfg = small("model.d_model=64", "mesh.data=-1")

@@ -218,6 +218,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_finishes_alike(
     code, out, err = lm(capsys, *run_args(run))
     assert code == 0, err
     assert "step 8 is unreadable" in err and "restored step 4" in err
+    assert "TensorStore details" not in err and "Traceback" not in err  # the reason, in a line
     (aside,) = checkpoint.directory(run).glob("8.corrupt-*")  # kept for inspection
     assert (aside / path.relative_to(checkpoint.directory(run) / "8")).read_bytes() == raw
     assert curve(run) == curve(finished)  # as if never interrupted
