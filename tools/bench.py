@@ -1,7 +1,7 @@
 """Training throughput and MFU of a config, against a peak measured in the same run.
 
     python tools/bench.py CONFIG [key=value ...] [--steps N] [--mesh-ratio DATA,MODEL]
-                          [--vmap K] [--json] [--cpu-devices N]
+                          [--variant KEY=VALUE ...] [--vmap K] [--json] [--cpu-devices N]
 
 The step runs on one resident batch after a compile warm-up. On a shared CPU the fp32 matmul
 peak drifts by 3x within an hour, so timed steps and timed 2048^3 matmuls alternate and the
@@ -9,6 +9,9 @@ best of each is kept; MFU = model FLOPs (lm.flops: exact matmul count) / time / 
 With --mesh-ratio the config also runs on a (data, model) mesh of simulated CPU devices
 (DATA*MODEL of them unless --cpu-devices says otherwise), interleaved with the one-device step,
 and `mesh_step_ratio` = mesh step time / one-device step time.
+With --variant KEY=VALUE (repeatable) the config also runs with those overrides, interleaved
+with it step by step: `variant_speedup` = best step time / the variant's best, and
+`variant_speedup_median`, the median of the paired ratios (an A/B in one process).
 With --vmap K, K models of the same shape (seeds seed..seed+K-1) train at once in one jitted
 step, vmapped over their states, on the same batch; `vmap_speedup` = K x one-model step time /
 K-model step time, both measured interleaved (one device).
@@ -49,6 +52,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--mesh-ratio", help="DATA,MODEL: also time this mesh against one device")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time the config with this override (repeatable)")
     p.add_argument("--vmap", type=int, metavar="K", help="also time K models trained at once")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--cpu-devices", type=int, help="simulate N CPU devices")
@@ -83,6 +88,11 @@ def main() -> None:
                                                                   "model": mesh[1]}),
                                         jax.devices()[: mesh[0] * mesh[1]])
         runs["mesh"] = run(program.step, program.init(), program.layout)
+    if args.variant:
+        other = train.compile_program(config.load(args.config, args.overrides + args.variant
+                                                  + ["mesh.data=1", "mesh.model=1"]),
+                                      jax.devices()[:1])
+        runs["variant"] = run(other.step, other.init(), other.layout)
     if args.vmap:
         runs["vmap"] = run(*vmapped(one.layout, args.vmap), one.layout)
     for r in runs.values():
@@ -116,6 +126,12 @@ def main() -> None:
         result["mesh"] = args.mesh_ratio
         result["mesh_step_time_s"] = min(runs["mesh"]["times"])
         result["mesh_step_ratio"] = result["mesh_step_time_s"] / step_time
+    if args.variant:
+        paired = sorted(a / b for a, b in zip(runs["one"]["times"], runs["variant"]["times"]))
+        result |= {"variant": args.variant,
+                   "variant_step_time_s": min(runs["variant"]["times"]),
+                   "variant_speedup": step_time / min(runs["variant"]["times"]),
+                   "variant_speedup_median": paired[len(paired) // 2]}
     if args.vmap:
         vmap_time = min(runs["vmap"]["times"])
         result |= {"vmap": args.vmap, "vmap_step_time_s": vmap_time,
