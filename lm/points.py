@@ -260,7 +260,14 @@ def _read_csv(path: Path, ignore_columns: bool) -> tuple[list[dict], list[int]]:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise FitError(f"{path}: empty file; expected a header line with columns {_COLUMNS}")
-        reader.fieldnames = header = [h.strip().lower() for h in reader.fieldnames]
+        given = reader.fieldnames
+        reader.fieldnames = header = [h.strip().lower() for h in given]
+        twice = sorted({h for h in header if h and header.count(h) > 1})
+        if twice:  # a dict row keeps one of them, silently
+            raise FitError(f"{path}, line 1: " + "; ".join(
+                f"columns {' and '.join(repr(g) for g, h in zip(given, header) if h == name)} "
+                f"both read as {name}" for name in twice) + " (names are read in any case): "
+                "keep one of each")
         missing = [c for c in ("params", "tokens", "loss") if c not in header]
         if missing:
             raise FitError(f"{path}, line 1: missing column(s) {', '.join(missing)}; "

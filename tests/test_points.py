@@ -125,6 +125,11 @@ def test_csv_with_a_byte_order_mark_capitals_misspelt_columns_or_not_utf8(tmp_pa
     assert load_csv(exported).loss.tolist() == [3.0, 2.8]
     capitals = write(tmp_path, text.replace("run,params", "Run, Params"), "capitals.csv")
     assert load_csv(capitals).params.tolist() == load_csv(path).params.tolist()
+    # two columns that read as one name: a row would keep one of them, silently
+    twice = write(tmp_path, "run,params,tokens,loss,Loss\na,1e8,1e9,3.0,9\nb,2e8,1e9,2.8,9\n",
+                  "twice.csv")
+    with pytest.raises(ValueError, match=r"line 1: columns 'loss' and 'Loss' both read as loss"):
+        load_csv(twice, ignore_columns=True)
     utf16 = tmp_path / "utf16.csv"
     utf16.write_text(text, encoding="utf-16")  # as a spreadsheet's "Unicode text" export
     with pytest.raises(ValueError, match=r"utf16.csv: not UTF-8 text \(byte 0: .*\); save it as a "
