@@ -426,15 +426,16 @@ def train(cfg: Config, devices=None, session: Session | None = None) -> dict:
     devices = jax.devices() if session.devices is None else session.devices
     config_lib.check_devices(cfg, len(devices))  # before the run directory exists
     _check_memory(cfg, devices)
-    _check_parent(cfg.train)
+    _check_parent(cfg.train, session.layout(cfg).abstract)
     with rundir.locked(run_dir) if is_primary() else contextlib.nullcontext():
         sync("run directory locked")  # by every process, before process 0 writes into it
         return _train(cfg, run_dir, session)
 
 
-def _check_parent(t) -> None:
-    """A branch's parent is a run directory, and not one still training: its checkpoint at the
-    branch step may not be written yet, or be pruned while it is read."""
+def _check_parent(t, abstract: dict) -> None:
+    """A branch's parent is a run directory of the configured model and optimiser (`abstract`),
+    and not one still training: its checkpoint at the branch step may not be written yet, or be
+    pruned while it is read."""
     if not t.branch_from:
         return
     parent = Path(t.branch_from)
@@ -443,10 +444,6 @@ def _check_parent(t) -> None:
                           f"{rundir.CONFIG}); give the train.run_dir of the run to branch from")
     if who := rundir.holder(parent):
         raise Busy(f"train.branch_from={parent} is in use by {who}; branch once it has ended")
-
-
-def _check_parent_fits(parent: str, abstract: dict) -> None:
-    """A branch's parent trained the configured model and optimiser."""
     try:
         checkpoint.newest_fitting(parent, abstract)
     except CheckpointError as e:
@@ -497,8 +494,6 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
         source = primary_first(lambda: data.source(cfg))
     checkpoint.check_fits(run_dir, lay.abstract, t.steps)
     _check_same_batches(cfg, run_dir)
-    if t.branch_from:
-        _check_parent_fits(t.branch_from, lay.abstract)
     program = session.program(cfg)
     _fence(session, run_dir, "before its first step")  # compiling may have been long
     rundir.bind_data(run_dir, corpus.identity(cfg), training=True, writes=is_primary())

@@ -312,18 +312,21 @@ def test_a_cooldown_branch_trains_exactly_as_a_run_of_its_length(tmp_path):
             with pytest.raises(error, match=f"train.branch_from={parent}"):
                 train.train(later, session=session)
         assert not (tmp_path / "later").exists()
-    # ... and before anything compiles: a parent of another model, data that is not there
+    # ... and before anything compiles: a parent of another model (before the run's directory
+    # is made), data that is not there (a lock file made, no run file)
     fresh = train.Session()
-    wider = config.replace(later, model={"d_model": 48},
-                           train={"branch_from": str(tmp_path / "stable")})
+    wider = config.replace(branch, model={"d_model": 48},
+                           train={"run_dir": str(tmp_path / "later")})
+    with pytest.raises(CheckpointError, match="trained another model"):
+        train.train(wider, session=fresh)
+    assert not (tmp_path / "later").exists()
     nodata = config.replace(scratch, data={"source": str(tmp_path / "*.nothing")},
                             model={"vocab_size": 512}, train={"run_dir": str(tmp_path / "later")})
-    for cfg, error, match in ((wider, CheckpointError, "trained another model"),
-                              (nodata, DataError, "matches no file")):
-        with pytest.raises(error, match=match):
-            train.train(cfg, session=fresh)
-        assert not fresh.compiled(cfg) and fresh.seconds["compile"] == 0
-        assert [p.name for p in (tmp_path / "later").iterdir()] == [rundir.LOCK]  # no run file
+    with pytest.raises(DataError, match="matches no file"):
+        train.train(nodata, session=fresh)
+    assert [p.name for p in (tmp_path / "later").iterdir()] == [rundir.LOCK]
+    assert not fresh.compiled(wider) and not fresh.compiled(nodata)
+    assert fresh.seconds["compile"] == 0
 
     # Budgets added after the stable run ended: it saved no checkpoint at their branch steps.
     # One branches from its latest checkpoint before (18) and trains the stable steps up to 21

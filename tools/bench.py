@@ -72,7 +72,8 @@ def main() -> None:
 
     from lm import config, data, flops, train
 
-    cfg = config.load(args.config, args.overrides + ["mesh.data=1", "mesh.model=1"])
+    one_device = ["mesh.data=1", "mesh.model=1"]
+    cfg = config.load(args.config, args.overrides + one_device)
     source = data.source(cfg)
 
     def run(step, state, lay):  # a step, its state, and a batch placed for its layout
@@ -89,9 +90,9 @@ def main() -> None:
                                         jax.devices()[: mesh[0] * mesh[1]])
         runs["mesh"] = run(program.step, program.init(), program.layout)
     if args.variant:
-        other = train.compile_program(config.load(args.config, args.overrides + args.variant
-                                                  + ["mesh.data=1", "mesh.model=1"]),
-                                      jax.devices()[:1])
+        other = train.compile_program(
+            config.load(args.config, args.overrides + one_device + args.variant),
+            jax.devices()[:1])
         runs["variant"] = run(other.step, other.init(), other.layout)
     if args.vmap:
         runs["vmap"] = run(*vmapped(one.layout, args.vmap), one.layout)
