@@ -288,7 +288,9 @@ def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
     stopping = run.stop.agreed(can_sync=log_now)
     overdue = log_now and every > 0 and agree(time.perf_counter() - run.saved_at >= every)
     save_now = step in to_save or stopping or overdue
-    if log_now or save_now:  # the host waits for the device only here
+    # the host waits for the device only here; before evaluating too, so that the steps'
+    # time is not charged to the evaluation, and a spike is found before it is evaluated
+    if log_now or save_now or step in to_eval:
         checked = jax.device_get(pending)
         pending.clear()
         spike = spikes.first_spike(t.spikes, step - len(checked) + 1,
