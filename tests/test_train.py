@@ -99,6 +99,20 @@ def test_a_sessions_fresh_state_is_compiled_once_in_its_compile_phase():
     assert session.seconds["compile"] == compiled
 
 
+def test_the_fresh_state_is_the_fully_optimised_init_programs_bit_for_bit():
+    """The init compiles with less of LLVM's optimisation on CPU, which must change no bit.
+    (The tests' own XLA_FLAGS optimise nothing, which does change the last bit.)"""
+    program = train.compile_program(small("model.n_kv_heads=2"), jax.devices()[:1])
+    lay = program.layout
+    full = jax.jit(state.init_fn(lay.cfg, lay.tx), out_shardings=lay.shardings).lower(
+        state.SEED).compile(compiler_options={"xla_backend_optimization_level": 3})
+    for seed in (0, 7):
+        ours, theirs = jax.device_get((program.init(seed), full(np.uint32(seed))))
+        assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_non_finite_loss_stops_the_run(run_dir):
     cfg = small("model.init_std=1e20", f"train.run_dir={run_dir}", "mesh.data=-1")
     with pytest.raises(TrainingError, match=r"non-finite at step \d+; lower optim.lr"):
