@@ -292,9 +292,10 @@ def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
     stopping = run.stop.agreed(can_sync=log_now)
     overdue = log_now and every > 0 and agree(time.perf_counter() - run.saved_at >= every)
     save_now = step in to_save or stopping or overdue
+    eval_now = step in to_eval
     # the host waits for the device only here; before evaluating too, so that the steps'
     # time is not charged to the evaluation, and a spike is found before it is evaluated
-    if log_now or save_now or step in to_eval:
+    if log_now or save_now or eval_now:
         checked = jax.device_get(pending)
         pending.clear()
         spike = spikes.first_spike(t.spikes, step - len(checked) + 1,
@@ -303,7 +304,7 @@ def _after_step(run: _Run, step: int, pending: list, src: spikes.Skipping,
             return spike
     if log_now:
         _log_metrics(run, step, checked[-1], src.epoch(step))
-    if step in to_eval:
+    if eval_now:
         _evaluate(run, step)
     if save_now:
         _fence(run.session, t.run_dir, f"after step {step}")  # the evaluation may have been long
