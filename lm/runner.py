@@ -403,6 +403,7 @@ def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S
 
 def _work(spec: SweepSpec, trials: dict[str, Trial], store: Store, session, worker: str,
           stale_s: float, stop) -> None:
+    prepared = set()  # held-out trials compiled ahead, or tried
     while stop.signum is None:
         name = claim(store, worker, trials, session.compiled)
         if name is not None:
@@ -415,9 +416,27 @@ def _work(spec: SweepSpec, trials: dict[str, Trial], store: Store, session, work
             raise FitError(f"no prediction registered, so the held-out runs wait: {e}") from None
         store.reclaim(stale_s)
         store.fail_orphans()
-        if all(r["status"] in FINAL for r in store.trials() if r["name"] in trials):
+        rows = [r for r in store.trials() if r["name"] in trials]
+        if all(r["status"] in FINAL for r in rows):
             return
+        if waiting := [r["name"] for r in rows if r["status"] == "blocked"
+                       and r["name"] not in prepared]:
+            prepared.add(waiting[0])
+            _prepare(trials[waiting[0]], session)  # then the next look at the store
+            continue
         time.sleep(POLL_S)
+
+
+def _prepare(trial: Trial, session) -> None:
+    """Compile a held-out trial's programs while it waits for the registration, which waits
+    for fitting trials training elsewhere: its compile then leaves the path from the last
+    fitting run to the prediction's check, loaded from the persistent cache by whichever
+    worker trains it. A failure here is the trial's, met again when it trains."""
+    try:
+        session.prepare(trial.cfg)
+    except Exception as e:  # noqa: BLE001
+        log.info("sweep: %s's programs not compiled ahead (%s: %s)", trial.name,
+                 type(e).__name__, e)
 
 
 def claim(store: Store, worker: str, trials: dict[str, Trial], compiled) -> str | None:

@@ -405,6 +405,12 @@ class Session:
                                                           timed=self.timed)
         return self._programs[key]
 
+    def prepare(self, cfg: Config) -> None:
+        """Compile `cfg`'s programs ahead of its run, as `_train` would at its start."""
+        self.program(cfg)
+        if rundir.eval_steps(cfg):
+            self.evaluator(cfg)
+
     def compiled(self, cfg: Config) -> bool:
         """Whether this process has compiled `cfg`'s shape."""
         return compiled_key(cfg) in self._programs

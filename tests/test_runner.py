@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -458,6 +459,32 @@ def test_a_sweep_whose_fitting_runs_all_failed_fails_and_can_retry_them(tmp_path
     assert {(r["status"], r["failures"]) for r in store.trials() if r["name"] in fitting} == {
         ("pending", 0)}
     assert {r["status"] for r in store.trials() if r["name"] in held} == {"blocked"}
+
+
+def test_a_worker_waiting_for_the_registration_compiles_the_held_out_runs(tmp_path,
+                                                                         monkeypatch):
+    """While the fitting trials train elsewhere, a worker with nothing to claim compiles the
+    held-out runs' programs, once, and trains nothing: the registration's wait hides their
+    compile."""
+    from lm import train
+
+    spec = spec_lib.load_spec(spec_file(tmp_path))
+    trials = {t.name: t for t in spec_lib.plan(spec)}
+    store = Store(spec.path / "store.sqlite")
+    store.sync(spec.name, runner.plan_digest(list(trials.values())), list(trials.values()))
+    fitting = [n for n, t in trials.items() if t.role == "fit"]
+    assert sorted(store.claim("w2", [n]) for n in fitting) == sorted(fitting)
+    stop, session, compiled = types.SimpleNamespace(signum=None), train.Session(), []
+    prepare = session.prepare
+    monkeypatch.setattr(session, "prepare", lambda cfg: compiled.append(cfg) or prepare(cfg))
+    monkeypatch.setattr(runner.time, "sleep",  # the worker's first idle wait ends the test
+                        lambda s: setattr(stop, "signum", signal.SIGTERM))
+    runner._work(spec, trials, store, session, "w1", 60.0, stop)
+    held = [t.cfg for t in trials.values() if t.role == "holdout"]
+    assert compiled == held and session.compiled(held[0])
+    assert {(r["status"], r["worker"]) for r in store.trials() if r["name"] in fitting} == {
+        ("running", "w2")}
+    assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"blocked"}
 
 
 @pytest.fixture(scope="module")
