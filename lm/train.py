@@ -406,8 +406,12 @@ class Session:
         return self._programs[key]
 
     def prepare(self, cfg: Config) -> None:
-        """Compile `cfg`'s programs ahead of its run, as `_train` would at its start."""
-        self.program(cfg)
+        """Compile, ahead of its run, every program `_train` would compile for `cfg`: the
+        step, the init where the run starts afresh (a branch restores its parent's state), and
+        the evaluator where it evaluates."""
+        program = self.program(cfg)
+        if not cfg.train.branch_from:
+            program._compiled_init  # noqa: B018 - compiled on first use
         if rundir.eval_steps(cfg):
             self.evaluator(cfg)
 
