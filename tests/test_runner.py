@@ -466,7 +466,7 @@ def test_a_worker_waiting_for_the_registration_compiles_the_held_out_runs(tmp_pa
     """While the fitting trials train elsewhere, a worker with nothing to claim compiles the
     held-out runs' programs, once, and trains nothing: the registration's wait hides their
     compile, every program of it."""
-    from lm import train
+    from lm import config, train
 
     spec = spec_lib.load_spec(spec_file(tmp_path))
     trials = {t.name: t for t in spec_lib.plan(spec)}
@@ -485,8 +485,10 @@ def test_a_worker_waiting_for_the_registration_compiles_the_held_out_runs(tmp_pa
     assert {(r["status"], r["worker"]) for r in store.trials() if r["name"] in fitting} == {
         ("running", "w2")}
     assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"blocked"}
-    session.seconds.clear()
-    train.train(held[0], session=session)  # its step, init and evaluator: all compiled ahead
+    session.seconds.clear()  # its first steps, with its step, init and evaluator (the step's
+    # shape, not its length, decides them): all compiled ahead
+    train.train(config.replace(held[0], train={"steps": 8}, optim={"warmup_steps": 2}),
+                session=session)
     assert session.seconds["steps"] > 0 and "compile" not in session.seconds
 
 
