@@ -412,14 +412,17 @@ class Session:
         program = self.program(cfg)
         if not cfg.train.branch_from:
             program._compiled_init  # noqa: B018 - compiled on first use
-        if rundir.eval_steps(cfg):
-            self.evaluator(cfg)
+        self.evaluator(cfg)
 
     def compiled(self, cfg: Config) -> bool:
         """Whether this process has compiled `cfg`'s shape."""
         return compiled_key(cfg) in self._programs
 
-    def evaluator(self, cfg: Config) -> evaluate.Evaluator:
+    def evaluator(self, cfg: Config) -> evaluate.Evaluators | None:
+        """`cfg`'s evaluator, compiled once per shape and data; None for a run that evaluates
+        at no step."""
+        if not rundir.eval_steps(cfg):
+            return None
         key = (compiled_key(cfg), cfg.data, cfg.eval.batch_size)
         if key not in self._evaluators:
             lay = dataclasses.replace(self.layout(cfg), cfg=cfg)
@@ -517,7 +520,7 @@ def _train(cfg: Config, run_dir, session: Session) -> dict:
     with session.timed("restore"):
         mngr = checkpoint.manager(run_dir)
         state, start, skipped, recent = _resume(cfg, program, mngr)
-    evaluator = session.evaluator(cfg) if rundir.eval_steps(cfg) else None
+    evaluator = session.evaluator(cfg)
     devices = list(lay.mesh.devices.flat)
     peak = t.peak_flops or flops.peak_flops_per_s(devices)
     peak_name = "train.peak_flops" if t.peak_flops else flops.peak_name(devices)
