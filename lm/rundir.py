@@ -99,12 +99,9 @@ def locked(run_dir: Path):
                           "evaluating write into the run directory: copy it where this user "
                           "can write") from None
     with lock as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise Busy(f"{run_dir} is in use by {f.read().strip() or 'another process'}; wait "
-                       "for it to end or stop it, or use another train.run_dir") from None
+        if who := _taken_by(f, fcntl.LOCK_EX):
+            raise Busy(f"{run_dir} is in use by {who}; wait for it to end or stop it, or use "
+                       "another train.run_dir")
         f.seek(0)
         f.truncate()
         f.write(f"lm (pid {os.getpid()} on {socket.gethostname()}, since "
@@ -121,11 +118,18 @@ def holder(run_dir: Path) -> str | None:
     except OSError:  # never locked, or not readable: nobody can be told to wait
         return None
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f.read().strip() or "another process"
-        return None
+        return _taken_by(f, fcntl.LOCK_SH)
+
+
+def _taken_by(f, mode: int) -> str | None:
+    """Take the lock on the open lock file `f` in `mode` without waiting; where another
+    process holds it, who that is (as its lock file names it) instead."""
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return f.read().strip() or "another process"
+    return None
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
