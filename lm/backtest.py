@@ -10,6 +10,11 @@ split, with fewer runs than the fit, is a noisy measure; what goes into the inte
 fits of eight public sweeps its RMS error was of the order of the held-out runs' (median 1.9%
 against 1.2% and 1.8%) and its sign theirs in 33 of 44, but single values ranged from a
 quarter to sixty times theirs.
+
+Beside it, `other_law`: the other law of N and D, fitted alike, predicts the same held-out
+runs. Their gap is how far a law's shape alone moves the extrapolation, a part of the error
+that neither law's interval holds where the runs cannot tell the shapes apart (README: on
+Li et al.'s (Mis)Fitting runs the two laws swap places with the point filter).
 """
 
 from __future__ import annotations
@@ -88,3 +93,42 @@ def describe(b: Backtest) -> str:
             f"fitting run's compute, the law predicts the {b.runs} above with an RMS error of "
             f"{100 * b.rms:.2f}% (mean {100 * b.mean:+.2f}%: "
             f"{'actual above predicted' if b.mean > 0 else 'actual below predicted'})")
+
+
+@dataclass(frozen=True)
+class Spread:
+    law: str  # the other law of N and D
+    runs: int = 0  # the held-out runs both predict (0: the other law could not be fitted)
+    rms: float | None = None  # of log(its prediction / the fit's) over them
+    mean: float | None = None  # its mean: > 0 where the other law predicts higher
+    largest: float | None = None  # the largest |log(its prediction / the fit's)|
+
+
+def other_law(fit: scaling.Fit, points: Points, **holdout) -> Spread | None:
+    """Fit the other law of N and D to `points` with `fit`'s settings and held-out runs (the
+    `holdout` and `holdout_above` `fit` was given), and compare their predictions of those
+    runs. None for a law of compute, or a fit without held-out runs."""
+    if fit.law not in laws.ND_LAWS or not fit.holdout:
+        return None
+    other = next(law for law in laws.ND_LAWS if law != fit.law)
+    try:
+        with np.errstate(all="ignore"):
+            refit = scaling.fit(points, other, **holdout, drop_early=fit.drop_early,
+                                min_tokens_per_param=fit.min_tokens_per_param, loss=fit.loss,
+                                huber_delta=fit.huber_delta if fit.loss == "huber" else None)
+    except (FitError, ArithmeticError, ValueError):
+        return Spread(other)
+    theirs = {h.run: h.predicted for h in refit.holdout}
+    z = np.log([theirs[h.run] / h.predicted for h in fit.holdout])
+    return Spread(other, len(z), float(np.sqrt(np.mean(z ** 2))), float(np.mean(z)),
+                  float(np.max(np.abs(z))))
+
+
+def describe_spread(s: Spread) -> str:
+    """One line for a fit's summary."""
+    if not s.runs:
+        return f"the other law of N and D, {s.law}, could not be fitted to these runs"
+    return (f"the other law of N and D, {s.law}, fitted alike, predicts the {s.runs} held-out "
+            f"run{'s' if s.runs > 1 else ''} {100 * s.rms:.2f}% from this one (RMS; mean "
+            f"{100 * s.mean:+.2f}%, at most {100 * s.largest:.2f}%): a law's shape alone moves "
+            "them that much")

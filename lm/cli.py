@@ -291,8 +291,8 @@ def cmd_fit(args) -> int:
         if not holdout:
             raise ConfigError(f"--holdout {args.holdout!r} names no run; give run names "
                               "(comma-separated), `largest`, or leave --holdout out")
-    result = scaling.fit(points, args.law, holdout=holdout or None,
-                         holdout_above=args.holdout_above, bootstrap=args.bootstrap,
+    held = {"holdout": holdout or None, "holdout_above": args.holdout_above}
+    result = scaling.fit(points, args.law, **held, bootstrap=args.bootstrap,
                          drop_early=args.drop_early,
                          min_tokens_per_param=args.min_tokens_per_param, loss=args.loss,
                          huber_delta=args.huber_delta, seed=args.seed)
@@ -303,6 +303,9 @@ def cmd_fit(args) -> int:
         tried = backtest.farthest(result, points, [r.compute_ratio for r in result.holdout])
         written["backtest"] = dataclasses.asdict(tried)
         summary += "\n  " + backtest.describe(tried)
+    if spread := backtest.other_law(result, points, **held):
+        written["law_spread"] = dataclasses.asdict(spread)
+        summary += "\n  " + backtest.describe_spread(spread)
     out.write_text(json.dumps(written, indent=1))
     print(summary)
     print(f"wrote {args.out}")

@@ -1,7 +1,9 @@
 """The law's reach, tried on its own runs: small where the law holds, large and of the right
-sign where it does not, and said plainly where there are too few runs to try it."""
+sign where it does not, and said plainly where there are too few runs to try it. Beside it,
+the other law of N and D's predictions of the held-out runs."""
 
 import numpy as np
+import pytest
 
 from lm import backtest, scaling
 from lm.points import Points
@@ -68,7 +70,34 @@ def test_a_refit_that_fails_any_way_leaves_no_backtest_and_no_error(monkeypatch)
     def failing(*args, **kwargs):
         raise ValueError("math domain error")
 
+    held = scaling.fit(points, holdout="largest")
     monkeypatch.setattr(scaling, "fit", failing)
     tried = backtest.backtest(fit, points, 16.0)
     assert tried == backtest.Backtest(16.0)
+    spread = backtest.other_law(held, points, holdout="largest")
+    assert spread == backtest.Spread("kaplan-nd")
+    assert backtest.describe_spread(spread).endswith("could not be fitted to these runs")
     assert backtest.describe(backtest.Backtest(0.5)).startswith("backtest: none")
+
+
+def test_the_other_law_shows_how_far_a_laws_shape_alone_moves_the_held_out_runs():
+    """Kaplan's L(N, D) as truth, the largest runs held out: Chinchilla's sum predicts them too
+    low, and the other law of N and D, fitted alike, says by about how much."""
+    points = grid(lambda n, d: kaplan_nd(n, d, dict(KAPLAN_ND, N_c=2e9, D_c=5e10)), 0.002)
+    held = {"holdout": None, "holdout_above": points.flops.max() / 12}
+    sum_fit = scaling.fit(points, "chinchilla", **held)
+    spread = backtest.other_law(sum_fit, points, **held)
+    alone = scaling.fit(points, "kaplan-nd", **held, huber_delta=sum_fit.huber_delta)
+    z = np.log([a.predicted / s.predicted for a, s in zip(alone.holdout, sum_fit.holdout)])
+    assert [a.run for a in alone.holdout] == [s.run for s in sum_fit.holdout]
+    assert (spread.law, spread.runs) == ("kaplan-nd", len(sum_fit.holdout)) and spread.runs >= 4
+    assert spread.rms == pytest.approx(np.sqrt(np.mean(z ** 2)))
+    assert spread.mean == pytest.approx(z.mean()) and spread.largest == pytest.approx(
+        np.abs(z).max())
+    sum_error = np.mean([np.log(s.loss / s.predicted) for s in sum_fit.holdout])
+    assert spread.mean > 3 * 0.002 and spread.mean == pytest.approx(sum_error, rel=0.5)
+    assert "kaplan-nd, fitted alike, predicts the" in backtest.describe_spread(spread)
+    assert "mean +" in backtest.describe_spread(spread)
+    # a law of compute has no other law of N and D; a fit without held-out runs nothing to move
+    assert backtest.other_law(scaling.fit(points, "kaplan", **held), points, **held) is None
+    assert backtest.other_law(scaling.fit(points, "chinchilla"), points) is None

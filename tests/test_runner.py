@@ -129,6 +129,8 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
     assert refitted["are"] == pytest.approx(fit["are"])
     assert refitted["backtest"]["ratio"] == pytest.approx(held["compute_ratio"], rel=1e-6)
     assert "backtest: " in refit.stdout
+    assert refitted["law_spread"]["law"] in ("chinchilla", "kaplan-nd")
+    assert "the other law of N and D, " in refit.stdout
 
 
 def test_n_counted_by_flops_is_each_trials_flops_per_token_over_6(finished, capsys):
