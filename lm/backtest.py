@@ -128,7 +128,8 @@ def describe_spread(s: Spread) -> str:
     """One line for a fit's summary."""
     if not s.runs:
         return f"the other law of N and D, {s.law}, could not be fitted to these runs"
-    return (f"the other law of N and D, {s.law}, fitted alike, predicts the {s.runs} held-out "
-            f"run{'s' if s.runs > 1 else ''} {100 * s.rms:.2f}% from this one (RMS; mean "
-            f"{100 * s.mean:+.2f}%, at most {100 * s.largest:.2f}%): a law's shape alone moves "
-            "them that much")
+    gap = (f"the held-out run {100 * abs(s.mean):.2f}% {'higher' if s.mean > 0 else 'lower'}"
+           if s.runs == 1 else f"the {s.runs} held-out runs {100 * s.rms:.2f}% from this one "
+           f"(RMS; mean {100 * s.mean:+.2f}%, at most {100 * s.largest:.2f}%)")
+    return (f"the other law of N and D, {s.law}, fitted alike, predicts {gap}: a law's shape "
+            "alone moves the prediction that much")

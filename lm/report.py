@@ -81,6 +81,7 @@ class Results:
     timing: dict
     sensitivity: dict | None = None  # the law refitted with N counted the other way
     noise: list[dict] = dataclasses.field(default_factory=list)  # per size, across seeds
+    other_law: dict | None = None  # the other law of N and D, fitted alike
 
 
 def _interval(interval) -> str:
@@ -144,6 +145,15 @@ def _prediction(r: Results) -> list[str]:
     return lines
 
 
+def _refitted(refit: dict) -> str:
+    """A refit's law and what it predicts for the held-out runs (runner._refit)."""
+    law = ", ".join(f"{k} {v:.4g}" for k, v in refit.items()
+                    if k not in ("params", "law", "held_out"))
+    moved = "; ".join(f"{run}: {h['predicted']:.4f} (ARE {h['are']:.2%})"
+                      for run, h in refit["held_out"].items())
+    return law + (f"; held-out {moved}" if moved else "")
+
+
 def _trust(r: Results) -> list[str]:
     """How far to trust the law: its noise, whether E is identified, which runs are outliers,
     and how much it hangs on counting N with or without embeddings."""
@@ -178,13 +188,13 @@ def _trust(r: Results) -> list[str]:
     if fit.outliers:
         lines.append(f"- Outliers (more than 3 noise sigmas off the law): "
                      f"{', '.join(fit.outliers)}.")
-    s = r.sensitivity
-    if s:
-        moved = "; ".join(f"{run}: {h['predicted']:.4f} (ARE {h['are']:.2%})"
-                          for run, h in s["held_out"].items())
-        law = ", ".join(f"{k} {v:.4g}" for k, v in s.items() if k not in ("params", "held_out"))
-        lines.append(f"- With N counted as {s['params'].replace('_', '-')} parameters: {law}"
-                     + (f"; held-out {moved}" if moved else "") + ".")
+    if s := r.sensitivity:
+        lines.append(f"- With N counted as {s['params'].replace('_', '-')} parameters: "
+                     f"{_refitted(s)}.")
+    if o := r.other_law:
+        lines.append(f"- With the other law of N and D, `{o['law']}`, fitted alike: "
+                     f"{_refitted(o)}. The gap between the laws is a part of the error that "
+                     "neither interval holds where the runs cannot tell their shapes apart.")
     if r.noise:
         lines += ["", "Run-to-run noise by model size (std of the final log loss across seeds, "
                   "pooled over budgets, then at each budget), against the evaluation's own "

@@ -676,7 +676,8 @@ def _report(spec: SweepSpec, trials: list[Trial], store: Store) -> Fit | None:
     report.write(spec.path, report.Results(
         spec.name, spec.base, fit, error, points, rows, registered, prior, orphans, timing,
         _sensitivity(spec, store, fitting, trained) if fit else None,
-        _noise_table(spec, store, fitting)))
+        _noise_table(spec, store, fitting),
+        _other_law(spec, store, fitting, trained) if fit else None))
     tracked = [n for n in trials[0].cfg.train.trackers if n != "jsonl"]
     if tracked:  # where the trials' metrics went, the sweep's summary goes too
         trackers.write_summary(tracked, spec.path, _summary(prior or fit, timing))
@@ -717,23 +718,39 @@ def _noise_table(spec: SweepSpec, store: Store, fitting: list[str]) -> list[dict
             for n, x in sorted(noise.items())]
 
 
-def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: list[str]
-                 ) -> dict | None:
-    """The law refitted with N counted another way (all parameters; the non-embedding ones
-    where the spec counts all), and what it predicts for the held-out runs: how much the
-    conclusions hang on that choice."""
+def _refit(spec: SweepSpec, store: Store, fitting: list[str], trained: list[str],
+           **change) -> dict | None:
+    """The law refitted with a fit setting changed (`change`), without bootstrap, and what it
+    predicts for the held-out runs: how much the conclusions hang on that choice. None for a
+    law of compute, or where the refit fails."""
     if spec.fit.law not in laws.ND_LAWS:
         return None
-    other = "non_embedding" if spec.fit.params == "total" else "total"
+    other = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, bootstrap=0, **change))
     try:
-        fit = _fit(dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, bootstrap=0)),
-                   _fitting_points(spec, store, fitting, other), params=other)
+        fit = _fit(other, _fitting_points(other, store, fitting))
     except LMError:
         return None
     if trained:
-        fit = scaling.score(fit, store.points_of(other, metric=spec.fit.metric), trained)
-    return {"params": other, **fit.params,
+        fit = scaling.score(fit, store.points_of(other.fit.params, metric=spec.fit.metric),
+                            trained)
+    return {**change, **fit.params,
             "held_out": {r.run: {"predicted": r.predicted, "are": r.are} for r in fit.holdout}}
+
+
+def _sensitivity(spec: SweepSpec, store: Store, fitting: list[str], trained: list[str]
+                 ) -> dict | None:
+    """The law refitted with N counted another way (all parameters; the non-embedding ones
+    where the spec counts all)."""
+    other = "non_embedding" if spec.fit.params == "total" else "total"
+    return _refit(spec, store, fitting, trained, params=other)
+
+
+def _other_law(spec: SweepSpec, store: Store, fitting: list[str], trained: list[str]
+               ) -> dict | None:
+    """The other law of N and D fitted alike: how far a law's shape alone moves the held-out
+    runs' predictions (`backtest.other_law` for `lm fit`)."""
+    other = next(law for law in laws.ND_LAWS if law != spec.fit.law)
+    return _refit(spec, store, fitting, trained, law=other)
 
 
 def _print_summary(spec, fit, prior, error, timing) -> None:

@@ -118,7 +118,9 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
     for part in ("Held-out prediction (registered)", "Where the time went", "Study MFU",
                  "| steps |", "plots/holdout.png", "N counts all parameters.",
                  "Its reach, tried on the fitting runs when the prediction was registered",
-                 "The law's misfit on its own runs (refitted on the smaller"):
+                 "The law's misfit on its own runs (refitted on the smaller",
+                 "- With N counted as non-embedding parameters: E ",
+                 "- With the other law of N and D, `kaplan-nd`, fitted alike: E "):
         assert part in report, part
     assert "Refit after registration" not in report
     assert "held-out" in out.stdout and "ARE" in out.stdout
