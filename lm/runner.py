@@ -113,22 +113,22 @@ def exclusive(sweep_dir: Path):
 # --------------------------------------------------------------------------- the prediction
 
 
-def _fitting_points(spec: SweepSpec, store: Store, names, params: str | None = None) -> Points:
+def _fitting_points(spec: SweepSpec, store: Store, names) -> Points:
     """The points of the finished fitting trials among `names` (the current plan's), with N
-    counted as `params` (default: the spec's), without the sizes too noisy to fit."""
+    counted as the spec says, without the sizes too noisy to fit."""
     f = spec.fit
-    points = store.points_of(params or f.params, roles=("fit",), names=names, metric=f.metric)
+    points = store.points_of(f.params, roles=("fit",), names=names, metric=f.metric)
     noisy = too_noisy(spec, noise_by_size(_finals(points)))
     return points.select(~np.isin(points.params, list(noisy)))
 
 
-def _fit(spec: SweepSpec, points: Points, params: str | None = None) -> Fit:
-    """The law of `points` (`_fitting_points`, with N counted as `params`)."""
+def _fit(spec: SweepSpec, points: Points) -> Fit:
+    """The law of `points` (`_fitting_points`, with N counted as the spec says)."""
     f = spec.fit
     try:
         fit = scaling.fit(points, f.law, bootstrap=f.bootstrap, drop_early=f.drop_early,
                           min_tokens_per_param=f.min_tokens_per_param)
-        return dataclasses.replace(fit, n_counted=params or f.params)
+        return dataclasses.replace(fit, n_counted=f.params)
     except (ValueError, ArithmeticError) as e:  # no numeric failure escapes as a traceback
         raise FitError(f"the fit of the finished fitting runs failed ({type(e).__name__}: {e})"
                        "; add sizes or token budgets (fit.law needs them spread over more "
