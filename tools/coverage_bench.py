@@ -1,0 +1,79 @@
+"""How a law's intervals and predictions hold on held-out runs, source by source.
+
+    python tools/coverage_bench.py SOURCE... (--holdout-above FLOPS | --holdout RUNS)
+                                   [--law LAW ...] [--bootstrap 50] [--min-tokens-per-param R]
+
+Each SOURCE (a points CSV or a sweep) is fitted by each LAW (default: both laws of N and D)
+without its held-out runs, as `lm fit SOURCE --law LAW --bootstrap B --holdout-above FLOPS`
+does, and scored on them: how many lie inside their 95% intervals for a run, the mean and
+median |ARE|, the median half-width of those intervals and of the law's alone, their ratio to
+the median |ARE| (about 2.9 for a calibrated normal interval), and how many ended below their
+prediction. The protocol of experiments/results/public/coverage.md and clean-test.md, e.g.
+
+    python tools/coverage_bench.py nemotron.csv --holdout-above 5e19
+"""
+
+import argparse
+import statistics
+
+import numpy as np
+
+from lm import laws, scaling, store
+from lm.cli import holdout_names
+from lm.errors import FitError
+
+
+def score(fit: scaling.Fit) -> dict:
+    """The held-out runs of `fit` against its predictions and intervals."""
+    runs = fit.holdout
+    are = [abs(r.are) for r in runs]
+    half = [(r.interval[1] - r.interval[0]) / 2 / r.predicted for r in runs]
+    law_half = [(r.law_interval[1] - r.law_interval[0]) / 2 / r.predicted for r in runs]
+    return {"runs": len(runs),
+            "inside": sum(r.interval[0] <= r.loss <= r.interval[1] for r in runs),
+            "mean_are": float(np.mean(are)), "median_are": statistics.median(are),
+            "half_width": statistics.median(half), "law_half_width": statistics.median(law_half),
+            "below": sum(r.loss < r.predicted for r in runs),
+            "reach": (min(r.compute_ratio for r in runs), max(r.compute_ratio for r in runs))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("sources", nargs="+")
+    holdout = p.add_mutually_exclusive_group(required=True)
+    holdout.add_argument("--holdout-above", type=float, metavar="FLOPS")
+    holdout.add_argument("--holdout", metavar="RUNS",
+                         help="run names, comma-separated, as for lm fit --holdout")
+    p.add_argument("--law", action="append", choices=laws.LOSS_LAWS,
+                   help="repeatable; default: " + ", ".join(laws.ND_LAWS))
+    p.add_argument("--bootstrap", type=int, default=50)
+    p.add_argument("--min-tokens-per-param", type=float, metavar="R")
+    args = p.parse_args()
+    totals = {}
+    for source in args.sources:
+        points, _ = store.load_points(source)
+        held = holdout_names(args.holdout.strip(), set(points.run.tolist())) \
+            if args.holdout else None
+        for law in args.law or laws.ND_LAWS:
+            try:
+                fit = scaling.fit(points, law, holdout=held, holdout_above=args.holdout_above,
+                                  bootstrap=args.bootstrap,
+                                  min_tokens_per_param=args.min_tokens_per_param)
+            except FitError as e:
+                print(f"{source} {law}: {e}", flush=True)
+                continue
+            s = score(fit)
+            t = totals.setdefault(law, [0, 0])
+            t[0], t[1] = t[0] + s["inside"], t[1] + s["runs"]
+            print(f"{source} {law}: {s['inside']} of {s['runs']} inside (reach "
+                  f"{s['reach'][0]:.3g}-{s['reach'][1]:.3g}x); |ARE| mean "
+                  f"{s['mean_are']:.2%}, median {s['median_are']:.2%}; median half-width "
+                  f"{s['half_width']:.2%} (the law's {s['law_half_width']:.2%}), "
+                  f"{s['half_width'] / s['median_are']:.1f}x the median |ARE|; "
+                  f"{s['below']} below their prediction", flush=True)
+    for law, (inside, runs) in totals.items():
+        print(f"{law}: {inside} of {runs} held-out runs inside ({inside / runs:.0%})")
+
+
+if __name__ == "__main__":
+    main()
