@@ -119,7 +119,9 @@ def other_law(fit: scaling.Fit, points: Points, **holdout) -> Spread | None:
     except (FitError, ArithmeticError, ValueError):
         return Spread(other)
     theirs = {h.run: h.predicted for h in refit.holdout}
-    z = np.log([theirs[h.run] / h.predicted for h in fit.holdout])
+    z = np.log([theirs[h.run] / h.predicted for h in fit.holdout if h.run in theirs])
+    if not z.size:
+        return Spread(other)
     return Spread(other, len(z), float(np.sqrt(np.mean(z ** 2))), float(np.mean(z)),
                   float(np.max(np.abs(z))))
 
