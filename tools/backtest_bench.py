@@ -22,23 +22,35 @@ from lm import backtest, laws, scaling, store
 from lm.cli import holdout_names
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def sources_parser(doc: str) -> argparse.ArgumentParser:
+    """SOURCE... (points CSVs or sweeps), which of their runs are held out, and the point
+    filter: the arguments of the tools that score held-out runs source by source."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("sources", nargs="+")
     holdout = p.add_mutually_exclusive_group(required=True)
     holdout.add_argument("--holdout-above", type=float, metavar="FLOPS")
     holdout.add_argument("--holdout", metavar="RUNS",
                          help="run names, comma-separated, as for lm fit --holdout")
-    p.add_argument("--law", default="chinchilla", choices=laws.LAWS)
     p.add_argument("--min-tokens-per-param", type=float, metavar="R")
+    return p
+
+
+def held_out(args, points) -> dict:
+    """`scaling.fit`'s held-out runs and point filter from `sources_parser`'s arguments."""
+    return {"holdout_above": args.holdout_above,
+            "holdout": holdout_names(args.holdout.strip(), set(points.run.tolist()))
+            if args.holdout else None,
+            "min_tokens_per_param": args.min_tokens_per_param}
+
+
+def main() -> None:
+    p = sources_parser(__doc__)
+    p.add_argument("--law", default="chinchilla", choices=laws.LAWS)
     args = p.parse_args()
     tried, held = [], []
     for source in args.sources:
         points, _ = store.load_points(source)
-        fit = scaling.fit(points, args.law, holdout_above=args.holdout_above,
-                          holdout=holdout_names(args.holdout.strip(), set(points.run.tolist()))
-                          if args.holdout else None,
-                          min_tokens_per_param=args.min_tokens_per_param)
+        fit = scaling.fit(points, args.law, **held_out(args, points))
         if not fit.holdout:
             print(f"{source}: no held-out run", flush=True)
             continue

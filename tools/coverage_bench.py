@@ -13,14 +13,14 @@ prediction. The protocol of experiments/results/public/coverage.md and clean-tes
     python tools/coverage_bench.py nemotron.csv --holdout-above 5e19
 """
 
-import argparse
 import statistics
 
 import numpy as np
 
 from lm import laws, scaling, store
-from lm.cli import holdout_names
 from lm.errors import FitError
+
+from backtest_bench import held_out, sources_parser  # a script beside this one in tools/
 
 
 def score(fit: scaling.Fit) -> dict:
@@ -38,27 +38,18 @@ def score(fit: scaling.Fit) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("sources", nargs="+")
-    holdout = p.add_mutually_exclusive_group(required=True)
-    holdout.add_argument("--holdout-above", type=float, metavar="FLOPS")
-    holdout.add_argument("--holdout", metavar="RUNS",
-                         help="run names, comma-separated, as for lm fit --holdout")
+    p = sources_parser(__doc__)
     p.add_argument("--law", action="append", choices=laws.LOSS_LAWS,
                    help="repeatable; default: " + ", ".join(laws.ND_LAWS))
     p.add_argument("--bootstrap", type=int, default=50)
-    p.add_argument("--min-tokens-per-param", type=float, metavar="R")
     args = p.parse_args()
     totals = {}
     for source in args.sources:
         points, _ = store.load_points(source)
-        held = holdout_names(args.holdout.strip(), set(points.run.tolist())) \
-            if args.holdout else None
         for law in args.law or laws.ND_LAWS:
             try:
-                fit = scaling.fit(points, law, holdout=held, holdout_above=args.holdout_above,
-                                  bootstrap=args.bootstrap,
-                                  min_tokens_per_param=args.min_tokens_per_param)
+                fit = scaling.fit(points, law, bootstrap=args.bootstrap,
+                                  **held_out(args, points))
             except FitError as e:
                 print(f"{source} {law}: {e}", flush=True)
                 continue
