@@ -104,18 +104,16 @@ class Spread:
     largest: float | None = None  # the largest |log(its prediction / the fit's)|
 
 
-def other_law(fit: scaling.Fit, points: Points, **holdout) -> Spread | None:
-    """Fit the other law of N and D to `points` with `fit`'s settings and held-out runs (the
-    `holdout` and `holdout_above` `fit` was given), and compare their predictions of those
-    runs. None for a law of compute, or a fit without held-out runs."""
-    if fit.law not in laws.ND_LAWS or not fit.holdout:
+def other_law(fit: scaling.Fit, points: Points, **options) -> Spread | None:
+    """Fit the other law of N and D to `points` with the `options` `fit` was made with (its
+    held-out runs, point filters and loss; no bootstrap), and compare their predictions of the
+    held-out runs. None for a law of compute, or a fit without held-out runs."""
+    other = laws.other_nd_law(fit.law)
+    if other is None or not fit.holdout:
         return None
-    other = next(law for law in laws.ND_LAWS if law != fit.law)
     try:
         with np.errstate(all="ignore"):
-            refit = scaling.fit(points, other, **holdout, drop_early=fit.drop_early,
-                                min_tokens_per_param=fit.min_tokens_per_param, loss=fit.loss,
-                                huber_delta=fit.huber_delta if fit.loss == "huber" else None)
+            refit = scaling.fit(points, other, **options)
     except (FitError, ArithmeticError, ValueError):
         return Spread(other)
     theirs = {h.run: h.predicted for h in refit.holdout}

@@ -291,11 +291,10 @@ def cmd_fit(args) -> int:
         if not holdout:
             raise ConfigError(f"--holdout {args.holdout!r} names no run; give run names "
                               "(comma-separated), `largest`, or leave --holdout out")
-    held = {"holdout": holdout or None, "holdout_above": args.holdout_above}
-    result = scaling.fit(points, args.law, **held, bootstrap=args.bootstrap,
-                         drop_early=args.drop_early,
-                         min_tokens_per_param=args.min_tokens_per_param, loss=args.loss,
-                         huber_delta=args.huber_delta, seed=args.seed)
+    options = {"holdout": holdout or None, "holdout_above": args.holdout_above,
+               "drop_early": args.drop_early, "min_tokens_per_param": args.min_tokens_per_param,
+               "loss": args.loss, "huber_delta": args.huber_delta}
+    result = scaling.fit(points, args.law, **options, bootstrap=args.bootstrap, seed=args.seed)
     result = dataclasses.replace(result, n_counted=args.params)
     written = result.to_json()
     summary = scaling.format_fit(result)
@@ -303,7 +302,7 @@ def cmd_fit(args) -> int:
         tried = backtest.farthest(result, points, [r.compute_ratio for r in result.holdout])
         written["backtest"] = dataclasses.asdict(tried)
         summary += "\n  " + backtest.describe(tried)
-    if spread := backtest.other_law(result, points, **held):
+    if spread := backtest.other_law(result, points, **options):
         written["law_spread"] = dataclasses.asdict(spread)
         summary += "\n  " + backtest.describe_spread(spread)
     out.write_text(json.dumps(written, indent=1))

@@ -368,6 +368,11 @@ LOSS_LAWS = tuple(name for name, law in _LAWS.items() if law.loss is not None)
 ND_LAWS = ("chinchilla", "kaplan-nd")  # laws of N and D: they say how to split compute
 
 
+def other_nd_law(law: str) -> str | None:
+    """The other law of N and D (None for a law of compute): the shape to compare a fit with."""
+    return next((other for other in ND_LAWS if other != law), None) if law in ND_LAWS else None
+
+
 def by_name(name: str) -> Law:
     """The law called `name` (one of LAWS)."""
     if name not in _LAWS:

@@ -749,8 +749,7 @@ def _other_law(spec: SweepSpec, store: Store, fitting: list[str], trained: list[
                ) -> dict | None:
     """The other law of N and D fitted alike: how far a law's shape alone moves the held-out
     runs' predictions (`backtest.other_law` for `lm fit`)."""
-    other = next(law for law in laws.ND_LAWS if law != spec.fit.law)
-    return _refit(spec, store, fitting, trained, law=other)
+    return _refit(spec, store, fitting, trained, law=laws.other_nd_law(spec.fit.law))
 
 
 def _print_summary(spec, fit, prior, error, timing) -> None:

@@ -87,7 +87,7 @@ def test_the_other_law_shows_how_far_a_laws_shape_alone_moves_the_held_out_runs(
     held = {"holdout": None, "holdout_above": points.flops.max() / 12}
     sum_fit = scaling.fit(points, "chinchilla", **held)
     spread = backtest.other_law(sum_fit, points, **held)
-    alone = scaling.fit(points, "kaplan-nd", **held, huber_delta=sum_fit.huber_delta)
+    alone = scaling.fit(points, "kaplan-nd", **held)  # fitted alike: the same options
     z = np.log([a.predicted / s.predicted for a, s in zip(alone.holdout, sum_fit.holdout)])
     assert [a.run for a in alone.holdout] == [s.run for s in sum_fit.holdout]
     assert (spread.law, spread.runs) == ("kaplan-nd", len(sum_fit.holdout)) and spread.runs >= 4
