@@ -75,3 +75,21 @@ def test_an_unknown_law_or_too_few_sizes_is_refused():
     few = Points(params=[1e6, 2e6, 1e6, 2e6], tokens=[1e8, 1e8, 2e8, 3e8], loss=[3, 2.9, 2.8, 2.7])
     with pytest.raises(FitError, match="needs >= 3 distinct model sizes"):
         laws.by_name("kaplan-nd").check(few)
+
+
+
+@pytest.mark.parametrize("law, truth", [("chinchilla", CHINCHILLA), ("kaplan-nd", KAPLAN_ND)])
+def test_starts_ranked_on_a_sample_of_many_points_are_those_ranked_on_every_point(
+        law, truth, monkeypatch):
+    """Loss curves of 60 runs x 60 steps with 1% noise: more points than the grid of starts
+    is ranked on. The sample must pick the starts that every point would."""
+    rng = np.random.default_rng(0)
+    n = np.repeat(np.geomspace(1e6, 1e8, 60), 60)
+    d = np.tile(np.geomspace(1e7, 1e10, 60), 60) * rng.uniform(0.5, 2.0, n.size)
+    loss = laws.by_name(law).loss(truth, n, d, 6 * n * d) * np.exp(rng.normal(0, 0.01, n.size))
+    p, _ = laws.problem(laws.by_name(law), Points(params=n, tokens=d, loss=loss), 0.02)
+    assert len(p.y) > laws.GRID_POINTS
+    sampled = laws._starts(p)
+    monkeypatch.setattr(laws, "GRID_POINTS", len(p.y))
+    every = laws._starts(p)
+    assert sorted(map(tuple, sampled)) == sorted(map(tuple, every))
