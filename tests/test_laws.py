@@ -77,7 +77,6 @@ def test_an_unknown_law_or_too_few_sizes_is_refused():
         laws.by_name("kaplan-nd").check(few)
 
 
-
 @pytest.mark.parametrize("law, truth", [("chinchilla", CHINCHILLA), ("kaplan-nd", KAPLAN_ND)])
 def test_starts_ranked_on_a_sample_of_many_points_are_those_ranked_on_every_point(
         law, truth, monkeypatch):

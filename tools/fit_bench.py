@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lm import scaling
+from lm import laws, scaling
 from lm.points import Points
 from lm.spec import FitSpec
 
@@ -41,12 +41,11 @@ def curve_points(runs: int, per_run: int, seed: int = 0) -> Points:
     """`runs` runs from 1e6 to 1e8 params, each trained to 5-100 tokens per param, `per_run`
     evenly spaced evaluations each."""
     rng = np.random.default_rng(seed)
-    n = np.repeat(np.geomspace(1e6, 1e8, runs), per_run)
-    final = np.repeat(np.geomspace(1e6, 1e8, runs) * rng.uniform(5, 100, runs), per_run)
+    sizes = np.geomspace(1e6, 1e8, runs)
+    n = np.repeat(sizes, per_run)
     step = np.tile(np.arange(1, per_run + 1), runs)
-    d = final * step / per_run
-    h = HOFFMANN
-    loss = (h["E"] + h["A"] / n ** h["alpha"] + h["B"] / d ** h["beta"]) * np.exp(
+    d = np.repeat(sizes * rng.uniform(5, 100, runs), per_run) * step / per_run
+    loss = laws.by_name("chinchilla").loss(HOFFMANN, n, d, 6 * n * d) * np.exp(
         rng.normal(0, 0.005, n.size))
     return Points(params=n, tokens=d, loss=loss, run=np.repeat(np.arange(runs), per_run),
                   step=step)
