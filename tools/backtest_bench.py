@@ -1,7 +1,7 @@
 """The backtest against the held-out error it is meant to foreshadow, source by source.
 
     python tools/backtest_bench.py SOURCE... (--holdout-above FLOPS | --holdout RUNS)
-                                   [--law LAW] [--min-tokens-per-param R]
+                                   [--law LAW] [--min-tokens-per-param R] [--params COUNT]
 
 Each SOURCE (a points CSV or a sweep) is fitted without its held-out runs (those above FLOPS,
 or the comma-separated RUNS) and scored on them; the line gives the backtest's RMS error and
@@ -32,7 +32,14 @@ def sources_parser(doc: str) -> argparse.ArgumentParser:
     holdout.add_argument("--holdout", metavar="RUNS",
                          help="run names, comma-separated, as for lm fit --holdout")
     p.add_argument("--min-tokens-per-param", type=float, metavar="R")
+    p.add_argument("--params", default="total", choices=scaling.N_COUNTS,
+                   help="what N counts, as lm fit --params (default: total)")
     return p
+
+
+def loaded(args, source: str):
+    """The points of `source`, with N counted as `sources_parser`'s --params says."""
+    return store.load_points(source, params=args.params)[0]
 
 
 def held_out(args, points) -> dict:
@@ -49,7 +56,7 @@ def main() -> None:
     args = p.parse_args()
     tried, held = [], []
     for source in args.sources:
-        points, _ = store.load_points(source)
+        points = loaded(args, source)
         fit = scaling.fit(points, args.law, **held_out(args, points))
         if not fit.holdout:
             print(f"{source}: no held-out run", flush=True)

@@ -2,6 +2,7 @@
 
     python tools/coverage_bench.py SOURCE... (--holdout-above FLOPS | --holdout RUNS)
                                    [--law LAW ...] [--bootstrap 50] [--min-tokens-per-param R]
+                                   [--params COUNT]
 
 Each SOURCE (a points CSV or a sweep) is fitted by each LAW (default: both laws of N and D)
 without its held-out runs, as `lm fit SOURCE --law LAW --bootstrap B --holdout-above FLOPS`
@@ -17,10 +18,10 @@ import statistics
 
 import numpy as np
 
-from lm import laws, scaling, store
+from lm import laws, scaling
 from lm.errors import FitError
 
-from backtest_bench import held_out, sources_parser  # a script beside this one in tools/
+from backtest_bench import held_out, loaded, sources_parser  # a script beside this one in tools/
 
 
 def score(fit: scaling.Fit) -> dict:
@@ -45,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
     totals = {}
     for source in args.sources:
-        points, _ = store.load_points(source)
+        points = loaded(args, source)
         for law in args.law or laws.ND_LAWS:
             try:
                 fit = scaling.fit(points, law, bootstrap=args.bootstrap,
@@ -54,16 +55,19 @@ def main() -> None:
                 print(f"{source} {law}: {e}", flush=True)
                 continue
             s = score(fit)
-            t = totals.setdefault(law, [0, 0])
-            t[0], t[1] = t[0] + s["inside"], t[1] + s["runs"]
+            totals.setdefault(law, []).extend(fit.holdout)
             print(f"{source} {law}: {s['inside']} of {s['runs']} inside (reach "
                   f"{s['reach'][0]:.3g}-{s['reach'][1]:.3g}x); |ARE| mean "
                   f"{s['mean_are']:.2%}, median {s['median_are']:.2%}; median half-width "
                   f"{s['half_width']:.2%} (the law's {s['law_half_width']:.2%}), "
                   f"{s['half_width'] / s['median_are']:.1f}x the median |ARE|; "
                   f"{s['below']} below their prediction", flush=True)
-    for law, (inside, runs) in totals.items():
-        print(f"{law}: {inside} of {runs} held-out runs inside ({inside / runs:.0%})")
+    for law, runs in totals.items():
+        are = np.abs([r.are for r in runs])
+        inside = sum(r.interval[0] <= r.loss <= r.interval[1] for r in runs)
+        print(f"{law}: {inside} of {len(runs)} held-out runs inside ({inside / len(runs):.0%}); "
+              f"|ARE| mean {are.mean():.2%}, within 2% {np.sum(are <= 0.02)}; "
+              f"{sum(r.loss < r.predicted for r in runs)} below their prediction")
 
 
 if __name__ == "__main__":
