@@ -9,7 +9,9 @@ without its held-out runs, as `lm fit SOURCE --law LAW --bootstrap B --holdout-a
 does, and scored on them: how many lie inside their 95% intervals for a run, the mean and
 median |ARE|, the median half-width of those intervals and of the law's alone, their ratio to
 the median |ARE| (about 2.9 for a calibrated normal interval), and how many ended below their
-prediction. The protocol of experiments/results/public/coverage.md and clean-test.md, e.g.
+prediction; then, over all sources, the error's mean and spread beside the spreads of the
+predictions and of the actual losses (for one study repeated with other seeds: how much of
+the error is the prediction's own variation, how much the held-out runs'). The protocol of experiments/results/public/coverage.md and clean-test.md, e.g.
 
     python tools/coverage_bench.py nemotron.csv --holdout-above 5e19
 """
@@ -68,6 +70,13 @@ def main() -> None:
         print(f"{law}: {inside} of {len(runs)} held-out runs inside ({inside / len(runs):.0%}); "
               f"|ARE| mean {are.mean():.2%}, within 2% {np.sum(are <= 0.02)}; "
               f"{sum(r.loss < r.predicted for r in runs)} below their prediction")
+        if len(runs) > 2:  # e.g. one run a study, for studies repeated with other seeds
+            err = np.log([r.loss / r.predicted for r in runs])
+            spread = [np.std(np.log([getattr(r, k) for r in runs]), ddof=1)
+                      for k in ("predicted", "loss")]
+            print(f"{law}: log(actual / predicted) mean {err.mean():+.2%}, std "
+                  f"{np.std(err, ddof=1):.2%}; std of log predicted {spread[0]:.2%}, of log "
+                  f"actual {spread[1]:.2%}")
 
 
 if __name__ == "__main__":
