@@ -950,7 +950,9 @@ def _allocation_draws(fit: Fit, c: np.ndarray) -> dict[str, np.ndarray]:
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         both = _sampled(fit, optimum)
-    return {} if both is None else {"params": both[:, 0], "tokens": both[:, 1]}
+    if both is None or not len(both):  # no draws, or every one wild
+        return {}
+    return {"params": both[:, 0], "tokens": both[:, 1]}
 
 
 # ----------------------------------------------------------------------------- text

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -816,6 +817,15 @@ def test_predict_shapes_intervals_and_errors(boot_fit):
         predict(boot_fit, flops=-1)
     line = format_prediction(predict(boot_fit, flops=1e21))
     assert line.startswith("chinchilla: flops=1e+21 -> params=") and "an actual run: [" in line
+
+
+def test_a_fit_whose_every_draw_is_wild_predicts_without_intervals(boot_fit):
+    wild = replace(boot_fit, bootstrap=replace(boot_fit.bootstrap, samples={
+        k: [math.inf] * len(v) for k, v in boot_fit.bootstrap.samples.items()}))
+    for query in ({"flops": 1e21}, {"params": 1e9, "tokens": 2e10}):
+        got = predict(wild, **query)
+        assert got["loss"] == predict(boot_fit, **query)["loss"]
+        assert "intervals" not in got
 
 
 def test_fit_json_round_trips(boot_fit, holdout_fit):
