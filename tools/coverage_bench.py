@@ -9,9 +9,10 @@ without its held-out runs, as `lm fit SOURCE --law LAW --bootstrap B --holdout-a
 does, and scored on them: how many lie inside their 95% intervals for a run, the mean and
 median |ARE|, the median half-width of those intervals and of the law's alone, their ratio to
 the median |ARE| (about 2.9 for a calibrated normal interval), and how many ended below their
-prediction; then, over all sources, the error's mean and spread beside the spreads of the
-predictions and of the actual losses (for one study repeated with other seeds: how much of
-the error is the prediction's own variation, how much the held-out runs'). The protocol of experiments/results/public/coverage.md and clean-test.md, e.g.
+prediction; then the same over all sources, and the error's mean and spread beside the
+spreads of the predictions and of the actual losses (for one study repeated with other seeds:
+how much of the error is the prediction's own variation, how much the held-out runs'). The
+protocol of experiments/results/public/coverage.md and clean-test.md, e.g.
 
     python tools/coverage_bench.py nemotron.csv --holdout-above 5e19
 """
@@ -26,9 +27,8 @@ from lm.errors import FitError
 from backtest_bench import held_out, loaded, sources_parser  # a script beside this one in tools/
 
 
-def score(fit: scaling.Fit) -> dict:
-    """The held-out runs of `fit` against its predictions and intervals."""
-    runs = fit.holdout
+def score(runs) -> dict:
+    """Held-out runs (`scaling.HeldOut`s) against their predictions and intervals."""
     are = [abs(r.are) for r in runs]
     half = [(r.interval[1] - r.interval[0]) / 2 / r.predicted for r in runs]
     law_half = [(r.law_interval[1] - r.law_interval[0]) / 2 / r.predicted for r in runs]
@@ -56,7 +56,7 @@ def main() -> None:
             except FitError as e:
                 print(f"{source} {law}: {e}", flush=True)
                 continue
-            s = score(fit)
+            s = score(fit.holdout)
             totals.setdefault(law, []).extend(fit.holdout)
             print(f"{source} {law}: {s['inside']} of {s['runs']} inside (reach "
                   f"{s['reach'][0]:.3g}-{s['reach'][1]:.3g}x); |ARE| mean "
@@ -65,11 +65,10 @@ def main() -> None:
                   f"{s['half_width'] / s['median_are']:.1f}x the median |ARE|; "
                   f"{s['below']} below their prediction", flush=True)
     for law, runs in totals.items():
-        are = np.abs([r.are for r in runs])
-        inside = sum(r.interval[0] <= r.loss <= r.interval[1] for r in runs)
-        print(f"{law}: {inside} of {len(runs)} held-out runs inside ({inside / len(runs):.0%}); "
-              f"|ARE| mean {are.mean():.2%}, within 2% {np.sum(are <= 0.02)}; "
-              f"{sum(r.loss < r.predicted for r in runs)} below their prediction")
+        s = score(runs)
+        print(f"{law}: {s['inside']} of {s['runs']} held-out runs inside "
+              f"({s['inside'] / s['runs']:.0%}); |ARE| mean {s['mean_are']:.2%}, within 2% "
+              f"{sum(abs(r.are) <= 0.02 for r in runs)}; {s['below']} below their prediction")
         if len(runs) > 2:  # e.g. one run a study, for studies repeated with other seeds
             err = np.log([r.loss / r.predicted for r in runs])
             spread = [np.std(np.log([getattr(r, k) for r in runs]), ddof=1)
