@@ -92,6 +92,28 @@ def store_url(spec: SweepSpec, url: str | None) -> str:
     return url or str(spec.path / SQLITE)
 
 
+def _trained(spec: SweepSpec) -> list[str]:
+    """The trials that have a run directory in the sweep's directory."""
+    return sorted(p.parent.name for p in (spec.path / "trials").glob("*/config.yaml"))
+
+
+def _open_store(spec: SweepSpec, url: str, again: str, wait: float = 0.0) -> Store:
+    """The sweep's store, for a runner or a worker. Refused: one that holds another sweep, and
+    one new to a sweep that has trained (a mistyped --store), which would otherwise record
+    every trial done again from its run directory, in a store of its own. `again`: the
+    command that ran the sweep, for the hint."""
+    why = (f"sweep {spec.name!r} has trained in {spec.path} ({_count(_trained(spec))} with a "
+           f"run directory), but {url} holds no sweep: give the store it ran with (--store; by "
+           f"default {spec.path / SQLITE}), or, if that store is lost, rebuild it from the run "
+           f"directories: `{again} --rebuild-store`")
+    if not is_postgres(url) and not Path(url).exists() and _trained(spec):
+        raise StoreError(why)  # before the file is created
+    store = Store(url, wait=wait)
+    if store.check_sweep(spec.name) is None and _trained(spec):
+        raise StoreError(why)
+    return store
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -381,7 +403,8 @@ def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S
     started = time.perf_counter()
     spec = spec_lib.load_spec(spec_path, overrides)
     trials = {t.name: t for t in spec_lib.plan(spec)}
-    store = Store(store_url(spec, url), wait=RECONNECT_S)  # a server restarting: wait for it
+    store = _open_store(spec, store_url(spec, url), invocation(spec_path, overrides, url),
+                       wait=RECONNECT_S)  # a server restarting: wait for it
     store.sync(spec.name, plan_digest(list(trials.values())), list(trials.values()))
     _compilation_cache()
     import jax
@@ -533,8 +556,7 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
     url_given, url = url, store_url(spec, url)
     names = {t.name for t in trials}
     with exclusive(spec.path):
-        store = Store(url)
-        store.check_sweep(spec.name)
+        store = _open_store(spec, url, invocation(spec_path, overrides, url_given, cpu_devices))
         _sync_registration(spec, store)  # first: the plan is checked against it
         store.sync(spec.name, plan_digest(trials), trials, replan=True)
         _write_atomic(spec.path / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec),
@@ -791,7 +813,7 @@ def status(spec_path: str | Path, url: str | None = None, overrides=()) -> list[
 def status_text(spec_path: str | Path, url: str | None = None, overrides=()) -> str:
     spec = spec_lib.load_spec(spec_path, overrides)
     rows = status(spec_path, url, overrides)
-    if not rows and any((spec.path / "trials").glob("*/config.yaml")):
+    if not rows and _trained(spec):
         return (f"sweep {spec.name}: its store ({store_url(spec, url)}) holds no trials, but its "
                 f"trials have run directories: rebuild it from them with `"
                 f"{invocation(spec_path, overrides, url)} --rebuild-store`")

@@ -355,6 +355,25 @@ def test_bad_stores_fail_before_any_training(finished, postgres, tmp_path):
     assert theirs.read_bytes() == before and not list(theirs.parent.glob("*.damaged-*"))
 
 
+def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, tmp_path):
+    """A mistyped --store would record every trial done again, from its run directory, in a
+    store of its own, and rewrite the report: refused, by the runner and by a worker, before
+    the file is created."""
+    path, _, _ = finished
+    sweep_dir = path.parent / "sweep"
+    report = (sweep_dir / "report.md").read_bytes()
+    typo = tmp_path / "stor.sqlite"
+    for url in (str(typo), fresh_database(postgres)):
+        for mode in ([], ["--worker"]):
+            out = lm("sweep", str(path), *mode, "--store", url, "--cpu-devices", "1")
+            assert out.returncode == 2, out.stderr[-2000:]
+            assert f"sweep 't' has trained in {sweep_dir}" in out.stderr
+            assert f"but {url} holds no sweep" in out.stderr
+            assert f"--store {url}" in out.stderr and "--rebuild-store`" in out.stderr
+    assert not typo.exists()
+    assert (sweep_dir / "report.md").read_bytes() == report
+
+
 def test_a_url_of_another_scheme_is_refused_not_taken_for_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = spec_file(tmp_path)
