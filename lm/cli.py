@@ -133,7 +133,10 @@ def cmd_data(args) -> int:
     dataset = corpus.prepare(cfg)
     m = dataset.manifest
     print(f"dataset   {dataset.dir}")
-    print(f"source    {m['source']}: {m['files']} files used, {len(m['skipped'])} skipped")
+    lines = sum(s.get("lines", 0) for s in m["skipped"])
+    print(f"source    {m['source']}: {m['files']} files used, "
+          f"{sum(not s.get('lines') for s in m['skipped'])} skipped"
+          + (f", {lines} lines of .jsonl files skipped" if lines else ""))
     print(f"tokenizer {m['settings']['tokenizer']}, {m['vocab_size']} pieces, "
           f"{m['dtype']} token files, prepared in {m['prepare_seconds']:.1f} s")
     for split, s in m["splits"].items():
@@ -494,8 +497,8 @@ def _add_fit(sub) -> None:
     p.add_argument("--holdout-above", type=_at_least(float, 0), metavar="FLOPS",
                    help="also hold out every run with more FLOPs than this")
     p.add_argument("--bootstrap", type=_at_least(int, 0), metavar="B",
-                   help="B bootstrap refits over runs, for intervals (0: from the curvature, "
-                   "which understates them when E is not identified)")
+                   help="B >= 6 bootstrap refits over runs, for intervals (0: from the "
+                   "curvature, which understates them when E is not identified)")
     p.add_argument("--drop-early", type=float, metavar="F",
                    help="drop points before this fraction of each run's tokens (not needed for "
                    "points marked annealed: when there are any, only they are fitted)")

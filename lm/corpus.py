@@ -78,11 +78,12 @@ class Document(NamedTuple):
 
 
 class BadFile(DataError):
-    """An input file that cannot be read as UTF-8 text (data.on_bad_file decides)."""
+    """An input file that cannot be read as what its name says, or `lines` lines of a .jsonl
+    file that hold no text (data.on_bad_file decides: skip the file, or those lines; or fail)."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: Path, reason: str, lines: int = 0):
         super().__init__(f"{path}: {reason}; fix or remove it, or set data.on_bad_file=skip")
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.lines = path, reason, lines
 
 
 @functools.cache  # walking the tree takes ~1 s, paid by every trial of a sweep's worker
@@ -150,13 +151,15 @@ def saved_dataset(path: Path, item: str, key: str) -> list[Path]:
     return files
 
 
-def read_documents(key: str, path: Path, text_field: str) -> Iterable[Document]:
+def read_documents(key: str, path: Path, text_field: str,
+                   skipped: dict[Path, BadFile] | None = None) -> Iterable[Document]:
     """The documents of one file: all of it; for .jsonl the field `text_field` of each line; for
     .parquet and .arrow (the Arrow stream files of a saved Hugging Face dataset) the column
     `text_field` of each row, read a row group or record batch at a time. A .gz file is
     decompressed first and keeps the key it would have uncompressed, so that compressing a
     corpus keeps every document in its split. A file that is not what its name says raises
-    BadFile before it yields a document."""
+    BadFile before it yields a document; so do .jsonl lines without text, unless a `skipped`
+    dict is given: then the other lines are its documents, and the file's BadFile joins it."""
     key = key.removesuffix(".gz")
     suffix = Path(key).suffix
     if suffix in (".parquet", ".arrow"):
@@ -168,7 +171,7 @@ def read_documents(key: str, path: Path, text_field: str) -> Iterable[Document]:
         raise BadFile(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     if suffix != ".jsonl":
         return [Document(key, text, len(raw))]
-    docs = []
+    docs, bad = [], []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -178,9 +181,17 @@ def read_documents(key: str, path: Path, text_field: str) -> Iterable[Document]:
         except (ValueError, KeyError, TypeError):  # not JSON, not an object, lone surrogates
             size = None
         if size is None:
-            raise BadFile(path, f"line {number} is not a JSON object with a string field "
-                                f"{text_field!r} (data.text_field)")
-        docs.append(Document(f"{key}:{number}", value, size))
+            bad.append(number)
+        else:
+            docs.append(Document(f"{key}:{number}", value, size))
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        lines = f"line {bad[0]} is" if len(bad) == 1 else f"{len(bad)} lines ({shown}) are"
+        error = BadFile(path, f"{lines} not a JSON object with a string field {text_field!r} "
+                              "(data.text_field)", lines=len(bad))
+        if skipped is None:
+            raise error
+        skipped[path] = error
     return docs
 
 
@@ -240,17 +251,18 @@ def table_documents(key: str, path: Path, text_field: str) -> Iterator[Document]
 
 
 def documents(files: Iterable[tuple[str, Path]], text_field: str, max_bytes: int = 0,
-              skipped: list[BadFile] | None = None) -> Iterator[Document]:
+              skipped: dict[Path, BadFile] | None = None) -> Iterator[Document]:
     """The non-empty documents of `files` in order, up to the one that reaches `max_bytes`
-    (0: all). A file that cannot be read raises BadFile, or with a `skipped` list joins it."""
+    (0: all). A file that cannot be read raises BadFile, or with a `skipped` dict joins it (by
+    its path: a file read again is counted once), as do a .jsonl file's lines without text."""
     total = 0
     for key, path in files:
         try:
-            docs = read_documents(key, path, text_field)
+            docs = read_documents(key, path, text_field, skipped)
         except BadFile as e:
             if skipped is None:
                 raise
-            skipped.append(e)
+            skipped[path] = e
             continue
         for doc in docs:
             if max_bytes and total >= max_bytes:
@@ -585,11 +597,11 @@ def build(cfg: Config, inputs: list[Input], out: Path, header: dict,
     name and renamed, and the manifest goes last, so that an interrupted or failed build is
     never taken for a finished one; it writes nothing outside `out`."""
     d, start = cfg.data, time.perf_counter()
-    skipped = [] if d.on_bad_file == "skip" else None
+    skipped = {} if d.on_bad_file == "skip" else None
 
     def read(inp: Input) -> Iterator[Document]:  # a file found bad once is passed over after
-        bad = {e.path for e in skipped or ()}
-        kept = [(key, path) for key, path in inp.files if path not in bad]
+        kept = [(key, path) for key, path in inp.files
+                if (e := (skipped or {}).get(path)) is None or e.lines]
         return documents(kept, d.text_field, d.max_bytes, skipped)
 
     inputs = [inp._replace(mode=holdout(read(inp), d.val_fraction)) if inp.mode == "split"
@@ -600,8 +612,7 @@ def build(cfg: Config, inputs: list[Input], out: Path, header: dict,
     n_files = sum(len(inp.files) for inp in inputs)
     if not (tokenizer or tokenizer_docs):
         raise DataError(f"{header['source']!r} holds no text to train on: "
-                        + ("every file was skipped" if len(skipped or ()) == n_files else
-                           "its files are empty"))
+                        + (_skipped(skipped, n_files) if skipped else "its files are empty"))
     text_bytes = sum(min(sum(p.stat().st_size for _, p in inp.files), d.max_bytes or math.inf)
                      for inp in inputs)
     workers = max(1, min(d.workers or _cpus(), math.ceil(text_bytes / BATCH_BYTES)))
@@ -617,13 +628,13 @@ def build(cfg: Config, inputs: list[Input], out: Path, header: dict,
         for inp in inputs:
             splits |= encode(inp, read(inp), out, dtype, workers, bar.update, d.val_fraction)
     if skipped:
-        shown = "; ".join(f"{e.path}: {e.reason}" for e in skipped[:5])
-        warnings.warn(f"skipped {len(skipped)} of {n_files} input files (data.on_bad_file="
-                      f"skip): {shown}{' ...' if len(skipped) > 5 else ''}", stacklevel=3)
+        warnings.warn(_skipped(skipped, n_files), stacklevel=3)
+    skipped = list((skipped or {}).values())
     manifest = {**header, "tokenizer": TOKENIZER, "vocab_size": cfg.vocab_size,
                 "eod_id": EOD_ID, "dtype": dtype, "splits": splits,
-                "files": n_files - len(skipped or ()),
-                "skipped": [{"file": str(e.path), "reason": e.reason} for e in skipped or []],
+                "files": n_files - sum(not e.lines for e in skipped),
+                "skipped": [{"file": str(e.path), "reason": e.reason, "lines": e.lines}
+                            for e in skipped],
                 "tokenizer_sample_bytes": sum(doc.size for doc in tokenizer_docs),  # 0: given
                 "prepare_seconds": round(time.perf_counter() - start, 2)}
     with _atomic(out / MANIFEST, "w") as f:
@@ -648,6 +659,18 @@ def encode(inp: Input, docs: Iterable[Document], out: Path, dtype: str, workers:
                            "holdout": inp.mode, **count,
                            "bytes_per_token": count["bytes"] / count["tokens"]}
             for split, count in counts.items()}
+
+
+def _skipped(skipped: dict[Path, BadFile], n_files: int) -> str:
+    """What data.on_bad_file=skip passed over, the first five files with their reasons."""
+    whole = sum(not e.lines for e in skipped.values())
+    lines, partly = sum(e.lines for e in skipped.values()), len(skipped) - whole
+    what = " and ".join(([f"{whole} of {n_files} input files"] if whole else []) + (
+        [f"{lines} line{'s' * (lines > 1)} of {partly} .jsonl file{'s' * (partly > 1)}"]
+        if lines else []))
+    shown = "; ".join(f"{e.path}: {e.reason}" for e in list(skipped.values())[:5])
+    return (f"skipped {what} (data.on_bad_file=skip): {shown}"
+            f"{' ...' if len(skipped) > 5 else ''}")
 
 
 def _no_text(inp: Input, split: str, val_fraction: float) -> DataError:

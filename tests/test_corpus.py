@@ -308,9 +308,26 @@ def test_bad_files_are_skipped_with_a_warning_or_fail(tmp_path):
     with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 .*data.on_bad_file=skip"):
         corpus.prepare(files_cfg(tmp_path, "data.on_bad_file=fail"))
     (tmp_path / "corpus" / "latin1.txt").unlink()
-    (tmp_path / "corpus" / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl: line 2 .*'text' \(data.text_field\)"):
+    lines = ['{"text": "fine"}', '{"body": "no text"}', "not JSON", '{"text": "kept too"}']
+    (tmp_path / "corpus" / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: 2 lines \(2, 3\) are not .*'text' "
+                                        r"\(data.text_field\)"):
         corpus.prepare(files_cfg(tmp_path, "data.on_bad_file=fail"))
+    # skipped: those lines, not the file (read three times, it is counted once)
+    with pytest.warns(UserWarning, match=r"skipped 2 lines of 1 .jsonl file \(data.on_bad_"
+                                         r"file=skip\): .*bad.jsonl: 2 lines \(2, 3\)"):
+        dataset = corpus.prepare(files_cfg(tmp_path))
+    assert dataset.manifest["files"] == 22
+    assert [(s["file"], s["lines"]) for s in dataset.manifest["skipped"]] == [
+        (str(tmp_path / "corpus" / "bad.jsonl"), 2)]
+    kept = sum(s["documents"] for s in dataset.manifest["splits"].values())
+    (tmp_path / "corpus" / "bad.jsonl").write_text("\n".join(lines[::3]) + "\n")
+    assert sum(s["documents"] for s in corpus.prepare(files_cfg(tmp_path)).manifest[
+        "splits"].values()) == kept  # the good lines' documents, all of them
+    (tmp_path / "only.jsonl").write_text('{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"holds no text to train on: skipped 1 line of 1 .jsonl "
+                                        r"file .*only.jsonl: line 1 is not"):
+        corpus.prepare(text_cfg(tmp_path, tmp_path / "only.jsonl"))
 
 
 @pytest.mark.parametrize("name, content, message", [
