@@ -48,6 +48,9 @@ E_TOL = 1e-4  # of the lowest loss: how closely the ends of the range of E the d
 LAPLACE_DRAWS = 400
 LAPLACE_STEP = 1e-4  # of each draw's offset: log L is linear in theta over it, to rounding
 MIN_BOOTSTRAP_SHARE = 0.5  # of bootstrap refits that must converge for their intervals to count
+# ...and at least this many: the fewest whose range holds their median 95% of the time
+# (1 - 2 * 0.5**(B - 1) >= 0.95); fewer give an "interval" that may miss the fit altogether
+MIN_BOOTSTRAP = 6
 MISFIT_KEEP = 0.5  # the misfit's refits keep at least this share of the fitting runs: fewer
 # pin the law down so loosely that their errors measure that, not the law's shape
 MISFIT_GRID = np.r_[0.0, np.geomspace(1e-4, 0.3, 120)]  # its terms' values tried (of log L)
@@ -98,7 +101,8 @@ class Bootstrap:
     def usable(self) -> bool:
         """Whether the converged refits may stand for the law's uncertainty: when most
         resamples fail, those left are the ones that happened to fit, not a sample of it."""
-        return self.n - self.failed - self.not_converged >= MIN_BOOTSTRAP_SHARE * self.n
+        return self.n - self.failed - self.not_converged >= max(MIN_BOOTSTRAP,
+                                                                MIN_BOOTSTRAP_SHARE * self.n)
 
 
 @dataclass(frozen=True)
@@ -425,8 +429,10 @@ def _fit(points: Points, law: str = "chinchilla", *,
     min_tokens_per_param = tokens_per_param_floor(law, min_tokens_per_param)
     if not 0 <= drop_early < 1:
         raise FitError(f"drop_early={drop_early}; expected a fraction in [0, 1)")
-    if bootstrap < 0:
-        raise FitError(f"bootstrap={bootstrap}; expected a number of refits >= 0")
+    if not (bootstrap == 0 or bootstrap >= MIN_BOOTSTRAP):
+        raise FitError(f"bootstrap={bootstrap}; expected 0 (intervals from the fit's curvature) "
+                       f"or at least {MIN_BOOTSTRAP} refits, the fewest a 95% interval is drawn "
+                       "from")
     if loss not in ("huber", "lsq"):
         raise FitError(f"loss={loss!r}; expected huber or lsq")
     held = _holdout_runs(points, holdout, holdout_above)

@@ -163,7 +163,8 @@ def _check_numbers(path: Path, spec: SweepSpec) -> None:
             raise ConfigError(f"{path}: {key}={list(values)}: budgets are positive")
     r = spec.recipe
     for key, value, ok, valid in (
-            ("fit.bootstrap", f.bootstrap, f.bootstrap >= 0, "a number of refits, >= 0"),
+            ("fit.bootstrap", f.bootstrap, f.bootstrap == 0 or f.bootstrap >= scaling.MIN_BOOTSTRAP,
+             f"0 (intervals from the fit's curvature) or >= {scaling.MIN_BOOTSTRAP} refits"),
             ("fit.drop_early", f.drop_early, 0 <= f.drop_early < 1, "a fraction in [0, 1)"),
             ("fit.min_tokens_per_param", f.min_tokens_per_param,
              f.min_tokens_per_param is None or f.min_tokens_per_param >= 0, ">= 0 (or null)"),

@@ -20,7 +20,7 @@ def spec_file(tmp_path, **changes):
             "recipe": {"eval_points": 6, "lr": 1e-2},
             "holdout": {"size": {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2},
                         "tokens": 32768},
-            "fit": {"bootstrap": 5, "drop_early": 0.1, "min_tokens_per_param": 0}}
+            "fit": {"bootstrap": 6, "drop_early": 0.1, "min_tokens_per_param": 0}}
     spec.update(changes)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))

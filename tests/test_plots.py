@@ -34,7 +34,7 @@ def assert_pngs(paths, names):
 
 def test_plot_all_chinchilla_with_holdout_and_bootstrap(tmp_path):
     points = chinchilla_points()
-    fit = scaling.fit(points, holdout="largest", bootstrap=4)
+    fit = scaling.fit(points, holdout="largest", bootstrap=6)
     paths = plots.plot_all(points, fit, tmp_path / "plots")
     assert_pngs(paths, ["loss_vs_compute.png", "residuals.png", "holdout.png"])
 

@@ -346,6 +346,18 @@ def test_a_bootstrap_whose_refits_mostly_fail_gives_way_to_the_curvature():
     assert np.isfinite([low, high]).all() and low < high
 
 
+def test_too_few_bootstrap_refits_give_no_interval():
+    """A 95% interval from 1-5 refits may miss the fit itself (1 refit: [x, x]): such a count
+    is refused, and where failures leave fewer than 6 converged, the curvature stands in."""
+    points = curves(seed=1)
+    for b in (1, 5):
+        with pytest.raises(FitError, match=f"bootstrap={b}; expected 0 .* or at least 6"):
+            fit(points, bootstrap=b)
+    boot = fit(points, bootstrap=8).bootstrap
+    assert boot.usable
+    assert not replace(boot, failed=2, not_converged=1).usable  # 5 of 8 converged
+
+
 def test_points_weighted_by_the_noise_trend_predict_better_and_still_cover():
     """Where the noise varies 8x over the points, weighting each by its noise brings the
     held-out ARE of 30 simulated studies well down (measured 0.35% against 0.59% unweighted;
@@ -792,8 +804,8 @@ def test_bootstrap_resamples_runs_and_brackets_the_truth(boot_fit, monkeypatch):
         return drawn[-1][1]
 
     monkeypatch.setattr(scaling, "resample_runs", recording)
-    fit(curves(steps=2), "kaplan", bootstrap=3)  # any law: this checks the wiring
-    assert len(drawn) == 3
+    fit(curves(steps=2), "kaplan", bootstrap=6)  # any law: this checks the wiring
+    assert len(drawn) == 6
     for run, idx in drawn:
         counts = {r: np.sum(run == r) for r in np.unique(run)}
         assert all(np.sum(run[idx] == r) % counts[r] == 0 for r in counts)

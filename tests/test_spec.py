@@ -219,7 +219,7 @@ def test_a_frontier_law_plans_on_every_point_that_may_reach_its_envelope(tmp_pat
     """kaplan fits the compute-efficient envelope, which the losses decide: before training,
     every planned point may be on it (a placeholder loss equal everywhere left one point, and
     refused every kaplan sweep); a design with too few compute values is still refused."""
-    fit = {"law": "kaplan", "bootstrap": 5, "min_tokens_per_param": 0}
+    fit = {"law": "kaplan", "bootstrap": 6, "min_tokens_per_param": 0}
     trials = spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path, fit=fit)))
     assert len({t.facts()["flops"] for t in trials if t.role == "fit"}) == 9
     one_budget = spec_file(tmp_path, fit=fit, sizes=SIZES[:1], tokens=[5120],
@@ -247,6 +247,7 @@ def test_trials_whose_mesh_does_not_fit_a_workers_devices_are_refused_before_any
     ({"sizes": SIZES + [SIZES[1]]}, r"sizes\[3\] repeats an earlier size"),
     ({"seeds": 2}, r"seeds=2 has the wrong type; expected a list, e.g. \[0, 1\]"),
     ({"fit": {"bootstrap": -5}}, r"fit.bootstrap=-5 is not valid"),
+    ({"fit": {"bootstrap": 3}}, r"fit.bootstrap=3 is not valid.* or >= 6 refits"),
     ({"fit": {"min_tokens_per_param": -1}}, r"fit.min_tokens_per_param=-1.0 is not valid"),
     ({"fit": {"max_noise": -0.1}}, r"fit.max_noise=-0.1 is not valid"),
     ({"fit": {"drop_early": 1.0}}, r"fit.drop_early=1.0 is not valid"),
