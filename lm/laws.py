@@ -355,6 +355,7 @@ class Law:
     # points of models that saw fewer tokens per parameter are not fitted unless told
     # otherwise: the transient of early training, not the law
     min_tokens_per_param: float = 1.0
+    theta_names: tuple[str, ...] | None = None  # what each of theta is, where not `names`
 
 
 _LAWS = {
@@ -364,7 +365,8 @@ _LAWS = {
     "kaplan-nd": Law("L = E + ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D",
                      ("E", "N_c", "D_c", "alpha_N", "alpha_D"), _check_nd("kaplan-nd"),
                      _inputs_chinchilla, _from_theta_kaplan_nd, _to_theta_kaplan_nd,
-                     _kaplan_nd_loss, outer=True),
+                     _kaplan_nd_loss, outer=True,
+                     theta_names=("E", "N_c", "D_c", "alpha_N/alpha_D", "", "alpha_D")),
     "kaplan": Law("L = E + (C0/C)^alpha", ("E", "C0", "alpha"), _check_kaplan,
                   _inputs_kaplan, _from_theta_kaplan, _to_theta_kaplan, _kaplan_loss,
                   frontier=True),
@@ -407,6 +409,20 @@ def power_fit(points: Points, law: Law, delta: float, noise: Noise | None,
     extra = [] if start is None else [centre(law.to_theta(start), mu)]
     theta, objective, ok = _solve(p, extra)
     return law.from_theta(uncentre(theta, mu)), objective, ok
+
+
+def at_bounds(law: Law, params: Mapping[str, float], points: Points) -> list[str]:
+    """The parameters of `law` fitted to `points` that the fit's search left at a bound: an
+    exponent at 0 or at its ceiling, a term's level at its floor (the term vanished). The data
+    did not pin the law's shape down there, whatever the optimiser reports. E is left to the
+    profile of its likelihood (`Identifiability`), which says what the data allow."""
+    p, mu = problem(law, points, math.inf)
+    theta = centre(law.to_theta(params), mu)
+    names = law.theta_names or law.names
+    margin = 1e-6 * np.diff(p.bounds()).ravel()  # of each one's range: L-BFGS-B stops on it
+    lo, hi = np.array(p.bounds()).T + [margin, -margin]
+    return [names[i] for i in range(1, len(theta))
+            if margin[i] > 0 and not lo[i] < theta[i] < hi[i]]
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ import threadpoolctl
 from scipy.optimize import brentq
 
 from lm.errors import FitError, listed
-from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, by_name,
-                     centre, descend, flops_per_token, isoflop, power_fit, problem, uncentre)
+from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, at_bounds,
+                     by_name, centre, descend, flops_per_token, isoflop, power_fit, problem,
+                     uncentre)
 from lm.noise import Noise, residual_noise, seed_noise
 from lm.points import Points, budget_labels, resample_runs
 
@@ -826,6 +827,11 @@ def _warnings(fit: Fit, train: Points) -> list[str]:
     if few:
         out.append(f"only {' and '.join(few)}: fewer than 4 cannot test the law's shape; add "
                    "sizes or budgets")
+    if by_name(fit.law).inputs is not None and (pinned := at_bounds(by_name(fit.law),
+                                                                     fit.params, train)):
+        out.append(f"{listed(pinned)} at a bound of the fit's search: the data do not pin the "
+                   "law's shape down there, and predictions rest on where the search stopped; "
+                   "add sizes or budgets over a wider range, or try another law")
     ident = fit.identifiability
     if ident and not ident.identified and fit.laplace is not None:
         out.append("intervals from the fit's curvature understate the law's uncertainty when E "

@@ -38,6 +38,23 @@ def test_a_power_fit_of_exact_losses_recovers_the_law(law, truth):
     assert params == pytest.approx(truth, rel=1e-4)
 
 
+def test_parameters_at_a_bound_of_the_search_are_named():
+    """An exponent at 0 or its ceiling, or a term whose level sits at the floor (it vanished):
+    the data did not pin the shape down. E is judged by its profile, not here; a parameter
+    that the law fixes (kaplan-nd's D exponent) is never at a bound."""
+    chinchilla, kaplan_nd = laws.by_name("chinchilla"), laws.by_name("kaplan-nd")
+    points = grid_points("chinchilla", CHINCHILLA)
+    assert laws.at_bounds(chinchilla, CHINCHILLA, points) == []
+    assert laws.at_bounds(chinchilla, {**CHINCHILLA, "E": 0.0}, points) == []
+    steep = {**CHINCHILLA, "A": 400 * 1e7 ** (4 - 0.34), "alpha": 4.0}  # as large at N = 1e7
+    assert laws.at_bounds(chinchilla, steep, points) == ["alpha"]
+    assert laws.at_bounds(chinchilla, {**CHINCHILLA, "B": 1e-30, "alpha": 0.0}, points) == [
+        "B", "alpha"]
+    assert laws.at_bounds(kaplan_nd, KAPLAN_ND, points) == []
+    assert laws.at_bounds(kaplan_nd, {**KAPLAN_ND, "alpha_N": 4 * 0.3}, points) == [
+        "alpha_N/alpha_D"]
+
+
 def test_converged_means_the_tolerance_was_met():
     points = Points(params=[1e6, 2e6, 4e6], tokens=[1e8, 3e8, 5e8], loss=[3.0, 2.8, 2.7])
     p, _ = laws.problem(laws.by_name("chinchilla"), points, 0.01)

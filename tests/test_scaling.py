@@ -346,6 +346,20 @@ def test_a_bootstrap_whose_refits_mostly_fail_gives_way_to_the_curvature():
     assert np.isfinite([low, high]).all() and low < high
 
 
+def test_a_fit_that_stops_at_a_bound_of_its_search_says_so():
+    """Losses that fall a step past the smallest size and then not at all with N: kaplan-nd's
+    N exponent runs to its ceiling, a shape no data pinned down. A smooth law's fit is not
+    warned."""
+    rng = np.random.default_rng(0)
+    rows = [{"params": n, "tokens": d, "run": f"{n:.3g}-{d:.3g}", "loss": (
+        2 + 400 * d ** -0.3 + 0.5 * (n == 1e6)) * np.exp(0.002 * rng.standard_normal())}
+        for n in (1e6, 3e6, 1e7, 3e7) for d in (2e7, 6e7, 2e8, 6e8)]
+    result = fit(Points.from_rows(rows), "kaplan-nd")
+    assert any(w.startswith("alpha_N/alpha_D at a bound of the fit's search")
+               for w in result.warnings)
+    assert not any("bound of the fit" in w for w in fit(curves(seed=1)).warnings)
+
+
 def test_too_few_bootstrap_refits_give_no_interval():
     """A 95% interval from 1-5 refits may miss the fit itself (1 refit: [x, x]): such a count
     is refused, and where failures leave fewer than 6 converged, the curvature stands in."""
