@@ -204,7 +204,7 @@ def cmd_sweep(args) -> int:
     if args.json and not args.status:
         raise ConfigError("--json is --status's output; give --status --json")
     if args.plan:
-        print(runner.plan_text(spec, args.cpu_devices, o))
+        print(runner.plan_text(spec, args.cpu_devices, o, args.store))
     elif args.status:
         rows = runner.status(spec, args.store, o)
         print(json.dumps(rows) if args.json else runner.status_text(spec, args.store, o))

@@ -97,17 +97,21 @@ def _trained(spec: SweepSpec) -> list[str]:
     return sorted(p.parent.name for p in (spec.path / "trials").glob("*/config.yaml"))
 
 
-def _open_store(spec: SweepSpec, url: str, again: str, wait: float = 0.0) -> Store:
-    """The sweep's store, for a runner or a worker. Refused: one that holds another sweep, and
-    one new to a sweep that has trained (a mistyped --store), which would otherwise record
-    every trial done again from its run directory, in a store of its own. `again`: the
-    command that ran the sweep, for the hint."""
+def _open_store(spec: SweepSpec, url: str, again: str, wait: float = 0.0,
+                create: bool = True) -> Store | None:
+    """The sweep's store, for a runner or a worker (None: a SQLite file not there, unless
+    `create`). Refused: one that holds another sweep, and one new to a sweep that has trained
+    (a mistyped --store), which would otherwise record every trial done again from its run
+    directory, in a store of its own. `again`: the command that ran the sweep, for the hint."""
     why = (f"sweep {spec.name!r} has trained in {spec.path} ({_count(_trained(spec))} with a "
            f"run directory), but {url} holds no sweep: give the store it ran with (--store; by "
            f"default {spec.path / SQLITE}), or, if that store is lost, rebuild it from the run "
            f"directories: `{again} --rebuild-store`")
-    if not is_postgres(url) and not Path(url).exists() and _trained(spec):
-        raise StoreError(why)  # before the file is created
+    if not is_postgres(url) and not Path(url).exists():
+        if _trained(spec):
+            raise StoreError(why)  # before the file is created
+        if not create:
+            return None
     store = Store(url, wait=wait)
     if store.check_sweep(spec.name) is None and _trained(spec):
         raise StoreError(why)
@@ -792,8 +796,14 @@ def _print_summary(spec, fit, prior, error, timing) -> None:
 # --------------------------------------------------------------------------- plan, status
 
 
-def plan_text(spec_path: str | Path, cpu_devices: int | None = None, overrides=()) -> str:
+def plan_text(spec_path: str | Path, cpu_devices: int | None = None, overrides=(),
+              url: str | None = None) -> str:
+    """The trials, their FLOPs and estimated time, once the plan is checked as the run would
+    check it, against the sweep's store too where it has one."""
     spec, trials = planned(spec_path, cpu_devices, overrides)
+    again = invocation(spec_path, overrides, url, cpu_devices)
+    if (store := _open_store(spec, store_url(spec, url), again, create=False)) is not None:
+        store.check_plan(spec.name, trials)
     return spec_lib.plan_text(spec, trials, flops.numpy_matmul_flops_per_s())
 
 

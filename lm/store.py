@@ -360,52 +360,63 @@ class Store:
         return _check_held(self.path, self._get("name"), name)
 
     @_surviving
+    def check_plan(self, name: str, trials: list[Trial], digest: str | None = None) -> None:
+        """Refuse, writing nothing, a plan the store cannot take: a store holding another
+        sweep; with a `digest`, a plan other than the store's (a worker started with another
+        spec; a runner may replan); a trial whose config or role changed under its name; a
+        held-out run that the registered prediction does not hold."""
+        held = self.check_sweep(name)
+        if held is not None and digest is not None and self._get("plan") != digest:
+            raise StoreError(f"{self.path} holds sweep {name!r} as planned by another spec: "
+                             "start every worker with the spec the sweep was started with "
+                             "(the sweep directory's sweep.yaml)")
+        prediction = self.prediction()
+        if prediction is not None and "failed" not in prediction and (new := sorted(
+                {t.name for t in trials if t.role == "holdout"}
+                - {r["run"] for r in prediction.get("runs", [])})):
+            raise ConfigError(
+                f"held-out run {listed(new)} is not in the prediction registered in "
+                f"{self.path}, which is never edited: it would train unpredicted. Hold it "
+                "out in a sweep of its own (a new `dir`), or take it out of the spec")
+        for t in trials:
+            old = self.db.execute("SELECT config, role FROM trials WHERE name=?",
+                                  (t.name,)).fetchone()
+            if old is not None and (not same_config(old["config"], t.cfg)
+                                    or old["role"] != t.role):
+                raise ConfigError(
+                    f"trial {t.name} in {self.path} was planned with another config or "
+                    f"role ({old['role']}); the spec changed under an existing sweep: use a "
+                    "new `dir` (or name)")
+
+    @_surviving
     def sync(self, name: str, digest: str, trials: list[Trial], replan: bool = False) -> None:
         """Open the store for sweep `name` as planned (`digest` of its plan): record new trials,
-        in one transaction. Refused: a store holding another sweep; a trial whose config changed
-        under the same name; and, unless `replan` (the runner, after an edit of the spec), a
-        plan other than the store's (a worker started with another spec). Held-out trials wait
-        ('blocked') until the prediction is registered."""
+        in one transaction, once `check_plan` (with the digest unless `replan`, the runner after
+        an edit of the spec) passes them. Held-out trials wait ('blocked') until the
+        prediction is registered."""
         with self.db.transaction():
-            held = self.check_sweep(name)
-            if held is not None and self._get("plan") != digest and not replan:
-                raise StoreError(f"{self.path} holds sweep {name!r} as planned by another spec: "
-                                 "start every worker with the spec the sweep was started with "
-                                 "(the sweep directory's sweep.yaml)")
+            self.check_plan(name, trials, None if replan else digest)
             self._set("name", name)
             self._set("plan", digest)
-            prediction = self.prediction()
-            registered = prediction is not None
-            if registered and "failed" not in prediction and (new := sorted(
-                    {t.name for t in trials if t.role == "holdout"}
-                    - {r["run"] for r in prediction.get("runs", [])})):
-                raise ConfigError(
-                    f"held-out run {listed(new)} is not in the prediction registered in "
-                    f"{self.path}, which is never edited: it would train unpredicted. Hold it "
-                    "out in a sweep of its own (a new `dir`), or take it out of the spec")
+            registered = self.prediction() is not None
             if not registered:  # a store of an older lm let them start before registration
                 self.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout' AND "
                                 "status='pending'")
+            have = {r["name"] for r in self.db.execute("SELECT name FROM trials")}
             for t in trials:
-                old = self.db.execute("SELECT config, role FROM trials WHERE name=?",
-                                      (t.name,)).fetchone()
-                if old is None:
-                    facts = t.facts()
-                    self.db.execute(
-                        "INSERT INTO trials (name, role, config, status, params, "
-                        "params_non_embedding, tokens, flops_per_token, flops, flops_6nd, "
-                        "spent_flops, parent, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                        "?, ?)",
-                        (t.name, t.role, _config_json(t.cfg),
-                         "blocked" if t.role == "holdout" and not registered else "pending",
-                         facts["params"], facts["params_non_embedding"], facts["tokens"],
-                         facts["flops_per_token"], facts["flops"], facts["flops_6nd"],
-                         facts["spent_flops"], t.parent, time.time()))
-                elif not same_config(old["config"], t.cfg) or old["role"] != t.role:
-                    raise ConfigError(
-                        f"trial {t.name} in {self.path} was planned with another config or "
-                        f"role ({old['role']}); the spec changed under an existing sweep: use a "
-                        "new `dir` (or name)")
+                if t.name in have:
+                    continue
+                facts = t.facts()
+                self.db.execute(
+                    "INSERT INTO trials (name, role, config, status, params, "
+                    "params_non_embedding, tokens, flops_per_token, flops, flops_6nd, "
+                    "spent_flops, parent, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?)",
+                    (t.name, t.role, _config_json(t.cfg),
+                     "blocked" if t.role == "holdout" and not registered else "pending",
+                     facts["params"], facts["params_non_embedding"], facts["tokens"],
+                     facts["flops_per_token"], facts["flops"], facts["flops_6nd"],
+                     facts["spent_flops"], t.parent, time.time()))
 
     # ----------------------------------------------------------------------- workers
 

@@ -374,6 +374,25 @@ def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, 
     assert (sweep_dir / "report.md").read_bytes() == report
 
 
+def test_the_plan_is_refused_where_the_run_would_be(finished, tmp_path):
+    """--plan checks a spec against the sweep's store as the run does, writing nothing."""
+    path, _, _ = finished
+    spec = yaml.safe_load(path.read_text())
+    store = path.parent / "sweep" / "store.sqlite"
+    before = store.read_bytes()
+    out = lm("sweep", "--plan", str(path), "--cpu-devices", "1")
+    assert out.returncode == 0 and "FLOPs" in out.stdout, out.stderr[-2000:]
+    for changes, message in [({"name": "other"}, "holds sweep 't', not 'other'"),
+                             ({"holdout": {**spec["holdout"], "tokens": 65536}},
+                              "is not in the prediction registered"),
+                             ({"recipe": {**spec["recipe"], "lr": 2e-2}},
+                              "was planned with another config")]:
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({**spec, **changes}))
+        out = lm("sweep", "--plan", str(tmp_path / "s.yaml"), "--cpu-devices", "1")
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert store.read_bytes() == before
+
+
 def test_a_url_of_another_scheme_is_refused_not_taken_for_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = spec_file(tmp_path)
