@@ -167,12 +167,35 @@ def bind_data(run_dir: Path, identity: dict, *, training: bool, writes: bool = T
         tmp.replace(path)
 
 
+# What a trained run's parameters mean: its architecture and the tokenizer of its embeddings.
+ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "mlp",
+                "tie_embeddings", "qk_norm", "parametrization", "base_width")
+
+
+def _as_trained(cfg: Config) -> dict:
+    return {**{f"model.{k}": getattr(cfg.model, k) for k in ARCHITECTURE},
+            "data.vocab_size": cfg.vocab_size, "data.tokenizer": cfg.data.tokenizer,
+            "data.tokenizer_sample_bytes": cfg.data.tokenizer_sample_bytes}
+
+
 def load_config(run_dir: str | Path, overrides=()) -> Config:
+    """A trained run's config, with `overrides` of how to use it (mesh, evaluation, data to
+    read). An override of what it was trained as is refused before anything is prepared: it
+    would restore the parameters into another model, or train another tokenizer for its
+    embeddings and then blame the data."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise CheckpointError(
             f"{run_dir} is not a run directory (no config.yaml); give the train.run_dir of a run")
-    return config_lib.load(path, list(overrides))
+    trained, cfg = config_lib.load(path), config_lib.load(path, list(overrides))
+    was, now = _as_trained(trained), _as_trained(cfg)
+    if changed := [k for k in was if now[k] != was[k]]:
+        raise ConfigError(
+            f"{run_dir} was trained with {', '.join(f'{k}={was[k]}' for k in changed)}, and "
+            f"its checkpoints hold that model: drop the override{'s' * (len(changed) > 1)} "
+            f"({', '.join(f'{k}={now[k]}' for k in changed)}). To evaluate on other text, "
+            "give data.val_source or data.val_sets")
+    return cfg
 
 
 def read_rows(path: Path) -> list[dict]:

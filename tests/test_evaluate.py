@@ -69,6 +69,15 @@ def test_eval_rows_count_the_tokens_the_run_trained_on_whatever_the_overrides(tm
     for overrides in (["eval.batch_size=6", "mesh.data=3"], ["train.batch_size=6", "mesh.data=3"]):
         (row,) = evaluate.evaluate_run(run, overrides, devices=jax.devices()[:3])
         assert row["step"] == 4 and row["tokens"] == 4 * 8 * 32  # steps x batch x context
+    # what it was trained as is not an override's: refused before any data is prepared
+    with pytest.raises(ConfigError, match=r"trained with model.n_layers=2, data.vocab_size=128, "
+                                          r".* drop the overrides \(model.n_layers=3, "
+                                          r"data.vocab_size=100\)"):
+        evaluate.evaluate_run(run, ["data.vocab_size=100", "model.n_layers=3"])
+    for command in (["sample", str(run), "--prompt", "x"], ["export", str(run), "--out",
+                                                            str(tmp_path / "hf")]):
+        assert cli.main([*command, "data.tokenizer=unigram"]) == 2
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_sample_fills_the_trained_length_by_default_and_never_the_context_beyond():
