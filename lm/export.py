@@ -199,20 +199,28 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, ove
     check_mappable(cfg.model)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not an empty directory; give a new one")
-    try:  # before the restore: an empty directory is all a later failure leaves
+    created = not out.exists()
+    try:  # before the restore: a directory this user cannot write fails first
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out} cannot be created ({e.strerror}); give a directory "
                           "this user can write") from None
-    params, step = restored_params(run_dir, cfg, step)
-    # the tokenizer (synthetic tokens have none), found or prepared before anything is written
-    dataset = None if cfg.data.source == "synthetic" else corpus.prepare(cfg, validation=False)
-    rundir.bind_data(run_dir, corpus.identity(cfg), training=False)
-    files = write_tokenizer(dataset, cfg.model.context, out) if dataset else []
-    (out / "config.json").write_text(
-        json.dumps(hf_config(cfg.model, corpus.EOD_ID if dataset else None), indent=1))
-    files += ["config.json", *write_weights(hf_tensors(cfg.model, params), out,
-                                            max_shard_gb * 1e9)]
+    try:
+        params, step = restored_params(run_dir, cfg, step)
+        # the tokenizer (synthetic tokens have none), found or prepared before anything is written
+        dataset = None if cfg.data.source == "synthetic" else corpus.prepare(cfg, validation=False)
+        rundir.bind_data(run_dir, corpus.identity(cfg), training=False)
+        files = write_tokenizer(dataset, cfg.model.context, out) if dataset else []
+        (out / "config.json").write_text(
+            json.dumps(hf_config(cfg.model, corpus.EOD_ID if dataset else None), indent=1))
+        files += ["config.json", *write_weights(hf_tensors(cfg.model, params), out,
+                                                max_shard_gb * 1e9)]
+    except BaseException:  # out was empty: leave it so, or as absent as it was
+        for path in out.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if created:
+            out.rmdir()
+        raise
     return {"step": step, "out": str(out), "files": files, "tokenizer": dataset is not None,
             "architecture": architecture(cfg.model)[0],
             "parameters": sum(w.size for w in params.values())}

@@ -113,6 +113,11 @@ def test_a_missing_step_or_a_used_directory_is_refused(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "run"), "--step", "9", "--out",
                      str(tmp_path / "hf")]) == 2
     assert "no checkpoint at step 9 in" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()  # a failed export leaves no directory it made...
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["export", str(tmp_path / "run"), "--step", "9", "--out",
+                     str(tmp_path / "empty")]) == 2
+    assert not any((tmp_path / "empty").iterdir())  # ...and one it was given as it was
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("")
     assert cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "used")]) == 2
