@@ -43,8 +43,8 @@ from lm.noise import Noise, noise_by_budget, noise_by_size
 from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
-from lm.store import (FINAL, RECONNECT_S, SQLITE, Store, check_sweep_file, is_postgres,
-                      same_config, worker_name)
+from lm.store import (FINAL, RECONNECT_S, SQLITE, Store, check_sweep_file, intact_trials,
+                      is_postgres, same_config, worker_name)
 
 log = logging.getLogger("lm.sweep")
 PREDICTION = "prediction.json"
@@ -877,6 +877,12 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
         _registered_file(spec.path / PREDICTION)  # damaged: said before anything is moved
         if path.exists():
             check_sweep_file(path, spec.name)
+            if n := intact_trials(path, spec.name):
+                raise StoreError(
+                    f"{path} is intact (it reads whole and holds sweep {spec.name!r}'s {n} "
+                    f"trial{'s' * (n != 1)}): --rebuild-store mends a damaged or lost store, and "
+                    "would drop what only the store holds (the time each `lm sweep` took, each "
+                    "trial's attempts). To rebuild it anyway, move it away first")
             for suffix in ("", "-journal", "-wal", "-shm"):  # a journal goes with its file
                 if (side := path.with_name(path.name + suffix)).exists():
                     side.rename(aside.with_name(aside.name + suffix))

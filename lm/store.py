@@ -254,6 +254,20 @@ def check_sweep_file(path: Path, name: str) -> None:
     _check_held(str(path), row and row[0], name)
 
 
+def intact_trials(path: Path, name: str) -> int:
+    """How many trials of sweep `name` the SQLite store `path` holds, if it reads whole (by
+    SQLite's quick_check); 0 if it is damaged, empty, holds another sweep or is not a store."""
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
+            if con.execute("PRAGMA quick_check").fetchone() != ("ok",):
+                return 0
+            row = con.execute("SELECT value FROM sweep WHERE key = 'name'").fetchone()
+            return con.execute("SELECT count(*) FROM trials").fetchone()[0] \
+                if row == (name,) else 0
+    except sqlite3.Error:
+        return 0
+
+
 # --------------------------------------------------------------------------- the store
 
 

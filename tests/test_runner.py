@@ -430,6 +430,12 @@ def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path)
         path.parent / "sweep" / "store.sqlite")
     assert Store(sweep_dir / "store.sqlite").prediction() is not None  # from prediction.json
     assert list(sweep_dir.glob("store.sqlite.damaged-*"))
+    rebuilt = (sweep_dir / "store.sqlite").read_bytes()  # intact now: nothing to mend
+    out = lm("sweep", str(tmp_path / "s.yaml"), "--rebuild-store")
+    assert out.returncode == 2 and "is intact (it reads whole and holds sweep 't''s 17 " \
+        "trials)" in out.stderr and "move it away first" in out.stderr, out.stderr[-2000:]
+    assert (sweep_dir / "store.sqlite").read_bytes() == rebuilt
+    assert len(list(sweep_dir.glob("store.sqlite.damaged-*"))) == 1
 
 
 def test_a_fit_that_fails_registers_nothing_and_the_held_out_runs_wait(tmp_path, monkeypatch):

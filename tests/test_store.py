@@ -12,7 +12,7 @@ import pytest
 
 from lm import config, spec as spec_lib
 from lm.errors import ConfigError, FitError, StoreError
-from lm.store import MAX_FAILURES, Store, check_sweep_file, load_points
+from lm.store import MAX_FAILURES, Store, check_sweep_file, intact_trials, load_points
 
 from sweeps import spec_file
 
@@ -177,6 +177,9 @@ def test_checking_a_file_s_sweep_changes_no_byte_of_it(tmp_path, trials):
     check_sweep_file(theirs, "theirs")
     with pytest.raises(StoreError, match="holds sweep 'theirs', not 't'"):
         check_sweep_file(theirs, "t")
+    # what a rebuild would mend: not an intact store of the sweep's own
+    assert [intact_trials(p, "theirs") for p in (old, garbage, theirs)] == [0, 0, len(trials)]
+    assert intact_trials(theirs, "t") == 0
     assert {p: p.read_bytes() for p in before} == before
 
 
