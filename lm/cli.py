@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -350,6 +351,13 @@ def cmd_predict(args) -> int:
     if 1 < reach < float("inf"):
         print(f"up to {reach:.3g}x the largest fitting run's compute ({fit.max_fit_flops:.3g} "
               "FLOPs): the farther, the more it rests on the law's form")
+    if fit.allocation.note == scaling.ONE_LADDER and args.params is not None:
+        off = scaling.off_ladder(fit, args.params, args.tokens)
+        where = "" if off is None else (
+            f": D={args.tokens:g} is {off:.3g}x the D that line gives for "
+            f"N={args.params:g}, " + ("off it" if abs(math.log(off)) > scaling.ND_SPREAD_MIN
+                                      else "on it"))
+        print(f"WARNING {scaling.ONE_LADDER}; predictions hold along that line only{where}")
     if fit.law == "kaplan" and args.params is not None:
         print("kaplan's L(C) is the compute-efficient frontier: the loss above is the best a run "
               "of this compute reaches, not this N and D's")

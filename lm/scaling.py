@@ -156,6 +156,8 @@ class Allocation:
     params: dict[str, float] | None = None  # {"coef", "exponent"}
     tokens: dict[str, float] | None = None
     examples: tuple[dict[str, float], ...] = ()
+    # runs on one line only (ONE_LADDER): that line, D = coef * N^exponent
+    ladder: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -655,7 +657,9 @@ def _allocation(fit: Fit, train: Points) -> Allocation:
         return Allocation(False, "loss against compute alone does not say how to split it into "
                                  "N and D")
     if _nd_spread(train) < ND_SPREAD_MIN:
-        return Allocation(False, ONE_LADDER)
+        exponent, log_coef = np.polyfit(np.log(train.params), np.log(train.tokens), 1)
+        return Allocation(False, ONE_LADDER,
+                          ladder={"coef": float(np.exp(log_coef)), "exponent": float(exponent)})
     k_n, a, k_d, b = map(float, coefs)
     if not all(np.isfinite([k_n, a, k_d, b])) or min(k_n, k_d) <= 0:
         exponents = ", ".join(f"{k} {v:.3g}" for k, v in fit.params.items() if "alpha" in k
@@ -891,6 +895,16 @@ def _positive_array(value: Any, name: str) -> np.ndarray:
     if not x.size or not np.all(np.isfinite(x) & (x > 0)):
         raise FitError(f"{name}={value!r}; expected positive finite number(s)")
     return x
+
+
+def off_ladder(fit: Fit, params: float, tokens: float) -> float | None:
+    """How far a run of N `params` and D `tokens` lies off the one line in log N and log D
+    that the fit's runs moved along, as the factor D / D on the line (None: the runs did not,
+    or an older fit.json does not say). Off it, the fit cannot tell N's effect from D's, so
+    its intervals do not hold there."""
+    if (ladder := fit.allocation.ladder) is None:
+        return None
+    return tokens / (ladder["coef"] * params ** ladder["exponent"])
 
 
 def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:

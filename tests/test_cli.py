@@ -212,3 +212,24 @@ def test_predict_refuses_what_cannot_be_a_run_and_reads_a_registration(tmp_path,
     assert out.startswith(f"the fit registered in {registered}") and out.endswith(direct)
     assert cli.main(["sweep", str(path), "--json"]) == 2
     assert "--json is --status's output" in capsys.readouterr().err
+
+
+def test_predict_off_a_one_ladder_fit_s_line_says_so(tmp_path, capsys):
+    """Runs at one tokens-per-parameter ratio pin the loss along that line only: a query says
+    how far off the line it lies, and the fit's warning, on it or off."""
+    rows = [{"run": f"n{n:g}", "params": n, "tokens": 20 * n,
+             "loss": 1.8 + 400 * n ** -0.34 + 1500 * (20 * n) ** -0.3}
+            for n in (1e6, 3e6, 1e7, 3e7, 1e8)]
+    points = tmp_path / "points.csv"
+    with open(points, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fit_json = tmp_path / "fit.json"
+    assert cli.main(["fit", str(points), "--bootstrap", "0", "--out", str(fit_json)]) == 0
+    for tokens, where in (("4e9", "is 1x the D that line gives for N=2e+08, on it"),
+                          ("4e10", "is 10x the D that line gives for N=2e+08, off it")):
+        capsys.readouterr()
+        assert cli.main(["predict", str(fit_json), "--params", "2e8", "--tokens", tokens]) == 0
+        out = capsys.readouterr().out
+        assert "WARNING N and D moved together in the fitted runs" in out and where in out
