@@ -379,7 +379,8 @@ def _at_least(kind: type, low: float, high: float = float("inf")):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not low <= value <= high:  # also refuses nan
             span = f">= {low}" if high == float("inf") else f"from {low} to {high}"
             raise argparse.ArgumentTypeError(f"{text} is not a number {span}")

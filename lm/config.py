@@ -288,12 +288,19 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         try:
             value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text  # not YAML (e.g. `a,b`): the type check decides
+        except yaml.YAMLError as e:
+            value = _NotYAML(text)  # a string to a str key (a glob); the type check decides
+            value.problem = str(getattr(e, "problem", None) or e)
         for part in reversed(key.split(".")):
             value = {part: value}
         _merge_override(tree, value, item)
     return tree
+
+
+class _NotYAML(str):
+    """An override's text that YAML could not read (`problem`: why), taken as a string."""
+
+    problem = ""
 
 
 def _merge_override(tree: dict, update: dict, item: str, prefix: str = "") -> None:
@@ -378,16 +385,20 @@ def _coerce(value, kind, key: str):
     if kind is float and not isinstance(value, bool):
         try:  # YAML reads `1e-3` as a string
             out = float(value)
-            if math.isfinite(out):
-                return out
         except (TypeError, ValueError):
             pass
+        else:
+            if not math.isfinite(out):
+                raise ConfigError(f"{key}={value!r} is not valid: a finite number")
+            return out
     if kind is str and isinstance(value, str):
         return value
     expected = f"a list, e.g. [{_example(args[0])}]" if origin is tuple else getattr(
         kind, "__name__", kind)
     quote = (f" (YAML read the value as a {type(value).__name__}: quote it)"
-             if kind is str and isinstance(value, (int, float, bool, datetime.date)) else "")
+             if kind is str and isinstance(value, (int, float, bool, datetime.date)) else
+             f" (nor is it YAML: {value.problem}; check its brackets and quotes)"
+             if isinstance(value, _NotYAML) else "")
     raise ConfigError(f"{key}={value!r} has the wrong type; expected {expected}{quote}")
 
 
@@ -434,6 +445,8 @@ def _check_model(cfg: Config) -> None:
 
 def _check_data(cfg: Config) -> None:
     d = cfg.data
+    _require(d.vocab_size is None or d.vocab_size > 0, "data.vocab_size", d.vocab_size,
+             "must be positive (or null: model.vocab_size)")
     _require(d.source.strip(" ,") != "", "data.source", d.source,
              "give synthetic, default, or comma-separated files/globs")
     _require(d.source == "synthetic" or cfg.vocab_size > 258, "data.vocab_size", cfg.vocab_size,
@@ -514,10 +527,12 @@ def _check_saves_and_mesh(cfg: Config) -> None:
         _require(0 < step <= t.steps, "checkpoint.steps", list(cfg.checkpoint.steps),
                  f"must be steps within 1..train.steps={t.steps}")
     for section, keys in (("checkpoint", ("every_steps", "keep_every")),
-                          ("eval", ("every_steps", "log_points", "batch_size"))):
+                          ("eval", ("every_steps", "log_points"))):
         for key in keys:
             value = getattr(getattr(cfg, section), key)
             _require(value >= 0, f"{section}.{key}", value, "must be >= 0 (0: off)")
+    _require(cfg.eval.batch_size >= 0, "eval.batch_size", cfg.eval.batch_size,
+             "must be >= 0 (0: the training micro-batch)")
     _require(cfg.checkpoint.keep > 0, "checkpoint.keep", cfg.checkpoint.keep, "must be positive")
     mesh = cfg.mesh
     for key in ("replica", "data", "model"):

@@ -233,3 +233,15 @@ def test_predict_off_a_one_ladder_fit_s_line_says_so(tmp_path, capsys):
         assert cli.main(["predict", str(fit_json), "--params", "2e8", "--tokens", tokens]) == 0
         out = capsys.readouterr().out
         assert "WARNING N and D moved together in the fitted runs" in out and where in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "s.yaml", "--workers", "abc"], "--workers: 'abc' is not an integer"),
+    (["sweep", "s.yaml", "--workers", "0"], "--workers: 0 is not a number >= 1"),
+    (["fit", "p.csv", "--holdout-above", "x"], "--holdout-above: 'x' is not a number"),
+    (["sample", "run", "--seed", "-1"], "--seed: -1 is not a number from 0 to 4294967295"),
+])
+def test_a_number_option_says_what_it_takes(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err

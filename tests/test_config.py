@@ -63,6 +63,13 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.norm_eps=-1"], "model.norm_eps"), (["train.peak_flops=-1"], "train.peak_flops"),
     (["train.run_dir=2024-01-01"], "train.run_dir=datetime.date(2024, 1, 1) has the wrong "
                                    "type; expected str (YAML read the value as a date: quote it)"),
+    (["optim.lr=.inf"], "optim.lr=inf is not valid: a finite number"),
+    (["optim.lr=nan"], "optim.lr='nan' is not valid: a finite number"),
+    (["model.d_model=[64"], "model.d_model='[64' has the wrong type; expected int (nor is it "
+                            "YAML: expected ',' or ']'"),
+    (["data.vocab_size=0"], "data.vocab_size=0 is not valid: must be positive"),
+    (["eval.batch_size=-1"], "eval.batch_size=-1 is not valid: must be >= 0 (0: the training "
+                             "micro-batch)"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
