@@ -125,7 +125,7 @@ class Points:
         inv, _ = self._run_groups()
         keys = (self.step, self.tokens) + ((self.annealed,) if annealed else ()) + (inv,)
         order = np.lexsort(keys)
-        is_last = np.r_[inv[order][1:] != inv[order][:-1], True]
+        is_last = np.r_[inv[order][1:] != inv[order][:-1], True][:len(self)]
         mask = np.zeros(len(self), dtype=bool)
         mask[order[is_last]] = True
         return mask

@@ -144,7 +144,13 @@ def _fitting_points(spec: SweepSpec, store: Store, names) -> Points:
     counted as the spec says, without the sizes too noisy to fit."""
     f = spec.fit
     points = store.points_of(f.params, roles=("fit",), names=names, metric=f.metric)
-    noisy = too_noisy(spec, noise_by_size(_finals(points)))
+    noise = noise_by_size(_finals(points))
+    noisy = too_noisy(spec, noise)
+    if noisy and noisy >= set(points.params.tolist()):
+        least = min(noise[n].sigma for n in noisy)
+        raise FitError(f"every size's seeds spread by more than fit.max_noise={f.max_noise} "
+                       f"(the least by {least:.2%}), so none is left to fit; raise "
+                       "fit.max_noise, or add seeds")
     return points.select(~np.isin(points.params, list(noisy)))
 
 
@@ -531,11 +537,13 @@ def _supervise(spec_path, overrides, url: str, workers: int, cpu_devices: int | 
                     continue
                 dead = worker_name(p.pid)
                 back = store.reclaim(stale_s, dead_workers=[dead])
-                log.warning("sweep: worker %s ended with exit code %d%s", dead, p.returncode,
-                            f"; {', '.join(back)} back in the queue" if back else "")
+                refused = p.returncode == ConfigError.exit_code  # bad input: so would the next
+                if back or not refused:  # a refusal, the worker said why
+                    log.warning("sweep: worker %s ended with exit code %d%s", dead,
+                                p.returncode, f"; {', '.join(back)} back in the queue" if back
+                                else "")
                 pending = any(r["status"] not in FINAL for r in store.trials()
                               if r["name"] in names)
-                refused = p.returncode == ConfigError.exit_code  # bad input: so would the next
                 if pending and not refused and restarts < 2 * workers:
                     restarts += 1
                     procs[i] = _spawn(spec_path, overrides, url, cpu_devices, stale_s)

@@ -438,10 +438,12 @@ def _fit(points: Points, law: str = "chinchilla", *,
                        "from")
     if loss not in ("huber", "lsq"):
         raise FitError(f"loss={loss!r}; expected huber or lsq")
+    if not len(points):
+        raise FitError("no points to fit")
     held = _holdout_runs(points, holdout, holdout_above)
     if held.size and spec.loss is None:
-        raise FitError(f"holdout needs a law that predicts loss "
-                       f"({', '.join(LOSS_LAWS)}), not {law}")
+        raise FitError(f"holdout needs a law that predicts loss ({', '.join(LOSS_LAWS)}), "
+                       f"not {law}: hold out none (lm fit --holdout none)")
     rest = points.select(~np.isin(points.run, held))
     if not len(rest):
         raise FitError(f"every one of the {len(held)} runs is held out (holdout, holdout_above);"
@@ -921,7 +923,7 @@ def predict(fit: Fit, *, params=None, tokens=None, flops=None) -> dict:
     if {"params", "tokens"} <= set(given):
         if law.loss is None:
             raise FitError(f"an {fit.law} fit gives the compute-optimal allocation, not a loss; "
-                           "call predict with flops= alone")
+                           "give flops alone (lm predict FIT --flops C)")
         n, d = np.broadcast_arrays(_positive_array(params, "params"),
                                    _positive_array(tokens, "tokens"))
         c = run_flops(fit, n, d) if flops is None else np.broadcast_to(

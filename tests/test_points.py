@@ -3,7 +3,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from lm import points
+from lm import points, scaling
+from lm.errors import FitError
 from lm.points import Points, load_csv
 
 
@@ -149,3 +150,10 @@ def test_from_rows_accepts_sqlite_rows():
     con.execute("insert into results values ('a', 100, 1e8, 1e9, 3.0)")
     points = Points.from_rows(con.execute("select * from results").fetchall())
     assert points.run.tolist() == ["a"] and points.step.tolist() == [100]
+
+
+def test_no_points_have_no_finals_and_no_fit():
+    none = Points(params=[], tokens=[], loss=[])
+    assert none.final_mask().shape == (0,) and none.final_mask(annealed=True).shape == (0,)
+    with pytest.raises(FitError, match="no points to fit"):
+        scaling.fit(none)

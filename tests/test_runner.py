@@ -393,6 +393,18 @@ def test_the_plan_is_refused_where_the_run_would_be(finished, tmp_path):
     assert store.read_bytes() == before
 
 
+def test_a_sweep_whose_every_size_is_too_noisy_to_fit_says_so(tmp_path):
+    """fit.max_noise below every size's spread leaves no point to fit: said as that (it was an
+    IndexError's traceback), with the least spread to set it by."""
+    path = finished_sweep(tmp_path, sizes=[{**s, "seeds": 2} for s in SIZES],
+                          fit={"bootstrap": 0, "min_tokens_per_param": 0, "max_noise": 1e-6})
+    spec = spec_lib.load_spec(path)
+    fitting = [t.name for t in spec_lib.plan(spec) if t.role == "fit"]
+    with pytest.raises(FitError, match=r"every size's seeds spread by more than fit.max_noise="
+                                       r"1e-06 \(the least by [\d.]+%\), so none is left"):
+        runner._fitting_points(spec, Store(spec.path / "store.sqlite"), fitting)
+
+
 def test_a_url_of_another_scheme_is_refused_not_taken_for_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = spec_file(tmp_path)
