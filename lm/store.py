@@ -705,6 +705,9 @@ def load_points(source: str | Path, ignore_columns: bool = False, metric: str = 
         if params == "non_embedding":
             raise FitError(f"{source}: a CSV's params column is its N; count N without the "
                            "embeddings there, not with --params non_embedding")
+        if metric != "val":
+            raise FitError(f"{source}: a CSV has one loss column, its loss; --metric {metric} "
+                           "picks a sweep's validation set")
         # C / 6D, rounded so that the rows of one model agree exactly (and where the CSV has
         # no flops column, they are 6ND and N stays as it is)
         return (dataclasses.replace(points, params=np.round(points.flops / (6 * points.tokens)))

@@ -789,7 +789,8 @@ def test_holdout_ties_explicit_ids_and_errors():
         fit(points, holdout=["nope"])
     with pytest.raises(ValueError, match="expected None, 'largest'"):
         fit(points, holdout="smallest")
-    with pytest.raises(ValueError, match="holdout needs a law that predicts loss"):
+    with pytest.raises(ValueError, match=r"holdout needs a law that predicts loss .* not "
+                                         r"isoflop: hold out none \(lm fit --holdout none\)"):
         fit(isoflop_curves(), "isoflop", holdout="largest")
     with pytest.raises(ValueError, match="every one of the 5 runs is held out"):
         fit(points, holdout_above=1e10)  # not blamed on drop_early or the token floor

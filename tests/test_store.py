@@ -303,6 +303,8 @@ def test_a_csvs_n_is_its_params_column_or_its_flops_per_token_over_6(tmp_path):
     assert list(load_points(path, params="flops")[0].params) == [1000, 4000]
     with pytest.raises(FitError, match="params column is its N"):
         load_points(path, params="non_embedding")
+    with pytest.raises(FitError, match="a CSV has one loss column, its loss; --metric code"):
+        load_points(path, metric="code")
 
 
 def cut(url: str, *pids: int) -> None:
