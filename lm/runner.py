@@ -839,12 +839,13 @@ def status_text(spec_path: str | Path, url: str | None = None, overrides=()) -> 
         return f"sweep {spec.name} has not started (no store at {store_url(spec, url)})"
     counts = {s: sum(r["status"] == s for r in rows)
               for s in ("done", "running", "pending", "blocked", "failed")}
-    lines = [f"sweep {spec.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
+    lines = [f"sweep {spec.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+             + " (C: a run's compute, from step 0, in FLOPs)"]
     for r in rows:
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         wall = f"{r['wall_s']:.0f}s" if r["wall_s"] else "-"
-        lines.append(f"  {r['name']:<34} {r['role']:<8} {r['status']:<8} {r['flops']:>10.3g} "
-                     f"FLOPs  loss {loss:>7}  {wall:>6}  {r['worker'] or ''}")
+        lines.append(f"  {r['name']:<34} {r['role']:<8} {r['status']:<8} C={r['flops']:<9.3g} "
+                     f"loss {loss:>7}  {wall:>6}  {r['worker'] or ''}")
         if r["status"] == "failed" and r["error"]:
             lines.append("    " + r["error"].strip().splitlines()[-1][:150])
     if counts["failed"]:

@@ -495,7 +495,8 @@ def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
              f"{PLAN_MFU:.0%} of a measured {peak / 1e9:.0f} GFLOP/s, +{PLAN_COMPILE_S:.0f} s "
              f"to compile each model shape, +{PLAN_TRIAL_S:.0f} s a trial)",
              f"{'trial':<40} {'role':<8} {'params':>10} {'tokens':>10} {'FLOPs':>10} "
-             f"{'steps':>6} {'lr':>8} {'~time':>8}"]
+             f"{'steps':>6} {'lr':>8} {'~time':>8}   (FLOPs: those it trains, a cooldown "
+             "branch's from its branch point)"]
     estimates = estimated_seconds(trials, peak)
     for t, seconds in zip(trials, estimates):
         f = t.facts()

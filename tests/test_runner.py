@@ -512,6 +512,8 @@ def test_a_sweep_whose_fitting_runs_all_failed_fails_and_can_retry_them(tmp_path
     assert "Traceback" not in out.stderr and store.prediction() is None
     status = runner.status_text(path)
     assert "9 failed" in status and "boom" in status and "--retry-failed" in status
+    row = next(r for r in store.trials() if r["role"] == "fit")
+    assert f"C={row['flops']:.3g} " in status  # a run's compute, from step 0
     worker = lm("sweep", str(path), "--worker", "--cpu-devices", "1")  # one started elsewhere
     assert worker.returncode == 2 and "no prediction registered" in worker.stderr
     held = {r["name"] for r in store.trials() if r["role"] == "holdout"}

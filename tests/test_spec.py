@@ -161,6 +161,10 @@ def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
                 b.facts()["flops"] * (t.steps - t.branch_step) / t.steps)
     text = spec_lib.plan_text(spec, trials, peak=1e11)
     assert "if every budget trained from scratch" in text and "saved" in text
+    b = branches[0]  # a branch's row: the FLOPs it trains, not its run's from step 0
+    (row,) = [line for line in text.splitlines() if line.startswith(b.name + " ")]
+    assert f"{b.facts()['spent_flops']:.3g}" in row.split()
+    assert f"{b.facts()['flops']:.3g}" not in row.split()
     # a worker compiles a model shape once, for every seed, budget and branch of it
     shapes = {t.cfg.model for t in trials}
     assert 1 < len(shapes) < len(trials)
