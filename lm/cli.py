@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from lm.devices import keep_freed_memory, simulate_cpu_devices
@@ -77,11 +78,16 @@ def _log_to_stderr():
     logger.setLevel(logging.INFO)
     logger.propagate = False
     absl.setLevel(logging.ERROR)
+    shown = warnings.formatwarning  # lm's own warnings are for the user, not a source line
+    warnings.formatwarning = lambda message, category, filename, *where: (
+        f"warning: {message}\n" if Path(filename).is_relative_to(Path(__file__).parent)
+        else shown(message, category, filename, *where))
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.level, logger.propagate, absl.level = before
+        warnings.formatwarning = shown
 
 
 # --------------------------------------------------------------------------- commands

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -328,6 +330,19 @@ def test_bad_files_are_skipped_with_a_warning_or_fail(tmp_path):
     with pytest.raises(DataError, match=r"holds no text to train on: skipped 1 line of 1 .jsonl "
                                         r"file .*only.jsonl: line 1 is not"):
         corpus.prepare(text_cfg(tmp_path, tmp_path / "only.jsonl"))
+
+
+def test_lm_data_says_what_it_skipped_as_a_warning_not_a_source_line(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    out = subprocess.run([sys.executable, "-m", "lm.cli", "data", "prepare", "tiny",
+                          f"data.source={tmp_path}/corpus/*.txt", "model.vocab_size=320",
+                          "data.workers=1", f"data.cache_dir={tmp_path}/cache"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "warning: skipped 1 of 21 input files (data.on_bad_file=skip): " in out.stderr
+    assert "UserWarning" not in out.stderr and "warnings.warn" not in out.stderr
+    assert "21 files used" not in out.stdout and "20 files used, 1 skipped" in out.stdout
 
 
 @pytest.mark.parametrize("name, content, message", [
