@@ -392,7 +392,7 @@ def _coerce(value, kind, key: str):
                 raise ConfigError(f"{key}={value!r} is not valid: a finite number")
             return out
     if kind is str and isinstance(value, str):
-        return value
+        return str(value)  # a plain str: YAML cannot dump an override's _NotYAML
     expected = f"a list, e.g. [{_example(args[0])}]" if origin is tuple else getattr(
         kind, "__name__", kind)
     quote = (f" (YAML read the value as a {type(value).__name__}: quote it)"

@@ -35,7 +35,7 @@ def test_base_inheritance(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = config.load("tiny", ["model.n_kv_heads=2"])
+    cfg = config.load("tiny", ["model.n_kv_heads=2", "data.source=*.txt"])  # not YAML: a glob
     config.dump(cfg, tmp_path / "c.yaml")
     assert config.load(tmp_path / "c.yaml") == cfg
 
