@@ -169,7 +169,8 @@ def bind_data(run_dir: Path, identity: dict, *, training: bool, writes: bool = T
 
 # What a trained run's parameters mean: its architecture and the tokenizer of its embeddings.
 ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "mlp",
-                "tie_embeddings", "qk_norm", "parametrization", "base_width")
+                "tie_embeddings", "qk_norm", "parametrization", "base_width", "rope_theta",
+                "norm_eps")
 
 
 def _as_trained(cfg: Config) -> dict:
@@ -187,7 +188,11 @@ def load_config(run_dir: str | Path, overrides=()) -> Config:
     if not path.is_file():
         raise CheckpointError(
             f"{run_dir} is not a run directory (no config.yaml); give the train.run_dir of a run")
-    trained, cfg = config_lib.load(path), config_lib.load(path, list(overrides))
+    cfg = config_lib.load(path, list(overrides))
+    try:
+        trained = config_lib.load(path)
+    except ConfigError:  # an older lm's config that today's refuses: the overrides mend it
+        trained = cfg
     was, now = _as_trained(trained), _as_trained(cfg)
     if changed := [k for k in was if now[k] != was[k]]:
         raise ConfigError(

@@ -59,7 +59,7 @@ def test_eval_all_writes_one_row_per_checkpoint(tmp_path, capsys):
     assert "evaluated already" in capsys.readouterr().out
 
 
-def test_eval_rows_count_the_tokens_the_run_trained_on_whatever_the_overrides(tmp_path):
+def test_eval_rows_count_the_tokens_the_run_trained_on_whatever_the_overrides(tmp_path, capsys):
     """A mesh the training batch does not divide: the message points at eval.batch_size; a
     train.batch_size override to fit it would have written tokens the run never saw."""
     run = tmp_path / "run"
@@ -76,8 +76,16 @@ def test_eval_rows_count_the_tokens_the_run_trained_on_whatever_the_overrides(tm
         evaluate.evaluate_run(run, ["data.vocab_size=100", "model.n_layers=3"])
     for command in (["sample", str(run), "--prompt", "x"], ["export", str(run), "--out",
                                                             str(tmp_path / "hf")]):
-        assert cli.main([*command, "data.tokenizer=unigram"]) == 2
+        assert cli.main([*command, "model.rope_theta=500"]) == 2
+        assert "drop the override (model.rope_theta=500.0)" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+    # a config today's lm refuses (an older lm took data.vocab_size 0 for the model's): the
+    # override that mends it is not refused as a change of what was trained
+    stored = run / "config.yaml"
+    stored.write_text(stored.read_text().replace("vocab_size: null", "vocab_size: 0", 1))
+    with pytest.raises(ConfigError, match="data.vocab_size=0 is not valid"):
+        rundir.load_config(run)
+    assert rundir.load_config(run, ["data.vocab_size=null"]).vocab_size == 128
 
 
 def test_a_sample_fills_the_trained_length_by_default_and_never_the_context_beyond():
