@@ -43,7 +43,7 @@ from lm.noise import Noise, noise_by_budget, noise_by_size
 from lm.points import Points
 from lm.scaling import Fit
 from lm.spec import SweepSpec, Trial
-from lm.store import (FINAL, RECONNECT_S, SQLITE, Store, check_sweep_file, intact_trials,
+from lm.store import (FINAL, RECONNECT_S, SQLITE, Store, intact_trials,
                       is_postgres, same_config, worker_name)
 
 log = logging.getLogger("lm.sweep")
@@ -98,22 +98,25 @@ def _trained(spec: SweepSpec) -> list[str]:
 
 
 def _open_store(spec: SweepSpec, url: str, again: str, wait: float = 0.0,
-                create: bool = True) -> Store | None:
-    """The sweep's store, for a runner or a worker (None: a SQLite file not there, unless
-    `create`). Refused: one that holds another sweep, and one new to a sweep that has trained
-    (a mistyped --store), which would otherwise record every trial done again from its run
-    directory, in a store of its own. `again`: the command that ran the sweep, for the hint."""
+                read_only: bool = False) -> Store | None:
+    """The sweep's store, for a runner or a worker; `read_only` (a plan): as it is, None if a
+    SQLite file is not there. Refused: one that holds another sweep (by `sync`), and one new
+    to a sweep that has trained (a mistyped --store), which would otherwise record every trial
+    done again from its run directory, in a store of its own. `again`: the command that ran
+    the sweep, without its --store, for the hint."""
+    default = str(spec.path / SQLITE)
+    lost = "" if url == default else " --store PATH"  # the lost one's, not the mistyped one
     why = (f"sweep {spec.name!r} has trained in {spec.path} ({_count(_trained(spec))} with a "
            f"run directory), but {url} holds no sweep: give the store it ran with (--store; by "
-           f"default {spec.path / SQLITE}), or, if that store is lost, rebuild it from the run "
-           f"directories: `{again} --rebuild-store`")
+           f"default {default}), or, if that store is lost, rebuild it in its place from the "
+           f"run directories: `{again}{lost} --rebuild-store`")
     if not is_postgres(url) and not Path(url).exists():
         if _trained(spec):
             raise StoreError(why)  # before the file is created
-        if not create:
+        if read_only:
             return None
-    store = Store(url, wait=wait)
-    if store.check_sweep(spec.name) is None and _trained(spec):
+    store = Store(url, wait=wait, read_only=read_only)
+    if not store.holds_trials() and _trained(spec):
         raise StoreError(why)
     return store
 
@@ -413,8 +416,8 @@ def work(spec_path: str | Path, url: str | None = None, stale_s: float = STALE_S
     started = time.perf_counter()
     spec = spec_lib.load_spec(spec_path, overrides)
     trials = {t.name: t for t in spec_lib.plan(spec)}
-    store = _open_store(spec, store_url(spec, url), invocation(spec_path, overrides, url),
-                       wait=RECONNECT_S)  # a server restarting: wait for it
+    store = _open_store(spec, store_url(spec, url), invocation(spec_path, overrides),
+                        wait=RECONNECT_S)  # a server restarting: wait for it
     store.sync(spec.name, plan_digest(list(trials.values())), list(trials.values()))
     _compilation_cache()
     import jax
@@ -568,7 +571,7 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
     url_given, url = url, store_url(spec, url)
     names = {t.name for t in trials}
     with exclusive(spec.path):
-        store = _open_store(spec, url, invocation(spec_path, overrides, url_given, cpu_devices))
+        store = _open_store(spec, url, invocation(spec_path, overrides, None, cpu_devices))
         _sync_registration(spec, store)  # first: the plan is checked against it
         store.sync(spec.name, plan_digest(trials), trials, replan=True)
         _write_atomic(spec.path / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec),
@@ -809,10 +812,16 @@ def plan_text(spec_path: str | Path, cpu_devices: int | None = None, overrides=(
     """The trials, their FLOPs and estimated time, once the plan is checked as the run would
     check it, against the sweep's store too where it has one."""
     spec, trials = planned(spec_path, cpu_devices, overrides)
-    again = invocation(spec_path, overrides, url, cpu_devices)
-    if (store := _open_store(spec, store_url(spec, url), again, create=False)) is not None:
-        store.check_plan(spec.name, trials)
-    return spec_lib.plan_text(spec, trials, flops.numpy_matmul_flops_per_s())
+    again = invocation(spec_path, overrides, None, cpu_devices)
+    text = spec_lib.plan_text(spec, trials, flops.numpy_matmul_flops_per_s())
+    store = _open_store(spec, store_url(spec, url), again, read_only=True)
+    if store is not None and store.current:
+        registered = _registered_file(spec.path / PREDICTION)
+        store.check_plan(spec.name, trials, registered=registered and registered[0])
+    elif store is not None and store.holds_trials():
+        text += (f"\n(not checked against {store.path}: an older lm's store, which the run "
+                 "upgrades, then checks)")
+    return text
 
 
 def status(spec_path: str | Path, url: str | None = None, overrides=()) -> list[dict]:
@@ -885,7 +894,6 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
                 f"with the spec it ran with ({spec.path / 'sweep.yaml'}), or use a new `dir`")
         _registered_file(spec.path / PREDICTION)  # damaged: said before anything is moved
         if path.exists():
-            check_sweep_file(path, spec.name)
             if n := intact_trials(path, spec.name):
                 raise StoreError(
                     f"{path} is intact (it reads whole and holds sweep {spec.name!r}'s {n} "

@@ -240,32 +240,24 @@ def _check_held(where: str, held: str | None, name: str) -> str | None:
     return held
 
 
-def check_sweep_file(path: Path, name: str) -> None:
-    """Store.check_sweep of a SQLite file, by a bare query: opening it as a Store would upgrade
-    an older store in place, and one about to be set aside must stay as it was. (A hot journal,
-    left by a writer killed mid-transaction, is rolled back by the query: the file as last
-    committed.) A file that does not read as a store (damaged; the first runner's, which named
-    no sweep) holds none."""
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
-            row = con.execute("SELECT value FROM sweep WHERE key = 'name'").fetchone()
-    except sqlite3.Error:
-        return
-    _check_held(str(path), row and row[0], name)
-
-
 def intact_trials(path: Path, name: str) -> int:
-    """How many trials of sweep `name` the SQLite store `path` holds, if it reads whole (by
-    SQLite's quick_check); 0 if it is damaged, empty, holds another sweep or is not a store."""
+    """How many trials the SQLite store `path` holds if it reads whole (by SQLite's
+    quick_check; 0 if damaged, empty or not a store), refusing one that holds another sweep.
+    By bare queries: opening it as a Store would upgrade an older store in place, and one about
+    to be set aside must stay as it was. (A hot journal, left by a writer killed
+    mid-transaction, is rolled back by the query: the file as last committed.)"""
+    held, trials = None, 0
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
-            if con.execute("PRAGMA quick_check").fetchone() != ("ok",):
-                return 0
-            row = con.execute("SELECT value FROM sweep WHERE key = 'name'").fetchone()
-            return con.execute("SELECT count(*) FROM trials").fetchone()[0] \
-                if row == (name,) else 0
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+            if "sweep" in tables:  # the first runner's named no sweep
+                held = con.execute("SELECT value FROM sweep WHERE key = 'name'").fetchone()
+            if "trials" in tables and con.execute("PRAGMA quick_check").fetchone() == ("ok",):
+                trials = con.execute("SELECT count(*) FROM trials").fetchone()[0]
     except sqlite3.Error:
-        return 0
+        pass
+    _check_held(str(path), held and held[0], name)
+    return trials
 
 
 # --------------------------------------------------------------------------- the store
@@ -307,9 +299,12 @@ def _surviving(operation):
 class Store:
     """A sweep's trials, points and prediction, in SQLite (a path) or PostgreSQL (a URL)."""
 
-    def __init__(self, url: str | Path, *, create: bool = True, wait: float = 0.0):
+    def __init__(self, url: str | Path, *, create: bool = True, wait: float = 0.0,
+                 read_only: bool = False):
         """`wait`: seconds to keep trying a PostgreSQL server that cannot be reached (a worker
-        started while its database restarts), saying why at once."""
+        started while its database restarts), saying why at once. `read_only`: a store that
+        is not up to date (an older lm's; a database without tables) is left as it is, and
+        `current` says so."""
         self.url = str(url)
         if not create and not is_postgres(self.url) and not Path(url).is_file():
             raise StoreError(f"{url} not found: run the sweep first (lm sweep SWEEP.yaml)")
@@ -317,6 +312,7 @@ class Store:
         self.path = self.db.where
         self._busy = self.replaying = False  # see _surviving
         self.stamp = time.time()
+        self.read_only, self.current = read_only, True
         self._open()
 
     @_surviving
@@ -334,6 +330,9 @@ class Store:
             if written and version == VERSION and set(V2_COLUMNS) <= tables["trials"] \
                     and "set" in tables["points"]:
                 return  # up to date: nothing to write, so a read-only store opens too
+            if self.read_only:
+                self.current = False
+                return
             self.db.executescript(SCHEMA)
             with self.db.transaction():
                 self.db.lock_schema()
@@ -374,17 +373,19 @@ class Store:
         return _check_held(self.path, self._get("name"), name)
 
     @_surviving
-    def check_plan(self, name: str, trials: list[Trial], digest: str | None = None) -> None:
+    def check_plan(self, name: str, trials: list[Trial], digest: str | None = None,
+                   registered: dict | None = None) -> None:
         """Refuse, writing nothing, a plan the store cannot take: a store holding another
         sweep; with a `digest`, a plan other than the store's (a worker started with another
         spec; a runner may replan); a trial whose config or role changed under its name; a
-        held-out run that the registered prediction does not hold."""
+        held-out run that the registered prediction (the store's, else `registered`: the
+        prediction.json a run would register first) does not hold."""
         held = self.check_sweep(name)
         if held is not None and digest is not None and self._get("plan") != digest:
             raise StoreError(f"{self.path} holds sweep {name!r} as planned by another spec: "
                              "start every worker with the spec the sweep was started with "
                              "(the sweep directory's sweep.yaml)")
-        prediction = self.prediction()
+        prediction = self.prediction() or registered
         if prediction is not None and "failed" not in prediction and (new := sorted(
                 {t.name for t in trials if t.role == "holdout"}
                 - {r["run"] for r in prediction.get("runs", [])})):
@@ -618,6 +619,12 @@ class Store:
             "SELECT value FROM sweep WHERE key LIKE ?", ("run:%",))]
 
     # ----------------------------------------------------------------------- reading
+
+    @_surviving
+    def holds_trials(self) -> bool:
+        """Whether the store records any trial (an older lm's too): not a new store."""
+        return bool(self.db.columns("trials")) and self.db.execute(
+            "SELECT 1 FROM trials LIMIT 1").fetchone() is not None
 
     @_surviving
     def trials(self) -> list[dict]:

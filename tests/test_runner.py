@@ -1,11 +1,13 @@
 """Sweeps run by long-lived workers: killed and resumed, failing trials, a shared PostgreSQL
 store with a worker killed mid-trial, edits of a finished sweep, and bad stores."""
 
+import contextlib
 import dataclasses
 import json
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,12 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm import cli, runner, spec as spec_lib
+from lm import cli, config, runner, spec as spec_lib
 from lm.errors import ConfigError, FitError, StoreError
 from lm.store import Store, load_points
 
 from sweeps import BASE, SIZES, finished_sweep, spec_file
-from test_store import cut, fresh_database
+from test_store import V1, cut, fresh_database
 from test_trackers import read_scalars
 
 DIVERGES = {"model.d_model": 24, "model.n_layers": 1, "model.n_heads": 2,
@@ -369,7 +371,8 @@ def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, 
             assert out.returncode == 2, out.stderr[-2000:]
             assert f"sweep 't' has trained in {sweep_dir}" in out.stderr
             assert f"but {url} holds no sweep" in out.stderr
-            assert f"--store {url}" in out.stderr and "--rebuild-store`" in out.stderr
+            assert f"--store {url}" not in out.stderr  # its rebuild hint: not at the typo
+            assert "--store PATH --rebuild-store`" in out.stderr
     assert not typo.exists()
     assert (sweep_dir / "report.md").read_bytes() == report
 
@@ -390,7 +393,48 @@ def test_the_plan_is_refused_where_the_run_would_be(finished, tmp_path):
         (tmp_path / "s.yaml").write_text(yaml.safe_dump({**spec, **changes}))
         out = lm("sweep", "--plan", str(tmp_path / "s.yaml"), "--cpu-devices", "1")
         assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    typo = tmp_path / "stor.sqlite"  # a new store beside the trained runs
+    with pytest.raises(StoreError, match=f"but {typo} holds no sweep"):
+        runner.plan_text(path, 1, url=str(typo))
+    assert store.read_bytes() == before and not typo.exists()
+
+
+def test_the_plan_checks_the_registration_a_run_would_take_from_prediction_json(tmp_path):
+    """A store that has not taken prediction.json's registration yet (rebuilt; an older lm's):
+    the run registers it first, so the plan checks the held-out runs against it too."""
+    path = finished_sweep(tmp_path)
+    spec = spec_lib.load_spec(path)
+    (held,) = [t.name for t in spec_lib.plan(spec) if t.role == "holdout"]
+    (spec.path / runner.PREDICTION).write_text(json.dumps({"runs": [{"run": held}]}))
+    runner.plan_text(path, 1)  # the plan as registered
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "holdout": {**raw["holdout"], "tokens": 65536}}))
+    with pytest.raises(ConfigError, match="is not in the prediction registered"):
+        runner.plan_text(path, 1)
+
+
+def test_a_first_runner_s_store_beside_its_runs_is_the_sweep_s_not_a_new_one(tmp_path):
+    """The first runner's stores named no sweep; one holding trials is not a new store: a plan
+    leaves it as it is (checking it would upgrade it), a rebuild refuses it as intact, and a
+    run opens and upgrades it."""
+    path = spec_file(tmp_path)
+    spec = spec_lib.load_spec(path)
+    trial = spec_lib.plan(spec)[0]
+    trial.run_dir.mkdir(parents=True)
+    config.dump(trial.cfg, trial.run_dir / "config.yaml")
+    store = spec.path / "store.sqlite"
+    with contextlib.closing(sqlite3.connect(store)) as con:
+        con.executescript(V1)
+        con.execute("INSERT INTO trials (name, role, config) VALUES (?, 'fit', ?)",
+                    (trial.name, json.dumps(config.to_dict(trial.cfg), sort_keys=True)))
+        con.commit()
+    before = store.read_bytes()
+    assert f"not checked against {store}: an older lm's store" in runner.plan_text(path, 1)
+    with pytest.raises(StoreError, match="is intact"):
+        runner.rebuild_store(path)
     assert store.read_bytes() == before
+    opened = runner._open_store(spec, str(store), "lm sweep s.yaml")
+    assert opened.current and [t["name"] for t in opened.trials()] == [trial.name]
 
 
 def test_a_sweep_whose_every_size_is_too_noisy_to_fit_says_so(tmp_path):

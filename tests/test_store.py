@@ -12,7 +12,7 @@ import pytest
 
 from lm import config, spec as spec_lib
 from lm.errors import ConfigError, FitError, StoreError
-from lm.store import MAX_FAILURES, Store, check_sweep_file, intact_trials, load_points
+from lm.store import MAX_FAILURES, Store, intact_trials, load_points
 
 from sweeps import spec_file
 
@@ -164,22 +164,24 @@ def test_a_store_of_the_first_runner_is_upgraded_not_dropped(tmp_path, trials):
 def test_checking_a_file_s_sweep_changes_no_byte_of_it(tmp_path, trials):
     """--rebuild-store checks whose store it sets aside; an old store set aside must stay as
     the first runner wrote it, not be upgraded by the check."""
-    old = tmp_path / "old.sqlite"
-    with contextlib.closing(sqlite3.connect(old)) as con:
-        con.executescript(V1)
+    old, empty_old = tmp_path / "old.sqlite", tmp_path / "empty_old.sqlite"
+    for path in (old, empty_old):
+        with contextlib.closing(sqlite3.connect(path)) as con:
+            con.executescript(V1)
+            if path == old:
+                con.execute("INSERT INTO trials (name, role, config) VALUES ('a', 'fit', '{}')")
+                con.commit()
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"\x00 not a database " * 100)
     theirs = tmp_path / "theirs.sqlite"
     Store(theirs).sync("theirs", "p", trials)
-    before = {p: p.read_bytes() for p in (old, garbage, theirs)}
-    check_sweep_file(old, "t")  # it named no sweep
-    check_sweep_file(garbage, "t")  # damaged: what a rebuild is for
-    check_sweep_file(theirs, "theirs")
+    before = {p: p.read_bytes() for p in (old, empty_old, garbage, theirs)}
+    # what a rebuild would mend: not an intact store of the sweep's own (the first runner's
+    # named no sweep, so its trials are the sweep's)
+    assert [intact_trials(p, "theirs") for p in (old, empty_old, garbage, theirs)] == [
+        1, 0, 0, len(trials)]
     with pytest.raises(StoreError, match="holds sweep 'theirs', not 't'"):
-        check_sweep_file(theirs, "t")
-    # what a rebuild would mend: not an intact store of the sweep's own
-    assert [intact_trials(p, "theirs") for p in (old, garbage, theirs)] == [0, 0, len(trials)]
-    assert intact_trials(theirs, "t") == 0
+        intact_trials(theirs, "t")
     assert {p: p.read_bytes() for p in before} == before
 
 
@@ -205,7 +207,7 @@ os._exit(0)
     subprocess.run([sys.executable, "-c", crash], check=True)
     assert path.with_name("store.sqlite-journal").exists()  # hot: the crash left it
     with pytest.raises(StoreError, match="holds sweep 'theirs', not 'mine'"):
-        check_sweep_file(path, "mine")
+        intact_trials(path, "mine")
 
 
 def test_garbage_or_a_foreign_database_is_not_a_store(tmp_path):
