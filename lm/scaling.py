@@ -49,8 +49,9 @@ E_TOL = 1e-4  # of the lowest loss: how closely the ends of the range of E the d
 LAPLACE_DRAWS = 400
 LAPLACE_STEP = 1e-4  # of each draw's offset: log L is linear in theta over it, to rounding
 MIN_BOOTSTRAP_SHARE = 0.5  # of bootstrap refits that must converge for their intervals to count
-# ...and at least this many: the fewest whose range holds their median 95% of the time
-# (1 - 2 * 0.5**(B - 1) >= 0.95); fewer give an "interval" that may miss the fit altogether
+# ...and at least this many: the fewest whose range holds the median of their distribution
+# 95% of the time (1 - 2 * 0.5**B >= 0.95; the 2.5-97.5 percentiles lie just inside that
+# range); fewer give an "interval" that may miss the fit altogether
 MIN_BOOTSTRAP = 6
 MISFIT_KEEP = 0.5  # the misfit's refits keep at least this share of the fitting runs: fewer
 # pin the law down so loosely that their errors measure that, not the law's shape
