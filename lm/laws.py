@@ -411,16 +411,23 @@ def power_fit(points: Points, law: Law, delta: float, noise: Noise | None,
     return law.from_theta(uncentre(theta, mu)), objective, ok
 
 
+FLAT_TERM = 0.01  # a term that changes by less than this share over the data is a constant
+
+
 def at_bounds(law: Law, params: Mapping[str, float], points: Points) -> list[str]:
     """The parameters of `law` fitted to `points` that the fit's search left at a bound: an
-    exponent at 0 or at its ceiling, a term's level at its floor (the term vanished). The data
-    did not pin the law's shape down there, whatever the optimiser reports. E is left to the
+    exponent at its ceiling, or at 0 in all but name (its term changes by less than FLAT_TERM
+    of itself over the points), a term's level at its floor (the term vanished). The data did
+    not pin the law's shape down there, whatever the optimiser reports. E is left to the
     profile of its likelihood (`Identifiability`), which says what the data allow."""
     p, mu = problem(law, points, math.inf)
     theta = centre(law.to_theta(params), mu)
     names = law.theta_names or law.names
     margin = 1e-6 * np.diff(p.bounds()).ravel()  # of each one's range: L-BFGS-B stops on it
     lo, hi = np.array(p.bounds()).T + [margin, -margin]
+    if not p.outer:  # (kaplan-nd's exponents are bounded away from 0)
+        exponents = slice(p.k + 1, 2 * p.k + 1)
+        lo[exponents] = np.maximum(lo[exponents], FLAT_TERM / np.ptp(p.xc, axis=0))
     return [names[i] for i in range(1, len(theta))
             if margin[i] > 0 and not lo[i] < theta[i] < hi[i]]
 

@@ -50,6 +50,10 @@ def test_parameters_at_a_bound_of_the_search_are_named():
     assert laws.at_bounds(chinchilla, steep, points) == ["alpha"]
     assert laws.at_bounds(chinchilla, {**CHINCHILLA, "B": 1e-30, "alpha": 0.0}, points) == [
         "B", "alpha"]
+    spread = np.ptp(np.log(points.params))  # alpha that leaves its term flat over the points
+    assert laws.at_bounds(chinchilla, {**CHINCHILLA, "alpha": 0.9e-2 / spread}, points) == [
+        "alpha"]
+    assert laws.at_bounds(chinchilla, {**CHINCHILLA, "alpha": 1.1e-2 / spread}, points) == []
     assert laws.at_bounds(kaplan_nd, KAPLAN_ND, points) == []
     assert laws.at_bounds(kaplan_nd, {**KAPLAN_ND, "alpha_N": 4 * 0.3}, points) == [
         "alpha_N/alpha_D"]
