@@ -199,7 +199,9 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, ove
     check_mappable(cfg.model)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not an empty directory; give a new one")
-    created = not out.exists()
+    # the topmost directory this export creates (out's parents too): gone again if it fails
+    made = None if out.exists() else next(p for p in [*reversed(out.parents), out]
+                                          if not p.exists())
     try:  # before the restore: a directory this user cannot write fails first
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -216,10 +218,11 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, ove
         files += ["config.json", *write_weights(hf_tensors(cfg.model, params), out,
                                                 max_shard_gb * 1e9)]
     except BaseException:  # out was empty: leave it so, or as absent as it was
-        for path in out.iterdir():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if created:
-            out.rmdir()
+        if made:
+            shutil.rmtree(made)
+        else:
+            for path in out.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         raise
     return {"step": step, "out": str(out), "files": files, "tokenizer": dataset is not None,
             "architecture": architecture(cfg.model)[0],

@@ -111,9 +111,9 @@ def test_models_no_architecture_expresses_are_refused(tmp_path, capsys, monkeypa
 def test_a_missing_step_or_a_used_directory_is_refused(tmp_path, capsys):
     rundir.write_config(tmp_path / "run", small())
     assert cli.main(["export", str(tmp_path / "run"), "--step", "9", "--out",
-                     str(tmp_path / "hf")]) == 2
+                     str(tmp_path / "new" / "hf")]) == 2
     assert "no checkpoint at step 9 in" in capsys.readouterr().err
-    assert not (tmp_path / "hf").exists()  # a failed export leaves no directory it made...
+    assert not (tmp_path / "new").exists()  # a failed export leaves no directory it made...
     (tmp_path / "empty").mkdir()
     assert cli.main(["export", str(tmp_path / "run"), "--step", "9", "--out",
                      str(tmp_path / "empty")]) == 2
