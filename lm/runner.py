@@ -151,8 +151,8 @@ def _fitting_points(spec: SweepSpec, store: Store, names) -> Points:
     noisy = too_noisy(spec, noise)
     if noisy and noisy >= set(points.params.tolist()):
         least = min(noise[n].sigma for n in noisy)
-        raise FitError(f"every size's seeds spread by more than fit.max_noise={f.max_noise} "
-                       f"(the least by {least:.2%}), so none is left to fit; raise "
+        raise FitError(f"every size's seeds spread by more than fit.max_noise={f.max_noise:g} "
+                       f"(the least by {least:.3g}), so none is left to fit; raise "
                        "fit.max_noise, or add seeds")
     return points.select(~np.isin(points.params, list(noisy)))
 
