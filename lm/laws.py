@@ -392,14 +392,19 @@ def by_name(name: str) -> Law:
     return _LAWS[name]
 
 
+def power_line(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """y = coef * x^exponent, fitted in log-log (proportional where x does not vary)."""
+    logx, logy = np.log(x), np.log(y)
+    if np.ptp(logx) < 1e-9:
+        return {"coef": float(np.exp(np.mean(logy - logx))), "exponent": 1.0}
+    exponent, log_coef = np.polyfit(logx, logy, 1)
+    return {"coef": float(np.exp(log_coef)), "exponent": float(exponent)}
+
+
 def flops_per_token(points: Points) -> dict[str, float]:
     """f(N) = coef * N^exponent, the training FLOPs of one token, fitted to the points' FLOPs
     (6N for points that give none; exact matmul counts grow faster than N at small N)."""
-    logn, logf = np.log(points.params), np.log(points.flops / points.tokens)
-    if np.ptp(logn) < 1e-9:
-        return {"coef": float(np.exp(np.mean(logf - logn))), "exponent": 1.0}
-    exponent, log_coef = np.polyfit(logn, logf, 1)
-    return {"coef": float(np.exp(log_coef)), "exponent": float(exponent)}
+    return power_line(points.params, points.flops / points.tokens)
 
 
 def power_fit(points: Points, law: Law, delta: float, noise: Noise | None,

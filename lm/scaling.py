@@ -34,8 +34,8 @@ from scipy.optimize import brentq
 
 from lm.errors import FitError, listed
 from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, at_bounds,
-                     by_name, centre, descend, flops_per_token, isoflop, power_fit, problem,
-                     uncentre)
+                     by_name, centre, descend, flops_per_token, isoflop, power_fit, power_line,
+                     problem, uncentre)
 from lm.noise import Noise, residual_noise, seed_noise
 from lm.points import Points, budget_labels, resample_runs
 
@@ -660,9 +660,7 @@ def _allocation(fit: Fit, train: Points) -> Allocation:
         return Allocation(False, "loss against compute alone does not say how to split it into "
                                  "N and D")
     if _nd_spread(train) < ND_SPREAD_MIN:
-        exponent, log_coef = np.polyfit(np.log(train.params), np.log(train.tokens), 1)
-        return Allocation(False, ONE_LADDER,
-                          ladder={"coef": float(np.exp(log_coef)), "exponent": float(exponent)})
+        return Allocation(False, ONE_LADDER, ladder=power_line(train.params, train.tokens))
     k_n, a, k_d, b = map(float, coefs)
     if not all(np.isfinite([k_n, a, k_d, b])) or min(k_n, k_d) <= 0:
         exponents = ", ".join(f"{k} {v:.3g}" for k, v in fit.params.items() if "alpha" in k
