@@ -186,9 +186,10 @@ def read_documents(key: str, path: Path, text_field: str,
             docs.append(Document(f"{key}:{number}", value, size))
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        lines = f"line {bad[0]} is" if len(bad) == 1 else f"{len(bad)} lines ({shown}) are"
+        lines = (f"line {bad[0]} is" if len(bad) == 1 else f"{len(bad)} lines ({shown}) are"
+                 if docs else f"all {len(bad)} lines are")
         error = BadFile(path, f"{lines} not a JSON object with a string field {text_field!r} "
-                              "(data.text_field)", lines=len(bad))
+                              "(data.text_field)", lines=len(bad) if docs else 0)  # 0: whole
         if skipped is None:
             raise error
         skipped[path] = error

@@ -315,20 +315,27 @@ def test_bad_files_are_skipped_with_a_warning_or_fail(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl: 2 lines \(2, 3\) are not .*'text' "
                                         r"\(data.text_field\)"):
         corpus.prepare(files_cfg(tmp_path, "data.on_bad_file=fail"))
-    # skipped: those lines, not the file (read three times, it is counted once)
-    with pytest.warns(UserWarning, match=r"skipped 2 lines of 1 .jsonl file \(data.on_bad_"
-                                         r"file=skip\): .*bad.jsonl: 2 lines \(2, 3\)"):
+    # skipped: those lines, not the file (read three times, it is counted once); a file of
+    # nothing but bad lines is skipped whole
+    (tmp_path / "corpus" / "nothing.jsonl").write_text("\n".join(lines[1:3]) + "\n")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 23 input files and 2 lines of 1 .jsonl "
+                                         r"file \(data.on_bad_file=skip\): .*bad.jsonl: 2 lines "
+                                         r"\(2, 3\) .*nothing.jsonl: all 2 lines are not"):
         dataset = corpus.prepare(files_cfg(tmp_path))
     assert dataset.manifest["files"] == 22
     assert [(s["file"], s["lines"]) for s in dataset.manifest["skipped"]] == [
-        (str(tmp_path / "corpus" / "bad.jsonl"), 2)]
-    kept = sum(s["documents"] for s in dataset.manifest["splits"].values())
+        (str(tmp_path / "corpus" / "bad.jsonl"), 2), (str(tmp_path / "corpus" /
+                                                         "nothing.jsonl"), 0)]
+    (tmp_path / "corpus" / "nothing.jsonl").unlink()
+    with pytest.warns(UserWarning, match="skipped 2 lines of 1 .jsonl file"):
+        kept = sum(s["documents"] for s in corpus.prepare(files_cfg(tmp_path)).manifest[
+            "splits"].values())
     (tmp_path / "corpus" / "bad.jsonl").write_text("\n".join(lines[::3]) + "\n")
     assert sum(s["documents"] for s in corpus.prepare(files_cfg(tmp_path)).manifest[
         "splits"].values()) == kept  # the good lines' documents, all of them
     (tmp_path / "only.jsonl").write_text('{"body": "no text"}\n')
-    with pytest.raises(DataError, match=r"holds no text to train on: skipped 1 line of 1 .jsonl "
-                                        r"file .*only.jsonl: line 1 is not"):
+    with pytest.raises(DataError, match=r"holds no text to train on: skipped 1 of 1 input files "
+                                        r".*only.jsonl: line 1 is not"):
         corpus.prepare(text_cfg(tmp_path, tmp_path / "only.jsonl"))
 
 
