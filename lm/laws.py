@@ -432,7 +432,8 @@ def at_bounds(law: Law, params: Mapping[str, float], points: Points) -> list[str
     lo, hi = np.array(p.bounds()).T + [margin, -margin]
     if not p.outer:  # (kaplan-nd's exponents are bounded away from 0)
         exponents = slice(p.k + 1, 2 * p.k + 1)
-        lo[exponents] = np.maximum(lo[exponents], FLAT_TERM / np.ptp(p.xc, axis=0))
+        with np.errstate(divide="ignore"):  # an input that does not vary pins no exponent
+            lo[exponents] = np.maximum(lo[exponents], FLAT_TERM / np.ptp(p.xc, axis=0))
     return [names[i] for i in range(1, len(theta))
             if margin[i] > 0 and not lo[i] < theta[i] < hi[i]]
 
