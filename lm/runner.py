@@ -104,19 +104,19 @@ def _open_store(spec: SweepSpec, url: str, again: str, wait: float = 0.0,
     to a sweep that has trained (a mistyped --store), which would otherwise record every trial
     done again from its run directory, in a store of its own. `again`: the command that ran
     the sweep, without its --store, for the hint."""
-    default = str(spec.path / SQLITE)
+    default, trained = str(spec.path / SQLITE), _trained(spec)
     lost = "" if url == default else " --store PATH"  # the lost one's, not the mistyped one
-    why = (f"sweep {spec.name!r} has trained in {spec.path} ({_count(_trained(spec))} with a "
-           f"run directory), but {url} holds no sweep: give the store it ran with (--store; by "
+    why = (f"sweep {spec.name!r} has trained in {spec.path} ({_count(trained)} with a run "
+           f"directory), but {url} holds no sweep: give the store it ran with (--store; by "
            f"default {default}), or, if that store is lost, rebuild it in its place from the "
            f"run directories: `{again}{lost} --rebuild-store`")
     if not is_postgres(url) and not Path(url).exists():
-        if _trained(spec):
+        if trained:
             raise StoreError(why)  # before the file is created
         if read_only:
             return None
     store = Store(url, wait=wait, read_only=read_only)
-    if not store.holds_trials() and _trained(spec):
+    if trained and not store.holds_trials():
         raise StoreError(why)
     return store
 
