@@ -704,6 +704,29 @@ def test_a_held_out_run_that_failed_is_reported_as_failed(tmp_path):
     assert f"from the fit of {prior.n_runs} fitting runs" in text
 
 
+@pytest.mark.parametrize("exit_code, spawned, announced", [
+    (ConfigError.exit_code, 1, 0),  # a refusal: it said why, and the next would refuse too
+    (1, 3, 3),  # a crash: announced, and replaced up to twice per worker
+])
+def test_a_worker_that_refused_is_neither_announced_nor_replaced(claimed, monkeypatch, caplog,
+                                                                 exit_code, spawned,
+                                                                 announced):
+    store, trial = claimed
+    procs = []
+
+    def spawn(*args):  # a worker that ends at once, as one refusing after the runner accepted
+        procs.append(subprocess.Popen([sys.executable, "-c", f"raise SystemExit({exit_code})"]))
+        return procs[-1]
+
+    monkeypatch.setattr(runner, "_spawn", spawn)
+    monkeypatch.setattr(runner, "POLL_S", 0.01)
+    names = {t["name"] for t in store.trials()}
+    runner._supervise("sweep.yaml", (), "unused", 1, 1, 60.0, names, store)
+    ended = [r for r in caplog.records if "ended with exit code" in r.getMessage()]
+    assert (len(procs), len(ended)) == (spawned, announced)
+    assert not any(t["status"] in runner.FINAL for t in store.trials())  # pending throughout
+
+
 def test_an_interrupted_run_of_the_sweep_is_recorded(tmp_path, monkeypatch):
     """A runner stopped by Ctrl-C (after its workers saved their trials) still records its
     run, so that the study's time split counts the trials it ended."""
