@@ -303,6 +303,10 @@ class _NotYAML(str):
     problem = ""
 
 
+# dumped as the string it is: trial.yaml, sweep.yaml and a run's config.yaml hold such overrides
+yaml.SafeDumper.add_representer(_NotYAML, yaml.SafeDumper.represent_str)
+
+
 def _merge_override(tree: dict, update: dict, item: str, prefix: str = "") -> None:
     for key, value in update.items():
         old = tree.get(key)
@@ -392,7 +396,7 @@ def _coerce(value, kind, key: str):
                 raise ConfigError(f"{key}={value!r} is not valid: a finite number")
             return out
     if kind is str and isinstance(value, str):
-        return str(value)  # a plain str: YAML cannot dump an override's _NotYAML
+        return value
     expected = f"a list, e.g. [{_example(args[0])}]" if origin is tuple else getattr(
         kind, "__name__", kind)
     quote = (f" (YAML read the value as a {type(value).__name__}: quote it)"

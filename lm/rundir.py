@@ -189,11 +189,13 @@ def load_config(run_dir: str | Path, overrides=()) -> Config:
         raise CheckpointError(
             f"{run_dir} is not a run directory (no config.yaml); give the train.run_dir of a run")
     cfg = config_lib.load(path, list(overrides))
+    now = _as_trained(cfg)
     try:
-        trained = config_lib.load(path)
-    except ConfigError:  # an older lm's config that today's refuses: the overrides mend it
-        trained = cfg
-    was, now = _as_trained(trained), _as_trained(cfg)
+        was = _as_trained(config_lib.load(path))
+    except ConfigError:  # an older lm's config that today's refuses: the overrides mend it,
+        # but the model it stored stays as it is written
+        stored = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        was = {**now, **{f"model.{k}": v for k, v in stored.items() if k in ARCHITECTURE}}
     if changed := [k for k in was if now[k] != was[k]]:
         raise ConfigError(
             f"{run_dir} was trained with {', '.join(f'{k}={was[k]}' for k in changed)}, and "

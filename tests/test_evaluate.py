@@ -86,6 +86,8 @@ def test_eval_rows_count_the_tokens_the_run_trained_on_whatever_the_overrides(tm
     with pytest.raises(ConfigError, match="data.vocab_size=0 is not valid"):
         rundir.load_config(run)
     assert rundir.load_config(run, ["data.vocab_size=null"]).vocab_size == 128
+    with pytest.raises(ConfigError, match=r"trained with model.rope_theta=10000"):  # still
+        rundir.load_config(run, ["data.vocab_size=null", "model.rope_theta=500"])
 
 
 def test_a_sample_fills_the_trained_length_by_default_and_never_the_context_beyond():

@@ -413,6 +413,18 @@ def test_the_plan_checks_the_registration_a_run_would_take_from_prediction_json(
         runner.plan_text(path, 1)
 
 
+def test_the_plan_ignores_a_damaged_prediction_json_as_the_run_does(tmp_path):
+    """Where the store holds the registration the run never reads the file: nor does the plan."""
+    path = finished_sweep(tmp_path)
+    spec = spec_lib.load_spec(path)
+    (held,) = [t.name for t in spec_lib.plan(spec) if t.role == "holdout"]
+    store = Store(spec.path / "store.sqlite")
+    if store.prediction() is None:
+        store.register({"runs": [{"run": held}]}, [held])
+    (spec.path / runner.PREDICTION).write_text('{"runs": [')
+    assert "FLOPs" in runner.plan_text(path, 1)
+
+
 def test_a_first_runner_s_store_beside_its_runs_is_the_sweep_s_not_a_new_one(tmp_path):
     """The first runner's stores named no sweep; one holding trials is not a new store: a plan
     leaves it as it is (checking it would upgrade it), a rebuild refuses it as intact, and a
@@ -783,3 +795,10 @@ def test_a_study_mfu_over_resumed_trials_says_it_is_an_upper_bound():
     assert (fresh["resumed"], resumed["resumed"]) == (0, 1)
     assert "upper bound" not in "\n".join(report._timing(fresh))
     assert "1 of the trials resumed an earlier attempt" in "\n".join(report._timing(resumed))
+
+
+def test_an_override_yaml_cannot_read_is_dumped_as_its_text_in_sweep_yaml(tmp_path):
+    """A spec's overrides are untyped dicts: a glob stays the override's own str subclass,
+    which sweep.yaml is dumped with (it raised RepresenterError, a traceback)."""
+    spec = spec_lib.load_spec(spec_file(tmp_path), ["overrides.data.source=*.txt"])
+    assert "'*.txt'" in yaml.safe_dump(dataclasses.asdict(spec))
