@@ -194,7 +194,7 @@ def load_config(run_dir: str | Path, overrides=()) -> Config:
         was = _as_trained(config_lib.load(path))
     except ConfigError:  # an older lm's config that today's refuses: the overrides mend it,
         # but the model it stored stays as it is written
-        stored = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        stored = config_lib.read_yaml(path).get("model") or {}
         was = {**now, **{f"model.{k}": v for k, v in stored.items() if k in ARCHITECTURE}}
     if changed := [k for k in was if now[k] != was[k]]:
         raise ConfigError(

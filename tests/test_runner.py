@@ -418,9 +418,7 @@ def test_the_plan_ignores_a_damaged_prediction_json_as_the_run_does(tmp_path):
     path = finished_sweep(tmp_path)
     spec = spec_lib.load_spec(path)
     (held,) = [t.name for t in spec_lib.plan(spec) if t.role == "holdout"]
-    store = Store(spec.path / "store.sqlite")
-    if store.prediction() is None:
-        store.register({"runs": [{"run": held}]}, [held])
+    Store(spec.path / "store.sqlite").register({"runs": [{"run": held}]}, [held])
     (spec.path / runner.PREDICTION).write_text('{"runs": [')
     assert "FLOPs" in runner.plan_text(path, 1)
 
