@@ -205,6 +205,8 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, ove
     try:  # before the restore: a directory this user cannot write fails first
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if made:  # it failed partway (a name too long, say): the parents it made go too
+            shutil.rmtree(made, ignore_errors=True)
         raise ConfigError(f"--out {out} cannot be created ({e.strerror}); give a directory "
                           "this user can write") from None
     try:

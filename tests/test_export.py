@@ -124,3 +124,7 @@ def test_a_missing_step_or_a_used_directory_is_refused(tmp_path, capsys):
     assert "not an empty directory" in capsys.readouterr().err
     assert cli.main(["export", str(tmp_path / "run"), "--out", "/proc/lm-none/hf"]) == 2
     assert "--out /proc/lm-none/hf cannot be created (" in capsys.readouterr().err
+    too_long = tmp_path / "made" / "parent" / ("x" * 300)  # mkdir fails after two levels
+    assert cli.main(["export", str(tmp_path / "run"), "--out", str(too_long)]) == 2
+    assert "cannot be created (File name too long)" in capsys.readouterr().err
+    assert not (tmp_path / "made").exists()
