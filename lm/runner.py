@@ -877,16 +877,15 @@ def _ran_as_planned(trial: Trial) -> bool:
 
 
 def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -> str:
-    """A new store from the trials' run directories: a damaged one is moved aside, every trial
-    whose run finished is recorded done with its evaluations, the others pending. It trains
-    nothing, so the trials' devices are not checked."""
+    """A new store from the trials' run directories: a damaged SQLite one is moved aside (a
+    PostgreSQL one cannot be: it is filled only where it holds no trial, its tables dropped or
+    lost), every trial whose run finished is recorded done with its evaluations, the others
+    pending. It trains nothing, so the trials' devices are not checked."""
     spec = spec_lib.load_spec(spec_path, overrides)
     trials = spec_lib.plan(spec)
-    path = Path(store_url(spec, url))
-    if url and is_postgres(url):
-        raise StoreError("--rebuild-store rebuilds a SQLite store; for PostgreSQL, drop the "
-                         "sweep's tables (or create a new database) and run it again")
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    url = store_url(spec, url)
+    path = None if is_postgres(url) else Path(url)
+    aside = path and path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
     with exclusive(spec.path):
         if otherwise := [t.name for t in trials if not _ran_as_planned(t)]:
             raise ConfigError(
@@ -894,17 +893,26 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
                 f"changed under the sweep), and a rebuild would record it as planned: rebuild "
                 f"with the spec it ran with ({spec.path / 'sweep.yaml'}), or use a new `dir`")
         _registered_file(spec.path / PREDICTION)  # damaged: said before anything is moved
-        if path.exists():
-            if n := intact_trials(path, spec.name):
+        if path is None:
+            store = Store(url)
+            store.check_sweep(spec.name)
+            if store.holds_trials():
                 raise StoreError(
-                    f"{path} is intact (it reads whole and holds sweep {spec.name!r}'s {n} "
-                    f"trial{'s' * (n != 1)}): --rebuild-store mends a damaged or lost store, and "
-                    "would drop what only the store holds (the time each `lm sweep` took, each "
-                    "trial's attempts). To rebuild it anyway, move it away first")
-            for suffix in ("", "-journal", "-wal", "-shm"):  # a journal goes with its file
-                if (side := path.with_name(path.name + suffix)).exists():
-                    side.rename(aside.with_name(aside.name + suffix))
-        store = Store(path)
+                    f"{url} holds the trials of sweep {spec.name!r}: --rebuild-store fills a "
+                    "PostgreSQL store only where it holds none (a lost store's tables dropped, "
+                    "or a new database), as one cannot be set aside")
+        else:
+            if path.exists():
+                if n := intact_trials(path, spec.name):
+                    raise StoreError(
+                        f"{path} is intact (it reads whole and holds sweep {spec.name!r}'s {n} "
+                        f"trial{'s' * (n != 1)}): --rebuild-store mends a damaged or lost store, "
+                        "and would drop what only the store holds (the time each `lm sweep` "
+                        "took, each trial's attempts). To rebuild it anyway, move it away first")
+                for suffix in ("", "-journal", "-wal", "-shm"):  # a journal goes with its file
+                    if (side := path.with_name(path.name + suffix)).exists():
+                        side.rename(aside.with_name(aside.name + suffix))
+            store = Store(path)
         _sync_registration(spec, store)
         store.sync(spec.name, plan_digest(trials), trials)
         done = 0
@@ -913,6 +921,6 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
             if rows and rows[-1]["step"] == t.cfg.train.steps and rundir.evals(t.run_dir):
                 store.finish(t.name, _ingest(t), None)
                 done += 1
-    kept = f" (the old store kept as {aside.name})" if aside.exists() else ""
-    return f"rebuilt {path}{kept}: {done} of {len(trials)} trials done, the rest pending"
+    kept = f" (the old store kept as {aside.name})" if aside and aside.exists() else ""
+    return f"rebuilt {path or url}{kept}: {done} of {len(trials)} trials done, the rest pending"
 

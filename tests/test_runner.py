@@ -364,8 +364,8 @@ def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, 
     path, _, _ = finished
     sweep_dir = path.parent / "sweep"
     report = (sweep_dir / "report.md").read_bytes()
-    typo = tmp_path / "stor.sqlite"
-    for url in (str(typo), fresh_database(postgres)):
+    typo, database = tmp_path / "stor.sqlite", fresh_database(postgres)
+    for url in (str(typo), database):
         for mode in ([], ["--worker"]):
             out = lm("sweep", str(path), *mode, "--store", url, "--cpu-devices", "1")
             assert out.returncode == 2, out.stderr[-2000:]
@@ -375,6 +375,14 @@ def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, 
             assert "--store PATH --rebuild-store`" in out.stderr
     assert not typo.exists()
     assert (sweep_dir / "report.md").read_bytes() == report
+    # the hint holds for PostgreSQL too: a store that holds no trial is filled, once
+    rows = runner.status(path)
+    done = [r["name"] for r in rows if r["status"] == "done"]
+    assert runner.rebuild_store(path, database) == \
+        f"rebuilt {database}: {len(done)} of {len(rows)} trials done, the rest pending"
+    assert [r["name"] for r in runner.status(path, database) if r["status"] == "done"] == done
+    with pytest.raises(StoreError, match=re.escape(f"{database} holds the trials of sweep 't'")):
+        runner.rebuild_store(path, database)
 
 
 def test_the_plan_is_refused_where_the_run_would_be(finished, tmp_path):
