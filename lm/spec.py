@@ -82,10 +82,11 @@ class SweepSpec:
     isoflop: tuple[float, ...] = ()  # or compute budgets C: sizes around the optimum of each
     isoflop_points: int = 4
     seeds: tuple[int, ...] = (0,)  # a size may say how many it needs: {..., seeds: 3}
-    # Every trial of a study reads its training data in one order, set by `seed` (common
-    # random numbers: sizes and budgets are compared on the same batches); seeds vary the
-    # models' initialisation, offset by `seed` too. `lm sweep SPEC seed=1` reruns the study
-    # afresh, in SWEEP_DIR-seed1.
+    # A trial's seed sets its initialisation and its data order (data.seed follows
+    # train.seed): a data order's effect on the loss differs from size to size, so one order
+    # for a whole study is noise that no number of its seeds averages. Seeds are offset by
+    # `seed`: `lm sweep SPEC seed=10` reruns the study afresh, in SWEEP_DIR-seed10. A spec
+    # may still fix one order for every trial (`overrides: {data.seed: 0}`).
     seed: int = 0
     recipe: Recipe = Recipe()
     # held-out runs (YAML: one mapping or a list); one seed unless its size says `seeds: k`,
@@ -301,7 +302,7 @@ def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup
     base, r = _size_config(spec, size), spec.recipe
     lr = r.lr * (r.lr_ref_width / base.model.d_model) ** r.lr_power if r.lr_ref_width else r.lr
     name = _name(base, steps * base.tokens_per_step, seed, kind, tag)
-    settings = {"train.steps": steps, "train.seed": seed, "data.seed": spec.seed,
+    settings = {"train.steps": steps, "train.seed": seed,
                 "optim.warmup_steps": warmup,
                 "optim.schedule": schedule, "optim.decay_fraction": r.decay_fraction,
                 "optim.decay_shape": r.decay_shape, "train.run_dir": str(spec.path / "trials" / name),
