@@ -82,12 +82,15 @@ class SweepSpec:
     isoflop: tuple[float, ...] = ()  # or compute budgets C: sizes around the optimum of each
     isoflop_points: int = 4
     seeds: tuple[int, ...] = (0,)  # a size may say how many it needs: {..., seeds: 3}
-    # A trial's seed sets its initialisation and its data order (data.seed follows
-    # train.seed): a data order's effect on the loss differs from size to size, so one order
-    # for a whole study is noise that no number of its seeds averages. Seeds are offset by
-    # `seed`: `lm sweep SPEC seed=10` reruns the study afresh, in SWEEP_DIR-seed10. A spec
-    # may still fix one order for every trial (`overrides: {data.seed: 0}`).
+    # Seeds vary the models' initialisation, offset by `seed`: `lm sweep SPEC seed=10` reruns
+    # the study afresh, in SWEEP_DIR-seed10. The training data's order is, by `data_order`,
+    # `study`: one for every trial, set by `seed` (common random numbers: sizes, budgets and
+    # seeds compared on the same batches; what sweeps before it had), or `seed`: each seed's
+    # own (data.seed follows train.seed), so that a size's seeds average over data orders too:
+    # an order's effect on the loss differs from size to size, and one order for a whole
+    # study is noise that no number of its seeds averages.
     seed: int = 0
+    data_order: str = "study"
     recipe: Recipe = Recipe()
     # held-out runs (YAML: one mapping or a list); one seed unless its size says `seeds: k`,
     # and then their mean is scored too: what the law predicts is a size's expected loss
@@ -176,6 +179,9 @@ def _check_numbers(path: Path, spec: SweepSpec) -> None:
              "stable run to branch from")):
         if not ok:
             raise ConfigError(f"{path}: {key}={value} is not valid: {valid}")
+    if spec.data_order not in ("study", "seed"):
+        raise ConfigError(f"{path}: data_order={spec.data_order!r}: expected study (one order "
+                          "for every trial) or seed (each seed its own)")
     if spec.seed < 0 or any(s < 0 for s in spec.seeds):
         raise ConfigError(f"{path}: seed={spec.seed}, seeds={list(spec.seeds)}: seeds are >= 0")
 
@@ -302,6 +308,8 @@ def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup
     base, r = _size_config(spec, size), spec.recipe
     lr = r.lr * (r.lr_ref_width / base.model.d_model) ** r.lr_power if r.lr_ref_width else r.lr
     name = _name(base, steps * base.tokens_per_step, seed, kind, tag)
+    if spec.data_order == "study":
+        settings = {"data.seed": spec.seed, **settings}
     settings = {"train.steps": steps, "train.seed": seed,
                 "optim.warmup_steps": warmup,
                 "optim.schedule": schedule, "optim.decay_fraction": r.decay_fraction,

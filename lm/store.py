@@ -400,8 +400,9 @@ class Store:
                                     or old["role"] != t.role):
                 raise ConfigError(
                     f"trial {t.name} in {self.path} was planned with another config or "
-                    f"role ({old['role']}); the spec changed under an existing sweep: use a "
-                    "new `dir` (or name)")
+                    f"role ({old['role']}); the spec changed under an existing sweep: resume "
+                    "it with the spec it ran with (the sweep.yaml in its directory, which "
+                    "states every setting), or use a new `dir` (or name)")
 
     @_surviving
     def sync(self, name: str, digest: str, trials: list[Trial], replan: bool = False) -> None:

@@ -147,12 +147,13 @@ def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
     stables = [t for t in trials if t.role == "stable"]
     assert len(stables) == 2 + 2 + 1  # per size and seed; the last size asks for one seed
     assert {t.cfg.train.seed for t in trials} == {3, 4} and spec.path.name == "sweep-seed3"
-    # a seed is a data order too, shared by the sizes and budgets of that seed...
-    assert all(t.cfg.data_seed == t.cfg.train.seed for t in trials)
-    (tmp_path / "fixed").mkdir()
-    fixed = spec_lib.plan(spec_lib.load_spec(spec_file(tmp_path / "fixed", overrides={
-        **BASE, "data.seed": 7}, recipe={"lr": 1e-2, "schedule": "wsd"}), ["seed=3"]))
-    assert {t.cfg.data_seed for t in fixed} == {7}  # ...unless the spec fixes one for all
+    assert {t.cfg.data_seed for t in trials} == {3}  # one data order for the study...
+    own = spec_lib.plan(spec_lib.load_spec(spec.path.parent / "sweep.yaml",
+                                           ["seed=3", "data_order=seed"]))
+    assert [t.name for t in own] == [t.name for t in trials]
+    assert all(t.cfg.data_seed == t.cfg.train.seed for t in own)  # ...or each seed its own
+    with pytest.raises(ConfigError, match="data_order='size': expected study"):
+        spec_lib.load_spec(spec.path.parent / "sweep.yaml", ["data_order=size"])
     for stable in stables:
         branches = [t for t in trials if t.parent == stable.name]
         assert len(branches) == 3 and stable.cfg.optim.schedule == "constant"
