@@ -481,7 +481,7 @@ def _add_sweep(sub, common) -> None:
     mode.add_argument("--worker", action="store_true",
                       help="be one more worker of a running sweep (any machine; with --store)")
     mode.add_argument("--rebuild-store", action="store_true",
-                      help="rebuild a damaged store from the trials' run directories")
+                      help="rebuild a damaged or lost store from the trials' run directories")
     mode.add_argument("--retry-failed", action="store_true",
                       help="run the sweep, training again the trials that failed for good "
                       "(after fixing what made them fail)")

@@ -207,8 +207,8 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, ove
     except OSError as e:
         if made:  # it failed partway (a name too long, say): the parents it made go too
             shutil.rmtree(made, ignore_errors=True)
-        raise ConfigError(f"--out {out} cannot be created ({e.strerror}); give a directory "
-                          "this user can write") from None
+        raise ConfigError(f"--out {out} cannot be created ({e.strerror}); give another "
+                          "--out") from None
     try:
         params, step = restored_params(run_dir, cfg, step)
         # the tokenizer (synthetic tokens have none), found or prepared before anything is written

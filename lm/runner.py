@@ -898,9 +898,9 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
             store.check_sweep(spec.name)
             if store.holds_trials():
                 raise StoreError(
-                    f"{url} holds the trials of sweep {spec.name!r}: --rebuild-store fills a "
-                    "PostgreSQL store only where it holds none (a lost store's tables dropped, "
-                    "or a new database), as one cannot be set aside")
+                    f"{store.path} holds the trials of sweep {spec.name!r}: --rebuild-store "
+                    "fills a PostgreSQL store only where it holds none, as one cannot be set "
+                    "aside: drop the sweep's tables first (or give a new database)")
         else:
             if path.exists():
                 if n := intact_trials(path, spec.name):
@@ -922,5 +922,5 @@ def rebuild_store(spec_path: str | Path, url: str | None = None, overrides=()) -
                 store.finish(t.name, _ingest(t), None)
                 done += 1
     kept = f" (the old store kept as {aside.name})" if aside and aside.exists() else ""
-    return f"rebuilt {path or url}{kept}: {done} of {len(trials)} trials done, the rest pending"
+    return f"rebuilt {store.path}{kept}: {done} of {len(trials)} trials done, the rest pending"
 

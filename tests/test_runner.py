@@ -378,10 +378,11 @@ def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, 
     # the hint holds for PostgreSQL too: a store that holds no trial is filled, once
     rows = runner.status(path)
     done = [r["name"] for r in rows if r["status"] == "done"]
+    where = Store(database).path  # the URL without its user and password
     assert runner.rebuild_store(path, database) == \
-        f"rebuilt {database}: {len(done)} of {len(rows)} trials done, the rest pending"
+        f"rebuilt {where}: {len(done)} of {len(rows)} trials done, the rest pending"
     assert [r["name"] for r in runner.status(path, database) if r["status"] == "done"] == done
-    with pytest.raises(StoreError, match=re.escape(f"{database} holds the trials of sweep 't'")):
+    with pytest.raises(StoreError, match=re.escape(f"{where} holds the trials of sweep 't'")):
         runner.rebuild_store(path, database)
 
 
