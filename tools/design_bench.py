@@ -20,7 +20,7 @@ branches stay together. Then, with every error as predicted over actual, less 1:
   seeds do (their data order), so this spread is a floor for the sources' own.
 The main job's, e.g.
 
-    python tools/design_bench.py experiments/results/quick/seed{60,70,80,{100..360..10}}/points.csv \\
+    python tools/design_bench.py experiments/results/quick/seed{60,70,80,{100..390..10}}/points.csv \\
         --holdout-above 2e12 --law kaplan-nd --min-tokens-per-param 4 --seeds 6,6,2,2,3,3
 """
 
@@ -88,13 +88,15 @@ def shared(pool: dict[float, list[Points]]) -> list[str]:
         source = np.array([r.split(":", 1)[0] for r in p.run])
         for d in np.unique(p.tokens):
             logs = [np.log(p.loss[(p.tokens == d) & (source == s)]) for s in np.unique(source)]
-            k = min(map(len, logs))
-            if k < 2:
+            logs = [x for x in logs if len(x) > 1]
+            if len(logs) < 2:
                 continue
-            within = np.mean([np.var(x, ddof=1) for x in logs])
-            lines.append(f"N={n:.4g} D={d:.3g}: {k} seeds spread {100 * within ** 0.5:.2f}%; "
-                         f"their mean {100 * np.std([x.mean() for x in logs], ddof=1):.2f}% "
-                         f"from source to source ({100 * (within / k) ** 0.5:.2f}% by that spread)")
+            var = np.array([np.var(x, ddof=1) for x in logs])
+            k = np.array([len(x) for x in logs])
+            lines.append(f"N={n:.4g} D={d:.3g}: {k.mean():.3g} seeds spread "
+                         f"{100 * var.mean() ** 0.5:.2f}%; their mean "
+                         f"{100 * np.std([x.mean() for x in logs], ddof=1):.2f}% from source to "
+                         f"source ({100 * np.mean(var / k) ** 0.5:.2f}% by that spread)")
     return lines
 
 
@@ -104,8 +106,8 @@ def drawn(args, pool, held, seeds: list[int], rng) -> tuple[np.ndarray, np.ndarr
     mean = np.exp(np.mean([np.log(h.loss).mean() for h in held]))
     about, own = [], []
     for _ in range(args.draws):
-        picked = [units[i] for n, k in zip(sorted(pool), seeds)
-                  for units in [pool[n]] for i in rng.choice(len(units), k, replace=False)]
+        picked = [size[i] for n, k in zip(sorted(pool), seeds)
+                  for size in [pool[n]] for i in rng.choice(len(size), k, replace=False)]
         h = held[rng.integers(len(held))]
         try:
             scored = fitted(args, joined([*picked, h]), list(h.run))
@@ -152,6 +154,9 @@ def main() -> None:
         if len(seeds) != len(pool) or any(k > len(pool[n]) for n, k in zip(sorted(pool), seeds)):
             p.error(f"--seeds {seeds}: expected {len(pool)} counts, each at most its size's units")
         about, err = drawn(args, pool, held, seeds, rng)
+        if not len(err):
+            print(f"seeds {','.join(map(str, seeds))}: no draw could be fitted")
+            continue
         print(f"seeds {','.join(map(str, seeds))}: {len(err)} of {args.draws} draws fitted; "
               f"prediction about the held-out mean {pct(about)}; error on its run {pct(err)}, "
               f"within 2%: {np.mean(abs(err) < 0.02):.0%}")
