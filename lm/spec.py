@@ -90,7 +90,7 @@ class SweepSpec:
     # an order's effect on the loss differs from size to size, and one order for a whole
     # study is noise that no number of its seeds averages.
     seed: int = 0
-    data_order: str = "study"
+    data_order: Literal["study", "seed"] = "study"
     recipe: Recipe = Recipe()
     # held-out runs (YAML: one mapping or a list); one seed unless its size says `seeds: k`,
     # and then their mean is scored too: what the law predicts is a size's expected loss
@@ -179,9 +179,6 @@ def _check_numbers(path: Path, spec: SweepSpec) -> None:
              "stable run to branch from")):
         if not ok:
             raise ConfigError(f"{path}: {key}={value} is not valid: {valid}")
-    if spec.data_order not in ("study", "seed"):
-        raise ConfigError(f"{path}: data_order={spec.data_order!r}: expected study (one order "
-                          "for every trial) or seed (each seed its own)")
     if spec.seed < 0 or any(s < 0 for s in spec.seeds):
         raise ConfigError(f"{path}: seed={spec.seed}, seeds={list(spec.seeds)}: seeds are >= 0")
 
@@ -308,9 +305,8 @@ def _trial(spec: SweepSpec, size: dict, steps: int, seed: int, role: str, warmup
     base, r = _size_config(spec, size), spec.recipe
     lr = r.lr * (r.lr_ref_width / base.model.d_model) ** r.lr_power if r.lr_ref_width else r.lr
     name = _name(base, steps * base.tokens_per_step, seed, kind, tag)
-    if spec.data_order == "study":
-        settings = {"data.seed": spec.seed, **settings}
-    settings = {"train.steps": steps, "train.seed": seed,
+    order = {"data.seed": spec.seed} if spec.data_order == "study" else {}  # else train.seed's
+    settings = {"train.steps": steps, "train.seed": seed, **order,
                 "optim.warmup_steps": warmup,
                 "optim.schedule": schedule, "optim.decay_fraction": r.decay_fraction,
                 "optim.decay_shape": r.decay_shape, "train.run_dir": str(spec.path / "trials" / name),

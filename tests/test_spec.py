@@ -152,7 +152,7 @@ def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
                                            ["seed=3", "data_order=seed"]))
     assert [t.name for t in own] == [t.name for t in trials]
     assert all(t.cfg.data_seed == t.cfg.train.seed for t in own)  # ...or each seed its own
-    with pytest.raises(ConfigError, match="data_order='size': expected study"):
+    with pytest.raises(ConfigError, match=r"data_order='size' is not valid; choose one of \["):
         spec_lib.load_spec(spec.path.parent / "sweep.yaml", ["data_order=size"])
     for stable in stables:
         branches = [t for t in trials if t.parent == stable.name]
