@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm import ops
 from lm.ops import attention, cross_entropy, linear, masked_attention
 
 
@@ -73,3 +74,17 @@ def test_attention_paths_agree_with_grouped_heads(t, s):
         np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
     # query head i attends with kv head i // (h / g): permuting kv heads changes the output
     assert not np.allclose(einsum(q, kk[:, :, ::-1], v[:, :, ::-1]), einsum(q, kk, v))
+
+
+def test_fused_attention_only_where_cudnn_takes_it(monkeypatch):
+    """cuDNN's flash attention on GPUs for 16-bit causal calls with a supported head size;
+    XLA for fp32, sampling's masked calls, large heads, and every call off a GPU."""
+    def applies(dtype=jnp.bfloat16, head=64, causal=True):
+        return ops.fused_attention_applies(jnp.zeros((1, 4, 2, head), dtype), causal)
+
+    assert not applies()  # this suite runs on CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert applies() and applies(jnp.float16) and applies(head=128)
+    assert not applies(jnp.float32)
+    assert not applies(causal=False)
+    assert not applies(head=256) and not applies(head=60)

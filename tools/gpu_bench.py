@@ -8,8 +8,9 @@ CONFIG defaults to gpt2-small (123.6M parameters: d_model 768, 12 layers, contex
 Each path trains `--steps` timed steps on one resident synthetic batch after two warm-up steps,
 from the same initial state, and reports its median and best step time, tokens/s and MFU
 against the peak lm.flops names (the data sheet's on a GPU or TPU, a measured fp32 matmul on a
-CPU), whether XLA called cuDNN's fused attention, and its loss after the steps (the two paths
-should agree to bf16 rounding). Anything runs it; check it on a CPU with a tiny override:
+CPU), whether XLA called cuDNN's fused attention, and its loss at the first step and after the
+steps (the two paths should agree to bf16 rounding); then each path's attention output and
+gradients against fp32 on random inputs of the config's shapes (relative L2 error). Anything runs it; check it on a CPU with a tiny override:
 
     python tools/gpu_bench.py model.n_layers=1 model.d_model=64 model.n_heads=2 \\
         model.d_ff=128 model.context=64 model.vocab_size=256 train.batch_size=2 --steps 2
@@ -36,8 +37,9 @@ def time_path(cfg, steps: int) -> dict:
     state = program.init()
     batch = data.global_batch(data.source(cfg), 0, lay.batch_sharding, lay.batch_shape)
     lr = np.float32(cfg.optim.lr)
-    for _ in range(2):  # warm-up: allocation, autotuning
-        state, metrics = program.step(state, batch, lr)
+    state, metrics = program.step(state, batch, lr)
+    first_loss = float(metrics["loss"])  # the initial parameters' loss: the forward pass alone
+    state, metrics = program.step(state, batch, lr)  # warm-up: allocation, autotuning
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
@@ -50,7 +52,42 @@ def time_path(cfg, steps: int) -> dict:
             "tokens_per_s": cfg.tokens_per_step / median,
             "model_flops_per_s": flops.step_flops(cfg) / median,
             "cudnn_fmha": "__cudnn$fmha" in program.step.as_text(),
-            "loss": float(metrics["loss"])}
+            "first_loss": first_loss, "loss": float(metrics["loss"])}
+
+
+def attention_errors(cfg, batch: int = 2) -> dict:
+    """Each path's relative L2 error, in the config's dtype, against fp32 einsum attention at
+    full matmul precision: its output and the gradients of a random projection of it, on
+    random queries, keys and values of the config's shapes (`batch` sequences)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from lm.ops import attention
+
+    m = cfg.model
+    shapes = [(batch, m.context, m.n_heads, m.head_dim)] + 2 * [
+        (batch, m.context, m.n_kv_heads, m.head_dim)] + [(batch, m.context, m.n_heads, m.head_dim)]
+    q, k, v, cotangent = (jax.random.normal(key, shape) for key, shape in
+                          zip(jax.random.split(jax.random.key(0), 4), shapes))
+    positions = jnp.arange(m.context)  # small: a constant
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))  # inputs as arguments: captured
+    def out_and_grads(path, dtype, q, k, v, cotangent):  # constants XLA would try to fold
+        def f(q, k, v):
+            return attention(q, k, v, positions, m.head_dim ** -0.5, path)
+        out, vjp = jax.vjp(f, *(x.astype(dtype) for x in (q, k, v)))
+        return [x.astype(jnp.float32) for x in (out, *vjp(cotangent.astype(dtype)))]
+
+    with jax.default_matmul_precision("highest"):
+        reference = out_and_grads("einsum", jnp.float32, q, k, v, cotangent)
+    errors = {}
+    for path in PATHS:
+        ours = out_and_grads(path, jnp.dtype(m.dtype), q, k, v, cotangent)
+        errors[path] = {name: float(jnp.linalg.norm(a - r) / jnp.linalg.norm(r))
+                        for name, a, r in zip(("out", "dq", "dk", "dv"), ours, reference)}
+    return errors
 
 
 def main() -> None:
@@ -84,6 +121,7 @@ def main() -> None:
     for path, path_cfg in configs.items():
         result[path] = time_path(path_cfg, args.steps)
         result[path]["mfu"] = result[path]["model_flops_per_s"] / peak
+    result["attention_rel_error"] = attention_errors(cfg)
     result["dot_product_speedup"] = (result["einsum"]["step_time_s"]
                                      / result["dot_product"]["step_time_s"])
     print(json.dumps(result))
