@@ -1,0 +1,32 @@
+"""The accelerator benchmark, run as the README's CPU check of it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.d_ff=128", "model.context=64", "model.vocab_size=256", "train.batch_size=2"]
+
+
+def gpu_bench(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "tools/gpu_bench.py", *TINY, *args, "--steps", "2"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_gpu_bench_times_both_paths_and_measures_their_attention_against_fp32():
+    bf16, fp32 = gpu_bench(), gpu_bench("model.dtype=float32")
+    for result in (bf16, fp32):
+        assert result["device"] == "cpu" and result["peak"] == "measured cpu"
+        for path in ("einsum", "dot_product"):
+            run = result[path]
+            assert not run["cudnn_fmha"]  # cuDNN's kernel is for GPUs
+            assert run["step_time_best_s"] <= run["step_time_s"]
+            assert run["loss"] < run["first_loss"]  # two steps on one batch learn it
+        assert abs(result["einsum"]["first_loss"] - result["dot_product"]["first_loss"]) < 1e-3
+    for path, errors in fp32["attention_rel_error"].items():  # fp32 paths: rounding apart
+        assert set(errors) == {"out", "dq", "dk", "dv"} and max(errors.values()) < 1e-5, path
+    for path, errors in bf16["attention_rel_error"].items():  # bf16: 8 bits of mantissa
+        assert 1e-4 < min(errors.values()) and max(errors.values()) < 0.02, path
