@@ -9,8 +9,9 @@ Each path trains `--steps` timed steps on one resident synthetic batch after two
 from the same initial state, and reports its median and best step time, tokens/s and MFU
 against the peak lm.flops names (the data sheet's on a GPU or TPU, a measured fp32 matmul on a
 CPU), whether XLA called cuDNN's fused attention, and its loss at the first step and after the
-steps (the two paths should agree to bf16 rounding); then each path's attention output and
-gradients against fp32 on random inputs of the config's shapes (relative L2 error). Anything runs it; check it on a CPU with a tiny override:
+steps (the first should agree between the paths to bf16 rounding); then each path's attention
+output and gradients against fp32 on random inputs of the config's shapes (relative L2 error).
+Anything runs it; check it on a CPU with a tiny override:
 
     python tools/gpu_bench.py model.n_layers=1 model.d_model=64 model.n_heads=2 \\
         model.d_ff=128 model.context=64 model.vocab_size=256 train.batch_size=2 --steps 2
@@ -38,7 +39,7 @@ def time_path(cfg, steps: int) -> dict:
     batch = data.global_batch(data.source(cfg), 0, lay.batch_sharding, lay.batch_shape)
     lr = np.float32(cfg.optim.lr)
     state, metrics = program.step(state, batch, lr)
-    first_loss = float(metrics["loss"])  # the initial parameters' loss: the forward pass alone
+    first_loss = float(metrics["loss"])  # the initial parameters': no update in it yet
     state, metrics = program.step(state, batch, lr)  # warm-up: allocation, autotuning
     jax.block_until_ready(metrics)
     times = []
