@@ -68,10 +68,10 @@ def attention_errors(cfg, batch: int = 2) -> dict:
     from lm.ops import attention
 
     m = cfg.model
-    shapes = [(batch, m.context, m.n_heads, m.head_dim)] + 2 * [
-        (batch, m.context, m.n_kv_heads, m.head_dim)] + [(batch, m.context, m.n_heads, m.head_dim)]
-    q, k, v, cotangent = (jax.random.normal(key, shape) for key, shape in
-                          zip(jax.random.split(jax.random.key(0), 4), shapes))
+    q_shape = (batch, m.context, m.n_heads, m.head_dim)
+    kv_shape = (batch, m.context, m.n_kv_heads, m.head_dim)
+    q, k, v, cotangent = (jax.random.normal(key, shape) for key, shape in zip(
+        jax.random.split(jax.random.key(0), 4), (q_shape, kv_shape, kv_shape, q_shape)))
     positions = jnp.arange(m.context)  # small: a constant
 
     @functools.partial(jax.jit, static_argnums=(0, 1))  # inputs as arguments: captured
