@@ -817,8 +817,10 @@ def plan_text(spec_path: str | Path, cpu_devices: int | None = None, overrides=(
     store = _open_store(spec, store_url(spec, url), again, read_only=True)
     if store is not None and store.current:
         # the run takes the store's registration, else the file's (damaged: refused)
-        registered = store.prediction() is None and _registered_file(spec.path / PREDICTION)
-        store.check_plan(spec.name, trials, registered=registered[0] if registered else None)
+        registered = store.prediction()
+        if registered is None and (read := _registered_file(spec.path / PREDICTION)):
+            registered = read[0]
+        store.check_plan(spec.name, trials, registered=registered)
     elif store is not None and store.holds_trials():
         text += (f"\n(not checked against {store.path}: an older lm's store, which the run "
                  "upgrades, then checks)")

@@ -378,17 +378,16 @@ class Store:
         """Refuse, writing nothing, a plan the store cannot take: a store holding another
         sweep; with a `digest`, a plan other than the store's (a worker started with another
         spec; a runner may replan); a trial whose config or role changed under its name; a
-        held-out run that the registered prediction (the store's, else `registered`: the
-        prediction.json a run would register first) does not hold."""
+        held-out run that the `registered` prediction (the store's, or the prediction.json a
+        run would register first) does not hold."""
         held = self.check_sweep(name)
         if held is not None and digest is not None and self._get("plan") != digest:
             raise StoreError(f"{self.path} holds sweep {name!r} as planned by another spec: "
                              "start every worker with the spec the sweep was started with "
                              "(the sweep directory's sweep.yaml)")
-        prediction = self.prediction() or registered
-        if prediction is not None and "failed" not in prediction and (new := sorted(
+        if registered is not None and "failed" not in registered and (new := sorted(
                 {t.name for t in trials if t.role == "holdout"}
-                - {r["run"] for r in prediction.get("runs", [])})):
+                - {r["run"] for r in registered.get("runs", [])})):
             raise ConfigError(
                 f"held-out run {listed(new)} is not in the prediction registered in "
                 f"{self.path}, which is never edited: it would train unpredicted. Hold it "
@@ -411,7 +410,7 @@ class Store:
         an edit of the spec) passes them. Held-out trials wait ('blocked') until the
         prediction is registered."""
         with self.db.transaction():
-            self.check_plan(name, trials, None if replan else digest)
+            self.check_plan(name, trials, None if replan else digest, self.prediction())
             self._set("name", name)
             self._set("plan", digest)
             registered = self.prediction() is not None
