@@ -410,10 +410,11 @@ class Store:
         an edit of the spec) passes them. Held-out trials wait ('blocked') until the
         prediction is registered."""
         with self.db.transaction():
-            self.check_plan(name, trials, None if replan else digest, self.prediction())
+            prediction = self.prediction()
+            self.check_plan(name, trials, None if replan else digest, prediction)
             self._set("name", name)
             self._set("plan", digest)
-            registered = self.prediction() is not None
+            registered = prediction is not None
             if not registered:  # a store of an older lm let them start before registration
                 self.db.execute("UPDATE trials SET status='blocked' WHERE role='holdout' AND "
                                 "status='pending'")
