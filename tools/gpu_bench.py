@@ -24,6 +24,7 @@ import sys
 import time
 
 PATHS = ("einsum", "dot_product")
+FIXED = ["mesh.data=1", "mesh.model=1", "data.source=synthetic"]  # one device, no corpus
 
 
 def time_path(cfg, steps: int) -> dict:
@@ -109,8 +110,7 @@ def main() -> None:
 
     from lm import config, flops
 
-    fixed = ["mesh.data=1", "mesh.model=1", "data.source=synthetic"]
-    configs = {path: config.load(args.config, args.overrides + fixed + [f"model.attention={path}"])
+    configs = {path: config.load(args.config, args.overrides + FIXED + [f"model.attention={path}"])
                for path in PATHS}
     cfg, device = configs["einsum"], jax.devices()[0]
     peak = cfg.train.peak_flops or flops.peak_flops_per_s([device])
