@@ -23,7 +23,8 @@ class Timing:
     workers: int
     started: float  # time.time()
     ended: float
-    peak: float  # FLOP/s, measured alongside
+    peak: float  # FLOP/s
+    peak_name: str = "measured cpu"  # `runner.peak`'s: which peak (runs recorded before: CPU)
 
     @property
     def wall_s(self) -> float:
@@ -64,6 +65,7 @@ def time_split(runs: list[Timing], trials: list[dict]) -> dict:
             "phases": {p: phases.get(p, 0.0) for p in PHASES},
             "idle_s": max(worker_s - sum(phases.values()), 0.0),
             "flops": done_flops, "peak_flops_per_s": capacity / wall if wall > 0 else 0.0,
+            "peak_names": sorted({r.peak_name for r in runs}),
             "mfu": done_flops / capacity if capacity > 0 else 0.0}
 
 
@@ -218,8 +220,8 @@ def _timing(t: dict) -> list[str]:
     lines = ["## Where the time went", "",
              f"{t['trials']} trials ended in {runs} of `lm sweep`: {t['wall_s']:.0f} s of wall "
              f"time, {t['worker_s']:.0f} worker-seconds. Study MFU {t['mfu']:.1%}: "
-             f"{t['flops']:.3g} model FLOPs over the wall time and a measured peak of "
-             f"{t['peak_flops_per_s'] / 1e9:.0f} GFLOP/s"
+             f"{t['flops']:.3g} model FLOPs over the wall time and a peak of "
+             f"{t['peak_flops_per_s'] / 1e9:.0f} GFLOP/s ({'; '.join(t['peak_names'])})"
              + (f" ({t['resumed']} of the trials resumed an earlier attempt and count whole: "
                 "an upper bound)" if t.get("resumed") else "") + ".",
              "", "| phase | seconds (all workers) | share |", "|---|---:|---:|"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import yaml
@@ -56,18 +58,42 @@ POLL_S = 0.5
 # --------------------------------------------------------------------------- the sweep
 
 
-def devices(cpu_devices: int | None) -> tuple[int, int, str]:
-    """How many devices a worker has (0: unknown), their memory in bytes and their platform.
-    Asked of a child process, so that the runner itself never starts JAX."""
+class Devices(NamedTuple):
+    count: int  # 0: unknown
+    memory: int  # bytes, all of them together
+    platform: str
+    kind: str  # jax's device_kind, e.g. "NVIDIA H200"
+
+
+@functools.cache
+def devices(cpu_devices: int | None) -> Devices:
+    """The devices a worker has. Asked of a child process, once per runner, so that the
+    runner itself never starts JAX."""
     host = host_memory_bytes()
     if cpu_devices:
-        return cpu_devices, host, "cpu"  # simulated devices share the host's memory
+        return Devices(cpu_devices, host, "cpu", "cpu")  # simulated: they share the host
     probe = ("import jax; d = jax.devices(); print(d[0].platform, len(d), "
-             "(d[0].memory_stats() or {}).get('bytes_limit', 0) * len(d))")
+             "(d[0].memory_stats() or {}).get('bytes_limit', 0) * len(d), d[0].device_kind)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=300)
-    platform, count, limit = (out.stdout.split() + ["cpu", "0", "0"])[:3]
-    return int(count), host if platform == "cpu" else int(limit), platform
+    fields = out.stdout.split()
+    platform, count, limit, *kind = fields if len(fields) >= 3 else ["cpu", "0", "0"]
+    return Devices(int(count), host if platform == "cpu" else int(limit), platform,
+                   " ".join(kind) or platform)
+
+
+def peak(cpu_devices: int | None) -> tuple[float, str]:
+    """The peak FLOP/s of a worker's devices, for a sweep's study MFU and its plan's estimates,
+    and which it is: an accelerator's data-sheet figure (`flops.PEAKS`, all its devices), else
+    an fp32 matmul measured now in numpy (the runner never starts JAX)."""
+    d = devices(cpu_devices)
+    if d.platform != "cpu":
+        with contextlib.suppress(KeyError):
+            entry = flops.data_sheet_entry(d.kind)
+            return flops.PEAKS[entry] * d.count, entry
+    measured = flops.numpy_matmul_flops_per_s(2048)
+    return measured, ("measured cpu" if d.platform == "cpu" else
+                      f"measured cpu: no data-sheet peak for {d.kind}")
 
 
 def planned(spec_path: str | Path, cpu_devices: int | None, overrides=()
@@ -76,9 +102,9 @@ def planned(spec_path: str | Path, cpu_devices: int | None, overrides=()
     devices: their mesh and memory."""
     spec = spec_lib.load_spec(spec_path, overrides)
     trials = spec_lib.plan(spec)
-    count, memory, platform = devices(cpu_devices)
-    spec_lib.check_devices(trials, count)
-    spec_lib.check_memory(trials, memory, platform)
+    d = devices(cpu_devices)
+    spec_lib.check_devices(trials, d.count)
+    spec_lib.check_memory(trials, d.memory, d.platform)
     return spec, trials
 
 
@@ -583,11 +609,11 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
             log.info("sweep: %s", f"{len(back)} failed trials train again" if back else
                      "no trial had failed")
         started = time.time()
-        peak = flops.numpy_matmul_flops_per_s(2048)
+        peak_flops, peak_name = peak(cpu_devices)
         try:
             _supervise(spec_path, overrides, url, workers, cpu_devices, stale_s, names, store)
         finally:  # interrupted too: where the study's time went counts this run's part
-            run = report.Timing(workers, started, time.time(), peak)
+            run = report.Timing(workers, started, time.time(), peak_flops, peak_name)
             if report.ended_in([run], store.trials()):
                 store.add_run(dataclasses.asdict(run))
         fit = _report(spec, trials, store)
@@ -813,7 +839,7 @@ def plan_text(spec_path: str | Path, cpu_devices: int | None = None, overrides=(
     check it, against the sweep's store too where it has one."""
     spec, trials = planned(spec_path, cpu_devices, overrides)
     again = invocation(spec_path, overrides, None, cpu_devices)
-    text = spec_lib.plan_text(spec, trials, flops.numpy_matmul_flops_per_s())
+    text = spec_lib.plan_text(spec, trials, *peak(cpu_devices))
     store = _open_store(spec, store_url(spec, url), again, read_only=True)
     if store is not None and store.current:
         # the run takes the store's registration, else the file's (damaged: refused)

@@ -492,12 +492,12 @@ def estimated_seconds(trials: list[Trial], peak: float) -> list[float]:
     return seconds
 
 
-def plan_text(spec: SweepSpec, trials: list[Trial], peak: float) -> str:
+def plan_text(spec: SweepSpec, trials: list[Trial], peak: float, peak_name: str) -> str:
     """The `lm sweep --plan` table: every trial with its size, tokens, the FLOPs it spends and
     an estimated time (`estimated_seconds`); the study's FLOPs, and what cooldown branches save
     against training every budget from scratch."""
     lines = [f"sweep {spec.name}: {len(trials)} trials into {spec.path} (time assumes "
-             f"{PLAN_MFU:.0%} of a measured {peak / 1e9:.0f} GFLOP/s, +{PLAN_COMPILE_S:.0f} s "
+             f"{PLAN_MFU:.0%} of a peak of {peak / 1e9:.0f} GFLOP/s, {peak_name}; +{PLAN_COMPILE_S:.0f} s "
              f"to compile each model shape, +{PLAN_TRIAL_S:.0f} s a trial)",
              f"{'trial':<40} {'role':<8} {'params':>10} {'tokens':>10} {'FLOPs':>10} "
              f"{'steps':>6} {'lr':>8} {'~time':>8}   (FLOPs: those it trains, a cooldown "

@@ -789,6 +789,30 @@ def test_the_time_split_sums_the_runs_that_ended_trials():
     assert report.time_split(overlapping, [])["worker_s"] == 60.0
 
 
+def test_a_sweep_takes_an_accelerators_data_sheet_peak_and_says_which(monkeypatch):
+    """The study MFU and the plan divide by the peak of the workers' devices: an accelerator's
+    data-sheet figure for all of them (a CPU matmul would put a GPU study above 100%), a
+    measured CPU matmul on CPUs and for an accelerator no data sheet names; the report says
+    which."""
+    from lm import flops, report
+
+    def host(platform, count, kind):
+        monkeypatch.setattr(runner, "devices", lambda cpu_devices: runner.Devices(
+            count, 2**30, platform, kind))
+        return runner.peak(None)
+
+    assert host("gpu", 8, "NVIDIA H200") == (8 * flops.PEAKS["NVIDIA H200"], "NVIDIA H200")
+    measured, name = host("cpu", 1, "cpu")
+    assert name == "measured cpu" and 1e8 < measured < 1e14
+    measured, name = host("gpu", 1, "Some New GPU")
+    assert name == "measured cpu: no data-sheet peak for Some New GPU" and measured < 1e14
+    run = report.Timing(1, 0.0, 10.0, 8 * flops.PEAKS["NVIDIA H200"], "NVIDIA H200")
+    text = "\n".join(report._timing(report.time_split([run], [])))
+    assert f"a peak of {8 * flops.PEAKS['NVIDIA H200'] / 1e9:.0f} GFLOP/s (NVIDIA H200)" in text
+    old = report.Timing(**{"workers": 1, "started": 0.0, "ended": 1.0, "peak": 1e11})
+    assert old.peak_name == "measured cpu"  # a run recorded before the peak was named
+
+
 def test_a_study_mfu_over_resumed_trials_says_it_is_an_upper_bound():
     """A trial resumed from an earlier attempt counts whole in the study MFU, though part of
     its FLOPs were spent before this run: the report says so."""

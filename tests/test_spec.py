@@ -166,7 +166,8 @@ def test_a_wsd_recipe_plans_stable_runs_and_their_cooldown_branches(tmp_path):
             assert b.cfg.optim.warmup_steps == stable.cfg.optim.warmup_steps  # one warmup a size
             assert b.facts()["spent_flops"] == pytest.approx(
                 b.facts()["flops"] * (t.steps - t.branch_step) / t.steps)
-    text = spec_lib.plan_text(spec, trials, peak=1e11)
+    text = spec_lib.plan_text(spec, trials, 1e11, "measured cpu")
+    assert "25% of a peak of 100 GFLOP/s, measured cpu;" in text.splitlines()[0]
     assert "if every budget trained from scratch" in text and "saved" in text
     b = branches[0]  # a branch's row: the FLOPs it trains, not its run's from step 0
     (row,) = [line for line in text.splitlines() if line.startswith(b.name + " ")]
