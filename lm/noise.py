@@ -56,12 +56,26 @@ class Noise:
         return self.sigma / self.at(points.params, points.tokens)
 
 
+def _groups(finals: Points) -> tuple[np.ndarray, np.ndarray]:
+    """Runs that share N and D (to 6 digits of their logs: an N or D computed two ways, as
+    C / 6N, differs in its last bits), ordered by N then D: each group's first run, and each
+    run's group."""
+    keys = np.stack([np.round(np.log(finals.params), 6), np.round(np.log(finals.tokens), 6)], 1)
+    _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return first, group.reshape(-1)
+
+
+def seed_groups(finals: Points) -> list[np.ndarray]:
+    """The indices of the runs that share N and D, where more than one does (seeds)."""
+    _, group = _groups(finals)
+    return [g for g in (np.flatnonzero(group == k) for k in np.unique(group)) if len(g) > 1]
+
+
 def _seed_groups(finals: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Over the groups of runs that share N and D: each group's first run, its number of
     runs, and the sum of squares of its log losses about their mean."""
-    keys = np.stack([np.round(np.log(finals.params), 6), np.round(np.log(finals.tokens), 6)], 1)
-    _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    group, y = group.reshape(-1), np.log(finals.loss)
+    first, group = _groups(finals)
+    y = np.log(finals.loss)
     sizes = np.bincount(group)
     means = np.bincount(group, y) / sizes
     return first, sizes, np.bincount(group, (y - means[group]) ** 2)
@@ -115,11 +129,12 @@ def noise_by_size(finals: Points) -> dict[float, Noise]:
 
 def noise_by_budget(finals: Points) -> dict[tuple[float, float], Noise]:
     """The seed noise of each (model size, token count) that has seeds: of each trial."""
+    first, group = _groups(finals)
     out = {}
-    for n, d in sorted(set(zip(finals.params.tolist(), finals.tokens.tolist()))):
-        noise = seed_noise(finals.select((finals.params == n) & (finals.tokens == d)))
+    for k, i in enumerate(first):
+        noise = seed_noise(finals.select(group == k))
         if noise:
-            out[(n, d)] = noise
+            out[(float(finals.params[i]), float(finals.tokens[i]))] = noise
     return out
 
 

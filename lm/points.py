@@ -118,6 +118,10 @@ class Points:
         np.maximum.at(last, inv, self.tokens)
         return inv, last
 
+    def finals(self) -> Points:
+        """Each run's final point: its last annealed one, where the points have any."""
+        return self.select(self.final_mask(bool(self.annealed.any())))
+
     def final_mask(self, annealed: bool = False) -> np.ndarray:
         """True at each run's last point (most tokens, then highest step); with `annealed`,
         at its last annealed point where it has one (a WSD run's last cooldown end, not the

@@ -173,7 +173,7 @@ def _fitting_points(spec: SweepSpec, store: Store, names) -> Points:
     counted as the spec says, without the sizes too noisy to fit."""
     f = spec.fit
     points = store.points_of(f.params, roles=("fit",), names=names, metric=f.metric)
-    noise = noise_by_size(_finals(points))
+    noise = noise_by_size(points.finals())
     noisy = too_noisy(spec, noise)
     if noisy and noisy >= set(points.params.tolist()):
         least = min(noise[n].sigma for n in noisy)
@@ -194,12 +194,6 @@ def _fit(spec: SweepSpec, points: Points) -> Fit:
         raise FitError(f"the fit of the finished fitting runs failed ({type(e).__name__}: {e})"
                        "; add sizes or token budgets (fit.law needs them spread over more "
                        "than a factor of a few), or check the failed trials") from None
-
-
-def _finals(points: Points) -> Points:
-    """Each run's final point: its annealed end, where runs have them."""
-    return points.select(points.final_mask() & (points.annealed if points.annealed.any()
-                                                 else True))
 
 
 def too_noisy(spec: SweepSpec, noise: dict[float, Noise]) -> set[float]:
@@ -769,7 +763,7 @@ def _noise_table(spec: SweepSpec, store: Store, fitting: list[str]) -> list[dict
                                  metric=spec.fit.metric)
     except LMError:
         return []
-    finals = _finals(points)
+    finals = points.finals()
     sems = store.last_sems(spec.fit.metric)
     noise = noise_by_size(finals)
     noisy = too_noisy(spec, noise)
@@ -861,7 +855,7 @@ def status(spec_path: str | Path, url: str | None = None, overrides=()) -> list[
         return []
     store = Store(url, create=False)
     store.check_sweep(spec.name)
-    last = store.last_losses()
+    last = store.last_losses(spec.fit.metric)  # the loss the fit takes
     keys = ("name", "role", "status", "worker", "attempts", "wall_s", "flops", "error")
     return [{**{k: r[k] for k in keys}, "loss": last.get(r["name"])} for r in store.trials()]
 

@@ -36,7 +36,7 @@ from lm.errors import FitError, listed
 from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, at_bounds,
                      by_name, centre, descend, flops_per_token, isoflop, power_fit, power_line,
                      problem, uncentre)
-from lm.noise import Noise, residual_noise, seed_noise
+from lm.noise import Noise, residual_noise, seed_groups, seed_noise
 from lm.points import Points, budget_labels, resample_runs
 
 HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, robust beyond
@@ -319,7 +319,7 @@ def _pair(value) -> tuple[float, float] | None:
 def _holdout_runs(points: Points, holdout: str | Collection[str] | None,
                   above: float | None) -> np.ndarray:
     # each run's compute where it will be scored: its last annealed point, where there are any
-    final = points.select(points.final_mask(bool(points.annealed.any())))
+    final = points.finals()
     held = set()
     if above is not None:
         held |= set(final.run[final.flops > above])
@@ -758,7 +758,7 @@ def score(fit: Fit, points: Points, held: Collection[str]) -> Fit:
     # against what the fit saw: annealed ends, where it took only those
     final = points.select(points.final_mask(fit.annealed_only) & np.isin(points.run, list(held)))
     held_out = _scored(fit, final)
-    seeds = _same_n_and_d(final)
+    seeds = seed_groups(final)
     means = replace(final.select(np.array([g[0] for g in seeds], dtype=int)),
                     loss=np.array([final.loss[g].mean() for g in seeds]),
                     run=np.array([_seeds_name(final.run[g]) for g in seeds]))
@@ -781,14 +781,6 @@ def _scored(fit: Fit, final: Points, seeds: Sequence[int] | None = None) -> tupl
                  for r, n, d, c, q, p, l, e, i, w, k in zip(
                      final.run, final.params, final.tokens, final.flops, ratio, point,
                      final.loss, are, runs, laws, seeds))
-
-
-def _same_n_and_d(final: Points) -> list[list[int]]:
-    """Indices of the runs that share N and D, where more than one does (seeds)."""
-    groups: dict[tuple[float, float], list[int]] = {}
-    for i, key in enumerate(zip(final.params, final.tokens)):
-        groups.setdefault(key, []).append(i)
-    return [g for g in groups.values() if len(g) > 1]
 
 
 def _seeds_name(runs: Sequence[str]) -> str:

@@ -94,8 +94,6 @@ def worker_name(pid: int | None = None) -> str:
 
 
 class _SQLite:
-    placeholder = "?"
-
     def __init__(self, path: Path):
         self.where = str(path)
         try:
@@ -138,8 +136,6 @@ class _SQLite:
 
 
 class _Postgres:
-    placeholder = "%s"
-
     def __init__(self, url: str, wait: float = 0.0):
         self.url, self.where = url, re.sub(r"//[^@/]*@", "//", url)  # no password in messages
         try:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lm.noise import (NOISE_FLOOR, Noise, noise_by_budget, noise_by_size, residual_noise,
-                      seed_noise)
+                      seed_groups, seed_noise)
 from lm.points import Points
 
 
@@ -64,3 +64,15 @@ def test_noise_by_budget_is_each_trial_s_own_spread():
     assert sorted(by_budget) == [(1e6, 1e9), (1e6, 2e9)]  # the lone run has none
     assert by_budget[(1e6, 1e9)].sigma == pytest.approx(abs(np.log(3.3 / 3.0)) / np.sqrt(2))
     assert by_budget[(1e6, 2e9)].sigma < 1e-4
+
+
+def test_seeds_are_runs_of_one_n_and_d_to_rounding():
+    """An N or D computed two ways (tokens as C / 6N) differs in its last bits: its runs are
+    still seeds of one trial, for the noise and for the held-out mean alike; another N is not."""
+    d = 6e20 / (6 * 1e6 * 1.1) * 1.1  # 1e14, but not to the last bit
+    groups = {(1e6, 1e14): [3.0, 3.3], (1e6, d): [3.1], (1.001e6, 1e14): [2.9], (2e6, 1e14): [2.8]}
+    assert d != 1e14
+    points = finals(groups)
+    assert [list(g) for g in seed_groups(points)] == [[0, 1, 2]]
+    assert list(noise_by_budget(points)) == [(1e6, 1e14)]
+    assert noise_by_budget(points)[(1e6, 1e14)].df == 2

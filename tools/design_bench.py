@@ -45,7 +45,7 @@ def units(tag: str, points: Points, held: set[str]
           ) -> tuple[dict[float, list[Points]], list[Points]]:
     """A source's fitting units by N, and its `held` runs (one unit each); run names are
     prefixed with `tag` so that units of different sources never share one."""
-    final = points.select(points.final_mask(bool(points.annealed.any())))
+    final = points.finals()
     is_held = np.isin(final.run, list(held))
     final = dataclasses.replace(final, run=np.char.add(f"{tag}:", final.run))
     rest = final.select(~is_held)
