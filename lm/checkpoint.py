@@ -17,6 +17,7 @@ devices hold, process 0 the metadata, all into one directory they share (a netwo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -196,12 +197,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict, shardings: d
     targets = {name: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract[name], shardings[name]) for name in items}
     args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
-    try:
+    with _quiet_abandoned_reads():
         restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
                                                               **args))
-    except Exception:
-        _quiet_abandoned_reads()
-        raise
     saved = restored["meta"].get("fingerprints", {})  # none in checkpoints of older lm versions
     for name in items:
         if name in saved and fingerprints(restored[name]) != saved[name]:
@@ -220,13 +218,16 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
     return aside
 
 
-def _quiet_abandoned_reads() -> None:
-    """After a failed restore, orbax's reads of the checkpoint's other arrays still end in
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """When a restore fails, orbax's reads of the checkpoint's other arrays still end in
     TensorStore's threads and, their event loop gone, print their errors as "unraisable"
-    tracebacks (dozens, at random, after lm has said the step is unreadable). Drop those, and
-    only those, for the rest of the process."""
+    tracebacks (dozens, at random, some before the failure reaches lm). Drop those, and only
+    those, from before the reads start: for the rest of the process if the restore fails,
+    until it returns if it succeeds (then no read was abandoned)."""
     previous = sys.unraisablehook
     if getattr(previous, "quiets_abandoned_reads", False):
+        yield
         return
 
     def hook(unraisable):
@@ -237,6 +238,8 @@ def _quiet_abandoned_reads() -> None:
 
     hook.quiets_abandoned_reads = True
     sys.unraisablehook = hook
+    yield  # a failure raises here, leaving the hook in place
+    sys.unraisablehook = previous
 
 
 def why(e: BaseException) -> str:
