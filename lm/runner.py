@@ -565,9 +565,7 @@ def _supervise(spec_path, overrides, url: str, workers: int, cpu_devices: int | 
                     log.warning("sweep: worker %s ended with exit code %d%s", dead,
                                 p.returncode, f"; {', '.join(back)} back in the queue" if back
                                 else "")
-                pending = any(r["status"] not in FINAL for r in store.trials()
-                              if r["name"] in names)
-                if pending and not refused and restarts < 2 * workers:
+                if _unfinished(store, names) and not refused and restarts < 2 * workers:
                     restarts += 1
                     procs[i] = _spawn(spec_path, overrides, url, cpu_devices, stale_s)
                 else:
@@ -578,6 +576,12 @@ def _supervise(spec_path, overrides, url: str, workers: int, cpu_devices: int | 
                 p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait()
+
+
+def _unfinished(store: Store, names: set[str]) -> bool:
+    """Whether a trial of `names` has not ended: a worker has work (a trial to train, or a
+    prediction to register before held-out runs can)."""
+    return any(r["status"] not in FINAL for r in store.trials() if r["name"] in names)
 
 
 def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
@@ -602,14 +606,16 @@ def run(spec_path: str | Path, workers: int = 1, cpu_devices: int | None = None,
             back = store.retry_failed(names)
             log.info("sweep: %s", f"{len(back)} failed trials train again" if back else
                      "no trial had failed")
-        started = time.time()
-        peak_flops, peak_name = peak(cpu_devices)
-        try:
-            _supervise(spec_path, overrides, url, workers, cpu_devices, stale_s, names, store)
-        finally:  # interrupted too: where the study's time went counts this run's part
-            run = report.Timing(workers, started, time.time(), peak_flops, peak_name)
-            if report.ended_in([run], store.trials()):
-                store.add_run(dataclasses.asdict(run))
+        if _unfinished(store, names):  # else no worker is started, just the report
+            started = time.time()
+            peak_flops, peak_name = peak(cpu_devices)
+            try:
+                _supervise(spec_path, overrides, url, workers, cpu_devices, stale_s, names,
+                           store)
+            finally:  # interrupted too: where the study's time went counts this run's part
+                run = report.Timing(workers, started, time.time(), peak_flops, peak_name)
+                if report.ended_in([run], store.trials()):
+                    store.add_run(dataclasses.asdict(run))
         fit = _report(spec, trials, store)
     _say_what_is_left(invocation(spec_path, overrides, url_given, cpu_devices), trials, store,
                       fit)

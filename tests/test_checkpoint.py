@@ -18,10 +18,13 @@ from lm.processes import StopSignals
 from conftest import small
 
 
+SESSION = train.Session()  # each shape compiled once for the module, as a sweep worker does
+
+
 def trained(run_dir, *overrides):
     cfg = small("train.steps=8", "checkpoint.every_steps=4", f"train.run_dir={run_dir}",
                 "mesh.data=4", "mesh.model=2", *overrides)
-    train.train(cfg)
+    train.train(cfg, session=SESSION)
     return cfg
 
 

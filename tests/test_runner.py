@@ -34,6 +34,15 @@ def lm(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
+def lm_here(capsys, *args) -> tuple[int, str, str]:
+    """`lm` run in this process, where what is tested needs no process of its own (no
+    interpreter to start): its exit code, stdout and stderr."""
+    capsys.readouterr()
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def final_losses(store_url) -> dict[str, float]:
     return Store(store_url).last_losses()
 
@@ -98,7 +107,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(finished):
                                                    "train.log").read_text())
 
 
-def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
+def test_the_prediction_is_registered_once_from_the_fitting_runs(finished, capsys):
     path, out, _ = finished
     sweep_dir = path.parent / "sweep"
     registered = json.loads((sweep_dir / "prediction.json").read_text())
@@ -126,15 +135,16 @@ def test_the_prediction_is_registered_once_from_the_fitting_runs(finished):
         assert part in report, part
     assert "Refit after registration" not in report
     assert "held-out" in out.stdout and "ARE" in out.stdout
-    refit = lm("fit", str(sweep_dir), "--out", str(path.parent / "refit.json"),
-               "--min-tokens-per-param", "0", "--bootstrap", "0")  # the ARE needs no intervals
-    assert refit.returncode == 0, refit.stderr
+    code, refit, err = lm_here(capsys, "fit", str(sweep_dir), "--out",
+                               str(path.parent / "refit.json"), "--min-tokens-per-param", "0",
+                               "--bootstrap", "0")  # the ARE needs no intervals
+    assert code == 0, err
     refitted = json.loads((path.parent / "refit.json").read_text())
     assert refitted["are"] == pytest.approx(fit["are"])
     assert refitted["backtest"]["ratio"] == pytest.approx(held["compute_ratio"], rel=1e-6)
-    assert "backtest: " in refit.stdout
+    assert "backtest: " in refit
     assert refitted["law_spread"]["law"] in ("chinchilla", "kaplan-nd")
-    assert "the other law of N and D, " in refit.stdout
+    assert "the other law of N and D, " in refit
 
 
 def test_n_counted_by_flops_is_each_trials_flops_per_token_over_6(finished, capsys):
@@ -174,7 +184,7 @@ def test_status_lists_every_trial_as_json(finished, capsys):
         assert row["status"] == "failed" or row["attempts"] >= 1 and row["worker"]
 
 
-def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
+def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path, capsys):
     path, _, _ = finished
     sweep_dir = tmp_path / "sweep"
     shutil.copytree(path.parent / "sweep", sweep_dir)
@@ -184,16 +194,16 @@ def test_editing_a_finished_sweep_keeps_its_record(finished, tmp_path):
     changed = dict(spec, dir=str(sweep_dir), recipe={**spec["recipe"], "lr": 5e-3})
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
     sweep_yaml = (sweep_dir / "sweep.yaml").read_bytes()
-    out = lm("sweep", str(tmp_path / "changed.yaml"), "--cpu-devices", "1")
-    assert out.returncode == 2 and "planned with another config" in out.stderr
+    code, _, err = lm_here(capsys, "sweep", str(tmp_path / "changed.yaml"), "--cpu-devices", "8")
+    assert code == 2 and "planned with another config" in err
     assert (sweep_dir / "sweep.yaml").read_bytes() == sweep_yaml  # refused: nothing written
 
     # one size fewer, and N counted another way
     fewer = dict(spec, dir=str(sweep_dir), sizes=spec["sizes"][:3],
                  fit={**spec["fit"], "params": "flops"})
     (tmp_path / "fewer.yaml").write_text(yaml.safe_dump(fewer))
-    out = lm("sweep", str(tmp_path / "fewer.yaml"), "--cpu-devices", "1")
-    assert out.returncode == 0, out.stderr[-2000:]
+    code, _, err = lm_here(capsys, "sweep", str(tmp_path / "fewer.yaml"), "--cpu-devices", "8")
+    assert code == 0, err[-2000:]
     assert (sweep_dir / "prediction.json").read_bytes() == registered
     report = (sweep_dir / "report.md").read_text()
     assert "Kept, not fitted" in report and "d24-l1-h2-t5.12e03-s0" in report
@@ -291,7 +301,8 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
 
     path, _, _ = finished
     url = fresh_database(postgres)
-    spec = spec_file(tmp_path, recipe=WSD)  # the same trials, without the ones that fail
+    # the same trials, without those that fail and the held-out run (and its registration)
+    spec = spec_file(tmp_path, recipe=WSD, holdout={})
     args = ["sweep", str(spec), "--worker", "--store", url, "--cpu-devices", "1",
             "--stale-after", "8"]  # a lease of 4 s: no healthy worker fenced on a busy host
     workers = [subprocess.Popen([sys.executable, "-m", "lm.cli", *args],
@@ -300,13 +311,13 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
     store = Store(url)
     victim = None
     deadline = time.time() + 300
-    while victim is None and time.time() < deadline:
+    while victim is None and time.time() < deadline and workers[0].poll() is None:
         for row in store.trials():  # a trial far enough in to have logged steps
             if row["status"] == "running" and row["worker"].endswith(f":{workers[0].pid}") \
                     and (tmp_path / "sweep" / "trials" / row["name"] / "metrics.jsonl").exists():
                 victim = row["name"]
         time.sleep(0.1)
-    assert victim, "worker 0 never got a trial"
+    assert victim, f"worker 0 never got a trial (exit code {workers[0].poll()})"
     workers[0].kill()
     done = threading.Event()
 
@@ -333,21 +344,22 @@ def test_two_workers_on_postgres_one_killed_mid_trial(finished, postgres, tmp_pa
     assert final_losses(url) == {name: reference[name] for name in rows}  # bit for bit
 
 
-def test_bad_stores_fail_before_any_training(finished, postgres, tmp_path):
+def test_bad_stores_fail_before_any_training(finished, postgres, tmp_path, capsys):
     path, _, _ = finished
     spec = spec_file(tmp_path, name="other")
     for url, message in [("postgresql://lm@127.0.0.1:1/postgres", "cannot reach the store"),
                          (postgres.replace("lm@", "intruder@"), "cannot reach the store"),
                          (str(path.parent / "sweep" / "store.sqlite"), "holds sweep 't'")]:
-        out = lm("sweep", str(spec), "--store", url, "--cpu-devices", "1")
-        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+        code, _, err = lm_here(capsys, "sweep", str(spec), "--store", url, "--cpu-devices", "8")
+        assert code == 2 and message in err, err[-2000:]
         assert not (tmp_path / "sweep" / "trials").exists()
     other = spec_file(tmp_path, tokens=[5120, 8192, 16384])  # the same sweep, planned otherwise
     store_copy = tmp_path / "copy.sqlite"
     shutil.copy(path.parent / "sweep" / "store.sqlite", store_copy)
     Store(store_copy).db.execute("UPDATE sweep SET value='t' WHERE key='name'")
-    out = lm("sweep", str(other), "--worker", "--store", str(store_copy), "--cpu-devices", "1")
-    assert out.returncode == 2 and "planned by another spec" in out.stderr
+    code, _, err = lm_here(capsys, "sweep", str(other), "--worker", "--store", str(store_copy),
+                           "--cpu-devices", "8")
+    assert code == 2 and "planned by another spec" in err
     spec = spec_file(tmp_path, name="other")
     theirs = path.parent / "sweep" / "store.sqlite"  # reading or rebuilding: refused too
     before = theirs.read_bytes()
@@ -357,7 +369,8 @@ def test_bad_stores_fail_before_any_training(finished, postgres, tmp_path):
     assert theirs.read_bytes() == before and not list(theirs.parent.glob("*.damaged-*"))
 
 
-def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, tmp_path):
+def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, tmp_path,
+                                                            capsys):
     """A mistyped --store would record every trial done again, from its run directory, in a
     store of its own, and rewrite the report: refused, by the runner and by a worker, before
     the file is created."""
@@ -367,12 +380,13 @@ def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, 
     typo, database = tmp_path / "stor.sqlite", fresh_database(postgres)
     for url in (str(typo), database):
         for mode in ([], ["--worker"]):
-            out = lm("sweep", str(path), *mode, "--store", url, "--cpu-devices", "1")
-            assert out.returncode == 2, out.stderr[-2000:]
-            assert f"sweep 't' has trained in {sweep_dir}" in out.stderr
-            assert f"but {url} holds no sweep" in out.stderr
-            assert f"--store {url}" not in out.stderr  # its rebuild hint: not at the typo
-            assert "--store PATH --rebuild-store`" in out.stderr
+            code, _, err = lm_here(capsys, "sweep", str(path), *mode, "--store", url,
+                                   "--cpu-devices", "8")
+            assert code == 2, err[-2000:]
+            assert f"sweep 't' has trained in {sweep_dir}" in err
+            assert f"but {url} holds no sweep" in err
+            assert f"--store {url}" not in err  # its rebuild hint: not at the typo
+            assert "--store PATH --rebuild-store`" in err
     assert not typo.exists()
     assert (sweep_dir / "report.md").read_bytes() == report
     # the hint holds for PostgreSQL too: a store that holds no trial is filled, once
@@ -386,22 +400,23 @@ def test_a_store_new_to_a_sweep_that_has_trained_is_refused(finished, postgres, 
         runner.rebuild_store(path, database)
 
 
-def test_the_plan_is_refused_where_the_run_would_be(finished, tmp_path):
+def test_the_plan_is_refused_where_the_run_would_be(finished, tmp_path, capsys):
     """--plan checks a spec against the sweep's store as the run does, writing nothing."""
     path, _, _ = finished
     spec = yaml.safe_load(path.read_text())
     store = path.parent / "sweep" / "store.sqlite"
     before = store.read_bytes()
-    out = lm("sweep", "--plan", str(path), "--cpu-devices", "1")
-    assert out.returncode == 0 and "FLOPs" in out.stdout, out.stderr[-2000:]
+    code, out, err = lm_here(capsys, "sweep", "--plan", str(path), "--cpu-devices", "8")
+    assert code == 0 and "FLOPs" in out, err[-2000:]
     for changes, message in [({"name": "other"}, "holds sweep 't', not 'other'"),
                              ({"holdout": {**spec["holdout"], "tokens": 65536}},
                               "is not in the prediction registered"),
                              ({"recipe": {**spec["recipe"], "lr": 2e-2}},
                               "was planned with another config")]:
         (tmp_path / "s.yaml").write_text(yaml.safe_dump({**spec, **changes}))
-        out = lm("sweep", "--plan", str(tmp_path / "s.yaml"), "--cpu-devices", "1")
-        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+        code, _, err = lm_here(capsys, "sweep", "--plan", str(tmp_path / "s.yaml"),
+                               "--cpu-devices", "8")  # this process's devices
+        assert code == 2 and message in err, err[-2000:]
     typo = tmp_path / "stor.sqlite"  # a new store beside the trained runs
     with pytest.raises(StoreError, match=f"but {typo} holds no sweep"):
         runner.plan_text(path, 1, url=str(typo))
@@ -479,7 +494,7 @@ def test_a_url_of_another_scheme_is_refused_not_taken_for_a_file(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.yaml"]  # nothing created
 
 
-def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path):
+def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path, capsys):
     """...but not by a spec other than the one the trials ran with."""
     path, _, _ = finished
     spec = yaml.safe_load(path.read_text())
@@ -491,24 +506,24 @@ def test_a_damaged_store_is_rebuilt_from_the_run_directories(finished, tmp_path)
     assert "holds no trials, but its trials have run directories" in status
     assert status.endswith(f"lm sweep {tmp_path / 's.yaml'} --rebuild-store`")
     (sweep_dir / "store.sqlite").write_bytes(b"garbage " * 512)
-    out = lm("sweep", "--status", str(tmp_path / "s.yaml"))
-    assert out.returncode == 2 and "not a sweep store" in out.stderr
-    assert "--rebuild-store" in out.stderr
+    code, _, err = lm_here(capsys, "sweep", "--status", str(tmp_path / "s.yaml"))
+    assert code == 2 and "not a sweep store" in err
+    assert "--rebuild-store" in err
     edited = dict(spec, dir=str(sweep_dir), recipe={**spec["recipe"], "lr": 2e-2})
     (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))  # not what the trials ran
-    out = lm("sweep", str(tmp_path / "edited.yaml"), "--rebuild-store")
-    assert out.returncode == 2 and "ran with another config than the spec plans" in out.stderr
+    code, _, err = lm_here(capsys, "sweep", str(tmp_path / "edited.yaml"), "--rebuild-store")
+    assert code == 2 and "ran with another config than the spec plans" in err
     assert not list(sweep_dir.glob("store.sqlite.damaged-*"))  # nothing moved or written
-    out = lm("sweep", str(tmp_path / "s.yaml"), "--rebuild-store")
-    assert out.returncode == 0 and "13 of 17 trials done" in out.stdout, out.stderr
+    code, out, err = lm_here(capsys, "sweep", str(tmp_path / "s.yaml"), "--rebuild-store")
+    assert code == 0 and "13 of 17 trials done" in out, err
     assert final_losses(sweep_dir / "store.sqlite") == final_losses(
         path.parent / "sweep" / "store.sqlite")
     assert Store(sweep_dir / "store.sqlite").prediction() is not None  # from prediction.json
     assert list(sweep_dir.glob("store.sqlite.damaged-*"))
     rebuilt = (sweep_dir / "store.sqlite").read_bytes()  # intact now: nothing to mend
-    out = lm("sweep", str(tmp_path / "s.yaml"), "--rebuild-store")
-    assert out.returncode == 2 and "is intact (it reads whole and holds sweep 't''s 17 " \
-        "trials)" in out.stderr and "move it away first" in out.stderr, out.stderr[-2000:]
+    code, _, err = lm_here(capsys, "sweep", str(tmp_path / "s.yaml"), "--rebuild-store")
+    assert code == 2 and "is intact (it reads whole and holds sweep 't''s 17 " \
+        "trials)" in err and "move it away first" in err, err[-2000:]
     assert (sweep_dir / "store.sqlite").read_bytes() == rebuilt
     assert len(list(sweep_dir.glob("store.sqlite.damaged-*"))) == 1
 
