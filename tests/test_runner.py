@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from lm import cli, config, runner, spec as spec_lib
-from lm.errors import ConfigError, FitError, StoreError
+from lm.errors import ConfigError, FitError, Incomplete, StoreError
 from lm.store import Store, load_points
 
 from sweeps import BASE, SIZES, finished_sweep, spec_file
@@ -574,6 +574,33 @@ def test_no_prediction_is_registered_after_a_held_out_run_trained(tmp_path):
     assert not runner.register_when_ready(spec, trials, store)  # sync racing the registration
     assert json.loads(file.read_text()) == store.prediction()
     assert {r["status"] for r in store.trials() if r["role"] == "holdout"} == {"pending"}
+
+
+def test_a_sweep_whose_every_trial_has_ended_reports_without_starting_a_worker(tmp_path,
+                                                                              monkeypatch):
+    """Rerun to report again, `lm sweep` starts no worker: one would only start JAX to find
+    nothing to claim. A trial not ended yet gets one."""
+    path = finished_sweep(tmp_path)
+    spawned = []
+
+    class Ended:  # a worker that exits at once
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+        wait = poll
+
+    monkeypatch.setattr(runner, "_spawn", lambda *args: spawned.append(args) or Ended())
+    report = tmp_path / "sweep" / "report.md"
+    runner.run(path, cpu_devices=8)
+    assert spawned == [] and report.is_file()
+    store = Store(tmp_path / "sweep" / "store.sqlite")
+    (name,) = [r["name"] for r in store.trials() if r["role"] == "holdout"]
+    store.db.execute("UPDATE trials SET status='pending' WHERE name=?", (name,))
+    with pytest.raises(Incomplete, match="1 trial not run"):
+        runner.run(path, cpu_devices=8)
+    assert len(spawned) == 1
 
 
 def test_a_sweep_whose_fitting_runs_all_failed_fails_and_can_retry_them(tmp_path):
