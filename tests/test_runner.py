@@ -35,8 +35,9 @@ def lm(*args, timeout=600):
 
 
 def lm_here(capsys, *args) -> tuple[int, str, str]:
-    """`lm` run in this process, where what is tested needs no process of its own (no
-    interpreter to start): its exit code, stdout and stderr."""
+    """`lm` run in this process (no interpreter to start), where it starts no process of its
+    own (a worker forked from a process running JAX could deadlock): its exit code, stdout
+    and stderr."""
     capsys.readouterr()
     code = cli.main(list(args))
     out, err = capsys.readouterr()

@@ -133,14 +133,14 @@ def test_extrapolates_chinchilla_from_below_1e20_to_30_130x():
 
 def test_prediction_intervals_cover_actual_runs_in_simulated_studies():
     """95% intervals for an actual held-out run (4x the compute, law uncertainty, run noise
-    and the law's misfit, zero in 56 of these studies) hold its loss in >= 88% of 100
-    simulated studies (measured 93; 96 with the next seed), noise 0.5%, two seeds a point."""
+    and the law's misfit) hold its loss in >= 88% of 60 simulated studies (measured 55; 93 of
+    100, 96 of 100 with the next seed), noise 0.5%, two seeds a point."""
     rng = np.random.default_rng(7)
     covered = 0
-    for _ in range(100):
+    for _ in range(60):
         (held,) = fit(study(rng), holdout=["held"]).holdout
         covered += held.interval[0] <= held.loss <= held.interval[1]
-    assert covered >= 88, covered
+    assert covered >= 53, covered
 
 
 def test_seeds_of_a_held_out_run_are_scored_together_in_a_narrower_interval():
@@ -374,18 +374,18 @@ def test_too_few_bootstrap_refits_give_no_interval():
 
 def test_points_weighted_by_the_noise_trend_predict_better_and_still_cover():
     """Where the noise varies 8x over the points, weighting each by its noise brings the
-    held-out ARE of 30 simulated studies well down (measured 0.35% against 0.59% unweighted;
-    a trend found in 27), and the run intervals still hold the actual runs (30 of 30); the
-    trend survives fit.json."""
+    held-out ARE of 20 simulated studies well down (measured 0.35% against 0.67% unweighted;
+    a trend found in 17; of 30, 0.35% against 0.59%, 27), and the run intervals still hold
+    the actual runs (20 of 20); the trend survives fit.json."""
     rng = np.random.default_rng(5)
-    studies = [study(rng, noise=short_runs_noisier) for _ in range(30)]
+    studies = [study(rng, noise=short_runs_noisier) for _ in range(20)]
     weighted = [fit(s, holdout=["held"]) for s in studies]
     with pytest.MonkeyPatch.context() as m:
         m.setattr(noise_lib, "noise_trend", lambda finals: None)
         plain = [fit(s, holdout=["held"]) for s in studies]
-    assert sum(f.noise.trend is not None for f in weighted) >= 15
+    assert sum(f.noise.trend is not None for f in weighted) >= 10
     assert np.mean([f.are for f in weighted]) <= 0.8 * np.mean([f.are for f in plain])
-    assert sum(r.interval[0] <= r.loss <= r.interval[1] for f in weighted for r in f.holdout) >= 27
+    assert sum(r.interval[0] <= r.loss <= r.interval[1] for f in weighted for r in f.holdout) >= 18
     f = next(f for f in weighted if f.noise.trend)
     assert Fit.from_json(json.loads(json.dumps(f.to_json()))).noise == f.noise
 
