@@ -36,6 +36,18 @@ def small(*overrides: str) -> config.Config:
     return config.load(None, base + list(overrides))
 
 
+def lm_here(capsys, *argv: str) -> tuple[int, str, str]:
+    """`lm ...` run in this process (its 8 devices; no interpreter to start), where it starts no
+    process of its own (a worker forked from a process running JAX could deadlock): its exit
+    code, stdout and stderr."""
+    from lm import cli
+
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     return str(tmp_path / "run")

@@ -16,7 +16,7 @@ import pytest
 from lm import checkpoint, cli, config, data, rundir, state, train
 from lm.errors import ConfigError, TrainingError
 
-from conftest import small
+from conftest import lm_here, small
 
 SPIKES = ("train.steps=24", "optim.lr=2e-2", "optim.warmup_steps=3", "train.log_every=4",
           "checkpoint.every_steps=5", "mesh.data=-1", "train.peak_flops=1e12",
@@ -164,13 +164,6 @@ def test_run_directories_no_run_wrote_are_refused(tmp_path):
 # --------------------------------------------------------------------------- damaged runs
 
 
-def lm(capsys, *argv):
-    """`lm ...` in this process (8 devices): its exit code, stdout and stderr."""
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def run_args(run, *overrides):
     return ["train", "tiny", "data.source=synthetic", "train.steps=8", "checkpoint.every_steps=4",
             "train.log_every=2", "train.progress=false", f"train.run_dir={run}", *overrides]
@@ -215,7 +208,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_finishes_alike(
     else:  # bytes inside the array data: decodes fine, but to other values
         raw[1000:1004] = bytes(b ^ 0xFF for b in raw[1000:1004])
     path.write_bytes(bytes(raw))
-    code, out, err = lm(capsys, *run_args(run))
+    code, out, err = lm_here(capsys, *run_args(run))
     assert code == 0, err
     assert "step 8 is unreadable" in err and "restored step 4" in err
     assert "TensorStore details" not in err and "Traceback" not in err  # the reason, in a line
@@ -224,7 +217,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_finishes_alike(
     assert curve(run) == curve(finished)  # as if never interrupted
     for a, b in zip(params_at(run, 8), params_at(finished, 8)):
         np.testing.assert_array_equal(a, b)  # bit for bit
-    assert lm(capsys, *run_args(run))[0] == 0  # and again: nothing left to trip over
+    assert lm_here(capsys, *run_args(run))[0] == 0  # and again: nothing left to trip over
 
 
 def test_a_run_none_of_whose_checkpoints_restores_is_refused_and_loses_nothing(
@@ -237,7 +230,7 @@ def test_a_run_none_of_whose_checkpoints_restores_is_refused_and_loses_nothing(
         path = data_file(run, step)
         path.write_bytes(path.read_bytes()[:100])
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    code, _, err = lm(capsys, *run_args(run, "train.steps=12"))
+    code, _, err = lm_here(capsys, *run_args(run, "train.steps=12"))
     assert code == 2 and "no checkpoint in" in err and "steps [4, 8]" in err
     assert {p: p.read_bytes() for p in run.rglob("*")
             if p.is_file() and p.name != ".lock"} == before
@@ -251,7 +244,7 @@ def test_a_resume_on_other_batches_is_refused_and_changes_nothing(finished, tmp_
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    code, _, err = lm(capsys, *run_args(run, "train.steps=12", override))
+    code, _, err = lm_here(capsys, *run_args(run, "train.steps=12", override))
     assert code == 2 and f"trained on other batches ({changed})" in err
     assert {p: p.read_bytes() for p in run.rglob("*")
             if p.is_file() and p.name != ".lock"} == before
@@ -265,9 +258,9 @@ def test_eval_never_scores_a_damaged_checkpoint(finished, tmp_path, capsys):
     raw[2000] ^= 0x10
     path.write_bytes(bytes(raw))
     (checkpoint.directory(run) / "999999").mkdir()  # an empty step directory, too
-    code, _, err = lm(capsys, "eval", str(run), "--step", "8")
+    code, _, err = lm_here(capsys, "eval", str(run), "--step", "8")
     assert code == 2 and "checkpoint 8" in err and "damaged" in err and "Traceback" not in err
-    code, out, err = lm(capsys, "eval", str(run))  # the newest that restores
+    code, out, err = lm_here(capsys, "eval", str(run))  # the newest that restores
     assert code == 0 and "step 999999 is unreadable" in err and "step 8 is unreadable" in err
     assert [r["step"] for r in rundir.evals(run)] == [4]  # the newest that restores
     assert (checkpoint.directory(run) / "8").is_dir()  # eval moves nothing
@@ -284,15 +277,15 @@ def test_a_second_process_on_a_run_directory_is_refused(finished, tmp_path, caps
     try:
         assert holder.stdout.readline() == "held\n"
         before = (run / "metrics.jsonl").read_text()
-        code, _, err = lm(capsys, *run_args(run, "train.steps=12"))
+        code, _, err = lm_here(capsys, *run_args(run, "train.steps=12"))
         assert code == 2 and f"is in use by lm (pid {holder.pid}" in err
         assert (run / "metrics.jsonl").read_text() == before
-        code, _, err = lm(capsys, "eval", str(run))
+        code, _, err = lm_here(capsys, "eval", str(run))
         assert code == 2 and "is in use" in err
     finally:
         holder.kill()  # SIGKILL: the lock goes with the process
         holder.wait()
-    assert lm(capsys, *run_args(run, "train.steps=12"))[0] == 0
+    assert lm_here(capsys, *run_args(run, "train.steps=12"))[0] == 0
 
 
 @pytest.mark.parametrize("override, message", [
@@ -306,10 +299,10 @@ def test_a_rejected_resume_writes_nothing(finished, tmp_path, capsys, override, 
         return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
 
     before = files()
-    code, _, err = lm(capsys, *run_args(run, override))
+    code, _, err = lm_here(capsys, *run_args(run, override))
     assert code == 2 and message in err
     assert files() == before
-    assert lm(capsys, "eval", str(run))[0] == 0  # still a good run
+    assert lm_here(capsys, "eval", str(run))[0] == 0  # still a good run
 
 
 def test_a_row_cut_short_by_a_crash_is_dropped_on_resume(finished, tmp_path, capsys):
@@ -318,7 +311,7 @@ def test_a_row_cut_short_by_a_crash_is_dropped_on_resume(finished, tmp_path, cap
     shutil.rmtree(checkpoint.directory(run) / "8")  # the crash came before the last save
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "lo')
-    code, _, err = lm(capsys, *run_args(run))
+    code, _, err = lm_here(capsys, *run_args(run))
     assert code == 0 and "dropping its last line" in err
     assert curve(run) == curve(finished)
 
@@ -331,11 +324,11 @@ def test_retention_deletes_only_what_lm_wrote(tmp_path, capsys):
     (root / "3.orbax-checkpoint-tmp-99").mkdir()  # not a save of lm's: it holds notes
     (root / "3.orbax-checkpoint-tmp-99" / "notes.txt").write_text("mine")
     args = run_args(run, "checkpoint.every_steps=2", "checkpoint.keep=1")
-    code, _, err = lm(capsys, *args, "train.steps=6")
+    code, _, err = lm_here(capsys, *args, "train.steps=6")
     assert code == 0, err
     assert sorted(p.name for p in root.iterdir()) == ["3.orbax-checkpoint-tmp-99", "6"]
     (root / "6" / "precious.txt").write_text("keep me")
-    code, _, err = lm(capsys, *args, "train.steps=10")
+    code, _, err = lm_here(capsys, *args, "train.steps=10")
     assert code == 0 and "leaving" in err and "holds files lm did not write" in err
     assert sorted(p.name for p in root.iterdir()) == ["10", "3.orbax-checkpoint-tmp-99", "6"]
     assert (root / "6" / "precious.txt").read_text() == "keep me"
@@ -346,7 +339,7 @@ def test_retention_deletes_only_what_lm_wrote(tmp_path, capsys):
     link.mkdir()
     config.dump(config.load("tiny", run_args(link)[2:]), link / "config.yaml")
     (link / "checkpoints").symlink_to(outside)
-    code, _, err = lm(capsys, *run_args(link))
+    code, _, err = lm_here(capsys, *run_args(link))
     assert code == 2 and "outside the run directory" in err
     assert [p.name for p in outside.iterdir()] == ["2"]
 

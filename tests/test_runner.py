@@ -21,6 +21,7 @@ from lm import cli, config, runner, spec as spec_lib
 from lm.errors import ConfigError, FitError, Incomplete, StoreError
 from lm.store import Store, load_points
 
+from conftest import lm_here
 from sweeps import BASE, SIZES, finished_sweep, spec_file
 from test_store import V1, cut, fresh_database
 from test_trackers import read_scalars
@@ -32,16 +33,6 @@ DIVERGES = {"model.d_model": 24, "model.n_layers": 1, "model.n_heads": 2,
 def lm(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "lm.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
-
-
-def lm_here(capsys, *args) -> tuple[int, str, str]:
-    """`lm` run in this process (no interpreter to start), where it starts no process of its
-    own (a worker forked from a process running JAX could deadlock): its exit code, stdout
-    and stderr."""
-    capsys.readouterr()
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def final_losses(store_url) -> dict[str, float]:
