@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from lm import config
@@ -13,10 +11,20 @@ TINY = ["model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_h
         "model.d_ff=128", "model.context=64", "model.vocab_size=256", "train.batch_size=2"]
 
 
-def gpu_bench(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "tools/gpu_bench.py", *TINY, *args, "--steps", "2"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.splitlines()[-1])
+def load_gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "tools" / "gpu_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def gpu_bench(bench, monkeypatch, capsys, *args: str) -> dict:
+    """The tool's command line run in this process (no interpreter or JAX to start again): its
+    last line, parsed."""
+    monkeypatch.setattr("sys.argv", ["gpu_bench.py", *TINY, *args, "--steps", "2"])
+    capsys.readouterr()
+    bench.main()
+    return json.loads(capsys.readouterr().out.splitlines()[-1])
 
 
 def assert_both_paths_train(result: dict) -> None:
@@ -28,18 +36,17 @@ def assert_both_paths_train(result: dict) -> None:
     assert abs(result["einsum"]["first_loss"] - result["dot_product"]["first_loss"]) < 1e-3
 
 
-def test_gpu_bench_times_both_paths_and_measures_their_attention_against_fp32():
-    result = gpu_bench()
+def test_gpu_bench_times_both_paths_and_measures_their_attention_against_fp32(monkeypatch,
+                                                                              capsys):
+    bench = load_gpu_bench()
+    result = gpu_bench(bench, monkeypatch, capsys)
     assert result["device"] == "cpu" and result["peak"] == "measured cpu"
     assert_both_paths_train(result)
     for path, errors in result["attention_rel_error"].items():  # bf16: 8 bits of mantissa
         assert set(errors) == {"out", "dq", "dk", "dv"}, path
         assert 1e-4 < min(errors.values()) and max(errors.values()) < 0.02, path
-    # fp32, through the tool's own functions in-process (a second run of the tool took 12 s
-    # more): both paths train alike, and their attention is rounding apart
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "tools" / "gpu_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    # fp32, through the tool's own functions (a second run of the tool took 12 s more): both
+    # paths train alike, and their attention is rounding apart
     fp32 = {path: config.load("gpt2-small", TINY + bench.FIXED + ["model.dtype=float32",
                                                                    f"model.attention={path}"])
             for path in bench.PATHS}
