@@ -146,12 +146,12 @@ def test_prediction_intervals_cover_actual_runs_in_simulated_studies():
 def test_seeds_of_a_held_out_run_are_scored_together_in_a_narrower_interval():
     """What the law predicts is a size's expected loss; the mean of a held-out size's seeds
     measures it with a run's noise / sqrt(seeds). Its 95% interval, from bootstrap refits as
-    a sweep's are, holds it in >= 18 of 20 simulated studies (measured 20 of 20 here, 39 of 40
-    with 30 refits; with the Laplace approximation instead, 186 of 200), and is narrower than
-    one run's."""
+    a sweep's are, holds it in >= 9 of 10 simulated studies (measured 10 of 10 here, 20 of 20
+    with ten more, 39 of 40 with 30 refits; with the Laplace approximation instead, 186 of
+    200), and is narrower than one run's."""
     rng = np.random.default_rng(11)
     covered = 0
-    for _ in range(20):
+    for _ in range(10):
         result = fit(study(rng, held_seeds=2), holdout=["held-s0", "held-s1"], bootstrap=20)
         (mean,) = result.holdout_means
         one, two = result.holdout
@@ -159,7 +159,7 @@ def test_seeds_of_a_held_out_run_are_scored_together_in_a_narrower_interval():
         assert mean.loss == pytest.approx((one.loss + two.loss) / 2)
         assert mean.interval[1] - mean.interval[0] < one.interval[1] - one.interval[0]
         covered += mean.interval[0] <= mean.loss <= mean.interval[1]
-    assert covered >= 18, covered
+    assert covered >= 9, covered
     assert scaling.Fit.from_json(result.to_json()).holdout_means == result.holdout_means
 
 
