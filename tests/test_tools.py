@@ -18,10 +18,10 @@ def load_gpu_bench():
     return bench
 
 
-def gpu_bench(bench, monkeypatch, capsys, *args: str) -> dict:
+def gpu_bench(bench, monkeypatch, capsys) -> dict:
     """The tool's command line run in this process (no interpreter or JAX to start again): its
     last line, parsed."""
-    monkeypatch.setattr("sys.argv", ["gpu_bench.py", *TINY, *args, "--steps", "2"])
+    monkeypatch.setattr("sys.argv", ["gpu_bench.py", *TINY, "--steps", "2"])
     capsys.readouterr()
     bench.main()
     return json.loads(capsys.readouterr().out.splitlines()[-1])
