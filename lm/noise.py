@@ -27,20 +27,28 @@ class Noise:
     with its degrees of freedom and where it was measured: `seeds` (runs of one N and D) or
     `residuals` (of the fit, when no two runs share N and D). `trend`, where the seeds measure
     one: (c0, c_N, c_D) of log sigma = c0 + c_N log N + c_D log D (short runs of small models
-    are far noisier than long ones)."""
+    are far noisier than long ones), and `span`, the (log N, log D) box of the seed groups that
+    measured it: (log N min, max, log D min, max)."""
 
     sigma: float
     df: int
     source: str
     trend: tuple[float, float, float] | None = None
+    span: tuple[float, float, float, float] | None = None
 
     def at(self, params, tokens) -> np.ndarray:
-        """The noise of a run of `params` on `tokens`: by the trend, else `sigma` everywhere."""
+        """The noise of a run of `params` on `tokens`: by the trend, else `sigma` everywhere.
+        Beyond the seed groups the trend holds its value at their edge: seeds where runs are
+        cheap (small models, short budgets) say nothing of how quiet the long runs past them
+        are, and a trend carried out there would weight those runs without bound."""
         params, tokens = np.broadcast_arrays(np.asarray(params, float), np.asarray(tokens, float))
         if self.trend is None:
             return np.full(params.shape, self.sigma)
         c0, c_n, c_d = self.trend
-        return np.exp(c0 + c_n * np.log(params) + c_d * np.log(tokens))
+        log_n, log_d = np.log(params), np.log(tokens)
+        if self.span is not None:
+            log_n, log_d = np.clip(log_n, *self.span[:2]), np.clip(log_d, *self.span[2:])
+        return np.exp(c0 + c_n * log_n + c_d * log_d)
 
     def describe(self) -> str:
         """E.g. '0.80% of the loss (from seeds, 12 degrees of freedom), as N^+0.22 D^-1.08:
@@ -84,11 +92,15 @@ def _seed_groups(finals: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def seed_noise(finals: Points) -> Noise | None:
     """The pooled spread of log L over runs that share N and D (seeds), if any do, with its
     trend in N and D where the seeds measure one."""
-    _, sizes, ss = _seed_groups(finals)
+    first, sizes, ss = _seed_groups(finals)
     df = int(np.sum(sizes - 1))
     if df < 1 or not np.sum(ss) > 0:  # seeds that agree exactly measure no noise (copies)
         return None
-    return Noise(float(np.sqrt(np.sum(ss) / df)), df, "seeds", noise_trend(finals))
+    trend = noise_trend(finals)
+    seeded = first[(sizes > 1) & (ss > 0)]
+    span = tuple(float(f(np.log(a[seeded]))) for a in (finals.params, finals.tokens)
+                 for f in (np.min, np.max))
+    return Noise(float(np.sqrt(np.sum(ss) / df)), df, "seeds", trend, span if trend else None)
 
 
 def noise_trend(finals: Points) -> tuple[float, float, float] | None:

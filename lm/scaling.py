@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 import threadpoolctl
 from scipy.optimize import brentq
+from scipy.stats import norm
 
 from lm.errors import FitError, listed
 from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, at_bounds,
-                     by_name, centre, descend, flops_per_token, isoflop, power_fit, power_line,
-                     problem, uncentre)
+                     by_name, centre, converged, descend, flops_per_token, isoflop, power_fit,
+                     power_line, problem, uncentre)
 from lm.noise import Noise, residual_noise, seed_groups, seed_noise
 from lm.points import Points, budget_labels, resample_runs
 
@@ -142,9 +143,9 @@ class Misfit:
 
     def describe(self) -> str:
         refits = f"{self.refits} refit{'s' * (self.refits != 1)}"
-        return (f"{self.constant:.2%} + {self.per_efold:.2%} per e-fold of compute beyond the "
-                f"fitting runs (from {refits} on its smaller runs, {self.predictions} "
-                "predictions)")
+        return (f"{self.constant:.2%} and {self.per_efold:.2%} per e-fold of compute beyond "
+                f"the fitting runs, added in quadrature (from {refits} on its smaller runs, "
+                f"{self.predictions} predictions)")
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,8 @@ class Fit:
                 drop_early=_field(raw, "drop_early", float, where),
                 allocation=Allocation(**{**alloc, "examples": tuple(alloc.get("examples", ()))}),
                 loss=raw.get("loss", "huber"), huber_delta=raw.get("huber_delta"),
-                noise=Noise(**{**noise, "trend": _triple(noise.get("trend"))}) if noise else None,
+                noise=Noise(**{**noise, "trend": _floats(noise.get("trend")),
+                                "span": _floats(noise.get("span"))}) if noise else None,
                 flops_per_token=raw.get("flops_per_token", {"coef": 6.0, "exponent": 1.0}),
                 annealed_only=bool(raw.get("annealed_only", False)),
                 min_tokens_per_param=float(raw.get("min_tokens_per_param", 0.0)),
@@ -274,11 +276,11 @@ class Fit:
                 laplace=Laplace(tuple(laplace["mean"]), tuple(map(tuple, laplace["cov"])))
                 if laplace else None,
                 misfit=Misfit(**misfit) if misfit else None,
-                intervals={k: _pair(v) for k, v in raw.get("intervals", {}).items()},
+                intervals={k: _floats(v) for k, v in raw.get("intervals", {}).items()},
                 identifiability=Identifiability(
-                    tuple(ident["e"]), tuple(ident["objective"]), _pair(ident["allowed"]),
+                    tuple(ident["e"]), tuple(ident["objective"]), _floats(ident["allowed"]),
                     ident["identified"], tuple(ident.get("laws", ()))) if ident else None,
-                budgets=tuple(Budget(**{**b, "params_range": _pair(b["params_range"])})
+                budgets=tuple(Budget(**{**b, "params_range": _floats(b["params_range"])})
                               for b in raw.get("budgets") or ()),
                 outliers=tuple(raw.get("outliers", ())),
                 holdout=_held_out((raw.get("holdout") or {}).get("runs", [])),
@@ -289,8 +291,8 @@ class Fit:
 
 
 def _held_out(rows: list) -> tuple[HeldOut, ...]:
-    return tuple(HeldOut(**{**r, "interval": _pair(r.get("interval")),
-                            "law_interval": _pair(r.get("law_interval"))}) for r in rows)
+    return tuple(HeldOut(**{**r, "interval": _floats(r.get("interval")),
+                            "law_interval": _floats(r.get("law_interval"))}) for r in rows)
 
 
 def _field(raw: dict, key: str, kind: type, where: str):
@@ -305,12 +307,8 @@ def _field(raw: dict, key: str, kind: type, where: str):
     return kind(value)
 
 
-def _triple(value) -> tuple[float, float, float] | None:
-    return None if value is None else (float(value[0]), float(value[1]), float(value[2]))
-
-
-def _pair(value) -> tuple[float, float] | None:
-    return None if value is None else (float(value[0]), float(value[1]))
+def _floats(value) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -491,7 +489,7 @@ def _fit(points: Points, law: str = "chinchilla", *,
     result = replace(result, allocation=_allocation(result, train))
     if held.size:
         result = score(result, points, held)
-    return replace(result, warnings=tuple(_warnings(result, train)))
+    return replace(result, warnings=tuple(_warnings(result, train, rest)))
 
 
 def _bootstrap(train: Points, law: Law, delta: float, noise: Noise | None, fpt, start: dict,
@@ -580,7 +578,9 @@ def _refit_errors(train: Points, law: Law, delta: float, noise: Noise, fpt):
         sub = train.select(np.isin(train.run, final.run[below]))
         try:
             with np.errstate(all="ignore"):  # a wild refit or draw may overflow: dropped
-                refit = _raw_fit(sub, law, delta, noise, fpt)[0]
+                refit, _, ok, _ = _raw_fit(sub, law, delta, noise, fpt)
+                if not ok:  # its errors would measure the optimiser's stall, not the law
+                    continue
                 draws = np.log(_positive(_laplace_values(
                     law, _laplace(sub, law, delta, noise, refit), lambda p: law.loss(p, *args))))
                 predicted = np.log(law.loss(refit, *args))
@@ -600,6 +600,17 @@ def _outliers(fit: Fit, law: Law, train: Points) -> tuple[str, ...]:
     return tuple(sorted(set(train.run[far].tolist())))
 
 
+def huber_efficiency(c: float) -> float:
+    """E psi'(z) / E psi(z)^2 for z ~ N(0, 1), psi Huber's at c (delta over the noise): twice
+    a Huber objective's rise, in units of the noise squared and times this, is a chi-squared
+    deviance (the robust analogue of the likelihood ratio). 1 for least squares (c = inf),
+    1.157 at HUBER_K, about 0.8 / c where delta is far below the noise."""
+    if not math.isfinite(c):
+        return 1.0
+    inside = 2 * norm.cdf(c) - 1
+    return inside / (inside - 2 * c * norm.pdf(c) + 2 * c * c * norm.sf(c))
+
+
 def _identifiability(fit: Fit, law: Law, train: Points, delta: float) -> Identifiability:
     """The objective profiled over E in [0, lowest loss), the other parameters refitted at
     each E from their neighbour's optimum; the E whose deviance from the best stays under the
@@ -608,13 +619,17 @@ def _identifiability(fit: Fit, law: Law, train: Points, delta: float) -> Identif
     (about half the refits bisection takes)."""
     p, mu = problem(law, train, delta, fit.noise)
     best = centre(law.to_theta(fit.params), mu)
-    cut = CHI2_95 * max(fit.noise.sigma, 1e-6) ** 2 / 2 * len(train) / len(np.unique(train.run))
+    sigma = max(fit.noise.sigma, 1e-6)
+    cut = (CHI2_95 * sigma ** 2 / (2 * huber_efficiency(delta / sigma))
+           * len(train) / len(np.unique(train.run)))
     profile: dict[float, tuple[float, np.ndarray]] = {fit.params["E"]: (fit.objective, best)}
 
     def excess(e: float) -> float:  # the profile at E = e over the best, less the cut
         if e not in profile:  # refitted from the nearest E's optimum
             near = profile[min(profile, key=lambda x: abs(x - e))][1]
             res = descend(p, np.r_[e, near[1:]], p.bounds(e), ftol=1e-10)
+            if not converged(res, p, p.bounds(e)):  # a stalled descent reads as a worse fit,
+                res = descend(p, res.x, p.bounds(e), ftol=1e-10)  # ruling this E out: go on
             profile[e] = (float(res.fun * p.scale), res.x)
         return profile[e][0] - fit.objective - cut
 
@@ -807,11 +822,17 @@ def held_out_range(fit: Fit, run: HeldOut) -> tuple[float, float] | None:
     return min(losses), max(losses)
 
 
-def _warnings(fit: Fit, train: Points) -> list[str]:
-    """What makes a fit untrustworthy for extrapolation, each with what to do about it."""
+def _warnings(fit: Fit, train: Points, rest: Points) -> list[str]:
+    """What makes a fit untrustworthy for extrapolation, each with what to do about it
+    (`rest`: the points it was given, held-out runs aside)."""
     out = []
     if not fit.converged:
         out.append("the optimiser did not meet its tolerance; the fit may not be the best one")
+    kept = rest.select(~too_few_tokens(rest.tokens, rest.params, fit.min_tokens_per_param))
+    if fit.annealed_only and len(unmarked := np.setdiff1d(kept.run, kept.run[kept.annealed])):
+        out.append(f"{len(unmarked)} run(s) with no point marked annealed, where others have "
+                   f"one, are left out: {listed(unmarked.tolist())}; mark the points that end "
+                   "their decay (column annealed), or fit them apart")
     if not fit.annealed_only and fit.n_points > fit.n_runs and not by_name(fit.law).frontier:
         out.append(f"{fit.n_points} points from {fit.n_runs} runs' learning curves: a point "
                    "before a run's learning-rate decay ends sits above the loss of a run "

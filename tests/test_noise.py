@@ -58,6 +58,25 @@ def test_a_trend_sets_each_point_s_noise_and_weight():
     assert "as N^+0.00 D^-1.00: points weighted by its inverse" in noise.describe()
 
 
+def test_the_trend_holds_its_edge_value_beyond_the_seed_groups():
+    """Seeds only where runs are cheap, their spread falling as D^-1, and one long lone run
+    past them: the trend is measured on the seed groups' box and held at its edge beyond it,
+    so the lone run weighs as the seeded budget at that corner, not 16x more."""
+    rng = np.random.default_rng(0)
+    groups = {(n, d): list(3.0 * np.exp(0.04 * (1e9 / d) * rng.standard_normal(8)))
+              for n in (1e6, 2e6) for d in (1e9, 2e9, 4e9)}
+    points = finals({**groups, (8e6, 64e9): [2.2]})
+    noise = seed_noise(points)
+    assert noise.trend is not None and noise.trend[2] < -0.5
+    assert noise.span == pytest.approx(np.log([1e6, 2e6, 1e9, 4e9]))
+    edge = noise.at(2e6, 4e9)
+    assert noise.at(8e6, 64e9) == pytest.approx(edge)
+    assert noise.at(1.5e6, 3e9) > edge  # inside the box the trend itself
+    unclamped = Noise(noise.sigma, noise.df, noise.source, noise.trend)
+    assert unclamped.at(8e6, 64e9) < edge / 4
+    assert noise.weights(finals({(8e6, 64e9): [2.2]})) == pytest.approx([noise.sigma / edge])
+
+
 def test_noise_by_budget_is_each_trial_s_own_spread():
     groups = {(1e6, 1e9): [3.0, 3.3], (1e6, 2e9): [2.9, 2.9001], (2e6, 1e9): [2.8]}
     by_budget = noise_by_budget(finals(groups))
