@@ -189,6 +189,12 @@ def descend(p: Problem, theta0: np.ndarray, bounds, ftol: float = 1e-13):
                              "gtol": 1e-9, "maxls": 50})
 
 
+def settle(p: Problem, res, bounds, ftol: float = 1e-13):
+    """`res`, or where a fresh descent from it ends if it did not converge: a line search
+    stalled, often in rounding noise, and fresh curvature memory there confirms or moves on."""
+    return res if converged(res, p, bounds) else descend(p, res.x, bounds, ftol)
+
+
 def _solve(p: Problem, extra: Sequence[np.ndarray] = ()):
     """The lowest optimum from the best starts of the grid and of `extra` (a bootstrap
     refit's: the point estimate): (theta, objective, converged)."""
@@ -200,8 +206,7 @@ def _solve(p: Problem, extra: Sequence[np.ndarray] = ()):
         best = min(results, key=lambda res: res.fun)
         if sum(res.fun <= best.fun * (1 + 1e-9) + 1e-12 for res in results) >= 2:
             break  # two starts agree on the lowest optimum: the rest would find it again
-    if not converged(best, p, bounds):  # a line search stalled, often in rounding noise:
-        best = descend(p, best.x, bounds)  # fresh curvature memory there confirms or moves on
+    best = settle(p, best, bounds)
     return best.x, float(best.fun * p.scale), converged(best, p, bounds)
 
 

@@ -35,8 +35,8 @@ from scipy.stats import norm
 
 from lm.errors import FitError, listed
 from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, at_bounds,
-                     by_name, centre, converged, descend, flops_per_token, isoflop, power_fit,
-                     power_line, problem, uncentre)
+                     by_name, centre, descend, flops_per_token, isoflop, power_fit, power_line,
+                     problem, settle, uncentre)
 from lm.noise import Noise, residual_noise, seed_groups, seed_noise
 from lm.points import Points, budget_labels, resample_runs
 
@@ -627,9 +627,8 @@ def _identifiability(fit: Fit, law: Law, train: Points, delta: float) -> Identif
     def excess(e: float) -> float:  # the profile at E = e over the best, less the cut
         if e not in profile:  # refitted from the nearest E's optimum
             near = profile[min(profile, key=lambda x: abs(x - e))][1]
-            res = descend(p, np.r_[e, near[1:]], p.bounds(e), ftol=1e-10)
-            if not converged(res, p, p.bounds(e)):  # a stalled descent reads as a worse fit,
-                res = descend(p, res.x, p.bounds(e), ftol=1e-10)  # ruling this E out: go on
+            bounds = p.bounds(e)  # a stalled descent would read as a worse fit, ruling e out
+            res = settle(p, descend(p, np.r_[e, near[1:]], bounds, ftol=1e-10), bounds, 1e-10)
             profile[e] = (float(res.fun * p.scale), res.x)
         return profile[e][0] - fit.objective - cut
 
