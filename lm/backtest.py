@@ -35,6 +35,7 @@ class Backtest:
     rms: float | None = None  # of log(actual / predicted) over them: a relative error
     mean: float | None = None  # its mean: > 0 where the law predicts too low
     refit_runs: int = 0  # the runs the refit saw (0 in fits written before it was kept)
+    converged: bool = True  # the refit's optimiser met its tolerance
 
 
 def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
@@ -64,7 +65,7 @@ def backtest(fit: scaling.Fit, points: Points, ratio: float) -> Backtest:
     above = final.select(~below)
     z = np.log(above.loss / scaling.predicted_loss(refit, above))
     return Backtest(float(ratio), len(above), float(np.sqrt(np.mean(z ** 2))),
-                    float(np.mean(z)), int(below.sum()))
+                    float(np.mean(z)), int(below.sum()), refit.converged)
 
 
 def farthest(fit: scaling.Fit, points: Points, ratios) -> Backtest:
@@ -92,7 +93,9 @@ def describe(b: Backtest) -> str:
             f"with at most 1/{b.ratio:.3g} of the largest "
             f"fitting run's compute, the law predicts the {b.runs} above with an RMS error of "
             f"{100 * b.rms:.2f}% (mean {100 * b.mean:+.2f}%: "
-            f"{'actual above predicted' if b.mean > 0 else 'actual below predicted'})")
+            f"{'actual above predicted' if b.mean > 0 else 'actual below predicted'})"
+            + ("; the refit did not meet its tolerance, so its error may be the optimiser's"
+               if not b.converged else ""))
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,12 @@ def _solve(p: Problem, extra: Sequence[np.ndarray] = ()):
     return best.x, float(best.fun * p.scale), converged(best, p, bounds)
 
 
+def e_ceiling(points: Points) -> float:
+    """The largest E a fit to `points` may take: just under their lowest loss, where the law's
+    terms would vanish."""
+    return float(points.loss.min()) * (1 - 1e-6)
+
+
 def problem(law: Law, points: Points, delta: float, noise: Noise | None = None
             ) -> tuple[Problem, np.ndarray]:
     """`law`'s power sum over `points` (weighted by `noise` where it has a trend, Huber's
@@ -217,8 +223,7 @@ def problem(law: Law, points: Points, delta: float, noise: Noise | None = None
     logx = law.inputs(points)
     mu = logx.mean(0)
     w = noise.weights(points) if noise else np.ones(len(points))
-    return Problem(logx - mu, np.log(points.loss), w, delta,
-                   float(points.loss.min()) * (1 - 1e-6), law.outer), mu
+    return Problem(logx - mu, np.log(points.loss), w, delta, e_ceiling(points), law.outer), mu
 
 
 def uncentre(theta: np.ndarray, mu: np.ndarray) -> np.ndarray:

@@ -79,26 +79,27 @@ def seed_groups(finals: Points) -> list[np.ndarray]:
     return [g for g in (np.flatnonzero(group == k) for k in np.unique(group)) if len(g) > 1]
 
 
-def _seed_groups(finals: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _seed_groups(finals: Points) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Over the groups of runs that share N and D: each group's first run, its number of
-    runs, and the sum of squares of its log losses about their mean."""
+    runs, the sum of squares of its log losses about their mean, and whether those measure
+    a spread (seeds that differ: not one run, nor copies)."""
     first, group = _groups(finals)
     y = np.log(finals.loss)
     sizes = np.bincount(group)
     means = np.bincount(group, y) / sizes
-    return first, sizes, np.bincount(group, (y - means[group]) ** 2)
+    ss = np.bincount(group, (y - means[group]) ** 2)
+    return first, sizes, ss, (sizes > 1) & (ss > 0)
 
 
 def seed_noise(finals: Points) -> Noise | None:
     """The pooled spread of log L over runs that share N and D (seeds), if any do, with its
     trend in N and D where the seeds measure one."""
-    first, sizes, ss = _seed_groups(finals)
+    first, sizes, ss, seeded = _seed_groups(finals)
     df = int(np.sum(sizes - 1))
     if df < 1 or not np.sum(ss) > 0:  # seeds that agree exactly measure no noise (copies)
         return None
     trend = noise_trend(finals)
-    seeded = first[(sizes > 1) & (ss > 0)]
-    span = tuple(float(f(np.log(a[seeded]))) for a in (finals.params, finals.tokens)
+    span = tuple(float(f(np.log(a[first[seeded]]))) for a in (finals.params, finals.tokens)
                  for f in (np.min, np.max))
     return Noise(float(np.sqrt(np.sum(ss) / df)), df, "seeds", trend, span if trend else None)
 
@@ -111,8 +112,7 @@ def noise_trend(finals: Points) -> tuple[float, float, float] | None:
     that do not move together (budgets in proportion to size cannot tell N's part from D's),
     show one: the slopes must differ from 0 at 95% (a chi-squared test), else weights drawn
     from noise would only add noise to the fit."""
-    first, sizes, ss = _seed_groups(finals)
-    seeded = (sizes > 1) & (ss > 0)
+    first, sizes, ss, seeded = _seed_groups(finals)
     logn, logd = np.log(finals.params[first[seeded]]), np.log(finals.tokens[first[seeded]])
     if seeded.sum() < 5 or np.ptp(logn) < 1e-9 or np.ptp(logd) < 1e-9 or \
             abs(np.corrcoef(logn, logd)[0, 1]) > MAX_TREND_CORRELATION:

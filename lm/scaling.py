@@ -35,8 +35,8 @@ from scipy.stats import norm
 
 from lm.errors import FitError, listed
 from lm.laws import (LAWS, LOSS_LAWS, ND_LAWS, NOUNS, Budget, Law, allocation_coefs, at_bounds,
-                     by_name, centre, descend, flops_per_token, isoflop, power_fit, power_line,
-                     problem, settle, uncentre)
+                     by_name, centre, descend, e_ceiling, flops_per_token, isoflop, power_fit,
+                     power_line, problem, settle, uncentre)
 from lm.noise import Noise, residual_noise, seed_groups, seed_noise
 from lm.points import Points, budget_labels, resample_runs
 
@@ -44,7 +44,8 @@ HUBER_K = 1.345  # delta = HUBER_K * noise: 95% efficiency at Gaussian noise, ro
 # What a fit's N counts (fit.params, lm fit --params), in words
 N_COUNTS = {"total": "all parameters", "non_embedding": "the non-embedding parameters",
             "flops": "the training FLOPs per token / 6 (so that C = 6ND exactly)"}
-E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or span half its range
+E_FLAT = 0.5  # E is not identified when the E the data allow include 0 or the lowest loss, or
+# span half its range
 CHI2_95 = 3.841  # 95% quantile of chi-squared with 1 degree of freedom: the profile's cut
 E_TOL = 1e-4  # of the lowest loss: how closely the ends of the range of E the data allow are found
 LAPLACE_DRAWS = 400
@@ -340,20 +341,31 @@ def _holdout_runs(points: Points, holdout: str | Collection[str] | None,
     return np.array(sorted(held | set(runs.tolist())), dtype=str)
 
 
+def _usable(points: Points, drop_early: float, min_tokens_per_param: float
+            ) -> tuple[Points, bool]:
+    """The points any law may fit, and whether they are annealed ends only: where the points
+    say which end a learning-rate decay, those; else all but the early ones. Never points with
+    fewer than `min_tokens_per_param` tokens per parameter."""
+    kept = well_trained(points, min_tokens_per_param)
+    annealed = bool(kept.annealed.any())
+    return kept.select(kept.annealed if annealed else ~kept.early_mask(drop_early)), annealed
+
+
+def _chosen(usable: Points, law: Law) -> Points:
+    """The usable points `law` fits: finals-only laws each run's last, frontier laws the
+    compute-efficient envelope, the others all."""
+    if law.finals_only:
+        usable = usable.select(usable.final_mask())
+    if law.frontier:
+        usable = usable.select(usable.frontier_mask())
+    return usable
+
+
 def _fitted(points: Points, law: Law, drop_early: float, min_tokens_per_param: float
             ) -> tuple[Points, bool]:
-    """The points a fit uses, and whether they are annealed ends only: where the points say
-    which end a learning-rate decay, those; else all but the early ones. Never points with
-    fewer than `min_tokens_per_param` tokens per parameter. Finals-only laws take each run's
-    last, frontier laws the compute-efficient envelope."""
-    kept = points.select(~too_few_tokens(points.tokens, points.params, min_tokens_per_param))
-    annealed = bool(kept.annealed.any())
-    kept = kept.select(kept.annealed if annealed else ~kept.early_mask(drop_early))
-    if law.finals_only:
-        kept = kept.select(kept.final_mask())
-    if law.frontier:
-        kept = kept.select(kept.frontier_mask())
-    return kept, annealed
+    """The points a fit of `law` uses, and whether they are annealed ends only."""
+    usable, annealed = _usable(points, drop_early, min_tokens_per_param)
+    return _chosen(usable, law), annealed
 
 
 def unused_mask(fit: Fit, points: Points) -> np.ndarray:
@@ -372,6 +384,11 @@ def too_few_tokens(tokens, params, min_tokens_per_param: float):
     """Whether a model of `params` parameters saw too few `tokens` to be fitted: the early
     transient, not the law."""
     return np.asarray(tokens) < min_tokens_per_param * np.asarray(params)
+
+
+def well_trained(points: Points, min_tokens_per_param: float) -> Points:
+    """The points whose models saw at least `min_tokens_per_param` tokens per parameter."""
+    return points.select(~too_few_tokens(points.tokens, points.params, min_tokens_per_param))
 
 
 def tokens_per_param_floor(law: str, given: float | None = None) -> float:
@@ -447,7 +464,8 @@ def _fit(points: Points, law: str = "chinchilla", *,
     if not len(rest):
         raise FitError(f"every one of the {len(held)} runs is held out (holdout, holdout_above);"
                        " hold out fewer, so that some are left to fit")
-    train, annealed = _fitted(rest, spec, drop_early, min_tokens_per_param)
+    usable, annealed = _usable(rest, drop_early, min_tokens_per_param)
+    train = _chosen(usable, spec)
     if not len(train):
         raise FitError(f"no point is left to fit: of {len(rest)}, every one is early "
                        f"(drop_early={drop_early}) or has fewer than min_tokens_per_param="
@@ -455,14 +473,17 @@ def _fit(points: Points, law: str = "chinchilla", *,
                        "params and tokens in different units, millions and billions?)")
     fpt = flops_per_token(train)
     finals = train.select(train.final_mask())
-    noise = seed_noise(finals)
+    noise = seed_noise(usable.select(usable.final_mask()))  # every run's end: a frontier keeps
+    # the luckier of two seeds at most
     delta = math.inf if loss == "lsq" else huber_delta
     if delta is None:  # from the noise: measured across seeds, else in a least-squares fit
         if noise is None and spec.inputs is not None:
             lsq = _raw_fit(train, spec, math.inf, None, fpt)[0]
+            _require_finite(law, lsq)
             noise = residual_noise(_residuals(spec, lsq, finals), len(spec.names))
         delta = HUBER_K * noise.sigma if noise else math.inf
     params, objective, converged, budgets = _raw_fit(train, spec, delta, noise, fpt)
+    _require_finite(law, params)
     if noise is None and spec.loss is not None:
         noise = residual_noise(_residuals(spec, params, finals), len(spec.names))
     result = Fit(law=law, params=params, objective=objective, converged=converged,
@@ -490,6 +511,24 @@ def _fit(points: Points, law: str = "chinchilla", *,
     if held.size:
         result = score(result, points, held)
     return replace(result, warnings=tuple(_warnings(result, train, rest)))
+
+
+def _require_finite(law: str, params: Mapping[str, float]) -> None:
+    """Refuse a law whose parameters overflow: a scale such as Kaplan's C0 = exp(level /
+    alpha) does as its exponent goes to 0, where the loss hardly changes over the points and
+    no power law describes how it would go on."""
+    bad = [f"{k} = {v}" for k, v in params.items() if not math.isfinite(v)]
+    if bad:
+        raise FitError(f"the {law} fit is out of floating-point range ({', '.join(bad)}; "
+                       f"{_exponents(params)}): the loss hardly changes with scale over these "
+                       "points. "
+                       "Check that the loss column is the runs' loss, or add runs over a wider "
+                       "range of sizes and budgets")
+
+
+def _exponents(params: Mapping[str, float]) -> str:
+    """A power law's exponents among its parameters, e.g. 'alpha = 0.34, beta = 0.28'."""
+    return ", ".join(f"{k} = {v:.3g}" for k, v in params.items() if "alpha" in k or k == "beta")
 
 
 def _bootstrap(train: Points, law: Law, delta: float, noise: Noise | None, fpt, start: dict,
@@ -651,9 +690,11 @@ def _identifiability(fit: Fit, law: Law, train: Points, delta: float) -> Identif
     grid = sorted(profile)
     laws = tuple(law.from_theta(uncentre(profile[e][1], mu)) for e in grid
                  if allowed[0] <= e <= allowed[1])
-    # Not identified: the data cannot tell the law from a pure power law (E = 0), or allow
-    # E over half its range.
-    identified = allowed[0] > 0 and allowed[1] - allowed[0] < E_FLAT * p.e_max
+    # Not identified: the data cannot tell the law from a pure power law (E = 0), nor from
+    # one whose loss stops falling at their lowest (E at its ceiling), or allow E over half
+    # its range.
+    identified = 0 < allowed[0] and allowed[1] < p.e_max and \
+        allowed[1] - allowed[0] < E_FLAT * p.e_max
     return Identifiability(tuple(grid), tuple(profile[e][0] for e in grid), allowed,
                            identified, laws)
 
@@ -677,9 +718,8 @@ def _allocation(fit: Fit, train: Points) -> Allocation:
         return Allocation(False, ONE_LADDER, ladder=power_line(train.params, train.tokens))
     k_n, a, k_d, b = map(float, coefs)
     if not all(np.isfinite([k_n, a, k_d, b])) or min(k_n, k_d) <= 0:
-        exponents = ", ".join(f"{k} {v:.3g}" for k, v in fit.params.items() if "alpha" in k
-                              or k == "beta")
-        return Allocation(False, f"the exponents ({exponents}) put the optimum out of reach")
+        return Allocation(False, f"the exponents ({_exponents(fit.params)}) put the optimum "
+                                 "out of reach")
     decade = math.ceil(math.log10(fit.max_fit_flops))
     examples = predict(replace(fit, allocation=Allocation(True)),  # what this one says
                        flops=10.0 ** np.arange(decade, decade + 4))
@@ -827,7 +867,7 @@ def _warnings(fit: Fit, train: Points, rest: Points) -> list[str]:
     out = []
     if not fit.converged:
         out.append("the optimiser did not meet its tolerance; the fit may not be the best one")
-    kept = rest.select(~too_few_tokens(rest.tokens, rest.params, fit.min_tokens_per_param))
+    kept = well_trained(rest, fit.min_tokens_per_param)
     if fit.annealed_only and len(unmarked := np.setdiff1d(kept.run, kept.run[kept.annealed])):
         out.append(f"{len(unmarked)} run(s) with no point marked annealed, where others have "
                    f"one, are left out: {listed(unmarked.tolist())}; mark the points that end "
@@ -857,7 +897,9 @@ def _warnings(fit: Fit, train: Points, rest: Points) -> list[str]:
         moves = [f"{r.run}: {lo:.4g}..{hi:.4g}" for r in fit.holdout
                  if (span := held_out_range(fit, r)) for lo, hi in [span]]
         out.append(f"E is not identified: the fit is as good, within the noise, for E from "
-                   f"{ident.allowed[0]:.3g} to {ident.allowed[1]:.3g}"
+                   f"{ident.allowed[0]:.4g} to {ident.allowed[1]:.4g}"
+                   + (" (the lowest loss fitted: the law may stop falling right past the "
+                      "data)" if ident.allowed[1] >= e_ceiling(train) else "")
                    + (f"; held-out predictions across that range: {listed(moves, '; ')}"
                       if moves else "") + ". Add model sizes or budgets over a wider range, "
                    "or seeds")

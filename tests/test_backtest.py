@@ -2,6 +2,8 @@
 sign where it does not, and said plainly where there are too few runs to try it. Beside it,
 the other law of N and D's predictions of the held-out runs."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,18 @@ def test_the_farthest_reach_the_runs_can_try_is_tried():
     assert backtest.farthest(fit, points, [1e8, 16.0, 16.0]) == backtest.backtest(
         fit, points, 16.0)
     assert backtest.farthest(fit, points, [1e8]) == backtest.Backtest(1e8)
+
+
+def test_a_refit_that_did_not_converge_is_said_to_be_rough(monkeypatch):
+    points = grid(law, 0.003)
+    fit, real = scaling.fit(points), scaling.fit
+    assert backtest.backtest(fit, points, 16.0).converged
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: replace(real(*a, **k), converged=False))
+    tried = backtest.backtest(fit, points, 16.0)
+    assert not tried.converged and tried.runs == 6
+    assert backtest.describe(tried).endswith("did not meet its tolerance, so its error may be "
+                                             "the optimiser's")
+    assert "tolerance" not in backtest.describe(replace(tried, converged=True))
 
 
 def test_a_refit_that_fails_any_way_leaves_no_backtest_and_no_error(monkeypatch):

@@ -596,9 +596,11 @@ def test_kaplan_fits_the_compute_efficient_frontier():
     c = np.geomspace(1e14, 1e21, 60)
     noise = 0.003 * np.random.default_rng(0).standard_normal(c.size)
     frontier = (truth["E"] + (truth["C0"] / c) ** truth["alpha"]) * (1 + noise)
-    # runs off the frontier: the same compute spent worse, which the law must ignore
-    n = np.sqrt(np.r_[c, c] / 120)  # 20 tokens per parameter
-    points = Points(params=n, tokens=20 * n, loss=np.r_[frontier, frontier * 1.2])
+    # runs off the frontier: the same compute spent worse (twice the size on half the tokens:
+    # not seeds of the frontier's runs), which the law must ignore
+    n = np.sqrt(c / 120)  # 20 tokens per parameter
+    points = Points(params=np.r_[n, 2 * n], tokens=np.r_[20 * n, 10 * n],
+                    loss=np.r_[frontier, frontier * 1.2])
     result = fit(points, "kaplan")
     assert result.converged and result.n_points <= c.size
     assert within(result.params["E"], truth["E"], 0.03)
@@ -612,6 +614,42 @@ def test_kaplan_fits_the_compute_efficient_frontier():
     (off,) = [w for w in held.warnings if "off the compute-efficient frontier" in w]
     assert off.startswith(f"{len(held.holdout) // 2} of {len(held.holdout)} held-out runs")
     assert not any("off the compute-efficient frontier" in w for w in result.warnings)
+
+
+def test_kaplan_measures_the_noise_on_every_seed_not_on_the_frontier_it_fits():
+    """The frontier keeps the luckier of two seeds at most: noise measured there rested on a
+    few of the seeds' degrees of freedom and fell short of their spread."""
+    points = study(np.random.default_rng(0), noise=0.003)
+    result = fit(points, "kaplan")
+    assert result.n_points < len(points) // 2
+    every = noise_lib.seed_noise(points)
+    assert result.noise == every and every.df == 24
+
+
+def test_a_law_out_of_floating_point_range_is_refused_plainly():
+    """Losses that do not fall with compute: Kaplan's alpha goes to 0 and C0 = exp(level /
+    alpha) to infinity, which once crashed the fit in numpy (SVD did not converge)."""
+    n, d = np.repeat([1e6, 2e6, 4e6, 8e6], 3), np.tile([1e8, 3e8, 1e9], 4)
+    loss = 3.0 * np.exp(0.002 * np.random.default_rng(0).standard_normal(n.size))
+    with pytest.raises(FitError, match=r"the kaplan fit is out of floating-point range "
+                                       r"\(C0 = inf; alpha = .*\): the loss hardly changes"):
+        fit(Points(params=n, tokens=d, loss=loss), "kaplan")
+
+
+def test_an_e_at_the_lowest_loss_is_not_identified():
+    """A loss that stops falling within the data: E runs up to the lowest loss, where the
+    law's term vanishes, and the data cannot say it does not vanish right there."""
+    c = np.geomspace(1e14, 1e20, 40)
+    loss = (2 + (3e14 / c) ** 2) * np.exp(0.001 * np.random.default_rng(0).standard_normal(40))
+    result = fit(Points(params=np.sqrt(c / 120), tokens=20 * np.sqrt(c / 120), loss=loss),
+                 "kaplan")
+    lo, hi = result.identifiability.allowed
+    assert 1.99 < lo < hi == pytest.approx(result.params["E"]) == pytest.approx(
+        loss.min() * (1 - 1e-6), rel=1e-12)
+    assert not result.identifiability.identified
+    (warning,) = [w for w in result.warnings if w.startswith("E is not identified")]
+    assert "(the lowest loss fitted: the law may stop falling right past the data)" in warning
+    assert "lowest loss fitted" not in " ".join(fit(curves(seed=1)).warnings)
 
 
 def test_one_flop_count_exact_flops_drive_the_allocation():
