@@ -644,8 +644,8 @@ def test_an_e_at_the_lowest_loss_is_not_identified():
     result = fit(Points(params=np.sqrt(c / 120), tokens=20 * np.sqrt(c / 120), loss=loss),
                  "kaplan")
     lo, hi = result.identifiability.allowed
-    assert 1.99 < lo < hi == pytest.approx(result.params["E"]) == pytest.approx(
-        loss.min() * (1 - 1e-6), rel=1e-12)
+    assert 1.99 < lo < hi == result.params["E"]
+    assert hi == pytest.approx(loss.min() * (1 - 1e-6), rel=1e-12)  # the ceiling
     assert not result.identifiability.identified
     (warning,) = [w for w in result.warnings if w.startswith("E is not identified")]
     assert "(the lowest loss fitted: the law may stop falling right past the data)" in warning
